@@ -1,0 +1,309 @@
+//! The `run` command: builds the relay from a profile, streams until stopped, and applies live
+//! control (stdin commands, signals) without restarting the relay or dropping the output.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{select, tick, unbounded};
+
+use crate::control::{self, Command, Event};
+use crate::profile::{LoadedProfile, OutputKind, Pacing, Profile, SourceKind};
+use crate::relay::{DeviceOpener, Opener, PreprocessConfig, Relay, RelayStart, Snapshot};
+use crate::transform;
+use crate::Result;
+
+/// How the run reports its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMode {
+    /// A one-line status refreshed every second when stderr is a terminal, else a log line
+    /// every `interval`.
+    Auto {
+        interval: Duration,
+    },
+    Off,
+}
+
+/// Options of one run.
+pub struct RunOptions {
+    pub profile: LoadedProfile,
+    /// Stop after writing this many frames.
+    pub max_frames: Option<u64>,
+    /// Read control commands from stdin (ignored when stdin carries the video).
+    pub stdin_commands: bool,
+    pub status: StatusMode,
+    pub opener: Arc<dyn Opener>,
+}
+
+impl RunOptions {
+    pub fn new(profile: LoadedProfile) -> Self {
+        RunOptions {
+            profile,
+            max_frames: None,
+            stdin_commands: true,
+            status: StatusMode::Auto {
+                interval: Duration::from_secs(5),
+            },
+            opener: Arc::new(DeviceOpener),
+        }
+    }
+}
+
+/// Whether a profile runs in every-frame (offline) mode rather than real time.
+pub fn every_frame(p: &Profile) -> bool {
+    match p.output.pacing {
+        Pacing::Realtime => false,
+        Pacing::EveryFrame => true,
+        Pacing::Auto => {
+            p.source.kind == SourceKind::File && p.output.kind != OutputKind::V4l2loopback
+        }
+    }
+}
+
+fn reads_stdin(p: &Profile) -> bool {
+    p.source.kind == SourceKind::File && p.source.path.as_deref() == Some("-")
+}
+
+struct Session {
+    relay: Relay,
+    current: LoadedProfile,
+    playlist_pos: usize,
+}
+
+impl Session {
+    /// Applies a new profile stage by stage; a stage that fails keeps its old settings.
+    fn apply(&mut self, mut next: LoadedProfile, what: &str) {
+        let old = self.current.profile.clone();
+        let new = &mut next.profile;
+        let mut failed = Vec::new();
+        if new.source != old.source {
+            if let Err(e) = self.relay.set_source(new.source.clone()) {
+                failed.push(format!("source kept: {e:#}"));
+                new.source = old.source.clone();
+            }
+        }
+        let pre = PreprocessConfig::from_profile(new);
+        if pre != PreprocessConfig::from_profile(&old) {
+            if let Err(e) = self.relay.set_preprocess(pre) {
+                failed.push(format!("pre-processing kept: {e:#}"));
+            }
+        }
+        if new.transform != old.transform || new.model != old.model {
+            match transform::build(new).and_then(|t| self.relay.replace_transform(t)) {
+                Ok(()) => {}
+                Err(e) => {
+                    failed.push(format!("transform kept: {e:#}"));
+                    new.transform = old.transform;
+                    new.model = old.model.clone();
+                }
+            }
+        } else if new.prompt != old.prompt
+            || new.negative_prompt != old.negative_prompt
+            || new.stream != old.stream
+        {
+            if let Err(e) = self.relay.apply_transform(new) {
+                failed.push(format!("transform settings kept: {e:#}"));
+                new.prompt = old.prompt.clone();
+                new.negative_prompt = old.negative_prompt.clone();
+                new.stream = old.stream.clone();
+            }
+        }
+        if new.output != old.output {
+            if every_frame(new) != every_frame(&old) {
+                tracing::warn!("output.pacing changes take effect when sdcam is restarted");
+            }
+            if let Err(e) = self.relay.set_output(new.output.clone()) {
+                failed.push(format!("output kept: {e:#}"));
+                new.output = old.output.clone();
+            }
+        }
+        if new.prompts != old.prompts {
+            self.playlist_pos = 0;
+        }
+        if failed.is_empty() {
+            tracing::info!("{what}: applied");
+        } else {
+            for f in &failed {
+                tracing::error!("{what}: {f}");
+            }
+        }
+        self.current = next;
+    }
+
+    /// Handles one event; returns false when the run should stop.
+    fn handle(&mut self, ev: Event) -> bool {
+        let cmd = match ev {
+            Event::Command(c) => c,
+            Event::Invalid(msg) => {
+                tracing::error!("{msg}");
+                return true;
+            }
+            Event::InputClosed => {
+                tracing::debug!("stdin closed; signals still work");
+                return true;
+            }
+            Event::Stop => return false,
+        };
+        let text = |s: &str| toml::Value::String(s.to_string());
+        let edit = |r: Result<LoadedProfile, crate::profile::ProfileError>| {
+            r.map_err(|e| anyhow::anyhow!("{e}; nothing changed"))
+        };
+        let result: Result<()> = match cmd {
+            Command::Prompt(p) => edit(self.current.with_value("prompt", text(&p), "<prompt>"))
+                .map(|n| {
+                    self.apply(n, &format!("prompt {p:?}"));
+                }),
+            Command::Negative(p) => edit(self.current.with_value(
+                "negative_prompt",
+                text(&p),
+                "<negative>",
+            ))
+            .map(|n| self.apply(n, &format!("negative prompt {p:?}"))),
+            Command::Set { key, value } => edit(self.current.with_set(&key, &value))
+                .map(|n| self.apply(n, &format!("set {key}"))),
+            Command::Get(key) => self
+                .current
+                .get(&key)
+                .map(|v| eprintln!("{v}"))
+                .map_err(|e| anyhow::anyhow!(e)),
+            Command::Profile(path) => self
+                .current
+                .reload(Some(&path))
+                .map(|n| self.apply(n, &format!("profile {}", path.display())))
+                .map_err(|e| e.context("profile switch failed; the running settings stay")),
+            Command::Reload => self
+                .current
+                .reload(None)
+                .map(|n| self.apply(n, "reload"))
+                .map_err(|e| e.context("reload failed; the running settings stay")),
+            Command::Next => {
+                let list = &self.current.profile.prompts;
+                if list.is_empty() {
+                    Err(anyhow::anyhow!("the profile has no `prompts` playlist"))
+                } else {
+                    self.playlist_pos = (self.playlist_pos + 1) % list.len();
+                    let p = list[self.playlist_pos].clone();
+                    edit(self.current.with_value("prompt", text(&p), "<next>"))
+                        .map(|n| self.apply(n, &format!("prompt {p:?}")))
+                }
+            }
+            Command::Pause => {
+                self.relay.set_paused(true);
+                tracing::info!("paused: the output holds the current frame");
+                Ok(())
+            }
+            Command::Resume => {
+                self.relay.set_paused(false);
+                tracing::info!("resumed");
+                Ok(())
+            }
+            Command::Snapshot(path) => self
+                .relay
+                .snapshot(path)
+                .map(|p| tracing::info!("snapshot written to {}", p.display())),
+            Command::Stats => {
+                eprintln!("{}", self.relay.stats().snapshot());
+                Ok(())
+            }
+            Command::Help => {
+                eprintln!("{}", control::HELP);
+                Ok(())
+            }
+            Command::Quit => return false,
+        };
+        if let Err(e) = result {
+            tracing::error!("{e:#}");
+        }
+        true
+    }
+}
+
+/// Runs the relay until the source ends, `max_frames` are written, or a stop is requested.
+pub fn run(opts: RunOptions) -> Result<Snapshot> {
+    let lp = opts.profile;
+    let p = &lp.profile;
+    let every = every_frame(p);
+    // The output opens first, so a virtual camera starts streaming (placeholder frames) before
+    // anything slow happens.
+    let sink = opts.opener.sink(&p.output).context("opening the output")?;
+    tracing::info!("output: {}", sink.describe());
+    let source = opts
+        .opener
+        .source(&p.source)
+        .context("opening the source")?;
+    tracing::info!("source: {}", source.describe());
+    let transform = transform::build(p).context("building the transform")?;
+    tracing::info!(
+        "transform: {} at {}x{} ({})",
+        transform.name(),
+        p.stream.width,
+        p.stream.height,
+        if every { "every frame" } else { "real time" }
+    );
+    let relay = Relay::start(RelayStart {
+        source,
+        source_cfg: p.source.clone(),
+        transform,
+        sink,
+        output_cfg: p.output.clone(),
+        preprocess: PreprocessConfig::from_profile(p),
+        every_frame: every,
+        max_frames: opts.max_frames,
+        opener: opts.opener.clone(),
+    })?;
+
+    let (events_tx, mut events) = unbounded();
+    control::spawn_signals(events_tx.clone()).context("installing signal handlers")?;
+    if opts.stdin_commands && !reads_stdin(p) {
+        control::spawn_stdin(events_tx.clone()).context("reading stdin")?;
+    }
+    drop(events_tx);
+
+    let tty = std::io::stderr().is_terminal();
+    let ticker = tick(Duration::from_secs(1));
+    let mut session = Session {
+        relay,
+        current: lp,
+        playlist_pos: 0,
+    };
+    let mut prev = session.relay.stats().snapshot();
+    let mut last_log = Instant::now();
+    loop {
+        select! {
+            recv(events) -> ev => match ev {
+                Ok(ev) => if !session.handle(ev) { break },
+                Err(_) => events = crossbeam_channel::never(),
+            },
+            recv(session.relay.finished()) -> _ => break,
+            recv(ticker) -> _ => {
+                if let StatusMode::Auto { interval } = opts.status {
+                    let now = session.relay.stats().snapshot();
+                    if tty {
+                        eprint!("\r\x1b[2K{}", now.status_line(Some(&prev)));
+                        prev = now;
+                    } else if last_log.elapsed() >= interval {
+                        tracing::info!("status: {}", now.status_line(Some(&prev)));
+                        prev = now;
+                        last_log = Instant::now();
+                    }
+                }
+            },
+        }
+    }
+    if tty && matches!(opts.status, StatusMode::Auto { .. }) {
+        eprintln!();
+    }
+    tracing::info!("stopping: draining queues");
+    session.relay.request_stop();
+    let snap = session.relay.join()?;
+    tracing::info!(
+        "done: {} frames written ({} repeated, {} placeholders), {} captured, {} dropped",
+        snap.written,
+        snap.repeated,
+        snap.placeholders,
+        snap.captured,
+        snap.input_dropped + snap.output_dropped
+    );
+    Ok(snap)
+}

@@ -1,0 +1,211 @@
+//! Live control: commands typed on stdin (one a line) and Unix signals, delivered as
+//! [`Event`]s to the run loop, which applies them without restarting the relay.
+//!
+//! stdin: `prompt <text>`, `negative <text>`, `set <key> <value>`, `get <key>`, `profile <path>`,
+//! `reload`, `next`, `pause`, `resume`, `snapshot <file.png>`, `stats`, `help`, `quit`.
+//! Signals: SIGHUP reloads the profile file, SIGUSR2 advances the prompt playlist, SIGUSR1
+//! prints stats, SIGINT/SIGTERM stop gracefully (a second one exits at once).
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use crossbeam_channel::Sender;
+
+/// A parsed control command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Prompt(String),
+    Negative(String),
+    Set { key: String, value: String },
+    Get(String),
+    Profile(PathBuf),
+    Reload,
+    Next,
+    Pause,
+    Resume,
+    Snapshot(PathBuf),
+    Stats,
+    Help,
+    Quit,
+}
+
+/// Something the run loop must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Command(Command),
+    /// A line that did not parse: the message to print. Nothing changes.
+    Invalid(String),
+    /// stdin was closed (not an error: CI and pipes have no stdin).
+    InputClosed,
+    /// SIGINT/SIGTERM.
+    Stop,
+}
+
+pub const HELP: &str = "\
+commands (one per line):
+  prompt <text>          change the prompt
+  negative <text>        change the negative prompt
+  set <key> <value>      change any profile key, e.g. `set guidance_scale 1.5`, `set t_index_list [32, 45]`
+  get <key>              print a setting
+  profile <path>         switch to another profile file
+  reload                 re-read the current profile file (also: SIGHUP)
+  next                   next prompt of the profile's `prompts` playlist (also: SIGUSR2)
+  pause / resume         freeze / unfreeze the output on the current frame
+  snapshot <file.png>    save the next output frame
+  stats                  print statistics (also: SIGUSR1)
+  quit                   stop (also: Ctrl-C, SIGTERM)";
+
+/// Parses one command line. Blank lines and `#` comments give `Ok(None)`.
+pub fn parse(line: &str) -> Result<Option<Command>, String> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return Ok(None);
+    }
+    let (word, rest) = match line.split_once(char::is_whitespace) {
+        Some((w, r)) => (w, r.trim()),
+        None => (line, ""),
+    };
+    let need = |what: &str| -> Result<String, String> {
+        if rest.is_empty() {
+            Err(format!("`{word}` needs {what} (try `help`)"))
+        } else {
+            Ok(rest.to_string())
+        }
+    };
+    let none = |c: Command| -> Result<Option<Command>, String> {
+        if rest.is_empty() {
+            Ok(Some(c))
+        } else {
+            Err(format!("`{word}` takes no arguments"))
+        }
+    };
+    match word.to_ascii_lowercase().as_str() {
+        "prompt" => Ok(Some(Command::Prompt(need("the prompt text")?))),
+        "negative" | "negative_prompt" => Ok(Some(Command::Negative(rest.to_string()))),
+        "set" => {
+            let text = need("a key and a value")?;
+            match text.split_once(char::is_whitespace) {
+                Some((k, v)) if !v.trim().is_empty() => Ok(Some(Command::Set {
+                    key: k.to_string(),
+                    value: v.trim().to_string(),
+                })),
+                _ => Err(format!("`set {text}` needs a value: set <key> <value>")),
+            }
+        }
+        "get" => Ok(Some(Command::Get(need("a key")?))),
+        "profile" => Ok(Some(Command::Profile(PathBuf::from(need(
+            "a profile path",
+        )?)))),
+        "snapshot" => Ok(Some(Command::Snapshot(PathBuf::from(need(
+            "a .png file name",
+        )?)))),
+        "reload" => none(Command::Reload),
+        "next" => none(Command::Next),
+        "pause" => none(Command::Pause),
+        "resume" => none(Command::Resume),
+        "stats" => none(Command::Stats),
+        "help" | "?" => none(Command::Help),
+        "quit" | "exit" => none(Command::Quit),
+        other => Err(format!("unknown command `{other}` (try `help`)")),
+    }
+}
+
+/// Reads commands from stdin on a thread until EOF. Never ends the run by itself.
+pub fn spawn_stdin(events: Sender<Event>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("sdcam-stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                let ev = match parse(&line) {
+                    Ok(Some(c)) => Event::Command(c),
+                    Ok(None) => continue,
+                    Err(msg) => Event::Invalid(msg),
+                };
+                if events.send(ev).is_err() {
+                    return;
+                }
+            }
+            let _ = events.send(Event::InputClosed);
+        })?;
+    Ok(())
+}
+
+/// Turns SIGHUP/SIGUSR1/SIGUSR2/SIGINT/SIGTERM into events. A second SIGINT/SIGTERM exits at once.
+pub fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2])?;
+    std::thread::Builder::new()
+        .name("sdcam-signals".into())
+        .spawn(move || {
+            let mut stopping = false;
+            for sig in signals.forever() {
+                let ev = match sig {
+                    SIGHUP => Event::Command(Command::Reload),
+                    SIGUSR1 => Event::Command(Command::Stats),
+                    SIGUSR2 => Event::Command(Command::Next),
+                    _ if stopping => {
+                        eprintln!("sdcam: second stop signal, exiting now");
+                        std::process::exit(130);
+                    }
+                    _ => {
+                        stopping = true;
+                        Event::Stop
+                    }
+                };
+                if events.send(ev).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(
+            parse("prompt  a cat, oil painting "),
+            Ok(Some(Command::Prompt("a cat, oil painting".into())))
+        );
+        assert_eq!(
+            parse("negative"),
+            Ok(Some(Command::Negative(String::new())))
+        );
+        assert_eq!(
+            parse("set t_index_list [32, 45]"),
+            Ok(Some(Command::Set {
+                key: "t_index_list".into(),
+                value: "[32, 45]".into()
+            }))
+        );
+        assert_eq!(parse("PAUSE"), Ok(Some(Command::Pause)));
+        assert_eq!(
+            parse("snapshot out/a.png"),
+            Ok(Some(Command::Snapshot("out/a.png".into())))
+        );
+        assert_eq!(parse("  # comment"), Ok(None));
+        assert_eq!(parse(""), Ok(None));
+    }
+
+    #[test]
+    fn rejects_malformed_commands() {
+        assert!(parse("prompt")
+            .unwrap_err()
+            .contains("needs the prompt text"));
+        assert!(parse("set guidance_scale")
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(parse("pause now")
+            .unwrap_err()
+            .contains("takes no arguments"));
+        assert!(parse("fly away")
+            .unwrap_err()
+            .contains("unknown command `fly`"));
+    }
+}

@@ -1,0 +1,19 @@
+//! sdcam: a real-time, Stable-Diffusion-transformed virtual camera.
+//!
+//! Data flows one way: [`source`] → [`relay`] (input queue, [`transform`], output pacing) → [`sink`].
+//! [`convert`] holds pixel-format conversion and resizing, [`profile`] the TOML settings, and
+//! [`control`] the live control channel (stdin commands and signals).
+
+pub mod app;
+pub mod control;
+pub mod convert;
+pub mod devices;
+pub mod frame;
+pub mod profile;
+pub mod relay;
+pub mod sink;
+pub mod source;
+pub mod transform;
+
+/// The crate's error type: `anyhow` with context chains.
+pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

@@ -1,0 +1,659 @@
+//! TOML profiles: loading, validation with file/line/column/key errors, and live edits (`set`).
+//!
+//! A profile is a TOML file with the schema in [`schema`]. Every key has a default, so a two-line
+//! profile works. Errors name the file, the line and column (from toml's spans) and the key.
+
+pub mod schema;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+pub use schema::*;
+
+/// One problem found in a profile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// 1-based line and column where the problem is, when it can be located in the text.
+    pub at: Option<(usize, usize)>,
+    /// Dotted key path (`stream.guidance_scale`), or empty when the problem is not about one key.
+    pub key: String,
+    pub message: String,
+}
+
+/// A profile that failed to load or validate: every problem, with where it is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ProfileError {
+    /// The file name (or `<set>` / `<command line>` for edits not coming from a file).
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file)?;
+            if let Some((line, col)) = p.at {
+                write!(f, ":{line}:{col}")?;
+            }
+            if p.key.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": key `{}`: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A profile as loaded: the validated settings, the raw table (for `set`), and where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedProfile {
+    pub path: Option<PathBuf>,
+    pub profile: Profile,
+    raw: toml::Table,
+    /// `key = value` edits from the command line, re-applied after every reload.
+    overrides: Vec<(String, String)>,
+}
+
+impl Default for LoadedProfile {
+    fn default() -> Self {
+        LoadedProfile {
+            path: None,
+            profile: Profile::default(),
+            raw: toml::Table::new(),
+            overrides: Vec::new(),
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The dotted path of the innermost key whose key or value contains `offset`.
+fn path_at(table: &dyn toml_edit::TableLike, offset: usize, prefix: &str) -> Option<String> {
+    for (k, item) in table.iter() {
+        let path = if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let in_key = table
+            .key(k)
+            .and_then(|key| key.span())
+            .is_some_and(|s| s.contains(&offset));
+        let in_val = item
+            .span()
+            .is_some_and(|s| s.contains(&offset) || s.end == offset);
+        if let Some(t) = item.as_table_like() {
+            if let Some(deeper) = path_at(t, offset, &path) {
+                return Some(deeper);
+            }
+        }
+        if let Some(arr) = item.as_array_of_tables() {
+            for (i, t) in arr.iter().enumerate() {
+                if let Some(deeper) = path_at(t, offset, &format!("{path}[{i}]")) {
+                    return Some(deeper);
+                }
+            }
+        }
+        if in_key || in_val {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// Byte span of the value (or key) at a dotted path, if the key is in the text.
+fn span_of(doc: &toml_edit::Document<String>, path: &str) -> Option<std::ops::Range<usize>> {
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut parts = path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let item = table.get(part)?;
+        if parts.peek().is_none() {
+            return item
+                .span()
+                .or_else(|| table.key(part).and_then(|k| k.span()));
+        }
+        table = item.as_table_like()?;
+    }
+    None
+}
+
+/// Validates value ranges and cross-key rules; returns (key, message) pairs.
+pub fn validate(p: &Profile) -> Vec<(String, String)> {
+    let mut errs = Vec::new();
+    let mut err = |k: &str, m: String| errs.push((k.to_string(), m));
+    let size = |k: &str, v: u32, lo: u32, hi: u32, err: &mut dyn FnMut(&str, String)| {
+        if !(lo..=hi).contains(&v) {
+            err(k, format!("{v} is out of range ({lo} to {hi})"));
+        }
+    };
+    let rate = |k: &str, v: f64, err: &mut dyn FnMut(&str, String)| {
+        if !(v.is_finite() && v > 0.0 && v <= 240.0) {
+            err(
+                k,
+                format!("{v} is out of range (above 0, at most 240 frames per second)"),
+            );
+        }
+    };
+    let s = &p.source;
+    size("source.width", s.width, 16, 7680, &mut err);
+    size("source.height", s.height, 16, 4320, &mut err);
+    rate("source.fps", s.fps, &mut err);
+    if s.kind == SourceKind::File && s.path.as_deref().unwrap_or("").is_empty() {
+        err(
+            "source.path",
+            "a file source needs `path` (a .y4m, .png or .jpg file, or \"-\" for stdin)".into(),
+        );
+    }
+    if s.kind == SourceKind::Camera && s.device.trim().is_empty() {
+        err(
+            "source.device",
+            "a camera source needs a device path or name".into(),
+        );
+    }
+    if let Some(r) = &s.region {
+        if r.width == 0 || r.height == 0 || r.x < 0 || r.y < 0 {
+            err(
+                "source.region",
+                "region needs x, y >= 0 and a non-empty width and height".into(),
+            );
+        }
+    }
+    let o = &p.output;
+    size("output.width", o.width, 16, 7680, &mut err);
+    size("output.height", o.height, 16, 4320, &mut err);
+    rate("output.fps", o.fps, &mut err);
+    if o.kind == OutputKind::V4l2loopback {
+        if o.width % 2 != 0 {
+            err(
+                "output.width",
+                format!("{} is odd; v4l2loopback needs an even width", o.width),
+            );
+        }
+        if o.format == OutputFormatName::I420 && o.height % 2 != 0 {
+            err(
+                "output.height",
+                format!("{} is odd; i420 needs an even height", o.height),
+            );
+        }
+        if o.device.is_none() && o.label.trim().is_empty() {
+            err(
+                "output.label",
+                "give the loopback's card label or a device path".into(),
+            );
+        }
+    }
+    if matches!(o.kind, OutputKind::Y4m | OutputKind::Png) && o.path.trim().is_empty() {
+        err("output.path", "a file output needs a path".into());
+    }
+    if o.every == 0 {
+        err("output.every", "must be at least 1".into());
+    }
+    let st = &p.stream;
+    for (k, v) in [("stream.width", st.width), ("stream.height", st.height)] {
+        if !(64..=2048).contains(&v) || v % 8 != 0 {
+            err(k, format!("{v} must be a multiple of 8 from 64 to 2048"));
+        }
+    }
+    if !(1..=1000).contains(&st.num_inference_steps) {
+        err(
+            "stream.num_inference_steps",
+            format!("{} is out of range (1 to 1000)", st.num_inference_steps),
+        );
+    }
+    if st.t_index_list.is_empty() {
+        err(
+            "stream.t_index_list",
+            "needs at least one step, e.g. [35]".into(),
+        );
+    } else if st.t_index_list.len() > 16 {
+        err("stream.t_index_list", "at most 16 steps".into());
+    }
+    if st.t_index_list.windows(2).any(|w| w[0] >= w[1]) {
+        err(
+            "stream.t_index_list",
+            format!("{:?} must be strictly increasing", st.t_index_list),
+        );
+    }
+    if let Some(&t) = st
+        .t_index_list
+        .iter()
+        .find(|&&t| t >= st.num_inference_steps)
+    {
+        err(
+            "stream.t_index_list",
+            format!(
+                "index {t} is not below num_inference_steps ({})",
+                st.num_inference_steps
+            ),
+        );
+    }
+    if !(1..=16).contains(&st.frame_buffer_size) {
+        err(
+            "stream.frame_buffer_size",
+            format!("{} is out of range (1 to 16)", st.frame_buffer_size),
+        );
+    }
+    if !(st.guidance_scale.is_finite() && (0.0..=30.0).contains(&st.guidance_scale)) {
+        err(
+            "stream.guidance_scale",
+            format!("{} is out of range (0 to 30)", st.guidance_scale),
+        );
+    }
+    if !(st.delta.is_finite() && (0.0..=10.0).contains(&st.delta)) {
+        err(
+            "stream.delta",
+            format!("{} is out of range (0 to 10)", st.delta),
+        );
+    }
+    if !(st.similarity_threshold > 0.0 && st.similarity_threshold < 1.0) {
+        err(
+            "stream.similarity_threshold",
+            format!(
+                "{} must be between 0 and 1 (exclusive), e.g. 0.98",
+                st.similarity_threshold
+            ),
+        );
+    }
+    if st.prompt_blend_frames > 600 {
+        err(
+            "stream.prompt_blend_frames",
+            format!("{} is out of range (0 to 600)", st.prompt_blend_frames),
+        );
+    }
+    if p.transform == TransformKind::Diffusion && p.model.id.trim().is_empty() {
+        err(
+            "model.id",
+            "the diffusion transform needs a model id or folder".into(),
+        );
+    }
+    for (i, l) in p.model.lora.iter().enumerate() {
+        if !(l.scale.is_finite() && (-10.0..=10.0).contains(&l.scale)) {
+            err(
+                &format!("model.lora[{i}].scale"),
+                format!("{} is out of range (-10 to 10)", l.scale),
+            );
+        }
+    }
+    errs
+}
+
+/// Parses profile text. `file` names the source in errors.
+pub fn parse(text: &str, file: &str) -> Result<(Profile, toml::Table), ProfileError> {
+    let fail = |problems| ProfileError {
+        file: file.to_string(),
+        problems,
+    };
+    let doc = toml_edit::Document::parse(text.to_string()).map_err(|e| {
+        let at = e.span().map(|s| line_col(text, s.start));
+        fail(vec![Problem {
+            at,
+            key: String::new(),
+            message: format!("TOML syntax error: {}", e.message().trim()),
+        }])
+    })?;
+    let profile: Profile = toml::from_str(text).map_err(|e| {
+        let (at, key) = match e.span() {
+            Some(s) => (
+                Some(line_col(text, s.start)),
+                path_at(doc.as_table(), s.start, "").unwrap_or_default(),
+            ),
+            None => (None, String::new()),
+        };
+        fail(vec![Problem {
+            at,
+            key,
+            message: e.message().trim().to_string(),
+        }])
+    })?;
+    let problems: Vec<Problem> = validate(&profile)
+        .into_iter()
+        .map(|(key, message)| {
+            let base = key.split('[').next().unwrap_or(&key).to_string();
+            let at = span_of(&doc, &key)
+                .or_else(|| span_of(&doc, &base))
+                .map(|s| line_col(text, s.start));
+            Problem { at, key, message }
+        })
+        .collect();
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    let raw: toml::Table = toml::from_str(text).map_err(|e| {
+        fail(vec![Problem {
+            at: None,
+            key: String::new(),
+            message: e.message().to_string(),
+        }])
+    })?;
+    Ok((profile, raw))
+}
+
+/// Every settable key (dotted), from the schema's defaults.
+pub fn known_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    let Ok(toml::Value::Table(t)) = toml::Value::try_from(Profile::default()) else {
+        return keys;
+    };
+    fn walk(t: &toml::Table, prefix: &str, keys: &mut Vec<String>) {
+        for (k, v) in t {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => walk(inner, &path, keys),
+                _ => keys.push(path),
+            }
+        }
+    }
+    walk(&t, "", &mut keys);
+    // Optional keys that serialise to nothing by default.
+    for k in [
+        "name",
+        "source.path",
+        "source.display",
+        "source.region",
+        "output.device",
+        "model.revision",
+    ] {
+        keys.push(k.to_string());
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// Resolves a short key (`guidance_scale`) to its full path (`stream.guidance_scale`) when unique.
+pub fn resolve_key(key: &str) -> Result<String, String> {
+    let keys = known_keys();
+    if keys.iter().any(|k| k == key) {
+        return Ok(key.to_string());
+    }
+    let matches: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.rsplit('.').next() == Some(key))
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(format!(
+            "unknown key `{key}` (see `sdcam keys` for the list)"
+        )),
+        many => Err(format!(
+            "key `{key}` is ambiguous: {}",
+            many.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Parses a value typed on the command line: TOML syntax if it parses (`1.5`, `[32, 45]`, `true`,
+/// `"text"`), otherwise the raw text as a string (so `prompt a cat` needs no quotes).
+pub fn parse_value(text: &str) -> toml::Value {
+    let text = text.trim();
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+fn insert_path(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let last = parts.pop().ok_or("empty key")?;
+    let mut t = table;
+    for part in parts {
+        let entry = t
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a table"))?;
+    }
+    t.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl LoadedProfile {
+    /// The current value of a (possibly short) key, as TOML text.
+    pub fn get(&self, key: &str) -> Result<String, String> {
+        let full = resolve_key(key)?;
+        let value = toml::Value::try_from(&self.profile).map_err(|e| e.to_string())?;
+        let mut v = &value;
+        for part in full.split('.') {
+            match v.get(part) {
+                Some(inner) => v = inner,
+                None => return Ok(format!("{full} is not set")),
+            }
+        }
+        Ok(format!("{full} = {v}"))
+    }
+
+    /// Reads and validates a profile file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read profile {}", path.display()))?;
+        let (profile, raw) = parse(&text, &path.display().to_string())?;
+        Ok(LoadedProfile {
+            path: Some(path.to_path_buf()),
+            profile,
+            raw,
+            overrides: Vec::new(),
+        })
+    }
+
+    /// A copy with `key` set to `value` (TOML syntax or bare text), validated. `self` is unchanged.
+    pub fn with_set(&self, key: &str, value: &str) -> Result<LoadedProfile, ProfileError> {
+        self.with_value(key, parse_value(value), "<set>")
+    }
+
+    /// A copy with `key` set to an already-typed value, validated; `origin` names it in errors.
+    pub fn with_value(
+        &self,
+        key: &str,
+        value: toml::Value,
+        origin: &str,
+    ) -> Result<LoadedProfile, ProfileError> {
+        let fail = |key: &str, message: String| ProfileError {
+            file: origin.to_string(),
+            problems: vec![Problem {
+                at: None,
+                key: key.to_string(),
+                message,
+            }],
+        };
+        let full = resolve_key(key).map_err(|m| fail(key, m))?;
+        let mut raw = self.raw.clone();
+        insert_path(&mut raw, &full, value).map_err(|m| fail(&full, m))?;
+        let profile: Profile = toml::Value::Table(raw.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| fail(&full, e.message().trim().to_string()))?;
+        let problems: Vec<Problem> = validate(&profile)
+            .into_iter()
+            .map(|(key, message)| Problem {
+                at: None,
+                key,
+                message,
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(ProfileError {
+                file: origin.to_string(),
+                problems,
+            });
+        }
+        Ok(LoadedProfile {
+            path: self.path.clone(),
+            profile,
+            raw,
+            overrides: self.overrides.clone(),
+        })
+    }
+
+    /// Applies a command-line override and remembers it for reloads.
+    pub fn with_override(
+        &self,
+        key: &str,
+        value: toml::Value,
+    ) -> Result<LoadedProfile, ProfileError> {
+        let mut next = self.with_value(key, value.clone(), "<command line>")?;
+        next.overrides.push((key.to_string(), value.to_string()));
+        Ok(next)
+    }
+
+    /// Re-reads the file (or switches to `path`) and re-applies the command-line overrides.
+    /// On any error `self` stays as it was.
+    pub fn reload(&self, path: Option<&Path>) -> anyhow::Result<LoadedProfile> {
+        let path = path
+            .map(Path::to_path_buf)
+            .or_else(|| self.path.clone())
+            .context("this run has no profile file to reload (started without --profile)")?;
+        let mut next = LoadedProfile::load(&path)?;
+        for (k, v) in &self.overrides {
+            next = next.with_value(k, parse_value(v), "<command line>")?;
+        }
+        next.overrides = self.overrides.clone();
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ProfileError {
+        parse(text, "p.toml").unwrap_err()
+    }
+
+    #[test]
+    fn two_line_profile_uses_defaults() {
+        let (p, _) = parse(
+            "prompt = \"a cat\"\n[source]\nkind = \"camera\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.prompt, "a cat");
+        assert_eq!(p.source.kind, SourceKind::Camera);
+        assert_eq!(p.stream, StreamConfig::default());
+        assert_eq!(p.output.label, "sdcam");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_column_and_key() {
+        let e = err("prompt = \"x\"\n\n[stream]\nguidance = 2.0\n");
+        let s = e.to_string();
+        assert_eq!(e.problems[0].at, Some((4, 1)), "{s}");
+        assert_eq!(e.problems[0].key, "stream.guidance");
+        assert!(
+            s.starts_with("p.toml:4:1: key `stream.guidance`: unknown field `guidance`"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let e = err("[output]\nfps = \"fast\"\n");
+        assert_eq!(e.problems[0].at.map(|a| a.0), Some(2));
+        assert_eq!(e.problems[0].key, "output.fps");
+        let e = err("[stream]\ncfg_type = \"sometimes\"\n");
+        assert_eq!(e.problems[0].key, "stream.cfg_type");
+        assert!(e.to_string().contains("unknown variant `sometimes`"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_all_reported_with_positions() {
+        let e = err(
+            "[stream]\nguidance_scale = 99.0\nt_index_list = [45, 32]\n[output]\nwidth = 1281\n",
+        );
+        let keys: Vec<_> = e.problems.iter().map(|p| (p.key.as_str(), p.at)).collect();
+        assert!(
+            keys.contains(&("stream.guidance_scale", Some((2, 18)))),
+            "{keys:?}"
+        );
+        assert!(
+            keys.contains(&("stream.t_index_list", Some((3, 16)))),
+            "{keys:?}"
+        );
+        assert!(keys.contains(&("output.width", Some((5, 9)))), "{keys:?}");
+        assert!(e
+            .to_string()
+            .contains("p.toml:2:18: key `stream.guidance_scale`: 99 is out of range"));
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let e = err("prompt = \"unterminated\n");
+        assert_eq!(e.problems[0].at.map(|a| a.0), Some(1));
+        assert!(e.to_string().contains("TOML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn set_changes_a_copy_and_validates() {
+        let lp = LoadedProfile::default();
+        let next = lp.with_set("guidance_scale", "2.5").unwrap();
+        assert_eq!(next.profile.stream.guidance_scale, 2.5);
+        assert_eq!(lp.profile.stream.guidance_scale, 1.2);
+        let next = next.with_set("prompt", "a cat in a hat").unwrap();
+        assert_eq!(next.profile.prompt, "a cat in a hat");
+        let next = next.with_set("stream.t_index_list", "[20, 40]").unwrap();
+        assert_eq!(next.profile.stream.t_index_list, vec![20, 40]);
+        let e = lp.with_set("guidance_scale", "-1").unwrap_err();
+        assert!(e.to_string().contains("stream.guidance_scale"), "{e}");
+        let e = lp.with_set("no_such_key", "1").unwrap_err();
+        assert!(e.to_string().contains("unknown key `no_such_key`"), "{e}");
+        let e = lp.with_set("width", "1").unwrap_err();
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+        let e = lp.with_set("stream.seed", "many").unwrap_err();
+        assert!(e.to_string().contains("stream.seed"), "{e}");
+    }
+
+    #[test]
+    fn reload_keeps_overrides_and_failures_keep_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "prompt = \"one\"\n").unwrap();
+        let lp = LoadedProfile::load(&path).unwrap();
+        let lp = lp
+            .with_override("output.fps", toml::Value::Float(15.0))
+            .unwrap();
+        std::fs::write(&path, "prompt = \"two\"\n").unwrap();
+        let next = lp.reload(None).unwrap();
+        assert_eq!(
+            (next.profile.prompt.as_str(), next.profile.output.fps),
+            ("two", 15.0)
+        );
+        std::fs::write(&path, "prompt = 3\n").unwrap();
+        let e = next.reload(None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("p.toml:1:10: key `prompt`"),
+            "{e:#}"
+        );
+        assert_eq!(next.profile.prompt, "two");
+    }
+
+    #[test]
+    fn shipped_profiles_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                LoadedProfile::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "expected demo, anime and more profiles, found {n}");
+    }
+}

@@ -1,0 +1,123 @@
+//! Capture: where frames come from (camera, screen, file, synthetic pattern).
+//!
+//! Every source produces [`Frame`]s in whatever pixel format it natively has; conversion to the
+//! model's RGB happens in the relay's pre-processing step, on the capture thread.
+
+pub mod camera;
+pub mod image;
+pub mod pattern;
+pub mod screen;
+pub mod y4m;
+
+use crate::frame::Frame;
+use crate::Result;
+
+/// What [`Source::next_frame`] returned.
+#[derive(Debug)]
+pub enum Captured {
+    /// A new frame.
+    Frame(Frame),
+    /// The source has no more frames (end of file); the relay stops when the queue drains.
+    End,
+}
+
+/// A producer of frames. Live sources (camera, screen, pattern) pace themselves: `next_frame`
+/// blocks until the next frame is due. File sources return frames as fast as they are read unless
+/// asked to pace ([`Source::set_realtime`]).
+pub trait Source: Send {
+    /// Blocks until the next frame is available.
+    fn next_frame(&mut self) -> Result<Captured>;
+    /// Human-readable description for logs and `stats` (device, size, format, rate).
+    fn describe(&self) -> String;
+    /// Nominal frame rate of the source, frames per second.
+    fn fps(&self) -> f64;
+    /// Whether the source is live (a camera or screen: frames arrive in real time, stale ones are dropped).
+    fn is_live(&self) -> bool {
+        true
+    }
+    /// For file sources: pace frames at [`Source::fps`] as a camera would. Live sources ignore it.
+    fn set_realtime(&mut self, _realtime: bool) {}
+}
+
+/// Preferred pixel format to negotiate with a camera.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CameraFormat {
+    /// Let sdcam choose: the uncompressed format that reaches the requested size and rate, else MJPEG.
+    #[default]
+    Auto,
+    Yuyv,
+    Mjpeg,
+    Nv12,
+    Rgb,
+}
+
+/// Options for opening a V4L2 camera.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CameraOptions {
+    /// A device path (`/dev/video0`) or a (case-insensitive substring of a) card name (`"vivid"`).
+    pub device: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+    pub format: CameraFormat,
+}
+
+/// Options for capturing an X11 screen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScreenOptions {
+    /// X display name (`":0"`); `None` uses `$DISPLAY`.
+    pub display: Option<String>,
+    /// Region to capture (x, y, width, height); `None` captures the whole root window.
+    pub region: Option<(i32, i32, u32, u32)>,
+    pub fps: f64,
+}
+
+/// Opens the source a profile's `[source]` table describes.
+pub fn open(cfg: &crate::profile::SourceConfig) -> Result<Box<dyn Source>> {
+    use crate::profile::{CameraFormatName, SourceKind};
+    use anyhow::Context;
+    Ok(match cfg.kind {
+        SourceKind::Pattern => {
+            Box::new(pattern::PatternSource::new(cfg.width, cfg.height, cfg.fps))
+        }
+        SourceKind::Camera => Box::new(camera::CameraSource::open(&CameraOptions {
+            device: cfg.device.clone(),
+            width: cfg.width,
+            height: cfg.height,
+            fps: cfg.fps,
+            format: match cfg.format {
+                CameraFormatName::Auto => CameraFormat::Auto,
+                CameraFormatName::Yuyv => CameraFormat::Yuyv,
+                CameraFormatName::Mjpeg => CameraFormat::Mjpeg,
+                CameraFormatName::Nv12 => CameraFormat::Nv12,
+                CameraFormatName::Rgb => CameraFormat::Rgb,
+            },
+        })?),
+        SourceKind::Screen => Box::new(screen::ScreenSource::open(&ScreenOptions {
+            display: cfg.display.clone(),
+            region: cfg.region.map(|r| (r.x, r.y, r.width, r.height)),
+            fps: cfg.fps,
+        })?),
+        SourceKind::File => {
+            let path = cfg.path.as_deref().context("a file source needs `path`")?;
+            if path == "-" {
+                return Ok(Box::new(y4m::Y4mSource::open(y4m::Y4mInput::Stdin, false)?));
+            }
+            let p = std::path::Path::new(path);
+            let is_y4m = std::fs::File::open(p)
+                .and_then(|mut f| {
+                    let mut sig = [0u8; 9];
+                    std::io::Read::read_exact(&mut f, &mut sig).map(|_| &sig == b"YUV4MPEG2")
+                })
+                .unwrap_or(false);
+            if is_y4m {
+                Box::new(y4m::Y4mSource::open(
+                    y4m::Y4mInput::File(p.to_path_buf()),
+                    cfg.looping,
+                )?)
+            } else {
+                Box::new(image::ImageSource::open(p, cfg.fps, cfg.looping)?)
+            }
+        }
+    })
+}

@@ -1,0 +1,167 @@
+//! The transform stage's seam: what turns each pre-processed RGB frame into the output picture.
+//!
+//! The diffusion pipeline implements [`Transform`]; until it exists, the relay ships cheap
+//! built-ins (`identity`, `tint`, `posterize`) so that live changes are visible on the output.
+
+use crate::frame::{Frame, PixelFormat};
+use crate::profile::{Profile, TransformKind};
+use crate::Result;
+
+/// A frame transform running on the relay's transform thread.
+pub trait Transform: Send {
+    /// Short name for logs and stats.
+    fn name(&self) -> String;
+    /// Turns an RGB24 frame at the stream size into an RGB24 frame (any size; the output stage
+    /// resizes). Must not block for long: the output keeps repeating the last frame meanwhile.
+    fn process(&mut self, input: &Frame) -> Result<Frame>;
+    /// Applies changed live settings (prompt, stream settings). On error the transform must keep
+    /// running with its previous settings.
+    fn apply(&mut self, profile: &Profile) -> Result<()>;
+}
+
+/// Builds the transform a profile asks for.
+pub fn build(profile: &Profile) -> Result<Box<dyn Transform>> {
+    let mut t: Box<dyn Transform> = match profile.transform {
+        TransformKind::Identity => Box::new(Identity),
+        TransformKind::Tint => Box::new(Tint::default()),
+        TransformKind::Posterize => Box::new(Posterize),
+        TransformKind::Diffusion => anyhow::bail!(
+            "transform = \"diffusion\" needs the StreamDiffusion pipeline, which is not built yet \
+             (tracked in issue #4); use transform = \"tint\", \"posterize\" or \"identity\" for now"
+        ),
+    };
+    t.apply(profile)?;
+    Ok(t)
+}
+
+/// Passes frames through unchanged.
+#[derive(Debug, Default)]
+pub struct Identity;
+
+impl Transform for Identity {
+    fn name(&self) -> String {
+        "identity".into()
+    }
+    fn process(&mut self, input: &Frame) -> Result<Frame> {
+        Ok(input.clone())
+    }
+    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A colour wash whose hue is derived from the prompt, so a prompt change is visible at once.
+/// `stream.guidance_scale` sets the strength (1.2 → 40 %, clamped to 0–100 %).
+#[derive(Debug, Default)]
+pub struct Tint {
+    rgb: [u8; 3],
+    strength: u32,
+    prompt: String,
+}
+
+/// A saturated colour for a text (FNV-1a hash → hue).
+pub fn prompt_colour(text: &str) -> [u8; 3] {
+    let mut h: u32 = 0x811c9dc5;
+    for b in text.bytes() {
+        h = (h ^ b as u32).wrapping_mul(0x01000193);
+    }
+    let hue = (h % 360) as f32 / 60.0;
+    let x = (1.0 - (hue % 2.0 - 1.0).abs()) * 255.0;
+    let (r, g, b) = match hue as u32 {
+        0 => (255.0, x, 0.0),
+        1 => (x, 255.0, 0.0),
+        2 => (0.0, 255.0, x),
+        3 => (0.0, x, 255.0),
+        4 => (x, 0.0, 255.0),
+        _ => (255.0, 0.0, x),
+    };
+    [r as u8, g as u8, b as u8]
+}
+
+impl Transform for Tint {
+    fn name(&self) -> String {
+        format!(
+            "tint {:?} ({}%) for {:?}",
+            self.rgb,
+            self.strength * 100 / 256,
+            self.prompt
+        )
+    }
+    fn process(&mut self, input: &Frame) -> Result<Frame> {
+        anyhow::ensure!(input.format == PixelFormat::Rgb24, "tint expects rgb24");
+        let (a, k) = (256 - self.strength, self.strength);
+        let mut out = input.data.clone();
+        for px in out.chunks_exact_mut(3) {
+            for c in 0..3 {
+                px[c] = ((px[c] as u32 * a + self.rgb[c] as u32 * k) >> 8) as u8;
+            }
+        }
+        Ok(input.with_data(input.width, input.height, PixelFormat::Rgb24, out))
+    }
+    fn apply(&mut self, profile: &Profile) -> Result<()> {
+        self.rgb = prompt_colour(&profile.prompt);
+        self.strength = ((profile.stream.guidance_scale / 3.0).clamp(0.0, 1.0) * 256.0) as u32;
+        self.prompt = profile.prompt.clone();
+        Ok(())
+    }
+}
+
+/// Reduces each channel to four levels (a cheap poster look).
+#[derive(Debug, Default)]
+pub struct Posterize;
+
+impl Transform for Posterize {
+    fn name(&self) -> String {
+        "posterize".into()
+    }
+    fn process(&mut self, input: &Frame) -> Result<Frame> {
+        let out = input.data.iter().map(|&v| (v & 0xC0) | 0x20).collect();
+        Ok(input.with_data(input.width, input.height, input.format, out))
+    }
+    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tint_follows_prompt_and_strength() {
+        let mut p = Profile::default();
+        p.prompt = "a red fox".into();
+        let mut t = build(&p).unwrap();
+        let grey = Frame::solid_rgb(4, 4, [128, 128, 128]);
+        let a = t.process(&grey).unwrap();
+        p.prompt = "a blue whale".into();
+        t.apply(&p).unwrap();
+        let b = t.process(&grey).unwrap();
+        assert_ne!(a.data, b.data, "a prompt change must change the picture");
+        p.stream.guidance_scale = 0.0;
+        t.apply(&p).unwrap();
+        assert_eq!(t.process(&grey).unwrap().data, grey.data);
+        assert_ne!(prompt_colour("x"), prompt_colour("y"));
+    }
+
+    #[test]
+    fn identity_and_posterize() {
+        let mut p = Profile::default();
+        p.transform = TransformKind::Identity;
+        let f = Frame::solid_rgb(2, 2, [1, 100, 250]);
+        assert_eq!(build(&p).unwrap().process(&f).unwrap().data, f.data);
+        p.transform = TransformKind::Posterize;
+        assert_eq!(
+            build(&p).unwrap().process(&f).unwrap().rgb_at(0, 0),
+            [0x20, 0x60, 0xE0]
+        );
+    }
+
+    #[test]
+    fn diffusion_is_reported_as_not_built() {
+        let mut p = Profile::default();
+        p.transform = TransformKind::Diffusion;
+        let e = build(&p).err().unwrap().to_string();
+        assert!(e.contains("not built yet"), "{e}");
+    }
+}

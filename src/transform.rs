@@ -92,8 +92,8 @@ impl Transform for Tint {
         let (a, k) = (256 - self.strength, self.strength);
         let mut out = input.data.clone();
         for px in out.chunks_exact_mut(3) {
-            for c in 0..3 {
-                px[c] = ((px[c] as u32 * a + self.rgb[c] as u32 * k) >> 8) as u8;
+            for (v, t) in px.iter_mut().zip(self.rgb) {
+                *v = ((*v as u32 * a + t as u32 * k) >> 8) as u8;
             }
         }
         Ok(input.with_data(input.width, input.height, PixelFormat::Rgb24, out))
@@ -129,8 +129,10 @@ mod tests {
 
     #[test]
     fn tint_follows_prompt_and_strength() {
-        let mut p = Profile::default();
-        p.prompt = "a red fox".into();
+        let mut p = Profile {
+            prompt: "a red fox".into(),
+            ..Default::default()
+        };
         let mut t = build(&p).unwrap();
         let grey = Frame::solid_rgb(4, 4, [128, 128, 128]);
         let a = t.process(&grey).unwrap();
@@ -146,8 +148,10 @@ mod tests {
 
     #[test]
     fn identity_and_posterize() {
-        let mut p = Profile::default();
-        p.transform = TransformKind::Identity;
+        let mut p = Profile {
+            transform: TransformKind::Identity,
+            ..Default::default()
+        };
         let f = Frame::solid_rgb(2, 2, [1, 100, 250]);
         assert_eq!(build(&p).unwrap().process(&f).unwrap().data, f.data);
         p.transform = TransformKind::Posterize;
@@ -159,8 +163,10 @@ mod tests {
 
     #[test]
     fn diffusion_is_reported_as_not_built() {
-        let mut p = Profile::default();
-        p.transform = TransformKind::Diffusion;
+        let p = Profile {
+            transform: TransformKind::Diffusion,
+            ..Default::default()
+        };
         let e = build(&p).err().unwrap().to_string();
         assert!(e.contains("not built yet"), "{e}");
     }

@@ -84,13 +84,20 @@ pub fn yuyv_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, d
     for row in 0..height {
         let s = &src[row * src_stride..(row + 1) * src_stride];
         let d = &mut dst[row * width * 3..(row + 1) * width * 3];
-        for (pair, quad) in s.chunks_exact(4).enumerate() {
-            let (y0, u, y1, v) = (quad[0], quad[1], quad[2], quad[3]);
-            let x = pair * 2;
-            d[x * 3..x * 3 + 3].copy_from_slice(&yuv_to_rgb(y0, u, v, range));
-            if x + 1 < width {
-                d[x * 3 + 3..x * 3 + 6].copy_from_slice(&yuv_to_rgb(y1, u, v, range));
-            }
+        // Whole pairs: iterator zips let the compiler drop bounds checks in the hot loop.
+        for (quad, out) in s.chunks_exact(4).zip(d.chunks_exact_mut(6)) {
+            let p0 = yuv_to_rgb(quad[0], quad[1], quad[3], range);
+            let p1 = yuv_to_rgb(quad[2], quad[1], quad[3], range);
+            out[0] = p0[0];
+            out[1] = p0[1];
+            out[2] = p0[2];
+            out[3] = p1[0];
+            out[4] = p1[1];
+            out[5] = p1[2];
+        }
+        if width % 2 == 1 {
+            let quad = &s[(width / 2) * 4..];
+            d[(width - 1) * 3..].copy_from_slice(&yuv_to_rgb(quad[0], quad[1], quad[3], range));
         }
     }
 }
@@ -98,25 +105,25 @@ pub fn yuyv_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, d
 /// RGB24 → packed YUYV; chroma of each pixel pair is the average of the two pixels' chroma.
 pub fn rgb_to_yuyv(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
     let dst_stride = width.div_ceil(2) * 4;
+    let pair = |p0: &[u8], p1: &[u8], quad: &mut [u8]| {
+        let (r0, g0, b0) = (p0[0] as i32, p0[1] as i32, p0[2] as i32);
+        let (r1, g1, b1) = (p1[0] as i32, p1[1] as i32, p1[2] as i32);
+        let (u0, v0) = rgb_to_uv_raw(r0, g0, b0, range);
+        let (u1, v1) = rgb_to_uv_raw(r1, g1, b1, range);
+        quad[0] = luma(r0, g0, b0, range);
+        quad[1] = chroma_avg(u0 + u1, 2);
+        quad[2] = luma(r1, g1, b1, range);
+        quad[3] = chroma_avg(v0 + v1, 2);
+    };
     for row in 0..height {
         let s = &src[row * width * 3..(row + 1) * width * 3];
         let d = &mut dst[row * dst_stride..(row + 1) * dst_stride];
-        for (pair, quad) in d.chunks_exact_mut(4).enumerate() {
-            let x = pair * 2;
-            let p0 = &s[x * 3..x * 3 + 3];
-            let p1 = if x + 1 < width {
-                &s[x * 3 + 3..x * 3 + 6]
-            } else {
-                p0
-            };
-            let (r0, g0, b0) = (p0[0] as i32, p0[1] as i32, p0[2] as i32);
-            let (r1, g1, b1) = (p1[0] as i32, p1[1] as i32, p1[2] as i32);
-            let (u0, v0) = rgb_to_uv_raw(r0, g0, b0, range);
-            let (u1, v1) = rgb_to_uv_raw(r1, g1, b1, range);
-            quad[0] = luma(r0, g0, b0, range);
-            quad[1] = chroma_avg(u0 + u1, 2);
-            quad[2] = luma(r1, g1, b1, range);
-            quad[3] = chroma_avg(v0 + v1, 2);
+        for (px, quad) in s.chunks_exact(6).zip(d.chunks_exact_mut(4)) {
+            pair(&px[..3], &px[3..], quad);
+        }
+        if width % 2 == 1 {
+            let last = &s[(width - 1) * 3..];
+            pair(last, last, &mut d[(width / 2) * 4..]);
         }
     }
 }

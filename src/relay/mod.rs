@@ -352,11 +352,13 @@ impl Capture {
     }
 
     fn switch(&mut self, cfg: SourceConfig) -> Result<()> {
-        // Open the new source while the old one still runs; if that fails (a camera cannot be
-        // opened twice), release the old one and try again, and restore it on failure.
+        use crate::profile::SourceKind::Camera;
+        // Open the new source while the old one still runs, so a failure changes nothing. A
+        // camera cannot be opened twice, so camera → camera may need the old one released
+        // first; it is reopened (or reconnected in the background) if the new one fails.
         let new = match self.open(&cfg) {
             Ok(s) => s,
-            Err(first) => {
+            Err(first) if cfg.kind == Camera && self.cfg.kind == Camera => {
                 self.source = None;
                 match self.open(&cfg) {
                     Ok(s) => s,
@@ -366,6 +368,7 @@ impl Capture {
                     }
                 }
             }
+            Err(e) => return Err(e),
         };
         tracing::info!("source: {}", new.describe());
         self.source = Some(new);
@@ -568,26 +571,38 @@ impl Output {
     }
 
     fn switch(&mut self, cfg: OutputConfig) -> Result<()> {
-        // A loopback device accepts one writer: close the old output before opening the new one
-        // and reopen the old one if the new one fails.
+        use crate::profile::OutputKind::V4l2loopback;
+        // Open the new output while the old one still runs, so a failure changes nothing. A
+        // loopback device takes one writer, so loopback → loopback may need the old one closed
+        // first; it is reopened if the new one fails.
+        let new = match self.opener.sink(&cfg) {
+            Ok(s) => s,
+            Err(first) if cfg.kind == V4l2loopback && self.cfg.kind == V4l2loopback => {
+                if let Some(mut old) = self.sink.take() {
+                    if let Err(e) = old.finish() {
+                        tracing::warn!("closing the old output: {e:#}");
+                    }
+                }
+                match self.opener.sink(&cfg) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        self.sink = self.opener.sink(&self.cfg).ok();
+                        return Err(first);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(mut old) = self.sink.take() {
             if let Err(e) = old.finish() {
                 tracing::warn!("closing the old output: {e:#}");
             }
         }
-        match self.opener.sink(&cfg) {
-            Ok(s) => {
-                tracing::info!("output: {}", s.describe());
-                self.sink = Some(s);
-                self.cfg = cfg;
-                self.last = None; // re-render the last frame at the new size on the next tick
-                Ok(())
-            }
-            Err(e) => {
-                self.sink = self.opener.sink(&self.cfg).ok();
-                Err(e)
-            }
-        }
+        tracing::info!("output: {}", new.describe());
+        self.sink = Some(new);
+        self.cfg = cfg;
+        self.last = None;
+        Ok(())
     }
 
     fn handle(&mut self, msg: OutputMsg, last_rgb: &mut Option<Frame>) {

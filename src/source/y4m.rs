@@ -59,14 +59,16 @@ impl Y4mHeader {
                 "I" if val != "p" && val != "?" => {
                     bail!("interlaced Y4M (I{val}) is not supported; deinterlace first (ffmpeg -vf yadif)")
                 }
-                "C" => chroma = match val {
-                    v if v.starts_with("420") => Y4mChroma::C420,
-                    "444" => Y4mChroma::C444,
-                    "mono" => Y4mChroma::Mono,
-                    other => bail!(
+                "C" => {
+                    chroma = match val {
+                        v if v.starts_with("420") => Y4mChroma::C420,
+                        "444" => Y4mChroma::C444,
+                        "mono" => Y4mChroma::Mono,
+                        other => bail!(
                         "Y4M chroma C{other} is not supported (use -pix_fmt yuv420p with ffmpeg)"
                     ),
-                },
+                    }
+                }
                 "X" if val == "COLORRANGE=FULL" => range = ColorRange::Full,
                 _ => {}
             }

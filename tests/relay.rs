@@ -1,0 +1,414 @@
+//! Relay semantics with scripted sources, transforms and sinks: the newest frame wins and drops
+//! are counted, the output repeats the last frame when the transform is slow (never stalls),
+//! a placeholder shows before the first frame, every-frame mode loses nothing, a graceful stop
+//! drains the queues, and failed reconfigurations keep the old stage running.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sdcam::frame::{ColorRange, Frame, PixelFormat};
+use sdcam::profile::{OutputConfig, OutputKind, Profile, SourceConfig};
+use sdcam::relay::{Opener, PreprocessConfig, Relay, RelayStart, PLACEHOLDER_RGB};
+use sdcam::sink::Sink;
+use sdcam::source::{Captured, Source};
+use sdcam::transform::Transform;
+use sdcam::Result;
+
+/// Emits `count` frames (seq 0..count) whose red channel is seq % 256, at `fps` (0 = unpaced).
+struct Counter {
+    n: u64,
+    count: u64,
+    fps: f64,
+    live: bool,
+}
+
+impl Source for Counter {
+    fn next_frame(&mut self) -> Result<Captured> {
+        if self.n >= self.count {
+            return Ok(Captured::End);
+        }
+        if self.fps > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(1.0 / self.fps));
+        }
+        let mut f = Frame::solid_rgb(8, 8, [(self.n % 256) as u8, 0, 0]);
+        f.seq = self.n;
+        self.n += 1;
+        Ok(Captured::Frame(f))
+    }
+    fn describe(&self) -> String {
+        "counter".into()
+    }
+    fn fps(&self) -> f64 {
+        self.fps
+    }
+    fn is_live(&self) -> bool {
+        self.live
+    }
+}
+
+/// Passes frames through after sleeping `delay`; records the sequence numbers it saw.
+struct Slow {
+    delay: Duration,
+    seen: Arc<Mutex<Vec<u64>>>,
+    fail_apply: bool,
+}
+
+impl Transform for Slow {
+    fn name(&self) -> String {
+        "slow".into()
+    }
+    fn process(&mut self, input: &Frame) -> Result<Frame> {
+        std::thread::sleep(self.delay);
+        self.seen.lock().unwrap().push(input.seq);
+        Ok(input.clone())
+    }
+    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+        anyhow::ensure!(!self.fail_apply, "refused");
+        Ok(())
+    }
+}
+
+/// Records every written frame's (seq, first pixel as RGB).
+#[derive(Clone, Default)]
+struct Recorder {
+    frames: Arc<Mutex<Vec<(u64, [u8; 3])>>>,
+}
+
+impl Sink for Recorder {
+    fn write(&mut self, frame: &Frame) -> Result<()> {
+        assert_eq!(frame.format, PixelFormat::Rgb24);
+        self.frames
+            .lock()
+            .unwrap()
+            .push((frame.seq, frame.rgb_at(0, 0)));
+        Ok(())
+    }
+    fn wants(&self) -> PixelFormat {
+        PixelFormat::Rgb24
+    }
+    fn describe(&self) -> String {
+        "recorder".into()
+    }
+}
+
+/// Opens nothing successfully: reconfigurations fail.
+struct NoOpener;
+
+impl Opener for NoOpener {
+    fn source(&self, _cfg: &SourceConfig) -> Result<Box<dyn Source>> {
+        anyhow::bail!("no such source")
+    }
+    fn sink(&self, _cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
+        anyhow::bail!("no such sink")
+    }
+}
+
+struct Setup {
+    source: Counter,
+    delay: Duration,
+    out_fps: f64,
+    every_frame: bool,
+    max_frames: Option<u64>,
+}
+
+fn start(s: Setup) -> (Relay, Recorder, Arc<Mutex<Vec<u64>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = Recorder::default();
+    let output_cfg = OutputConfig {
+        kind: OutputKind::Null,
+        width: 8,
+        height: 8,
+        fps: s.out_fps,
+        ..Default::default()
+    };
+    let relay = Relay::start(RelayStart {
+        source: Box::new(s.source),
+        source_cfg: SourceConfig::default(),
+        transform: Box::new(Slow {
+            delay: s.delay,
+            seen: seen.clone(),
+            fail_apply: true,
+        }),
+        sink: Box::new(rec.clone()),
+        output_cfg,
+        preprocess: PreprocessConfig {
+            width: 8,
+            height: 8,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: s.every_frame,
+        max_frames: s.max_frames,
+        opener: Arc::new(NoOpener),
+    })
+    .unwrap();
+    (relay, rec, seen)
+}
+
+#[test]
+fn slow_transform_takes_newest_frames_and_output_repeats() {
+    // Camera at 200 fps, transform at ~20 fps, output at 50 fps, for 60 output frames.
+    let (relay, rec, seen) = start(Setup {
+        source: Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 200.0,
+            live: true,
+        },
+        delay: Duration::from_millis(50),
+        out_fps: 50.0,
+        every_frame: false,
+        max_frames: Some(60),
+    });
+    let t0 = Instant::now();
+    let snap = relay.join().unwrap();
+    let elapsed = t0.elapsed();
+    assert_eq!(snap.written, 60);
+    // Steady output rate: 60 frames at 50 fps ≈ 1.2 s, no stall behind the slow transform.
+    assert!(
+        elapsed < Duration::from_millis(2500),
+        "output stalled: {elapsed:?}"
+    );
+    assert!(
+        snap.repeated >= 20,
+        "output must repeat frames while the transform is slow: {snap:?}"
+    );
+    assert!(
+        snap.input_dropped > 50,
+        "stale camera frames must be dropped and counted: {snap:?}"
+    );
+    // The transform skipped ahead: consecutive processed frames are far apart in sequence.
+    let seen = seen.lock().unwrap();
+    let gaps: Vec<u64> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().all(|&g| g >= 1), "{gaps:?}");
+    assert!(
+        gaps.iter().filter(|&&g| g > 3).count() >= gaps.len() / 2,
+        "not taking the newest: {gaps:?}"
+    );
+    // Written sequence numbers never go backwards.
+    let written = rec.frames.lock().unwrap();
+    assert!(written.windows(2).all(|w| w[1].0 >= w[0].0 || w[0].0 == 0));
+}
+
+#[test]
+fn placeholder_streams_before_the_first_frame() {
+    // The transform takes 300 ms for the first frame; the output must already be streaming.
+    let (relay, rec, _) = start(Setup {
+        source: Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 30.0,
+            live: true,
+        },
+        delay: Duration::from_millis(300),
+        out_fps: 50.0,
+        every_frame: false,
+        max_frames: Some(10),
+    });
+    let snap = relay.join().unwrap();
+    assert!(snap.placeholders >= 5, "{snap:?}");
+    let frames = rec.frames.lock().unwrap();
+    assert_eq!(frames[0].1, PLACEHOLDER_RGB);
+}
+
+#[test]
+fn every_frame_mode_loses_nothing_and_drains_on_end() {
+    // A file-like source of 40 frames, a transform slower than the source: all 40 come out, in order.
+    let (relay, rec, _) = start(Setup {
+        source: Counter {
+            n: 0,
+            count: 40,
+            fps: 0.0,
+            live: false,
+        },
+        delay: Duration::from_millis(2),
+        out_fps: 30.0,
+        every_frame: true,
+        max_frames: None,
+    });
+    let snap = relay.join().unwrap();
+    let frames = rec.frames.lock().unwrap();
+    let seqs: Vec<u64> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(seqs, (0..40).collect::<Vec<_>>());
+    assert_eq!(
+        (snap.input_dropped, snap.output_dropped, snap.repeated),
+        (0, 0, 0)
+    );
+    // Colours survive the RGB path untouched.
+    assert!(frames
+        .iter()
+        .all(|(s, rgb)| rgb == &[(*s % 256) as u8, 0, 0]));
+}
+
+#[test]
+fn graceful_stop_drains_queued_frames() {
+    let (relay, rec, seen) = start(Setup {
+        source: Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 100.0,
+            live: true,
+        },
+        delay: Duration::from_millis(20),
+        out_fps: 100.0,
+        every_frame: false,
+        max_frames: None,
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    relay.request_stop();
+    let t0 = Instant::now();
+    let snap = relay.join().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+    // The last frame the transform produced reached the sink.
+    let last_seen = *seen.lock().unwrap().last().unwrap();
+    let frames = rec.frames.lock().unwrap();
+    assert_eq!(
+        frames.last().unwrap().0,
+        last_seen,
+        "the drained frame was not written"
+    );
+    assert_eq!(snap.written as usize, frames.len());
+}
+
+#[test]
+fn failed_reconfiguration_keeps_the_stage_running() {
+    let (relay, rec, _) = start(Setup {
+        source: Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 100.0,
+            live: true,
+        },
+        delay: Duration::from_millis(1),
+        out_fps: 50.0,
+        every_frame: false,
+        max_frames: None,
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Source and sink cannot be opened, the transform refuses the settings: all report errors...
+    assert!(relay.set_source(SourceConfig::default()).is_err());
+    let y4m = OutputConfig {
+        kind: OutputKind::Y4m,
+        width: 8,
+        height: 8,
+        ..Default::default()
+    };
+    assert!(relay.set_output(y4m).is_err());
+    assert!(relay.apply_transform(&Profile::default()).is_err());
+    let before = rec.frames.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...and frames keep flowing from the old source through the old transform to the old sink.
+    let frames = rec.frames.lock().unwrap().clone();
+    assert!(
+        frames.len() >= before + 8,
+        "output stopped: {before} → {}",
+        frames.len()
+    );
+    assert!(
+        frames.last().unwrap().0 > frames[before.saturating_sub(1)].0,
+        "source stopped"
+    );
+    relay.request_stop();
+    relay.join().unwrap();
+}
+
+#[test]
+fn pause_holds_the_last_frame() {
+    let (relay, rec, _) = start(Setup {
+        source: Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 100.0,
+            live: true,
+        },
+        delay: Duration::from_millis(1),
+        out_fps: 50.0,
+        every_frame: false,
+        max_frames: None,
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    relay.set_paused(true);
+    std::thread::sleep(Duration::from_millis(100));
+    let n = rec.frames.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    let frames = rec.frames.lock().unwrap().clone();
+    assert!(
+        frames.len() >= n + 10,
+        "output must keep streaming while paused"
+    );
+    assert!(
+        frames[n..].iter().all(|f| f.0 == frames[n].0),
+        "paused output changed"
+    );
+    relay.set_paused(false);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        rec.frames.lock().unwrap().last().unwrap().0 > frames[n].0,
+        "resume did not resume"
+    );
+    relay.request_stop();
+    relay.join().unwrap();
+}
+
+#[test]
+fn yuv_sink_gets_converted_frames() {
+    // Post-processing converts to whatever the sink wants, at the output size.
+    struct Yuyv(Arc<Mutex<Vec<Frame>>>);
+    impl Sink for Yuyv {
+        fn write(&mut self, f: &Frame) -> Result<()> {
+            self.0.lock().unwrap().push(f.clone());
+            Ok(())
+        }
+        fn wants(&self) -> PixelFormat {
+            PixelFormat::Yuyv
+        }
+        fn describe(&self) -> String {
+            "yuyv".into()
+        }
+    }
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let relay = Relay::start(RelayStart {
+        source: Box::new(Counter {
+            n: 255,
+            count: 256,
+            fps: 0.0,
+            live: false,
+        }),
+        source_cfg: SourceConfig::default(),
+        transform: Box::new(Slow {
+            delay: Duration::ZERO,
+            seen: Default::default(),
+            fail_apply: false,
+        }),
+        sink: Box::new(Yuyv(got.clone())),
+        output_cfg: OutputConfig {
+            width: 16,
+            height: 4,
+            ..Default::default()
+        },
+        preprocess: PreprocessConfig {
+            width: 8,
+            height: 8,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: true,
+        max_frames: None,
+        opener: Arc::new(NoOpener),
+    })
+    .unwrap();
+    relay.join().unwrap();
+    let frames = got.lock().unwrap();
+    assert_eq!(frames.len(), 1);
+    let f = &frames[0];
+    assert_eq!(
+        (f.format, f.width, f.height, f.range),
+        (PixelFormat::Yuyv, 16, 4, ColorRange::Limited)
+    );
+    // Pure red in BT.601 limited range: Y 82, U 90, V 240.
+    assert_eq!(&f.data[..4], &[82, 90, 82, 240]);
+}

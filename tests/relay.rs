@@ -68,10 +68,13 @@ impl Transform for Slow {
     }
 }
 
-/// Records every written frame's (seq, first pixel as RGB).
+/// (sequence number, first pixel as RGB) of a written frame.
+type Written = (u64, [u8; 3]);
+
+/// Records every written frame.
 #[derive(Clone, Default)]
 struct Recorder {
-    frames: Arc<Mutex<Vec<(u64, [u8; 3])>>>,
+    frames: Arc<Mutex<Vec<Written>>>,
 }
 
 impl Sink for Recorder {

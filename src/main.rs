@@ -156,8 +156,8 @@ fn load_profile(a: &RunArgs) -> anyhow::Result<LoadedProfile> {
             .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
         edits.push((k.trim().to_string(), profile::parse_value(v)));
     }
-    for (k, v) in edits {
-        lp = lp.with_override(&k, v)?;
+    if !edits.is_empty() {
+        lp = lp.with_overrides(&edits)?;
     }
     Ok(lp)
 }
@@ -277,6 +277,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     match real_main() {

@@ -50,8 +50,9 @@ fn luma(r: i32, g: i32, b: i32, range: ColorRange) -> u8 {
 #[inline(always)]
 fn chroma_avg(sum: i32, n: i32) -> u8 {
     // sum is 256 × n × (chroma − 128); round to nearest.
-    let denom = 256 * n;
-    clamp8(((sum + denom / 2).div_euclid(denom)) + 128)
+    // n is 2 or 4: divide by 512 or 1024 with an arithmetic shift (floor, like div_euclid).
+    let shift = if n == 4 { 10 } else { 9 };
+    clamp8(((sum + (1 << (shift - 1))) >> shift) + 128)
 }
 
 /// R, G, B of one YUV sample triple.
@@ -80,6 +81,15 @@ pub fn yuv_to_rgb(y: u8, u: u8, v: u8, range: ColorRange) -> [u8; 3] {
 
 /// Packed YUYV (Y0 U Y1 V) → RGB24. Odd widths: the last pair's second pixel is dropped.
 pub fn yuyv_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
+    // One instantiation per range, so the range test leaves the per-pixel code.
+    match range {
+        ColorRange::Limited => yuyv_to_rgb_in(src, width, height, ColorRange::Limited, dst),
+        ColorRange::Full => yuyv_to_rgb_in(src, width, height, ColorRange::Full, dst),
+    }
+}
+
+#[inline(always)]
+fn yuyv_to_rgb_in(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
     let src_stride = width.div_ceil(2) * 4;
     for row in 0..height {
         let s = &src[row * src_stride..(row + 1) * src_stride];
@@ -102,17 +112,59 @@ pub fn yuyv_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, d
     }
 }
 
+/// Integer BT.601 forward coefficients for one range, hoisted out of the pixel loops.
+#[derive(Clone, Copy)]
+struct Forward {
+    y: [i32; 3],
+    y_off: i32,
+    u: [i32; 3],
+    v: [i32; 3],
+}
+
+impl Forward {
+    fn new(range: ColorRange) -> Self {
+        match range {
+            ColorRange::Limited => Forward {
+                y: [66, 129, 25],
+                y_off: 16,
+                u: [-38, -74, 112],
+                v: [112, -94, -18],
+            },
+            ColorRange::Full => Forward {
+                y: [77, 150, 29],
+                y_off: 0,
+                u: [-43, -85, 128],
+                v: [128, -107, -21],
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn luma(&self, r: i32, g: i32, b: i32) -> u8 {
+        (((self.y[0] * r + self.y[1] * g + self.y[2] * b + 128) >> 8) + self.y_off) as u8
+    }
+
+    #[inline(always)]
+    fn uv_raw(&self, r: i32, g: i32, b: i32) -> (i32, i32) {
+        (
+            self.u[0] * r + self.u[1] * g + self.u[2] * b,
+            self.v[0] * r + self.v[1] * g + self.v[2] * b,
+        )
+    }
+}
+
 /// RGB24 → packed YUYV; chroma of each pixel pair is the average of the two pixels' chroma.
 pub fn rgb_to_yuyv(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
     let dst_stride = width.div_ceil(2) * 4;
+    let k = Forward::new(range);
     let pair = |p0: &[u8], p1: &[u8], quad: &mut [u8]| {
         let (r0, g0, b0) = (p0[0] as i32, p0[1] as i32, p0[2] as i32);
         let (r1, g1, b1) = (p1[0] as i32, p1[1] as i32, p1[2] as i32);
-        let (u0, v0) = rgb_to_uv_raw(r0, g0, b0, range);
-        let (u1, v1) = rgb_to_uv_raw(r1, g1, b1, range);
-        quad[0] = luma(r0, g0, b0, range);
+        let (u0, v0) = k.uv_raw(r0, g0, b0);
+        let (u1, v1) = k.uv_raw(r1, g1, b1);
+        quad[0] = k.luma(r0, g0, b0);
         quad[1] = chroma_avg(u0 + u1, 2);
-        quad[2] = luma(r1, g1, b1, range);
+        quad[2] = k.luma(r1, g1, b1);
         quad[3] = chroma_avg(v0 + v1, 2);
     };
     for row in 0..height {
@@ -131,6 +183,21 @@ pub fn rgb_to_yuyv(src: &[u8], width: usize, height: usize, range: ColorRange, d
 /// Planar 4:2:0 (separate U and V planes, or interleaved UV for NV12) → RGB24.
 /// `uv` addresses the chroma of chroma-sample (cx, cy) as (u_index, v_index).
 fn yuv420_to_rgb(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    range: ColorRange,
+    dst: &mut [u8],
+    uv: impl Fn(usize, usize) -> (usize, usize) + Copy,
+) {
+    match range {
+        ColorRange::Limited => yuv420_rows(src, width, height, ColorRange::Limited, dst, uv),
+        ColorRange::Full => yuv420_rows(src, width, height, ColorRange::Full, dst, uv),
+    }
+}
+
+#[inline(always)]
+fn yuv420_rows(
     src: &[u8],
     width: usize,
     height: usize,

@@ -56,7 +56,7 @@ pub struct LoadedProfile {
     pub profile: Profile,
     raw: toml::Table,
     /// `key = value` edits from the command line, re-applied after every reload.
-    overrides: Vec<(String, String)>,
+    overrides: Vec<(String, toml::Value)>,
 }
 
 impl Default for LoadedProfile {
@@ -466,6 +466,16 @@ impl LoadedProfile {
         value: toml::Value,
         origin: &str,
     ) -> Result<LoadedProfile, ProfileError> {
+        self.with_values(&[(key.to_string(), value)], origin)
+    }
+
+    /// A copy with several keys set at once and validated together (so that, e.g., a source
+    /// kind and the path it needs can change in one step).
+    pub fn with_values(
+        &self,
+        edits: &[(String, toml::Value)],
+        origin: &str,
+    ) -> Result<LoadedProfile, ProfileError> {
         let fail = |key: &str, message: String| ProfileError {
             file: origin.to_string(),
             problems: vec![Problem {
@@ -474,12 +484,16 @@ impl LoadedProfile {
                 message,
             }],
         };
-        let full = resolve_key(key).map_err(|m| fail(key, m))?;
         let mut raw = self.raw.clone();
-        insert_path(&mut raw, &full, value).map_err(|m| fail(&full, m))?;
+        let mut last = String::new();
+        for (key, value) in edits {
+            let full = resolve_key(key).map_err(|m| fail(key, m))?;
+            insert_path(&mut raw, &full, value.clone()).map_err(|m| fail(&full, m))?;
+            last = full;
+        }
         let profile: Profile = toml::Value::Table(raw.clone())
             .try_into()
-            .map_err(|e: toml::de::Error| fail(&full, e.message().trim().to_string()))?;
+            .map_err(|e: toml::de::Error| fail(&last, e.message().trim().to_string()))?;
         let problems: Vec<Problem> = validate(&profile)
             .into_iter()
             .map(|(key, message)| Problem {
@@ -502,15 +516,24 @@ impl LoadedProfile {
         })
     }
 
+    /// Applies command-line overrides together and remembers them for reloads.
+    pub fn with_overrides(
+        &self,
+        edits: &[(String, toml::Value)],
+    ) -> Result<LoadedProfile, ProfileError> {
+        let mut next = self.with_values(edits, "<command line>")?;
+        next.overrides
+            .extend(edits.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(next)
+    }
+
     /// Applies a command-line override and remembers it for reloads.
     pub fn with_override(
         &self,
         key: &str,
         value: toml::Value,
     ) -> Result<LoadedProfile, ProfileError> {
-        let mut next = self.with_value(key, value.clone(), "<command line>")?;
-        next.overrides.push((key.to_string(), value.to_string()));
-        Ok(next)
+        self.with_overrides(&[(key.to_string(), value)])
     }
 
     /// Re-reads the file (or switches to `path`) and re-applies the command-line overrides.
@@ -520,12 +543,8 @@ impl LoadedProfile {
             .map(Path::to_path_buf)
             .or_else(|| self.path.clone())
             .context("this run has no profile file to reload (started without --profile)")?;
-        let mut next = LoadedProfile::load(&path)?;
-        for (k, v) in &self.overrides {
-            next = next.with_value(k, parse_value(v), "<command line>")?;
-        }
-        next.overrides = self.overrides.clone();
-        Ok(next)
+        let next = LoadedProfile::load(&path)?;
+        Ok(next.with_overrides(&self.overrides)?)
     }
 }
 

@@ -648,6 +648,16 @@ impl Output {
         };
         let t0 = Instant::now();
         if let Err(e) = sink.write(frame) {
+            let broken_pipe = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                // `sdcam --output - | ffplay -` and the player was closed: a normal end.
+                tracing::info!("the reader of {} went away, stopping", sink.describe());
+                self.stop.store(true, Relaxed);
+                return Ok(false);
+            }
             if self.cfg.kind == crate::profile::OutputKind::V4l2loopback {
                 tracing::warn!("virtual camera write failed, reopening: {e:#}");
                 self.sink = None;

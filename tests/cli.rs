@@ -1,0 +1,1131 @@
+//! End-to-end tests of the `sdcam` binary: runs it as a user would (flags, profiles, stdin
+//! commands, signals) and checks the Y4M/PNG files it writes and what it logs on stderr.
+//!
+//! Every child process is bounded: [`Proc`] waits with a deadline, kills the child when it is
+//! exceeded (or when the test panics) and fails with the captured stderr. Live-control tests
+//! synchronise on the `stats` command's frame count instead of sleeping, and use a still-image
+//! source (file → file runs in every-frame mode, paced at the image's fps), so which frame sees
+//! which setting is known exactly.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest any single `sdcam` run may take before the test kills it and fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+/// Longest a wait for a log line or a stats answer may take.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Process helpers
+// ---------------------------------------------------------------------------------------------
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `sdcam` with plain (uncoloured) info logs, run from the crate root.
+fn sdcam() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sdcam"));
+    c.current_dir(manifest_dir())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Removes ANSI escape sequences (in case the logger colours its output anyway).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reads a pipe to the end on a thread, into a shared buffer.
+fn collect(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let t = std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => b.lock().unwrap().extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    (buf, t)
+}
+
+/// A running `sdcam`, killed when dropped.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    stdout: Option<Arc<Mutex<Vec<u8>>>>,
+    readers: Vec<JoinHandle<()>>,
+    what: String,
+}
+
+/// How a finished run ended.
+struct Finished {
+    status: ExitStatus,
+    stderr: String,
+    stdout: Vec<u8>,
+    elapsed: Duration,
+}
+
+impl Proc {
+    /// Spawns `cmd` (stderr must be piped). stdin is piped when `stdin` is true, else null.
+    fn spawn(cmd: &mut Command, stdin: bool) -> Proc {
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() });
+        let what = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let (stderr, t) = collect(child.stderr.take().expect("stderr is piped"));
+        let mut readers = vec![t];
+        let stdout = child.stdout.take().map(|o| {
+            let (buf, t) = collect(o);
+            readers.push(t);
+            buf
+        });
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            stderr,
+            stdout,
+            readers,
+            what,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// stderr so far, without colour codes.
+    fn stderr(&self) -> String {
+        strip_ansi(&String::from_utf8_lossy(&self.stderr.lock().unwrap()))
+    }
+
+    /// Kills the child and fails the test with its stderr.
+    fn fail(&mut self, why: &str) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!(
+            "{why}\ncommand: {}\n--- stderr ---\n{}",
+            self.what,
+            self.stderr()
+        );
+    }
+
+    /// Writes one command line to stdin.
+    fn send(&mut self, line: &str) {
+        let r = match self.stdin.as_mut() {
+            Some(s) => writeln!(s, "{line}").and_then(|_| s.flush()),
+            None => Ok(()),
+        };
+        if let Err(e) = r {
+            self.fail(&format!("cannot send {line:?} to sdcam: {e}"));
+        }
+    }
+
+    fn signal(&mut self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; it has not been reaped yet.
+        let r = unsafe { libc::kill(self.pid(), sig) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            self.fail(&format!("kill({sig}) failed: {e}"));
+        }
+    }
+
+    /// Waits until stderr contains `needle` at least `n` times; returns stderr.
+    fn wait_for_n(&mut self, needle: &str, n: usize) -> String {
+        let t0 = Instant::now();
+        loop {
+            let s = self.stderr();
+            if s.matches(needle).count() >= n {
+                return s;
+            }
+            if t0.elapsed() > WAIT {
+                self.fail(&format!(
+                    "timed out waiting for {needle:?} (x{n}) on stderr"
+                ));
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Give the reader a moment to pick up the last lines, then look once more.
+                std::thread::sleep(Duration::from_millis(100));
+                if self.stderr().matches(needle).count() >= n {
+                    return self.stderr();
+                }
+                self.fail(&format!("sdcam exited ({st}) before logging {needle:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_for(&mut self, needle: &str) -> String {
+        self.wait_for_n(needle, 1)
+    }
+
+    /// Asks for `stats` on stdin and returns the `written` count it prints.
+    fn written(&mut self) -> u64 {
+        let before = written_counts(&self.stderr()).len();
+        self.send("stats");
+        let t0 = Instant::now();
+        loop {
+            let counts = written_counts(&self.stderr());
+            if counts.len() > before {
+                return *counts.last().unwrap();
+            }
+            if t0.elapsed() > WAIT {
+                self.fail("no answer to `stats`");
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(&n) = written_counts(&self.stderr()).get(before) {
+                    return n;
+                }
+                self.fail(&format!("sdcam exited ({st}) before answering `stats`"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Polls `stats` until at least `n` frames are written; returns the count seen.
+    fn wait_written(&mut self, n: u64) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let w = self.written();
+            if w >= n {
+                return w;
+            }
+            if t0.elapsed() > WAIT {
+                self.fail(&format!("fewer than {n} frames written after {WAIT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// Closes stdin and waits for the exit, at most `deadline` from now (then kills and fails).
+    fn finish(mut self, deadline: Duration) -> Finished {
+        drop(self.stdin.take());
+        let t0 = Instant::now();
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if t0.elapsed() > deadline => {
+                    self.fail(&format!("sdcam still running after {deadline:?}; killed"))
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => self.fail(&format!("waiting for sdcam: {e}")),
+            }
+        };
+        let elapsed = t0.elapsed();
+        for t in self.readers.drain(..) {
+            let _ = t.join();
+        }
+        Finished {
+            status,
+            stderr: self.stderr(),
+            stdout: self
+                .stdout
+                .as_ref()
+                .map(|b| b.lock().unwrap().clone())
+                .unwrap_or_default(),
+            elapsed,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every complete `written       N (…)` line of `stats` output, in order.
+fn written_counts(stderr: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut lines = stderr.split('\n').peekable();
+    while let Some(line) = lines.next() {
+        if lines.peek().is_none() {
+            break; // an incomplete last line
+        }
+        if let Some(rest) = line.strip_prefix("written ") {
+            if let Some(n) = rest.split_whitespace().next().and_then(|n| n.parse().ok()) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
+/// The N of the final `done: N frames written` log line.
+fn done_count(stderr: &str) -> u64 {
+    let i = stderr
+        .find("done: ")
+        .unwrap_or_else(|| panic!("no `done:` line in stderr:\n{stderr}"));
+    stderr[i + 6..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad `done:` line in stderr:\n{stderr}"))
+}
+
+/// Runs `cmd` to the end (stdin null, stdout captured), bounded by [`DEADLINE`].
+fn run_to_end(cmd: &mut Command) -> Finished {
+    cmd.stdout(Stdio::piped());
+    Proc::spawn(cmd, false).finish(DEADLINE)
+}
+
+/// Like [`run_to_end`] but fails unless the exit status is 0.
+fn run_ok(cmd: &mut Command) -> Finished {
+    let f = run_to_end(cmd);
+    assert!(
+        f.status.success(),
+        "sdcam failed ({}):\n{}",
+        f.status,
+        f.stderr
+    );
+    f
+}
+
+// ---------------------------------------------------------------------------------------------
+// Y4M and picture helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A parsed 4:2:0 Y4M stream.
+#[derive(Debug)]
+struct Y4m {
+    width: usize,
+    height: usize,
+    rate: (u32, u32),
+    frames: Vec<Vec<u8>>,
+}
+
+impl Y4m {
+    fn frame_len(w: usize, h: usize) -> usize {
+        w * h + 2 * w.div_ceil(2) * h.div_ceil(2)
+    }
+
+    /// Parses a whole stream strictly: a `YUV4MPEG2` header with W, H and a 4:2:0 `C` tag (or
+    /// none), then only complete `FRAME` records; trailing or truncated data is an error.
+    fn parse(bytes: &[u8]) -> Result<Y4m, String> {
+        let nl = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("no header line")?;
+        let header = std::str::from_utf8(&bytes[..nl]).map_err(|e| e.to_string())?;
+        let mut tags = header.split(' ');
+        if tags.next() != Some("YUV4MPEG2") {
+            return Err(format!("bad signature in header {header:?}"));
+        }
+        let (mut w, mut h, mut rate) = (None, None, (0, 0));
+        for t in tags {
+            let (tag, val) = t.split_at(1);
+            match tag {
+                "W" => w = val.parse().ok(),
+                "H" => h = val.parse().ok(),
+                "F" => {
+                    let (n, d) = val.split_once(':').ok_or("bad F tag")?;
+                    rate = (
+                        n.parse().map_err(|_| "bad F")?,
+                        d.parse().map_err(|_| "bad F")?,
+                    );
+                }
+                "C" if !val.starts_with("420") => {
+                    return Err(format!("chroma C{val} is not 4:2:0"))
+                }
+                _ => {}
+            }
+        }
+        let (width, height): (usize, usize) = match (w, h) {
+            (Some(w), Some(h)) => (w, h),
+            _ => return Err(format!("no W/H in header {header:?}")),
+        };
+        let len = Self::frame_len(width, height);
+        let mut frames = Vec::new();
+        let mut pos = nl + 1;
+        while pos < bytes.len() {
+            let rest = &bytes[pos..];
+            let nl = rest
+                .iter()
+                .take(256)
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| format!("frame {}: no FRAME line at byte {pos}", frames.len()))?;
+            if !rest[..nl].starts_with(b"FRAME") {
+                return Err(format!(
+                    "frame {}: expected FRAME at byte {pos}, found {:?}",
+                    frames.len(),
+                    String::from_utf8_lossy(&rest[..nl.min(16)])
+                ));
+            }
+            let data = &rest[nl + 1..];
+            if data.len() < len {
+                return Err(format!(
+                    "frame {} truncated: {} of {len} bytes",
+                    frames.len(),
+                    data.len()
+                ));
+            }
+            frames.push(data[..len].to_vec());
+            pos += nl + 1 + len;
+        }
+        Ok(Y4m {
+            width,
+            height,
+            rate,
+            frames,
+        })
+    }
+
+    fn read(path: &Path) -> Y4m {
+        let bytes =
+            std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        Y4m::parse(&bytes).unwrap_or_else(|e| panic!("{}: invalid Y4M: {e}", path.display()))
+    }
+
+    /// The Y, U and V planes of frame `i`.
+    fn planes(&self, i: usize) -> [&[u8]; 3] {
+        let f = &self.frames[i];
+        let ys = self.width * self.height;
+        let cs = self.width.div_ceil(2) * self.height.div_ceil(2);
+        [&f[..ys], &f[ys..ys + cs], &f[ys + cs..ys + 2 * cs]]
+    }
+
+    /// Mean Y, U, V of frame `i`.
+    fn mean_yuv(&self, i: usize) -> [f64; 3] {
+        self.planes(i)
+            .map(|p| p.iter().map(|&v| v as f64).sum::<f64>() / p.len() as f64)
+    }
+
+    /// (min, max) of every plane of frame `i`.
+    fn plane_ranges(&self, i: usize) -> [(u8, u8); 3] {
+        self.planes(i)
+            .map(|p| (*p.iter().min().unwrap(), *p.iter().max().unwrap()))
+    }
+}
+
+/// Writes a 4:2:0 limited-range Y4M stream.
+fn write_y4m(path: &Path, w: usize, h: usize, frames: &[Vec<u8>]) {
+    let mut bytes =
+        format!("YUV4MPEG2 W{w} H{h} F30:1 Ip A1:1 C420jpeg XYSCSS=420JPEG\n").into_bytes();
+    for f in frames {
+        assert_eq!(f.len(), Y4m::frame_len(w, h));
+        bytes.extend_from_slice(b"FRAME\n");
+        bytes.extend_from_slice(f);
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// BT.601 limited-range Y, U, V of an RGB colour (floating point, independent of sdcam's code).
+fn bt601(rgb: [u8; 3]) -> [f64; 3] {
+    let [r, g, b] = rgb.map(|v| v as f64);
+    [
+        16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0,
+        128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0,
+        128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0,
+    ]
+}
+
+/// Largest per-plane distance between two mean YUV colours.
+fn yuv_dist(a: [f64; 3], b: [f64; 3]) -> f64 {
+    (0..3).map(|i| (a[i] - b[i]).abs()).fold(0.0, f64::max)
+}
+
+/// What the `tint` transform makes of a grey pixel, with its documented formula: the prompt's
+/// colour (`prompt_colour`) mixed in with strength `guidance_scale / 3` (in 1/256 steps).
+fn tinted(grey: u8, prompt: &str, guidance_scale: f64) -> [u8; 3] {
+    let c = sdcam::transform::prompt_colour(prompt);
+    let k = ((guidance_scale / 3.0).clamp(0.0, 1.0) * 256.0) as u32;
+    let g = grey as u32;
+    c.map(|c| ((g * (256 - k) + c as u32 * k) >> 8) as u8)
+}
+
+/// Writes a solid RGB PNG.
+fn write_png(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut wr = enc.write_header().unwrap();
+    let data: Vec<u8> = rgb
+        .iter()
+        .copied()
+        .cycle()
+        .take((w * h * 3) as usize)
+        .collect();
+    wr.write_image_data(&data).unwrap();
+    wr.finish().unwrap();
+}
+
+/// Reads a PNG as (width, height, RGB8 pixels).
+fn read_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let file =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::normalize_to_color8());
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(
+        info.color_type,
+        png::ColorType::Rgb,
+        "snapshot should be RGB"
+    );
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("temporary paths are UTF-8").to_string()
+}
+
+/// Grey level of the still image the live-control tests stream.
+const GREY: u8 = 128;
+
+/// Classifies each frame's mean colour as the closest of `colours` (index), failing if a frame
+/// is further than `tol` from all of them.
+fn classify(y: &Y4m, colours: &[(&str, [f64; 3])], tol: f64) -> Vec<usize> {
+    (0..y.frames.len())
+        .map(|i| {
+            let m = y.mean_yuv(i);
+            let (best, d) = colours
+                .iter()
+                .enumerate()
+                .map(|(k, (_, c))| (k, yuv_dist(m, *c)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap();
+            assert!(
+                d <= tol,
+                "frame {i}: mean YUV {m:?} matches none of {colours:?} (closest {} at {d:.2})",
+                colours[best].0
+            );
+            best
+        })
+        .collect()
+}
+
+/// Asserts frames `range` all have colour `want` (an index into the classification).
+fn assert_span(classes: &[usize], range: std::ops::Range<usize>, want: usize, names: &[&str]) {
+    for i in range.clone() {
+        assert_eq!(
+            classes[i], want,
+            "frame {i} should show {:?} (frames {range:?}); classes: {classes:?} ({names:?})",
+            names[want]
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The demo profile, end to end
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn demo_profile_writes_60_valid_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo.y4m");
+    let f = run_ok(sdcam().args([
+        "--profile",
+        "profiles/demo.toml",
+        "--frames",
+        "60",
+        "--set",
+        &format!("output.path={}", s(&out)),
+    ]));
+    let y = Y4m::read(&out);
+    assert_eq!((y.width, y.height), (640, 480));
+    assert_eq!(y.rate, (30, 1));
+    assert_eq!(y.frames.len(), 60, "stderr:\n{}", f.stderr);
+    assert!(y.frames.iter().all(|fr| fr.len() == 640 * 480 * 3 / 2));
+    let size = std::fs::metadata(&out).unwrap().len() as usize;
+    let header = std::fs::read(&out)
+        .unwrap()
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap()
+        + 1;
+    assert_eq!(
+        size,
+        header + 60 * (6 + 640 * 480 * 3 / 2),
+        "nothing may trail the frames"
+    );
+    // The pattern is animated: the last frame is a real, changing picture.
+    assert_ne!(y.frames[30], y.frames[59], "the output does not move");
+    let [(ylo, yhi), ..] = y.plane_ranges(59);
+    assert!(yhi - ylo > 60, "last frame is flat (Y {ylo}..{yhi})");
+    assert_eq!(done_count(&f.stderr), 60, "{}", f.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Pattern → Y4M from flags only
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pattern_to_y4m_from_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.y4m");
+    let f = run_ok(sdcam().args([
+        "--source",
+        "pattern",
+        "--output",
+        &s(&out),
+        "--frames",
+        "10",
+        "--transform",
+        "identity",
+        "--set",
+        "output.width=320",
+        "--set",
+        "output.height=240",
+        "--no-stdin",
+    ]));
+    let y = Y4m::read(&out);
+    assert_eq!(
+        (y.width, y.height, y.frames.len()),
+        (320, 240, 10),
+        "{}",
+        f.stderr
+    );
+    assert!(y.frames.iter().all(|fr| fr.len() == 320 * 240 * 3 / 2));
+    // Identity: colour bars (bright and saturated) are in the last frame, not a placeholder.
+    let [(ylo, yhi), (ulo, uhi), _] = y.plane_ranges(9);
+    assert!(yhi > 150 && ylo < 80, "luma range {ylo}..{yhi}");
+    assert!(uhi - ulo > 100, "no saturated colours (U {ulo}..{uhi})");
+    assert!(f.stderr.contains("transform: identity"), "{}", f.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Y4M in → Y4M out, from a file and from stdin
+// ---------------------------------------------------------------------------------------------
+
+/// Frame `f` of a smooth, moderately saturated test clip: luma and chroma gradients that shift
+/// with the frame number, plus an 8×8 brighter block (aligned to the chroma grid) that moves.
+/// Y stays in 60..=180 and U, V in 116..=140, so every pixel is inside the RGB gamut and the
+/// YUV → RGB → YUV round trip loses nothing but rounding.
+fn clip_frame(w: usize, h: usize, f: usize) -> Vec<u8> {
+    let (cw, ch) = (w / 2, h / 2);
+    let mut data = vec![0u8; Y4m::frame_len(w, h)];
+    let (bx, by) = ((f * 8) % (w - 8), 8 + (f * 2) % (h - 16));
+    for y in 0..h {
+        for x in 0..w {
+            let mut v = 60 + x / 2 + y / 2 + 2 * f;
+            if (bx..bx + 8).contains(&x) && (by..by + 8).contains(&y) {
+                v += 20;
+            }
+            data[y * w + x] = v as u8;
+        }
+    }
+    for cy in 0..ch {
+        for cx in 0..cw {
+            data[w * h + cy * cw + cx] = (116 + cx / 3 + f / 2) as u8;
+            data[w * h + cw * ch + cy * cw + cx] = (140 - cy / 2 - f / 2) as u8;
+        }
+    }
+    data
+}
+
+#[test]
+fn y4m_round_trip_file_and_stdin() {
+    // Stream sizes must be multiples of 8 from 64, so the clip is 96x64: no resizing anywhere,
+    // and a non-square size catches swapped width/height.
+    let (w, h, n) = (96, 64, 12);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.y4m");
+    let frames: Vec<_> = (0..n).map(|f| clip_frame(w, h, f)).collect();
+    write_y4m(&input, w, h, &frames);
+    let sizes = [
+        "--set",
+        "stream.width=96",
+        "--set",
+        "stream.height=64",
+        "--set",
+        "output.width=96",
+        "--set",
+        "output.height=64",
+        "--set",
+        "source.loop=false",
+        "--transform",
+        "identity",
+    ];
+
+    let out = dir.path().join("out.y4m");
+    let t0 = Instant::now();
+    let f = run_ok(
+        sdcam()
+            .args(["--source", &s(&input), "--output", &s(&out), "--no-stdin"])
+            .args(sizes),
+    );
+    let took = t0.elapsed();
+    assert!(
+        f.stderr.contains("every frame"),
+        "file → file must run every-frame:\n{}",
+        f.stderr
+    );
+    let y = Y4m::read(&out);
+    assert_eq!((y.width, y.height), (w, h));
+    assert_eq!(
+        y.frames.len(),
+        n,
+        "every input frame exactly once:\n{}",
+        f.stderr
+    );
+    // I420 → RGB → I420 in limited range: each sample comes back within 3 codes, ~exact on
+    // average (smooth content, no clipping).
+    let input_clip = Y4m::read(&input);
+    for i in 0..n {
+        for (p, (a, b)) in input_clip.planes(i).iter().zip(y.planes(i)).enumerate() {
+            let diffs: Vec<i32> = a
+                .iter()
+                .zip(b)
+                .map(|(&a, &b)| (a as i32 - b as i32).abs())
+                .collect();
+            let max = *diffs.iter().max().unwrap();
+            let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+            assert!(
+                max <= 3 && mean <= 1.0,
+                "frame {i} plane {p}: max diff {max}, mean {mean:.3} (tolerance 3 / 1.0)"
+            );
+        }
+    }
+    // Not paced in real time: 12 frames at 30 fps would take 0.4 s at least.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    // The same clip on stdin (`--source -`) gives the same bytes.
+    let out2 = dir.path().join("out2.y4m");
+    let mut cmd = sdcam();
+    cmd.args(["--source", "-", "--output", &s(&out2)])
+        .args(sizes);
+    let mut p = Proc::spawn(&mut cmd, true);
+    let clip = std::fs::read(&input).unwrap();
+    let mut stdin = p.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(&clip));
+    let f2 = p.finish(DEADLINE);
+    feeder.join().unwrap().expect("feeding the clip to stdin");
+    assert!(f2.status.success(), "{}", f2.stderr);
+    assert!(f2.stderr.contains("Y4M stdin"), "{}", f2.stderr);
+    assert_eq!(Y4m::read(&out2).frames.len(), n);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&out2).unwrap(),
+        "stdin and file input give different output"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Live control over stdin
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn live_prompt_and_settings_over_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let grey = dir.path().join("grey.png");
+    write_png(&grey, 64, 48, [GREY; 3]);
+    let out = dir.path().join("live.y4m");
+    let total = 120;
+    let mut cmd = sdcam();
+    cmd.args([
+        "--source",
+        &s(&grey),
+        "--output",
+        &s(&out),
+        "--transform",
+        "tint",
+        "--prompt",
+        "a red fox",
+        "--fps",
+        "30",
+        "--frames",
+        &total.to_string(),
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+        "--set",
+        "output.width=64",
+        "--set",
+        "output.height=48",
+    ]);
+    let colours = [
+        ("a red fox", bt601(tinted(GREY, "a red fox", 1.2))),
+        ("a blue whale", bt601(tinted(GREY, "a blue whale", 1.2))),
+        ("untinted", bt601([GREY; 3])),
+    ];
+    // The test needs three clearly different pictures.
+    for a in 0..3 {
+        for b in a + 1..3 {
+            assert!(
+                yuv_dist(colours[a].1, colours[b].1) > 10.0,
+                "{colours:?} are too close to tell apart"
+            );
+        }
+    }
+    let mut p = Proc::spawn(&mut cmd, true);
+    let before_prompt = p.wait_written(10) as usize;
+    p.send("prompt a blue whale");
+    p.wait_for("prompt \"a blue whale\": applied");
+    let whale_from = p.written() as usize + 4; // at most 4 frames were already past the transform
+
+    // Malformed and invalid commands change nothing and do not stop the run.
+    p.send("fly away");
+    p.send("set guidance_scale");
+    p.send("set guidance_scale 99");
+    p.wait_for("unknown command `fly`");
+    p.wait_for("needs a value");
+    let err = p.wait_for("nothing changed");
+    assert!(
+        err.contains("key `stream.guidance_scale`: 99 is out of range"),
+        "{err}"
+    );
+    let before_zero = p.wait_written(whale_from as u64 + 10) as usize;
+    p.send("set guidance_scale 0");
+    p.wait_for("set guidance_scale: applied");
+    let grey_from = p.written() as usize + 4;
+    assert!(grey_from + 10 < total, "the run is too short for the test");
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "{}", f.stderr);
+
+    let y = Y4m::read(&out);
+    assert_eq!(y.frames.len(), total, "{}", f.stderr);
+    let classes = classify(&y, &colours, 2.0);
+    let names = colours.map(|c| c.0);
+    assert_span(&classes, 0..before_prompt, 0, &names);
+    assert_span(&classes, whale_from..before_zero, 1, &names);
+    assert_span(&classes, grey_from..total, 2, &names);
+    // Changes happen once and in order: fox → whale → grey.
+    assert!(classes.windows(2).all(|w| w[0] <= w[1]), "{classes:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. SIGHUP reload
+// ---------------------------------------------------------------------------------------------
+
+fn live_profile(prompt_line: &str, grey: &Path, out: &Path, extra: &str) -> String {
+    format!(
+        "{prompt_line}\ntransform = \"tint\"\n\n[source]\nkind = \"file\"\npath = {:?}\nfps = 30\n\n\
+         [output]\nkind = \"y4m\"\npath = {:?}\nwidth = 64\nheight = 48\nfps = 30\n\n\
+         [stream]\nwidth = 64\nheight = 64\n{extra}",
+        s(grey),
+        s(out)
+    )
+}
+
+#[test]
+fn sighup_reload_keeps_settings_on_bad_file_and_applies_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let grey = dir.path().join("grey.png");
+    write_png(&grey, 64, 48, [GREY; 3]);
+    let out = dir.path().join("hup.y4m");
+    let prof = dir.path().join("live.toml");
+    std::fs::write(&prof, live_profile("prompt = \"one\"", &grey, &out, "")).unwrap();
+    let total = 120;
+    let mut p = Proc::spawn(
+        sdcam().args(["--profile", &s(&prof), "--frames", &total.to_string()]),
+        true,
+    );
+    p.wait_written(10);
+
+    // A wrong type on line 1.
+    std::fs::write(&prof, live_profile("prompt = 3", &grey, &out, "")).unwrap();
+    p.signal(libc::SIGHUP);
+    let err = p.wait_for("reload failed; the running settings stay");
+    let want = format!("{}:1:10: key `prompt`", prof.display());
+    assert!(err.contains(&want), "expected {want:?} in:\n{err}");
+    // An unknown key on line 19.
+    std::fs::write(
+        &prof,
+        live_profile("prompt = \"one\"", &grey, &out, "guidanc = 2.0\n"),
+    )
+    .unwrap();
+    p.signal(libc::SIGHUP);
+    let err = p.wait_for_n("reload failed; the running settings stay", 2);
+    let want = format!("{}:19:1: key `stream.guidanc`", prof.display());
+    assert!(err.contains(&want), "expected {want:?} in:\n{err}");
+    assert!(!err.contains("reload: applied"), "{err}");
+    let now = p.written();
+    let still_one = p.wait_written(now + 5) as usize;
+
+    // A good file with another prompt.
+    std::fs::write(&prof, live_profile("prompt = \"two\"", &grey, &out, "")).unwrap();
+    p.signal(libc::SIGHUP);
+    p.wait_for("reload: applied");
+    let two_from = p.written() as usize + 4;
+    assert!(two_from + 10 < total, "the run is too short for the test");
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "{}", f.stderr);
+    assert_eq!(done_count(&f.stderr), total as u64);
+
+    let y = Y4m::read(&out);
+    assert_eq!(y.frames.len(), total);
+    let colours = [
+        ("one", bt601(tinted(GREY, "one", 1.2))),
+        ("two", bt601(tinted(GREY, "two", 1.2))),
+    ];
+    assert!(yuv_dist(colours[0].1, colours[1].1) > 10.0, "{colours:?}");
+    let classes = classify(&y, &colours, 2.0);
+    assert_span(&classes, 0..still_one, 0, &["one", "two"]);
+    assert_span(&classes, two_from..total, 1, &["one", "two"]);
+    assert!(classes.windows(2).all(|w| w[0] <= w[1]), "{classes:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Graceful stop
+// ---------------------------------------------------------------------------------------------
+
+fn endless_pattern(out: &Path) -> Command {
+    let mut c = sdcam();
+    c.args([
+        "--source",
+        "pattern",
+        "--output",
+        &s(out),
+        "--transform",
+        "identity",
+        "--set",
+        "source.width=320",
+        "--set",
+        "source.height=240",
+        "--set",
+        "stream.width=128",
+        "--set",
+        "stream.height=96",
+        "--set",
+        "output.width=160",
+        "--set",
+        "output.height=120",
+    ]);
+    c
+}
+
+fn assert_stopped_cleanly(f: &Finished, out: &Path, min_frames: usize) {
+    assert!(f.status.success(), "exit {}:\n{}", f.status, f.stderr);
+    assert!(
+        f.elapsed < Duration::from_secs(5),
+        "stop took {:?}",
+        f.elapsed
+    );
+    assert!(
+        f.stderr.contains("stopping: draining queues"),
+        "{}",
+        f.stderr
+    );
+    let y = Y4m::read(out); // whole frames only, nothing trailing
+    assert_eq!((y.width, y.height), (160, 120));
+    assert!(y.frames.len() >= min_frames, "{} frames", y.frames.len());
+    assert_eq!(
+        y.frames.len() as u64,
+        done_count(&f.stderr),
+        "file and log disagree:\n{}",
+        f.stderr
+    );
+}
+
+#[test]
+fn sigterm_stops_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("term.y4m");
+    let mut p = Proc::spawn(&mut endless_pattern(&out), true);
+    p.wait_written(30);
+    p.signal(libc::SIGTERM);
+    let f = p.finish(DEADLINE);
+    assert_stopped_cleanly(&f, &out, 30);
+}
+
+#[test]
+fn quit_command_stops_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("quit.y4m");
+    let mut p = Proc::spawn(&mut endless_pattern(&out), true);
+    p.wait_written(15);
+    p.send("quit");
+    let t0 = Instant::now();
+    while let Ok(None) = p.child.try_wait() {
+        if t0.elapsed() > Duration::from_secs(5) {
+            p.fail("`quit` did not stop sdcam within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let f = p.finish(DEADLINE);
+    assert_stopped_cleanly(&f, &out, 15);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Profile errors through the binary
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn check_profile_reports_file_line_column_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = dir.path().join("bad_key.toml");
+    std::fs::write(&unknown, "prompt = \"x\"\n\n[stream]\nguidanc = 2.0\n").unwrap();
+    let range = dir.path().join("bad_range.toml");
+    std::fs::write(
+        &range,
+        "prompt = \"x\"\n[stream]\nguidance_scale = 99.0\n[output]\nfps = 0\n",
+    )
+    .unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "prompt = \"a cat\"\n").unwrap();
+
+    let f = run_to_end(sdcam().arg("check-profile").args([&unknown, &good, &range]));
+    assert!(!f.status.success(), "bad profiles must fail");
+    let e = &f.stderr;
+    for want in [
+        format!(
+            "{}:4:1: key `stream.guidanc`: unknown field `guidanc`",
+            unknown.display()
+        ),
+        format!(
+            "{}:3:18: key `stream.guidance_scale`: 99 is out of range",
+            range.display()
+        ),
+        format!(
+            "{}:5:7: key `output.fps`: 0 is out of range",
+            range.display()
+        ),
+        "2 of 3 profiles have problems".to_string(),
+    ] {
+        assert!(e.contains(&want), "expected {want:?} in:\n{e}");
+    }
+    let stdout = String::from_utf8_lossy(&f.stdout);
+    assert!(
+        stdout.contains(&format!("{}: ok", good.display())),
+        "{stdout}"
+    );
+
+    // Every shipped profile is valid.
+    let mut shipped: Vec<PathBuf> = std::fs::read_dir(manifest_dir().join("profiles"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    shipped.sort();
+    assert!(shipped.len() >= 4);
+    let f = run_ok(sdcam().arg("check-profile").args(&shipped));
+    let stdout = String::from_utf8_lossy(&f.stdout);
+    assert_eq!(stdout.matches(": ok").count(), shipped.len(), "{stdout}");
+}
+
+#[test]
+fn run_rejects_missing_profile_and_bad_overrides() {
+    let f = run_to_end(sdcam().args(["--profile", "no/such/missing.toml", "--frames", "1"]));
+    assert!(!f.status.success());
+    assert!(
+        f.stderr
+            .contains("cannot read profile no/such/missing.toml"),
+        "{}",
+        f.stderr
+    );
+
+    let f = run_to_end(sdcam().args([
+        "--set",
+        "nonsense_key=1",
+        "--frames",
+        "1",
+        "--output",
+        "null",
+    ]));
+    assert!(!f.status.success());
+    assert!(
+        f.stderr.contains("unknown key `nonsense_key`"),
+        "{}",
+        f.stderr
+    );
+
+    let f = run_to_end(sdcam().args([
+        "--set",
+        "stream.guidance_scale=99",
+        "--frames",
+        "1",
+        "--output",
+        "null",
+    ]));
+    assert!(!f.status.success());
+    assert!(
+        f.stderr
+            .contains("<command line>: key `stream.guidance_scale`: 99 is out of range"),
+        "{}",
+        f.stderr
+    );
+
+    let f = run_to_end(sdcam().args(["--set", "oops", "--output", "null"]));
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("expected KEY=VALUE"), "{}", f.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. snapshot and stats
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn snapshot_and_stats_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let grey = dir.path().join("grey.png");
+    write_png(&grey, 64, 48, [GREY; 3]);
+    let out = dir.path().join("snap.y4m");
+    let snap = dir.path().join("shots/s.png");
+    let mut p = Proc::spawn(
+        sdcam().args([
+            "--source",
+            &s(&grey),
+            "--output",
+            &s(&out),
+            "--transform",
+            "identity",
+            "--set",
+            "stream.width=64",
+            "--set",
+            "stream.height=64",
+            "--set",
+            "output.width=96",
+            "--set",
+            "output.height=64",
+        ]),
+        true,
+    );
+    p.wait_written(3);
+    p.send(&format!("snapshot {}", s(&snap)));
+    p.wait_for(&format!("snapshot written to {}", s(&snap)));
+    let polls = p.stderr().matches("\nwritten ").count();
+    p.send("stats");
+    let err = p.wait_for_n("\nwritten ", polls + 1);
+    for want in ["uptime", "captured", "source errors"] {
+        assert!(err.contains(want), "stats block lacks {want:?}:\n{err}");
+    }
+    p.send("quit");
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "{}", f.stderr);
+
+    let (w, h, px) = read_png(&snap);
+    assert_eq!((w, h), (96, 64));
+    for c in px.chunks_exact(3) {
+        for &v in c {
+            assert!(
+                v.abs_diff(GREY) <= 3,
+                "snapshot pixel {c:?}, want grey {GREY}"
+            );
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub mod control;
 pub mod convert;
 pub mod devices;
 pub mod frame;
+pub mod model;
 pub mod profile;
 pub mod relay;
 pub mod sink;

@@ -8,6 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use sdcam::app::{self, RunOptions, StatusMode};
 use sdcam::profile::{self, LoadedProfile};
 
+/// mimalloc instead of glibc malloc: candle's CPU kernels allocate large temporaries per call,
+/// and glibc returns them to the OS and page-faults them back in (about 30% of U-Net time).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sdcam",

@@ -233,18 +233,12 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         .source(&p.source)
         .context("opening the source")?;
     tracing::info!("source: {}", source.describe());
-    let transform = transform::build(p).context("building the transform")?;
-    tracing::info!(
-        "transform: {} at {}x{} ({})",
-        transform.name(),
-        p.stream.width,
-        p.stream.height,
-        if every { "every frame" } else { "real time" }
-    );
+    // The relay starts streaming (placeholder frames) before the transform is built, so a
+    // virtual camera is up while a model loads.
     let relay = Relay::start(RelayStart {
         source,
         source_cfg: p.source.clone(),
-        transform,
+        transform: None,
         sink,
         output_cfg: p.output.clone(),
         preprocess: PreprocessConfig::from_profile(p),
@@ -252,6 +246,23 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         max_frames: opts.max_frames,
         opener: opts.opener.clone(),
     })?;
+    let built = transform::build(p)
+        .context("building the transform")
+        .and_then(|t| {
+            tracing::info!(
+                "transform: {} at {}x{} ({})",
+                t.name(),
+                p.stream.width,
+                p.stream.height,
+                if every { "every frame" } else { "real time" }
+            );
+            relay.replace_transform(t)
+        });
+    if let Err(e) = built {
+        relay.request_stop();
+        let _ = relay.join();
+        return Err(e);
+    }
 
     let (events_tx, mut events) = unbounded();
     control::spawn_signals(events_tx.clone()).context("installing signal handlers")?;

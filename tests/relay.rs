@@ -127,11 +127,11 @@ fn start(s: Setup) -> (Relay, Recorder, Arc<Mutex<Vec<u64>>>) {
     let relay = Relay::start(RelayStart {
         source: Box::new(s.source),
         source_cfg: SourceConfig::default(),
-        transform: Box::new(Slow {
+        transform: Some(Box::new(Slow {
             delay: s.delay,
             seen: seen.clone(),
             fail_apply: true,
-        }),
+        })),
         sink: Box::new(rec.clone()),
         output_cfg,
         preprocess: PreprocessConfig {
@@ -382,11 +382,11 @@ fn yuv_sink_gets_converted_frames() {
             live: false,
         }),
         source_cfg: SourceConfig::default(),
-        transform: Box::new(Slow {
+        transform: Some(Box::new(Slow {
             delay: Duration::ZERO,
             seen: Default::default(),
             fail_apply: false,
-        }),
+        })),
         sink: Box::new(Yuyv(got.clone())),
         output_cfg: OutputConfig {
             width: 16,
@@ -414,4 +414,64 @@ fn yuv_sink_gets_converted_frames() {
     );
     // Pure red in BT.601 limited range: Y 82, U 90, V 240.
     assert_eq!(&f.data[..4], &[82, 90, 82, 240]);
+}
+
+#[test]
+fn relay_streams_placeholders_until_the_transform_arrives() {
+    for every_frame in [false, true] {
+        let rec = Recorder::default();
+        let relay = Relay::start(RelayStart {
+            source: Box::new(Counter {
+                n: 0,
+                count: 30,
+                fps: 100.0,
+                live: !every_frame,
+            }),
+            source_cfg: SourceConfig::default(),
+            transform: None,
+            sink: Box::new(rec.clone()),
+            output_cfg: OutputConfig {
+                kind: OutputKind::Null,
+                width: 8,
+                height: 8,
+                fps: 100.0,
+                ..Default::default()
+            },
+            preprocess: PreprocessConfig {
+                width: 8,
+                height: 8,
+                fit: Default::default(),
+                mirror: false,
+            },
+            every_frame,
+            max_frames: None,
+            opener: Arc::new(NoOpener),
+        })
+        .unwrap();
+        // A model "loading" for 150 ms.
+        std::thread::sleep(Duration::from_millis(150));
+        let early = relay.stats().snapshot();
+        assert_eq!(early.transformed, 0);
+        if !every_frame {
+            assert!(
+                early.placeholders >= 5,
+                "no placeholder while loading: {early:?}"
+            );
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        relay
+            .replace_transform(Box::new(Slow {
+                delay: Duration::ZERO,
+                seen: seen.clone(),
+                fail_apply: false,
+            }))
+            .unwrap();
+        let snap = relay.join().unwrap();
+        assert!(snap.transformed > 0);
+        if every_frame {
+            // Nothing was lost while the transform was loading.
+            assert_eq!(*seen.lock().unwrap(), (0..30).collect::<Vec<_>>());
+            assert_eq!(snap.written, 30);
+        }
+    }
 }

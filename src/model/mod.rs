@@ -26,6 +26,7 @@ pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
 }
 
 #[cfg(test)]
+#[allow(dead_code)] // used by the component tests as they land
 pub(crate) mod testutil {
     //! Access to the reference fixtures made by `scripts/reference/make_fixtures.py`.
     use std::collections::HashMap;
@@ -35,7 +36,9 @@ pub(crate) mod testutil {
 
     /// `tests/fixtures/<rel>`.
     pub fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel)
     }
 
     /// All tensors of `tests/fixtures/golden/<name>.safetensors` on the CPU.

@@ -91,7 +91,9 @@ enum OutputMsg {
 pub struct RelayStart {
     pub source: Box<dyn Source>,
     pub source_cfg: SourceConfig,
-    pub transform: Box<dyn Transform>,
+    /// `None` starts the relay before the transform exists (a model still loading): frames are
+    /// consumed and the output shows the placeholder until [`Relay::replace_transform`].
+    pub transform: Option<Box<dyn Transform>>,
     pub sink: Box<dyn Sink>,
     pub output_cfg: OutputConfig,
     pub preprocess: PreprocessConfig,
@@ -167,6 +169,7 @@ impl Relay {
         ));
         let tstage = TransformStage {
             transform: s.transform,
+            stop: stop.clone(),
             input: in_rx,
             out: out_tx,
             ctl: transform_rx,
@@ -304,8 +307,14 @@ impl Relay {
             threads,
             stats,
             stop,
+            capture_ctl,
+            transform_ctl,
+            output_ctl,
             ..
         } = self;
+        // Closing the control channels lets stages that wait on them (a transform still
+        // loading) see the end.
+        drop((capture_ctl, transform_ctl, output_ctl));
         let mut first_err = None;
         for (name, t) in threads {
             match t.join() {
@@ -449,7 +458,8 @@ impl Capture {
 
 /// The transform stage.
 struct TransformStage {
-    transform: Box<dyn Transform>,
+    transform: Option<Box<dyn Transform>>,
+    stop: Arc<AtomicBool>,
     input: Consumer<Frame>,
     out: Producer<Frame>,
     ctl: Receiver<TransformMsg>,
@@ -462,11 +472,15 @@ impl TransformStage {
     fn handle(&mut self, msg: TransformMsg) {
         match msg {
             TransformMsg::Apply(p, ack) => {
-                let _ = ack.send(self.transform.apply(&p));
+                let r = match self.transform.as_mut() {
+                    Some(t) => t.apply(&p),
+                    None => Err(anyhow::anyhow!("the transform is still loading")),
+                };
+                let _ = ack.send(r);
             }
             TransformMsg::Replace(t, ack) => {
                 tracing::info!("transform: {}", t.name());
-                self.transform = t;
+                self.transform = Some(t);
                 let _ = ack.send(Ok(()));
             }
         }
@@ -475,6 +489,19 @@ impl TransformStage {
     fn run(mut self) -> Result<()> {
         let mut consecutive_errors = 0u32;
         loop {
+            if self.transform.is_none() {
+                // Still loading: leave frames queued (every-frame mode must not lose any; in real
+                // time the capture side evicts stale ones) and wait for the transform.
+                if self.stop.load(Relaxed) {
+                    break;
+                }
+                match self.ctl.recv_timeout(Duration::from_millis(100)) {
+                    Ok(msg) => self.handle(msg),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+                continue;
+            }
             let frame = select! {
                 recv(self.ctl) -> msg => {
                     if let Ok(msg) = msg { self.handle(msg); }
@@ -497,11 +524,14 @@ impl TransformStage {
                     _ => frame,
                 }
             };
+            let Some(transform) = self.transform.as_mut() else {
+                continue;
+            };
             if self.paused.load(Relaxed) {
                 continue;
             }
             let t0 = Instant::now();
-            match self.transform.process(&frame) {
+            match transform.process(&frame) {
                 Ok(out) => {
                     consecutive_errors = 0;
                     self.stats.time(Stage::Transform, t0.elapsed());

@@ -7,7 +7,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{
+    bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender, TrySendError,
+};
 
 /// The producing end.
 #[derive(Debug, Clone)]
@@ -55,10 +57,17 @@ impl<T> Producer<T> {
     /// Queues `item`; in lossy mode evicts the oldest items when full, never blocking.
     pub fn push(&self, mut item: T) -> Pushed {
         if self.lossless {
-            return match self.tx.send(item) {
-                Ok(()) => Pushed::Ok { dropped: 0 },
-                Err(_) => Pushed::Closed,
-            };
+            // Block while the queue is full, but notice a consumer that went away (our own
+            // evictor keeps the channel connected, so `send` alone would wait forever).
+            loop {
+                match self.tx.send_timeout(item, Duration::from_millis(50)) {
+                    Ok(()) => return Pushed::Ok { dropped: 0 },
+                    Err(SendTimeoutError::Timeout(back)) if self.consumer.strong_count() > 0 => {
+                        item = back
+                    }
+                    Err(_) => return Pushed::Closed,
+                }
+            }
         }
         let mut dropped = 0;
         loop {
@@ -189,5 +198,15 @@ mod tests {
         }
         h.join().unwrap();
         assert_eq!(got, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn blocked_lossless_producer_sees_a_vanished_consumer() {
+        let (p, c) = queue::<u32>(1, true);
+        assert_eq!(p.push(1), Pushed::Ok { dropped: 0 });
+        let h = std::thread::spawn(move || p.push(2));
+        std::thread::sleep(Duration::from_millis(100));
+        drop(c);
+        assert_eq!(h.join().unwrap(), Pushed::Closed);
     }
 }

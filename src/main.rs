@@ -222,13 +222,19 @@ fn bench_relay(b: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a command's report on stdout; a reader that went away (`| head`) is not an error.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Devices) => {
-            println!("{}", sdcam::devices::report().trim_end());
-            Ok(())
-        }
+        Some(Cmd::Devices) => print_out(sdcam::devices::report().trim_end()),
         Some(Cmd::CheckProfile { files }) => {
             let mut bad = 0;
             for f in &files {
@@ -245,10 +251,11 @@ fn real_main() -> anyhow::Result<()> {
         }
         Some(Cmd::Keys) => {
             let lp = LoadedProfile::default();
-            for k in profile::known_keys() {
-                println!("{}", lp.get(&k).unwrap_or_else(|e| e));
-            }
-            Ok(())
+            let lines: Vec<String> = profile::known_keys()
+                .iter()
+                .map(|k| lp.get(k).unwrap_or_else(|e| e))
+                .collect();
+            print_out(&lines.join("\n"))
         }
         Some(Cmd::BenchRelay(b)) => bench_relay(&b),
         Some(Cmd::Run(a)) => run(&a),

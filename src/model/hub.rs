@@ -1,1 +1,952 @@
-//! (being written)
+//! Resolving and loading models the way diffusers does: a Hugging Face repo id (+ revision) or a
+//! local folder in diffusers layout, an optional tiny VAE (TAESD) and LoRA files.
+//!
+//! Hub repos are looked up in the Hugging Face cache first (the same `models--owner--name`
+//! layout `huggingface_hub` writes, so anything downloaded from Python is found without
+//! network), and only then downloaded with `hf-hub`'s sync API. `HF_HUB_OFFLINE=1` forbids the
+//! network; hf-hub 0.4 has no offline mode, so the cache is read directly
+//! (`refs/<revision>` → `snapshots/<commit>/<file>`).
+//!
+//! Weights are safetensors only; the fp16 variant (`*.fp16.safetensors`) is preferred for
+//! f16/bf16 and used as a fallback for f32 (converted on load).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Where and how to reach the Hugging Face hub. Built from the environment with
+/// [`HubOptions::from_env`]; tests build it explicitly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubOptions {
+    /// The hub cache directory (`…/huggingface/hub`).
+    pub cache_dir: PathBuf,
+    /// `HF_HUB_OFFLINE`: never touch the network, use only the cache.
+    pub offline: bool,
+    /// Access token for gated/private repos.
+    pub token: Option<String>,
+    /// Hub endpoint (`HF_ENDPOINT`), default `https://huggingface.co`.
+    pub endpoint: Option<String>,
+    /// Show a progress bar while downloading.
+    pub progress: bool,
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_uppercase().as_str(),
+        "1" | "ON" | "YES" | "TRUE"
+    )
+}
+
+impl HubOptions {
+    /// Reads the process environment (see [`HubOptions::from_vars`]).
+    pub fn from_env() -> Self {
+        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Builds the options from environment variables given by `var`, with `huggingface_hub`'s
+    /// precedence: cache = `HF_HUB_CACHE` > `HUGGINGFACE_HUB_CACHE` > `$HF_HOME/hub` >
+    /// `$XDG_CACHE_HOME/huggingface/hub` > `~/.cache/huggingface/hub`; offline =
+    /// `HF_HUB_OFFLINE` (1/ON/YES/TRUE); token = `HF_TOKEN` > `HUGGING_FACE_HUB_TOKEN` > the
+    /// token file (`HF_TOKEN_PATH` or `$HF_HOME/token`); endpoint = `HF_ENDPOINT`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let hf_home = var("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let base = var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from(".cache"));
+            base.join("huggingface")
+        });
+        let cache_dir = var("HF_HUB_CACHE")
+            .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v));
+        let token = var("HF_TOKEN")
+            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
+            .or_else(|| {
+                let path = var("HF_TOKEN_PATH")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| hf_home.join("token"));
+                std::fs::read_to_string(path)
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+            });
+        Self {
+            cache_dir,
+            offline,
+            token,
+            endpoint: var("HF_ENDPOINT"),
+            progress: true,
+        }
+    }
+}
+
+/// One model component (`unet/`, `text_encoder/`, `vae/`, or a TAESD repo root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentFiles {
+    /// `config.json`.
+    pub config: PathBuf,
+    /// safetensors file(s) (several for a sharded checkpoint).
+    pub weights: Vec<PathBuf>,
+    /// True when the weights are the `fp16` variant.
+    pub fp16_variant: bool,
+}
+
+/// Every file of a Stable Diffusion pipeline that sdcam loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// What the user asked for (repo id or folder), for messages.
+    pub source: String,
+    /// The local folder or the cache snapshot folder.
+    pub root: PathBuf,
+    /// `model_index.json`.
+    pub model_index: PathBuf,
+    /// `_class_name` of `model_index.json`.
+    pub pipeline_class: String,
+    pub unet: ComponentFiles,
+    pub text_encoder: ComponentFiles,
+    pub vae: ComponentFiles,
+    /// The `tokenizer/` folder (vocab.json + merges.txt + jsons, or tokenizer.json).
+    pub tokenizer_dir: PathBuf,
+    /// `scheduler/scheduler_config.json`.
+    pub scheduler_config: PathBuf,
+}
+
+/// `serde_json` config of any component, with the file named in errors.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
+
+/// A memory-mapped `VarBuilder` over safetensors files; tensors are converted to `dtype` on
+/// load (so fp16 files serve an f32 model and vice versa).
+pub fn load_var_builder(
+    weights: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    if weights.is_empty() {
+        bail!("no weight files given");
+    }
+    for w in weights {
+        if !w.is_file() {
+            bail!("weight file {} does not exist", w.display());
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only. They live in the user's model folder or
+    // the Hugging Face cache, which are not modified while sdcam runs (the cache only ever
+    // adds new blobs); safetensors headers are validated by candle before use.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) };
+    vb.with_context(|| {
+        let names: Vec<String> = weights.iter().map(|w| w.display().to_string()).collect();
+        format!("memory-mapping safetensors {}", names.join(", "))
+    })
+}
+
+/// Access to the files of one model: a local folder or a hub repo (cache, then network).
+#[derive(Debug)]
+enum Source<'a> {
+    Local(PathBuf),
+    Hub(HubRepo<'a>),
+}
+
+#[derive(Debug)]
+struct HubRepo<'a> {
+    id: String,
+    revision: String,
+    opts: &'a HubOptions,
+    /// The cached snapshot folder, if the revision resolves in the cache.
+    snapshot: Option<PathBuf>,
+    /// Remote file list (filled on first need when online).
+    remote_files: std::cell::OnceCell<Vec<String>>,
+}
+
+fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+impl<'a> HubRepo<'a> {
+    fn new(id: &str, revision: Option<&str>, opts: &'a HubOptions) -> Self {
+        let revision = revision.unwrap_or("main").to_string();
+        let repo_dir = opts
+            .cache_dir
+            .join(format!("models--{}", id.replace('/', "--")));
+        let snapshot =
+            if is_commit_hash(&revision) && repo_dir.join("snapshots").join(&revision).is_dir() {
+                Some(repo_dir.join("snapshots").join(&revision))
+            } else {
+                std::fs::read_to_string(repo_dir.join("refs").join(&revision))
+                    .ok()
+                    .map(|c| repo_dir.join("snapshots").join(c.trim()))
+                    .filter(|p| p.is_dir())
+            };
+        Self {
+            id: id.to_string(),
+            revision,
+            opts,
+            snapshot,
+            remote_files: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn cached(&self, file: &str) -> Option<PathBuf> {
+        self.snapshot
+            .as_ref()
+            .map(|s| s.join(file))
+            .filter(|p| p.is_file())
+    }
+
+    fn offline_error(&self, file: &str) -> anyhow::Error {
+        if self.snapshot.is_none() {
+            anyhow!(
+                "model {} (revision {}) is not in the Hugging Face cache at {} and \
+                 HF_HUB_OFFLINE=1: run once online or `huggingface-cli download {}`",
+                self.id,
+                self.revision,
+                self.opts.cache_dir.display(),
+                self.id
+            )
+        } else {
+            anyhow!(
+                "file {file} of model {} (revision {}) is not in the Hugging Face cache at {} and \
+                 HF_HUB_OFFLINE=1: run once online or `huggingface-cli download {} {file}`",
+                self.id,
+                self.revision,
+                self.opts.cache_dir.display(),
+                self.id
+            )
+        }
+    }
+
+    fn api_repo(&self) -> Result<hf_hub::api::sync::ApiRepo> {
+        let mut b = hf_hub::api::sync::ApiBuilder::new()
+            .with_cache_dir(self.opts.cache_dir.clone())
+            .with_token(self.opts.token.clone())
+            .with_progress(self.opts.progress);
+        if let Some(e) = &self.opts.endpoint {
+            b = b.with_endpoint(e.clone());
+        }
+        let api = b.build().context("creating the Hugging Face hub client")?;
+        Ok(api.repo(hf_hub::Repo::with_revision(
+            self.id.clone(),
+            hf_hub::RepoType::Model,
+            self.revision.clone(),
+        )))
+    }
+
+    fn network_error(&self, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!(
+            "{what} of model {} (revision {}) from the Hugging Face hub failed: {e}. Check the \
+             network connection and the repo id; gated or private repos need HF_TOKEN; with the \
+             model already downloaded, set HF_HUB_OFFLINE=1 to use only the cache at {}",
+            self.id,
+            self.revision,
+            self.opts.cache_dir.display()
+        )
+    }
+
+    fn remote_files(&self) -> Result<&Vec<String>> {
+        if let Some(f) = self.remote_files.get() {
+            return Ok(f);
+        }
+        let info = self
+            .api_repo()?
+            .info()
+            .map_err(|e| self.network_error("listing the files", e))?;
+        let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        Ok(self.remote_files.get_or_init(|| files))
+    }
+
+    fn download(&self, file: &str) -> Result<PathBuf> {
+        tracing::info!("downloading {file} of {} ({})", self.id, self.revision);
+        self.api_repo()?
+            .get(file)
+            .map_err(|e| self.network_error(&format!("downloading {file}"), e))
+    }
+}
+
+impl Source<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Source::Local(p) => p.display().to_string(),
+            Source::Hub(h) => format!("{} (revision {})", h.id, h.revision),
+        }
+    }
+
+    /// Whether the file exists (locally, in the cache, or — online — in the remote repo).
+    fn has(&self, file: &str) -> Result<bool> {
+        match self {
+            Source::Local(root) => Ok(root.join(file).is_file()),
+            Source::Hub(h) => {
+                if h.cached(file).is_some() {
+                    Ok(true)
+                } else if h.opts.offline {
+                    Ok(false)
+                } else {
+                    Ok(h.remote_files()?.iter().any(|f| f == file))
+                }
+            }
+        }
+    }
+
+    /// Whether the file is available without network.
+    fn has_local(&self, file: &str) -> bool {
+        match self {
+            Source::Local(root) => root.join(file).is_file(),
+            Source::Hub(h) => h.cached(file).is_some(),
+        }
+    }
+
+    /// Local path of a required file, downloading it when needed and allowed.
+    fn get(&self, file: &str) -> Result<PathBuf> {
+        match self {
+            Source::Local(root) => {
+                let p = root.join(file);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    bail!(
+                        "{} is missing from the model folder {}",
+                        file,
+                        root.display()
+                    )
+                }
+            }
+            Source::Hub(h) => {
+                if let Some(p) = h.cached(file) {
+                    return Ok(p);
+                }
+                if h.opts.offline {
+                    return Err(h.offline_error(file));
+                }
+                h.download(file)
+            }
+        }
+    }
+
+    /// Local path of an optional file (None if it does not exist).
+    fn get_optional(&self, file: &str) -> Result<Option<PathBuf>> {
+        if self.has_local(file) {
+            return self.get(file).map(Some);
+        }
+        match self {
+            Source::Local(_) => Ok(None),
+            Source::Hub(h) if h.opts.offline => Ok(None),
+            Source::Hub(_) => {
+                if self.has(file)? {
+                    self.get(file).map(Some)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Decides local folder vs. hub repo id.
+fn open_source<'a>(spec: &str, revision: Option<&str>, opts: &'a HubOptions) -> Result<Source<'a>> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(Source::Local(path.to_path_buf()));
+    }
+    let looks_like_id = {
+        let parts: Vec<&str> = spec.split('/').collect();
+        (parts.len() == 1 || parts.len() == 2)
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                    && !p.starts_with('.')
+            })
+    };
+    if !looks_like_id || spec.starts_with('.') || spec.starts_with('/') {
+        bail!(
+            "{spec:?} is neither an existing folder nor a Hugging Face repo id (like \
+             `stabilityai/sd-turbo`)"
+        );
+    }
+    let repo = HubRepo::new(spec, revision, opts);
+    if repo.snapshot.is_none() && opts.offline {
+        return Err(repo.offline_error(""));
+    }
+    Ok(Source::Hub(repo))
+}
+
+/// Picks the weight file(s) of a component folder (`""` for the repo root).
+fn component_weights(
+    src: &Source,
+    dir: &str,
+    stem: &str,
+    dtype: DType,
+) -> Result<(Vec<PathBuf>, bool)> {
+    let join = |f: &str| {
+        if dir.is_empty() {
+            f.to_string()
+        } else {
+            format!("{dir}/{f}")
+        }
+    };
+    let plain = join(&format!("{stem}.safetensors"));
+    let fp16 = join(&format!("{stem}.fp16.safetensors"));
+    let plain_idx = join(&format!("{stem}.safetensors.index.json"));
+    let fp16_idx = join(&format!("{stem}.safetensors.index.fp16.json"));
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let order: [(&String, bool, bool); 4] = if half {
+        [
+            (&fp16, true, false),
+            (&fp16_idx, true, true),
+            (&plain, false, false),
+            (&plain_idx, false, true),
+        ]
+    } else {
+        [
+            (&plain, false, false),
+            (&plain_idx, false, true),
+            (&fp16, true, false),
+            (&fp16_idx, true, true),
+        ]
+    };
+    // First what is already on disk (a model downloaded from Python in either variant), then
+    // the remote repo.
+    let mut pick = order.iter().find(|(f, _, _)| src.has_local(f)).copied();
+    if pick.is_none() {
+        for &candidate in &order {
+            if src.has(candidate.0)? {
+                pick = Some(candidate);
+                break;
+            }
+        }
+    }
+    let Some((file, fp16_variant, is_index)) = pick else {
+        let bins = [
+            join(&format!("{stem}.bin")),
+            join(&format!("{stem}.fp16.bin")),
+        ];
+        for b in &bins {
+            if src.has(b).unwrap_or(false) {
+                bail!(
+                    "{} has only PyTorch .bin weights ({b}); sdcam loads only safetensors: \
+                     convert them (e.g. diffusers' `save_pretrained(..., safe_serialization=True)`) \
+                     or use a repo that ships .safetensors",
+                    src.describe()
+                );
+            }
+        }
+        bail!(
+            "{} has no {plain} (nor {fp16}): missing component weights",
+            src.describe()
+        );
+    };
+    if !is_index {
+        return Ok((vec![src.get(file)?], fp16_variant));
+    }
+    let index_path = src.get(file)?;
+    let index: Value = read_config(&index_path)?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .with_context(|| format!("{}: no weight_map", index_path.display()))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
+    shards.sort();
+    shards.dedup();
+    let files = shards
+        .iter()
+        .map(|s| src.get(&join(s)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((files, fp16_variant))
+}
+
+fn component(src: &Source, dir: &str, stem: &str, dtype: DType) -> Result<ComponentFiles> {
+    let config_name = if dir.is_empty() {
+        "config.json".to_string()
+    } else {
+        format!("{dir}/config.json")
+    };
+    let config = src.get(&config_name).with_context(|| {
+        format!(
+            "loading the {} component",
+            if dir.is_empty() { "model" } else { dir }
+        )
+    })?;
+    let (weights, fp16_variant) = component_weights(src, dir, stem, dtype)?;
+    Ok(ComponentFiles {
+        config,
+        weights,
+        fp16_variant,
+    })
+}
+
+/// Pipelines whose components sdcam implements (SD 1.x / 2.x, LCM, sd-turbo).
+const SUPPORTED_PIPELINES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "LatentConsistencyModelPipeline",
+    "LatentConsistencyModelImg2ImgPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+];
+
+/// Checks `model_index.json`: pipeline class and component classes.
+fn check_model_index(index: &Value, path: &Path) -> Result<String> {
+    let class = index
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .with_context(|| format!("{}: no _class_name", path.display()))?
+        .to_string();
+    if !SUPPORTED_PIPELINES.contains(&class.as_str()) {
+        bail!(
+            "unsupported architecture {class} ({}): sdcam supports Stable Diffusion 1.x/2.x \
+             pipelines ({})",
+            path.display(),
+            SUPPORTED_PIPELINES.join(", ")
+        );
+    }
+    for (comp, want) in [
+        ("unet", "UNet2DConditionModel"),
+        ("text_encoder", "CLIPTextModel"),
+        ("vae", "AutoencoderKL"),
+        ("tokenizer", "CLIPTokenizer"),
+    ] {
+        let got = index
+            .get(comp)
+            .and_then(|v| v.get(1))
+            .and_then(Value::as_str);
+        match got {
+            Some(g) if g == want || (comp == "tokenizer" && g == "CLIPTokenizerFast") => {}
+            Some(g) => bail!(
+                "unsupported architecture: {} declares {comp} = {g}, sdcam supports {want}",
+                path.display()
+            ),
+            None => bail!("{} has no {comp} component", path.display()),
+        }
+    }
+    Ok(class)
+}
+
+/// Resolves a Stable Diffusion pipeline from a local diffusers folder or a hub repo id.
+pub fn resolve_model(
+    spec: &str,
+    revision: Option<&str>,
+    dtype: DType,
+    opts: &HubOptions,
+) -> Result<ModelFiles> {
+    let src = open_source(spec, revision, opts)?;
+    let model_index = match &src {
+        Source::Local(root) => {
+            let p = root.join("model_index.json");
+            if !p.is_file() {
+                bail!(
+                    "{} is not a diffusers-layout folder: model_index.json is missing (expected \
+                     model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/)",
+                    root.display()
+                );
+            }
+            p
+        }
+        Source::Hub(_) => src.get("model_index.json").with_context(|| {
+            format!(
+                "{} is not a diffusers-layout repo (model_index.json missing)",
+                src.describe()
+            )
+        })?,
+    };
+    let index: Value = read_config(&model_index)?;
+    let pipeline_class = check_model_index(&index, &model_index)?;
+    let root = model_index
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+
+    let unet = component(&src, "unet", "diffusion_pytorch_model", dtype)?;
+    let text_encoder = component(&src, "text_encoder", "model", dtype)?;
+    let vae = component(&src, "vae", "diffusion_pytorch_model", dtype)?;
+    let scheduler_config = src.get("scheduler/scheduler_config.json")?;
+
+    // Tokenizer: the slow-tokenizer files, or tokenizer.json alone.
+    let tokenizer_dir =
+        if src.has_local("tokenizer/vocab.json") || src.has("tokenizer/vocab.json")? {
+            let vocab = src.get("tokenizer/vocab.json")?;
+            src.get("tokenizer/merges.txt")?;
+            src.get_optional("tokenizer/tokenizer_config.json")?;
+            src.get_optional("tokenizer/special_tokens_map.json")?;
+            vocab.parent().map(Path::to_path_buf).unwrap_or_default()
+        } else {
+            let tj = src.get("tokenizer/tokenizer.json").with_context(|| {
+                format!(
+                    "{} has no tokenizer/vocab.json + merges.txt nor tokenizer/tokenizer.json",
+                    src.describe()
+                )
+            })?;
+            tj.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+
+    Ok(ModelFiles {
+        source: src.describe(),
+        root,
+        model_index,
+        pipeline_class,
+        unet,
+        text_encoder,
+        vae,
+        tokenizer_dir,
+        scheduler_config,
+    })
+}
+
+/// Resolves a tiny VAE (TAESD, `AutoencoderTiny`): `config.json` + weights at the root of the
+/// folder/repo (or under `vae/`).
+pub fn resolve_tiny_vae(
+    spec: &str,
+    revision: Option<&str>,
+    dtype: DType,
+    opts: &HubOptions,
+) -> Result<ComponentFiles> {
+    let src = open_source(spec, revision, opts)?;
+    let dir = if src.has_local("config.json")
+        || (!src.has_local("vae/config.json") && src.has("config.json")?)
+    {
+        ""
+    } else if src.has_local("vae/config.json") || src.has("vae/config.json")? {
+        "vae"
+    } else {
+        bail!(
+            "{} has no config.json: expected an AutoencoderTiny (TAESD) in diffusers layout, \
+             e.g. madebyollin/taesd",
+            src.describe()
+        );
+    };
+    let files = component(&src, dir, "diffusion_pytorch_model", dtype)?;
+    let cfg: Value = read_config(&files.config)?;
+    if let Some(class) = cfg.get("_class_name").and_then(Value::as_str) {
+        if class != "AutoencoderTiny" {
+            bail!(
+                "{} is a {class}, expected an AutoencoderTiny (TAESD)",
+                files.config.display()
+            );
+        }
+    }
+    Ok(files)
+}
+
+/// The default LoRA file name diffusers' `load_lora_weights` looks for.
+pub const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
+
+/// Resolves a LoRA: a local `.safetensors` file, a folder holding `weight_name`, or a hub repo
+/// id (its `weight_name`, default [`LORA_WEIGHT_NAME`]).
+pub fn resolve_lora(
+    spec: &str,
+    weight_name: Option<&str>,
+    revision: Option<&str>,
+    opts: &HubOptions,
+) -> Result<PathBuf> {
+    let name = weight_name.unwrap_or(LORA_WEIGHT_NAME);
+    let path = Path::new(spec);
+    if path.is_file() {
+        if path.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            bail!(
+                "LoRA {} is not a .safetensors file; sdcam loads only safetensors",
+                path.display()
+            );
+        }
+        return Ok(path.to_path_buf());
+    }
+    if spec.ends_with(".safetensors") && !path.exists() {
+        bail!("LoRA file {} does not exist", path.display());
+    }
+    let src = open_source(spec, revision, opts)?;
+    if !src.has(name)? {
+        let bin = name.replace(".safetensors", ".bin");
+        if bin != name && src.has(&bin).unwrap_or(false) {
+            bail!(
+                "{} has only {bin}; sdcam loads only safetensors LoRAs",
+                src.describe()
+            );
+        }
+        bail!("{} has no LoRA file {name}", src.describe());
+    }
+    src.get(name)
+}
+
+/// Cache directory a repo id maps to (for messages and tooling).
+pub fn cache_repo_dir(opts: &HubOptions, repo_id: &str) -> PathBuf {
+    opts.cache_dir
+        .join(format!("models--{}", repo_id.replace('/', "--")))
+}
+
+/// Convenience: reads the env once and resolves a model (what the binary uses).
+pub fn resolve_model_from_env(
+    spec: &str,
+    revision: Option<&str>,
+    dtype: DType,
+) -> Result<ModelFiles> {
+    resolve_model(spec, revision, dtype, &HubOptions::from_env())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testutil::fixture;
+    use std::collections::HashMap;
+
+    fn offline() -> HubOptions {
+        HubOptions {
+            cache_dir: fixture("hf-cache/hub"),
+            offline: true,
+            token: None,
+            endpoint: None,
+            progress: false,
+        }
+    }
+
+    #[test]
+    fn options_from_vars() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            let m: HashMap<&str, &str> = pairs.iter().copied().collect();
+            move |k: &str| m.get(k).map(|v| v.to_string())
+        };
+        let o = HubOptions::from_vars(vars(&[("HOME", "/home/u")]));
+        assert_eq!(o.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
+        assert!(!o.offline);
+        assert_eq!(o.token, None);
+        let o = HubOptions::from_vars(vars(&[
+            ("HOME", "/home/u"),
+            ("HF_HOME", "/data/hf"),
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_TOKEN", "hf_x"),
+        ]));
+        assert_eq!(o.cache_dir, PathBuf::from("/data/hf/hub"));
+        assert!(o.offline);
+        assert_eq!(o.token.as_deref(), Some("hf_x"));
+        let o = HubOptions::from_vars(vars(&[
+            ("HF_HOME", "/data/hf"),
+            ("HF_HUB_CACHE", "/c"),
+            ("HF_HUB_OFFLINE", "0"),
+            ("HF_ENDPOINT", "http://m"),
+        ]));
+        assert_eq!(o.cache_dir, PathBuf::from("/c"));
+        assert!(!o.offline);
+        assert_eq!(o.endpoint.as_deref(), Some("http://m"));
+        let o = HubOptions::from_vars(vars(&[
+            ("XDG_CACHE_HOME", "/x"),
+            ("HF_HUB_OFFLINE", "true"),
+        ]));
+        assert_eq!(o.cache_dir, PathBuf::from("/x/huggingface/hub"));
+        assert!(o.offline);
+    }
+
+    fn check_tiny(m: &ModelFiles) {
+        assert_eq!(m.pipeline_class, "StableDiffusionPipeline");
+        for c in [&m.unet, &m.text_encoder, &m.vae] {
+            assert!(c.config.is_file(), "{c:?}");
+            assert_eq!(c.weights.len(), 1);
+            assert!(c.weights[0].is_file(), "{c:?}");
+            assert!(!c.fp16_variant);
+        }
+        assert!(m.tokenizer_dir.join("vocab.json").is_file());
+        assert!(m.scheduler_config.is_file());
+    }
+
+    #[test]
+    fn resolves_local_folder() {
+        let m = resolve_model(
+            fixture("models/tiny-sd21").to_str().unwrap(),
+            None,
+            DType::F32,
+            &offline(),
+        )
+        .unwrap();
+        check_tiny(&m);
+        assert!(m.unet.weights[0].ends_with("unet/diffusion_pytorch_model.safetensors"));
+        assert!(m.text_encoder.weights[0].ends_with("text_encoder/model.safetensors"));
+        // f16 requested, no fp16 variant: plain file.
+        let m16 = resolve_model(
+            fixture("models/tiny-sd21").to_str().unwrap(),
+            None,
+            DType::F16,
+            &offline(),
+        )
+        .unwrap();
+        assert_eq!(m16.unet.weights, m.unet.weights);
+    }
+
+    #[test]
+    fn resolves_from_cache_offline() {
+        let o = offline();
+        let m = resolve_model("sdcam-fixtures/tiny-sd15", None, DType::F32, &o).unwrap();
+        check_tiny(&m);
+        assert!(m.root.starts_with(fixture(
+            "hf-cache/hub/models--sdcam-fixtures--tiny-sd15/snapshots"
+        )));
+        // Explicit revision by branch and by commit.
+        let m2 = resolve_model("sdcam-fixtures/tiny-sd15", Some("main"), DType::F16, &o).unwrap();
+        assert_eq!(m2.unet.weights, m.unet.weights);
+        let commit = m.root.file_name().unwrap().to_str().unwrap().to_string();
+        let m3 = resolve_model("sdcam-fixtures/tiny-sd15", Some(&commit), DType::F32, &o).unwrap();
+        assert_eq!(m3.vae.weights, m.vae.weights);
+
+        let t = resolve_tiny_vae("sdcam-fixtures/tiny-taesd", None, DType::F32, &o).unwrap();
+        assert!(t.config.is_file() && t.weights[0].is_file());
+        assert!(t.weights[0].ends_with("diffusion_pytorch_model.safetensors"));
+        // Local folder too.
+        let tl = resolve_tiny_vae(
+            fixture("models/tiny-taesd").to_str().unwrap(),
+            None,
+            DType::F16,
+            &o,
+        )
+        .unwrap();
+        assert!(tl.weights[0].is_file());
+    }
+
+    #[test]
+    fn uncached_offline_error() {
+        let o = offline();
+        let e = resolve_model("stabilityai/sd-turbo", None, DType::F16, &o).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("not in the Hugging Face cache"), "{msg}");
+        assert!(msg.contains("HF_HUB_OFFLINE=1"), "{msg}");
+        assert!(
+            msg.contains("huggingface-cli download stabilityai/sd-turbo"),
+            "{msg}"
+        );
+        assert!(msg.contains(&o.cache_dir.display().to_string()), "{msg}");
+        // Unknown revision of a cached repo is not cached either.
+        let e = resolve_model("sdcam-fixtures/tiny-sd15", Some("v2"), DType::F32, &o).unwrap_err();
+        assert!(format!("{e:#}").contains("not in the Hugging Face cache"));
+        // A LoRA repo that is not cached.
+        let e = resolve_lora("latent-consistency/lcm-lora-sdv1-5", None, None, &o).unwrap_err();
+        assert!(format!("{e:#}")
+            .contains("huggingface-cli download latent-consistency/lcm-lora-sdv1-5"));
+    }
+
+    #[test]
+    fn folder_without_model_index() {
+        let dir = fixture("models/tiny-sd21/unet");
+        let e = resolve_model(dir.to_str().unwrap(), None, DType::F32, &offline()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("not a diffusers-layout folder"), "{msg}");
+        assert!(msg.contains("model_index.json"), "{msg}");
+        let e = resolve_model("./no/such/dir", None, DType::F32, &offline()).unwrap_err();
+        assert!(format!("{e:#}").contains("neither an existing folder"));
+    }
+
+    #[test]
+    fn missing_component_and_bad_architecture() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = fixture("models/tiny-sd21");
+        for sub in ["unet", "text_encoder", "vae", "tokenizer", "scheduler"] {
+            std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
+            for f in std::fs::read_dir(src.join(sub)).unwrap() {
+                let f = f.unwrap();
+                if sub == "vae" && f.file_name() == "diffusion_pytorch_model.safetensors" {
+                    continue;
+                }
+                std::fs::copy(f.path(), tmp.path().join(sub).join(f.file_name())).unwrap();
+            }
+        }
+        std::fs::copy(
+            src.join("model_index.json"),
+            tmp.path().join("model_index.json"),
+        )
+        .unwrap();
+        let p = tmp.path().to_str().unwrap();
+        let msg = format!(
+            "{:#}",
+            resolve_model(p, None, DType::F32, &offline()).unwrap_err()
+        );
+        assert!(
+            msg.contains("vae/diffusion_pytorch_model.safetensors"),
+            "{msg}"
+        );
+
+        std::fs::write(tmp.path().join("vae/diffusion_pytorch_model.bin"), b"x").unwrap();
+        let msg = format!(
+            "{:#}",
+            resolve_model(p, None, DType::F32, &offline()).unwrap_err()
+        );
+        assert!(msg.contains(".bin") && msg.contains("safetensors"), "{msg}");
+
+        std::fs::write(
+            tmp.path().join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+        )
+        .unwrap();
+        let msg = format!(
+            "{:#}",
+            resolve_model(p, None, DType::F32, &offline()).unwrap_err()
+        );
+        assert!(
+            msg.contains("unsupported architecture StableDiffusionXLPipeline"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn fp16_variant_preference() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("unet");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.json"), "{}").unwrap();
+        std::fs::write(d.join("diffusion_pytorch_model.fp16.safetensors"), b"").unwrap();
+        let src = Source::Local(tmp.path().to_path_buf());
+        // f32 falls back to the fp16 variant.
+        let c = component(&src, "unet", "diffusion_pytorch_model", DType::F32).unwrap();
+        assert!(c.fp16_variant);
+        std::fs::write(d.join("diffusion_pytorch_model.safetensors"), b"").unwrap();
+        let c = component(&src, "unet", "diffusion_pytorch_model", DType::F32).unwrap();
+        assert!(!c.fp16_variant);
+        let c = component(&src, "unet", "diffusion_pytorch_model", DType::F16).unwrap();
+        assert!(c.fp16_variant);
+        let c = component(&src, "unet", "diffusion_pytorch_model", DType::BF16).unwrap();
+        assert!(c.weights[0].ends_with("diffusion_pytorch_model.fp16.safetensors"));
+    }
+
+    #[test]
+    fn lora_resolution() {
+        let o = offline();
+        let f = fixture("models/tiny-lora/pytorch_lora_weights.safetensors");
+        assert_eq!(
+            resolve_lora(f.to_str().unwrap(), None, None, &o).unwrap(),
+            f
+        );
+        let d = fixture("models/tiny-lora");
+        assert_eq!(
+            resolve_lora(d.to_str().unwrap(), None, None, &o).unwrap(),
+            d.join(LORA_WEIGHT_NAME)
+        );
+        let e = resolve_lora("/nope/x.safetensors", None, None, &o).unwrap_err();
+        assert!(e.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn var_builder_reads_tensor() {
+        let m = resolve_model("sdcam-fixtures/tiny-sd15", None, DType::F32, &offline()).unwrap();
+        let vb = load_var_builder(&m.unet.weights, DType::F32, &Device::Cpu).unwrap();
+        let w = vb.get((16, 4, 3, 3), "conv_in.weight").unwrap();
+        assert_eq!(w.dims(), &[16, 4, 3, 3]);
+        let vb16 = load_var_builder(&m.unet.weights, DType::F16, &Device::Cpu).unwrap();
+        assert_eq!(vb16.get(16, "conv_in.bias").unwrap().dtype(), DType::F16);
+        #[derive(serde::Deserialize)]
+        struct U {
+            cross_attention_dim: usize,
+        }
+        let u: U = read_config(&m.unet.config).unwrap();
+        assert_eq!(u.cross_attention_dim, 32);
+        assert!(load_var_builder(
+            &[PathBuf::from("/nope.safetensors")],
+            DType::F32,
+            &Device::Cpu
+        )
+        .is_err());
+    }
+}

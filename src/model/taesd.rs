@@ -1,1 +1,367 @@
-//! (being written)
+//! TAESD: diffusers' `AutoencoderTiny` (madebyollin/taesd layout, diffusers 0.24).
+//!
+//! The encoder and decoder are plain `nn.Sequential`s of 3×3 convs and `AutoencoderTinyBlock`s
+//! (conv–ReLU–conv–ReLU–conv plus a skip, then ReLU), so `VarBuilder` paths are
+//! `encoder.layers.N…` / `decoder.layers.N…` with `N` the index in the sequential (ReLU and
+//! `Upsample` entries take an index but have no tensors).
+//!
+//! Scaling conventions (they differ from the KL VAE):
+//! * [`AutoencoderTiny::encode`] takes an image in −1..1 and returns the raw encoder output, like
+//!   diffusers' `encode(x).latents` (the encoder maps the input with `(x + 1) / 2` internally).
+//! * [`AutoencoderTiny::decode`] applies `tanh(z / 3) · 3` to the latents first and returns
+//!   `2x − 1` (image roughly in −1..1, not clamped), like `decode(z).sample`.
+//! * StreamDiffusion multiplies the encoder output by `scaling_factor` and divides the latents by it
+//!   before decoding; TAESD's `scaling_factor` is 1.0 so both are no-ops, and the latents are
+//!   directly in the U-Net's latent space. [`AutoencoderTiny::scaling_factor`] exposes the value so
+//!   callers can treat TAESD and the KL VAE the same way.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use serde::Deserialize;
+
+fn default_in_channels() -> usize {
+    3
+}
+fn default_out_channels() -> usize {
+    3
+}
+fn default_block_out() -> Vec<usize> {
+    vec![64, 64, 64, 64]
+}
+fn default_act_fn() -> String {
+    "relu".to_string()
+}
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_upsampling() -> usize {
+    2
+}
+fn default_num_encoder_blocks() -> Vec<usize> {
+    vec![1, 3, 3, 3]
+}
+fn default_num_decoder_blocks() -> Vec<usize> {
+    vec![3, 3, 3, 1]
+}
+fn default_latent_magnitude() -> f64 {
+    3.0
+}
+fn default_latent_shift() -> f64 {
+    0.5
+}
+fn default_scaling_factor() -> f64 {
+    1.0
+}
+
+/// `config.json` of an `AutoencoderTiny` (defaults as diffusers 0.24).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AutoencoderTinyConfig {
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_out_channels")]
+    pub out_channels: usize,
+    #[serde(default = "default_block_out")]
+    pub encoder_block_out_channels: Vec<usize>,
+    #[serde(default = "default_block_out")]
+    pub decoder_block_out_channels: Vec<usize>,
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    #[serde(default = "default_upsampling")]
+    pub upsampling_scaling_factor: usize,
+    #[serde(default = "default_num_encoder_blocks")]
+    pub num_encoder_blocks: Vec<usize>,
+    #[serde(default = "default_num_decoder_blocks")]
+    pub num_decoder_blocks: Vec<usize>,
+    /// Only used by diffusers' latent byte-quantisation helpers (not needed here).
+    #[serde(default = "default_latent_magnitude")]
+    pub latent_magnitude: f64,
+    /// Only used by diffusers' latent byte-quantisation helpers (not needed here).
+    #[serde(default = "default_latent_shift")]
+    pub latent_shift: f64,
+    #[serde(default)]
+    pub force_upcast: bool,
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+}
+
+impl AutoencoderTinyConfig {
+    /// Reads a diffusers `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading AutoencoderTiny config {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing AutoencoderTiny config {}", path.display()))
+    }
+}
+
+fn check_act(act_fn: &str) -> Result<()> {
+    // TAESD checkpoints only use ReLU; other activations are not implemented.
+    if act_fn != "relu" {
+        candle_core::bail!("AutoencoderTiny act_fn {act_fn:?} is not supported (only \"relu\")");
+    }
+    Ok(())
+}
+
+fn conv3(cin: usize, cout: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        stride,
+        ..Default::default()
+    };
+    if bias {
+        candle_nn::conv2d(cin, cout, 3, cfg, vb)
+    } else {
+        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)
+    }
+}
+
+/// `AutoencoderTinyBlock`: `relu(conv(x) + skip(x))`.
+#[derive(Debug, Clone)]
+struct TinyBlock {
+    conv0: Conv2d,
+    conv2: Conv2d,
+    conv4: Conv2d,
+    skip: Option<Conv2d>,
+}
+
+impl TinyBlock {
+    fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        let skip = if cin != cout {
+            Some(candle_nn::conv2d_no_bias(
+                cin,
+                cout,
+                1,
+                Default::default(),
+                vb.pp("skip"),
+            )?)
+        } else {
+            None
+        };
+        let c = vb.pp("conv");
+        Ok(Self {
+            conv0: conv3(cin, cout, 1, true, c.pp("0"))?,
+            conv2: conv3(cout, cout, 1, true, c.pp("2"))?,
+            conv4: conv3(cout, cout, 1, true, c.pp("4"))?,
+            skip,
+        })
+    }
+}
+
+impl Module for TinyBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.conv0.forward(xs)?.relu()?;
+        let h = self.conv2.forward(&h)?.relu()?;
+        let h = self.conv4.forward(&h)?;
+        let skip = match &self.skip {
+            Some(s) => s.forward(xs)?,
+            None => xs.clone(),
+        };
+        (h + skip)?.relu()
+    }
+}
+
+/// One entry of the `layers` sequential.
+#[derive(Debug, Clone)]
+enum Layer {
+    Conv(Conv2d),
+    Block(TinyBlock),
+    Relu,
+    Upsample(usize),
+}
+
+impl Module for Layer {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Conv(c) => c.forward(xs),
+            Self::Block(b) => b.forward(xs),
+            Self::Relu => xs.relu(),
+            Self::Upsample(f) => {
+                let (_, _, h, w) = xs.dims4()?;
+                xs.upsample_nearest2d(h * f, w * f)
+            }
+        }
+    }
+}
+
+fn run(layers: &[Layer], xs: &Tensor) -> Result<Tensor> {
+    layers.iter().try_fold(xs.clone(), |x, l| l.forward(&x))
+}
+
+/// diffusers' `EncoderTiny`.
+#[derive(Debug, Clone)]
+struct EncoderTiny {
+    layers: Vec<Layer>,
+}
+
+impl EncoderTiny {
+    fn new(cfg: &AutoencoderTinyConfig, vb: VarBuilder) -> Result<Self> {
+        let boc = &cfg.encoder_block_out_channels;
+        if boc.len() != cfg.num_encoder_blocks.len() || boc.is_empty() {
+            candle_core::bail!(
+                "encoder_block_out_channels and num_encoder_blocks must have the same non-zero length"
+            );
+        }
+        let vb = vb.pp("layers");
+        let mut layers = Vec::new();
+        for (i, &n) in cfg.num_encoder_blocks.iter().enumerate() {
+            let ch = boc[i];
+            let idx = layers.len();
+            let conv = if i == 0 {
+                conv3(cfg.in_channels, ch, 1, true, vb.pp(idx))?
+            } else {
+                conv3(ch, ch, 2, false, vb.pp(idx))?
+            };
+            layers.push(Layer::Conv(conv));
+            for _ in 0..n {
+                let idx = layers.len();
+                layers.push(Layer::Block(TinyBlock::new(ch, ch, vb.pp(idx))?));
+            }
+        }
+        let idx = layers.len();
+        let last = *boc.last().unwrap_or(&0);
+        layers.push(Layer::Conv(conv3(
+            last,
+            cfg.latent_channels,
+            1,
+            true,
+            vb.pp(idx),
+        )?));
+        Ok(Self { layers })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // −1..1 → 0..1, the TAESD convention.
+        let xs = ((xs + 1.0)? / 2.0)?;
+        run(&self.layers, &xs)
+    }
+}
+
+/// diffusers' `DecoderTiny`.
+#[derive(Debug, Clone)]
+struct DecoderTiny {
+    layers: Vec<Layer>,
+}
+
+impl DecoderTiny {
+    fn new(cfg: &AutoencoderTinyConfig, vb: VarBuilder) -> Result<Self> {
+        let boc = &cfg.decoder_block_out_channels;
+        if boc.len() != cfg.num_decoder_blocks.len() || boc.is_empty() {
+            candle_core::bail!(
+                "decoder_block_out_channels and num_decoder_blocks must have the same non-zero length"
+            );
+        }
+        let vb = vb.pp("layers");
+        let mut layers = vec![
+            Layer::Conv(conv3(cfg.latent_channels, boc[0], 1, true, vb.pp(0))?),
+            Layer::Relu,
+        ];
+        let n_stages = cfg.num_decoder_blocks.len();
+        for (i, &n) in cfg.num_decoder_blocks.iter().enumerate() {
+            let is_final = i + 1 == n_stages;
+            let ch = boc[i];
+            for _ in 0..n {
+                let idx = layers.len();
+                layers.push(Layer::Block(TinyBlock::new(ch, ch, vb.pp(idx))?));
+            }
+            if !is_final {
+                layers.push(Layer::Upsample(cfg.upsampling_scaling_factor));
+            }
+            let cout = if is_final { cfg.out_channels } else { ch };
+            let idx = layers.len();
+            layers.push(Layer::Conv(conv3(ch, cout, 1, is_final, vb.pp(idx))?));
+        }
+        Ok(Self { layers })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // Soft clamp of the latents to ±3.
+        let xs = ((xs / 3.0)?.tanh()? * 3.0)?;
+        let xs = run(&self.layers, &xs)?;
+        // 0..1 → −1..1, the diffusers convention.
+        (xs * 2.0)? - 1.0
+    }
+}
+
+/// diffusers' `AutoencoderTiny` (TAESD).
+#[derive(Debug, Clone)]
+pub struct AutoencoderTiny {
+    encoder: EncoderTiny,
+    decoder: DecoderTiny,
+    scaling_factor: f64,
+}
+
+impl AutoencoderTiny {
+    /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.layers.…`,
+    /// `decoder.layers.…`).
+    pub fn new(vb: VarBuilder, cfg: &AutoencoderTinyConfig) -> Result<Self> {
+        check_act(&cfg.act_fn)?;
+        Ok(Self {
+            encoder: EncoderTiny::new(cfg, vb.pp("encoder"))?,
+            decoder: DecoderTiny::new(cfg, vb.pp("decoder"))?,
+            scaling_factor: cfg.scaling_factor,
+        })
+    }
+
+    /// Image [B, 3, H, W] in −1..1 → raw latents [B, latent_channels, H/8, W/8]
+    /// (= diffusers `encode(x).latents`; not multiplied by `scaling_factor`).
+    pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
+        self.encoder.forward(image)
+    }
+
+    /// Raw latents → image in −1..1 (= diffusers `decode(z).sample`; not clamped, and the
+    /// latents are not divided by `scaling_factor` here).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decoder.forward(latents)
+    }
+
+    /// The config's `scaling_factor` (1.0 for TAESD): StreamDiffusion multiplies encoder output by
+    /// it and divides latents by it before decoding.
+    pub fn scaling_factor(&self) -> f64 {
+        self.scaling_factor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rel_err;
+    use crate::model::testutil::{fixture, golden};
+    use candle_core::{DType, Device};
+
+    fn load() -> AutoencoderTiny {
+        let dir = fixture("models/tiny-taesd");
+        let cfg = AutoencoderTinyConfig::from_file(dir.join("config.json")).unwrap();
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("diffusion_pytorch_model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
+        }
+        .unwrap();
+        AutoencoderTiny::new(vb, &cfg).unwrap()
+    }
+
+    #[test]
+    fn taesd_matches_golden() {
+        let model = load();
+        assert_eq!(model.scaling_factor(), 1.0);
+        let g = golden("taesd");
+        for case in ["enc0", "enc1"] {
+            let out = model.encode(&g[&format!("{case}.image")]).unwrap();
+            let err = rel_err(&out, &g[&format!("{case}.latents")]).unwrap();
+            assert!(err <= 1e-4, "{case}: rel err {err}");
+        }
+        for case in ["dec0", "dec1"] {
+            let out = model.decode(&g[&format!("{case}.latents")]).unwrap();
+            let err = rel_err(&out, &g[&format!("{case}.sample")]).unwrap();
+            assert!(err <= 1e-4, "{case}: rel err {err}");
+        }
+    }
+}

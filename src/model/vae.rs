@@ -1,1 +1,508 @@
-//! (being written)
+//! The full Stable Diffusion VAE: diffusers' `AutoencoderKL` (0.24 semantics and tensor names).
+//!
+//! Encoder: `conv_in`, `down_blocks.N` (`DownEncoderBlock2D`: ResnetBlock2D × layers_per_block,
+//! then a stride-2 `Downsample2D` with diffusers' asymmetric (0, 1, 0, 1) zero padding, except on
+//! the last block), `mid_block` (resnet, single-head self-attention, resnet), GroupNorm + SiLU,
+//! `conv_out` → 2 × latent_channels moments, then `quant_conv`. [`AutoencoderKL::encode_mean`]
+//! returns the mean half of `latent_dist` (no sampling, not scaled).
+//!
+//! Decoder: `post_quant_conv`, `conv_in`, `mid_block`, `up_blocks.N` (`UpDecoderBlock2D`:
+//! ResnetBlock2D × (layers_per_block + 1), then nearest ×2 + conv `Upsample2D` except on the last
+//! block), GroupNorm + SiLU, `conv_out`.
+//!
+//! Scaling: StreamDiffusion multiplies the encoder mean by [`AutoencoderKL::scaling_factor`]
+//! (0.18215 for SD 1.5) and divides latents by it before [`AutoencoderKL::decode`]; both methods
+//! here work on unscaled latents.
+//!
+//! The ResnetBlock2D / attention here are the VAE flavour (no time embedding, eps 1e-6); the
+//! U-Net has its own versions in `unet/`.
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// GroupNorm / resnet epsilon used throughout diffusers' VAE `Encoder`/`Decoder`.
+const EPS: f64 = 1e-6;
+
+fn default_in_channels() -> usize {
+    3
+}
+fn default_out_channels() -> usize {
+    3
+}
+fn default_block_out() -> Vec<usize> {
+    vec![64]
+}
+fn default_layers_per_block() -> usize {
+    1
+}
+fn default_act_fn() -> String {
+    "silu".to_string()
+}
+fn default_latent_channels() -> usize {
+    4
+}
+fn default_norm_num_groups() -> usize {
+    32
+}
+fn default_scaling_factor() -> f64 {
+    0.18215
+}
+fn default_true() -> bool {
+    true
+}
+
+/// `vae/config.json` of an `AutoencoderKL` (defaults as diffusers).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AutoencoderKLConfig {
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_out_channels")]
+    pub out_channels: usize,
+    #[serde(default = "default_block_out")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: usize,
+    #[serde(default = "default_act_fn")]
+    pub act_fn: String,
+    #[serde(default = "default_latent_channels")]
+    pub latent_channels: usize,
+    #[serde(default = "default_norm_num_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f64,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default = "default_true")]
+    pub use_post_quant_conv: bool,
+    /// diffusers runs this VAE in f32 even in fp16 pipelines (SD 1.5's VAE overflows in fp16).
+    #[serde(default = "default_true")]
+    pub force_upcast: bool,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+}
+
+impl AutoencoderKLConfig {
+    /// Reads a diffusers `config.json`.
+    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading AutoencoderKL config {}", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing AutoencoderKL config {}", path.display()))
+    }
+}
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    candle_nn::conv2d(cin, cout, k, cfg, vb)
+}
+
+/// diffusers' `ResnetBlock2D` without time embedding (VAE use).
+#[derive(Debug, Clone)]
+struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    fn new(cin: usize, cout: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        let conv_shortcut = if cin != cout {
+            Some(conv(cin, cout, 1, 0, 1, vb.pp("conv_shortcut"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: candle_nn::group_norm(groups, cin, EPS, vb.pp("norm1"))?,
+            conv1: conv(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            norm2: candle_nn::group_norm(groups, cout, EPS, vb.pp("norm2"))?,
+            conv2: conv(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+        })
+    }
+}
+
+impl Module for ResnetBlock2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        skip + h
+    }
+}
+
+/// diffusers' `Attention` as used in the VAE mid block: one head over all channels, GroupNorm
+/// first, residual connection, `to_q/to_k/to_v/to_out.0` linears.
+#[derive(Debug, Clone)]
+struct VaeAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    channels: usize,
+}
+
+impl VaeAttention {
+    fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            group_norm: candle_nn::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            to_q: candle_nn::linear(channels, channels, vb.pp("to_q"))?,
+            to_k: candle_nn::linear(channels, channels, vb.pp("to_k"))?,
+            to_v: candle_nn::linear(channels, channels, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(channels, channels, vb.pp("to_out.0"))?,
+            channels,
+        })
+    }
+}
+
+impl Module for VaeAttention {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let dtype = xs.dtype();
+        let hs = self
+            .group_norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.to_q.forward(&hs)?;
+        let k = self.to_k.forward(&hs)?;
+        let v = self.to_v.forward(&hs)?;
+        let scale = (self.channels as f64).powf(-0.5);
+        // upcast_softmax: scores and softmax in f32.
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = self.to_out.forward(&probs.matmul(&v)?)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + xs
+    }
+}
+
+/// `UNetMidBlock2D` of the VAE: resnet, attention, resnet.
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet0: ResnetBlock2D,
+    attn: VaeAttention,
+    resnet1: ResnetBlock2D,
+}
+
+impl MidBlock {
+    fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            resnet0: ResnetBlock2D::new(ch, ch, groups, vb.pp("resnets.0"))?,
+            attn: VaeAttention::new(ch, groups, vb.pp("attentions.0"))?,
+            resnet1: ResnetBlock2D::new(ch, ch, groups, vb.pp("resnets.1"))?,
+        })
+    }
+}
+
+impl Module for MidBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.resnet0.forward(xs)?;
+        let xs = self.attn.forward(&xs)?;
+        self.resnet1.forward(&xs)
+    }
+}
+
+/// `DownEncoderBlock2D`.
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    downsample: Option<Conv2d>,
+}
+
+impl Module for DownBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for r in &self.resnets {
+            xs = r.forward(&xs)?;
+        }
+        if let Some(d) = &self.downsample {
+            // Downsample2D(padding=0): pad right and bottom by one, then a stride-2 3×3 conv.
+            xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            xs = d.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `UpDecoderBlock2D`.
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    upsample: Option<Conv2d>,
+}
+
+impl Module for UpBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for r in &self.resnets {
+            xs = r.forward(&xs)?;
+        }
+        if let Some(u) = &self.upsample {
+            let (_, _, h, w) = xs.dims4()?;
+            xs = u.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
+        }
+        Ok(xs)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Encoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(cfg: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
+        let boc = &cfg.block_out_channels;
+        let groups = cfg.norm_num_groups;
+        let first = *boc.first().unwrap_or(&0);
+        let last = *boc.last().unwrap_or(&0);
+        let conv_in = conv(cfg.in_channels, first, 3, 1, 1, vb.pp("conv_in"))?;
+        let mut down_blocks = Vec::with_capacity(boc.len());
+        let mut cin = first;
+        for (i, &cout) in boc.iter().enumerate() {
+            let vbb = vb.pp(format!("down_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block)
+                .map(|j| {
+                    let c = if j == 0 { cin } else { cout };
+                    ResnetBlock2D::new(c, cout, groups, vbb.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsample = if i + 1 < boc.len() {
+                Some(conv(cout, cout, 3, 0, 2, vbb.pp("downsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                downsample,
+            });
+            cin = cout;
+        }
+        Ok(Self {
+            conv_in,
+            down_blocks,
+            mid_block: MidBlock::new(last, groups, vb.pp("mid_block"))?,
+            conv_norm_out: candle_nn::group_norm(groups, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv(last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Module for Encoder {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.conv_in.forward(xs)?;
+        for b in &self.down_blocks {
+            xs = b.forward(&xs)?;
+        }
+        let xs = self.mid_block.forward(&xs)?;
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(cfg: &AutoencoderKLConfig, vb: VarBuilder) -> Result<Self> {
+        let boc = &cfg.block_out_channels;
+        let groups = cfg.norm_num_groups;
+        let first = *boc.first().unwrap_or(&0);
+        let last = *boc.last().unwrap_or(&0);
+        let conv_in = conv(cfg.latent_channels, last, 3, 1, 1, vb.pp("conv_in"))?;
+        let mid_block = MidBlock::new(last, groups, vb.pp("mid_block"))?;
+        let mut up_blocks = Vec::with_capacity(boc.len());
+        let mut cin = last;
+        for (i, &cout) in boc.iter().rev().enumerate() {
+            let vbb = vb.pp(format!("up_blocks.{i}"));
+            let resnets = (0..cfg.layers_per_block + 1)
+                .map(|j| {
+                    let c = if j == 0 { cin } else { cout };
+                    ResnetBlock2D::new(c, cout, groups, vbb.pp(format!("resnets.{j}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < boc.len() {
+                Some(conv(cout, cout, 3, 1, 1, vbb.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, upsample });
+            cin = cout;
+        }
+        Ok(Self {
+            conv_in,
+            mid_block,
+            up_blocks,
+            conv_norm_out: candle_nn::group_norm(groups, first, EPS, vb.pp("conv_norm_out"))?,
+            conv_out: conv(first, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Module for Decoder {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.conv_in.forward(xs)?;
+        let mut xs = self.mid_block.forward(&xs)?;
+        for b in &self.up_blocks {
+            xs = b.forward(&xs)?;
+        }
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+/// diffusers' `AutoencoderKL`.
+#[derive(Debug, Clone)]
+pub struct AutoencoderKL {
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
+    latent_channels: usize,
+    scaling_factor: f64,
+}
+
+impl AutoencoderKL {
+    /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.…`,
+    /// `decoder.…`, `quant_conv`, `post_quant_conv`).
+    pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        if cfg.block_out_channels.is_empty() {
+            candle_core::bail!("AutoencoderKL block_out_channels is empty");
+        }
+        if cfg.act_fn != "silu" {
+            candle_core::bail!(
+                "AutoencoderKL act_fn {:?} is not supported (only \"silu\")",
+                cfg.act_fn
+            );
+        }
+        let lc = cfg.latent_channels;
+        let quant_conv = if cfg.use_quant_conv {
+            Some(conv(2 * lc, 2 * lc, 1, 0, 1, vb.pp("quant_conv"))?)
+        } else {
+            None
+        };
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(conv(lc, lc, 1, 0, 1, vb.pp("post_quant_conv"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
+            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            quant_conv,
+            post_quant_conv,
+            latent_channels: lc,
+            scaling_factor: cfg.scaling_factor,
+        })
+    }
+
+    /// Image [B, 3, H, W] in −1..1 → `latent_dist.mean` [B, latent_channels, H/8, W/8]
+    /// (unscaled; multiply by [`Self::scaling_factor`] for the U-Net).
+    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        let h = self.encoder.forward(image)?;
+        let moments = match &self.quant_conv {
+            Some(q) => q.forward(&h)?,
+            None => h,
+        };
+        moments.narrow(1, 0, self.latent_channels)
+    }
+
+    /// Unscaled latents (divide U-Net latents by [`Self::scaling_factor`] first) → image,
+    /// nominally in −1..1 (not clamped) = diffusers `decode(z).sample`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(p) => p.forward(latents)?,
+            None => latents.clone(),
+        };
+        self.decoder.forward(&z)
+    }
+
+    /// The config's `scaling_factor` (0.18215 for SD 1.5/2.x).
+    pub fn scaling_factor(&self) -> f64 {
+        self.scaling_factor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rel_err;
+    use crate::model::testutil::{fixture, golden};
+    use candle_core::Device;
+
+    fn load() -> AutoencoderKL {
+        let dir = fixture("models/tiny-sd15").join("vae");
+        let cfg = AutoencoderKLConfig::from_file(dir.join("config.json")).unwrap();
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("diffusion_pytorch_model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
+        }
+        .unwrap();
+        AutoencoderKL::new(vb, &cfg).unwrap()
+    }
+
+    #[test]
+    fn vae_matches_golden() {
+        let vae = load();
+        let g = golden("vae_sd15");
+        assert!((vae.scaling_factor() - 0.18215).abs() < 1e-9);
+
+        let mean = vae.encode_mean(&g["enc0.image"]).unwrap();
+        let err = rel_err(&mean, &g["enc0.mean"]).unwrap();
+        assert!(err <= 1e-4, "enc0.mean: rel err {err}");
+        let scaled = (&mean * vae.scaling_factor()).unwrap();
+        let err = rel_err(&scaled, &g["enc0.mean_scaled"]).unwrap();
+        assert!(err <= 1e-4, "enc0.mean_scaled: rel err {err}");
+
+        let mean = vae.encode_mean(&g["enc1.image"]).unwrap();
+        assert_eq!(mean.dims(), &[1, 4, 6, 4]);
+        let err = rel_err(&mean, &g["enc1.mean"]).unwrap();
+        assert!(err <= 1e-4, "enc1.mean: rel err {err}");
+
+        let sample = vae.decode(&g["dec0.latents"]).unwrap();
+        let err = rel_err(&sample, &g["dec0.sample"]).unwrap();
+        assert!(err <= 1e-4, "dec0.sample: rel err {err}");
+    }
+}

@@ -1,1 +1,877 @@
-//! (being written)
+//! The Stable Diffusion U-Net (`UNet2DConditionModel`, diffusers 0.24 semantics) for SD 1.x and
+//! SD 2.x / sd-turbo, configured from `unet/config.json`, with `VarBuilder` paths equal to the
+//! diffusers tensor names.
+//!
+//! Besides the plain [`UNet2DConditionModel::forward`], two StreamDiffusion seams:
+//! * cached prompt K/V ([`UNet2DConditionModel::precompute_prompt_kv`] →
+//!   [`UNet2DConditionModel::forward_with_kv`]): the cross-attention keys/values of every
+//!   `attn2` layer are computed once per prompt (paper appendix B.2);
+//! * cross-frame self-attention ([`SelfAttnMode::CrossFrame`] in [`ForwardOptions`], per call):
+//!   StreamBatch samples attend to each other's keys/values (paper Fig. 8).
+//!
+//! The model is immutable after loading; all per-call state lives in the arguments, so one model
+//! can be shared between threads (`&self` everywhere, `Send + Sync`).
+
+pub mod attention;
+pub mod blocks;
+pub mod embeddings;
+pub mod resnet;
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use serde::Deserialize;
+
+use attention::{Cond, KvCursor};
+pub use attention::{FrameRefs, KvPair, SelfAttnMode};
+use blocks::{BlockCommon, DownBlock, MidBlock, StageAttn, UpBlock};
+use embeddings::{TimestepEmbedding, Timesteps};
+
+/// A config value that diffusers accepts either as one value or as a per-block list.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// The per-block list for `n` blocks (a single value is repeated).
+    fn per_block(&self, n: usize, name: &str) -> Result<Vec<T>> {
+        match self {
+            OneOrMany::One(v) => Ok(vec![v.clone(); n]),
+            OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
+            OneOrMany::Many(v) => candle_core::bail!(
+                "unet config: `{name}` has {} entries, expected {n} (one per down block)",
+                v.len()
+            ),
+        }
+    }
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_4() -> usize {
+    4
+}
+fn d_1() -> usize {
+    1
+}
+fn d_3() -> usize {
+    3
+}
+fn d_1f() -> f64 {
+    1.0
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_groups() -> Option<usize> {
+    Some(32)
+}
+fn d_layers() -> OneOrMany<usize> {
+    OneOrMany::One(2)
+}
+fn d_one() -> OneOrMany<usize> {
+    OneOrMany::One(1)
+}
+fn d_heads() -> OneOrMany<usize> {
+    OneOrMany::One(8)
+}
+fn d_false_many() -> OneOrMany<bool> {
+    OneOrMany::One(false)
+}
+fn d_cross() -> OneOrMany<usize> {
+    OneOrMany::One(1280)
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+fn d_mid() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_boc() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_down() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_up() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `unet/config.json` of a diffusers `UNet2DConditionModel` (defaults = diffusers 0.24
+/// defaults). Options sdcam does not implement are kept so that [`UNetConfig::validate`] can
+/// reject them with a clear message instead of silently ignoring them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "d_4")]
+    pub in_channels: usize,
+    #[serde(default = "d_4")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_false_many")]
+    pub only_cross_attention: OneOrMany<bool>,
+    #[serde(default = "d_boc")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: OneOrMany<usize>,
+    #[serde(default = "d_1")]
+    pub downsample_padding: usize,
+    #[serde(default = "d_1f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_cross")]
+    pub cross_attention_dim: OneOrMany<usize>,
+    #[serde(default = "d_one")]
+    pub transformer_layers_per_block: OneOrMany<usize>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// In diffusers 0.24 this is the number of attention HEADS (int, or one per down block);
+    /// the head dimension is `channels / heads`.
+    #[serde(default = "d_heads")]
+    pub attention_head_dim: OneOrMany<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<OneOrMany<usize>>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    /// Only affects f16/bf16 (softmax in f32); sdcam's U-Net computes in f32.
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    #[serde(default = "d_1f")]
+    pub resnet_out_scale_factor: f64,
+    #[serde(default = "d_positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default = "d_3")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "d_3")]
+    pub conv_out_kernel: usize,
+    #[serde(default = "d_default")]
+    pub attention_type: String,
+    #[serde(default)]
+    pub class_embeddings_concat: bool,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+}
+
+impl UNetConfig {
+    /// Parses `config.json` text.
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        let cfg: Self = serde_json::from_str(text)
+            .map_err(|e| anyhow::anyhow!("parsing unet config.json: {e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Rejects every option this implementation does not support.
+    pub fn validate(&self) -> Result<()> {
+        macro_rules! unsupported {
+            ($cond:expr, $($msg:tt)*) => {
+                if $cond {
+                    candle_core::bail!("unsupported unet config: {}", format!($($msg)*));
+                }
+            };
+        }
+        let n = self.block_out_channels.len();
+        unsupported!(n == 0, "`block_out_channels` is empty");
+        unsupported!(
+            self.down_block_types.len() != n || self.up_block_types.len() != n,
+            "down_block_types ({}) / up_block_types ({}) must have one entry per block_out_channels ({n})",
+            self.down_block_types.len(),
+            self.up_block_types.len()
+        );
+        for t in &self.down_block_types {
+            unsupported!(
+                t != "CrossAttnDownBlock2D" && t != "DownBlock2D",
+                "down block type `{t}` (only CrossAttnDownBlock2D, DownBlock2D)"
+            );
+        }
+        for t in &self.up_block_types {
+            unsupported!(
+                t != "CrossAttnUpBlock2D" && t != "UpBlock2D",
+                "up block type `{t}` (only CrossAttnUpBlock2D, UpBlock2D)"
+            );
+        }
+        unsupported!(
+            self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn"),
+            "mid_block_type {:?} (only UNetMidBlock2DCrossAttn)",
+            self.mid_block_type
+        );
+        unsupported!(
+            self.class_embed_type.is_some() || self.num_class_embeds.is_some(),
+            "class embeddings (class_embed_type {:?}, num_class_embeds {:?})",
+            self.class_embed_type,
+            self.num_class_embeds
+        );
+        unsupported!(
+            self.addition_embed_type.is_some(),
+            "addition_embed_type {:?} (SDXL-style added conditioning)",
+            self.addition_embed_type
+        );
+        unsupported!(
+            self.encoder_hid_dim.is_some() || self.encoder_hid_dim_type.is_some(),
+            "encoder_hid_dim / encoder_hid_dim_type"
+        );
+        unsupported!(self.dual_cross_attention, "dual_cross_attention = true");
+        unsupported!(
+            self.num_attention_heads.is_some(),
+            "num_attention_heads (diffusers 0.24 rejects it too; use attention_head_dim)"
+        );
+        unsupported!(
+            self.time_embedding_type != "positional",
+            "time_embedding_type `{}` (only positional)",
+            self.time_embedding_type
+        );
+        unsupported!(
+            self.time_cond_proj_dim.is_some(),
+            "time_cond_proj_dim (LCM-distilled guidance embedding)"
+        );
+        unsupported!(
+            self.act_fn != "silu",
+            "act_fn `{}` (only silu)",
+            self.act_fn
+        );
+        unsupported!(
+            self.resnet_time_scale_shift != "default",
+            "resnet_time_scale_shift `{}`",
+            self.resnet_time_scale_shift
+        );
+        unsupported!(self.resnet_skip_time_act, "resnet_skip_time_act = true");
+        unsupported!(
+            self.resnet_out_scale_factor != 1.0,
+            "resnet_out_scale_factor {}",
+            self.resnet_out_scale_factor
+        );
+        unsupported!(
+            self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some(),
+            "time_embedding_act_fn / timestep_post_act"
+        );
+        unsupported!(
+            self.attention_type != "default",
+            "attention_type `{}`",
+            self.attention_type
+        );
+        unsupported!(self.class_embeddings_concat, "class_embeddings_concat");
+        unsupported!(
+            self.cross_attention_norm.is_some(),
+            "cross_attention_norm {:?}",
+            self.cross_attention_norm
+        );
+        unsupported!(
+            self.reverse_transformer_layers_per_block.is_some(),
+            "reverse_transformer_layers_per_block"
+        );
+        unsupported!(
+            matches!(self.cross_attention_dim, OneOrMany::Many(_)),
+            "per-block cross_attention_dim"
+        );
+        unsupported!(self.norm_num_groups.is_none(), "norm_num_groups = null");
+        unsupported!(
+            self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0,
+            "even conv_in_kernel / conv_out_kernel"
+        );
+        self.layers_per_block.per_block(n, "layers_per_block")?;
+        self.transformer_layers_per_block
+            .per_block(n, "transformer_layers_per_block")?;
+        self.attention_head_dim.per_block(n, "attention_head_dim")?;
+        self.only_cross_attention
+            .per_block(n, "only_cross_attention")?;
+        Ok(())
+    }
+
+    fn cross_attention_dim(&self) -> usize {
+        match &self.cross_attention_dim {
+            OneOrMany::One(v) => *v,
+            OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// Cached cross-attention keys/values for one prompt batch: one [`KvPair`] per cross-attention
+/// layer in U-Net traversal order (down blocks, mid block, up blocks; in each transformer block
+/// `attn1` when `only_cross_attention`, then `attn2`), each `[P, heads, tokens, head_dim]`.
+/// `P` is the number of prompts: equal to the sample batch (one prompt per sample) or 1 (the
+/// prompt is broadcast over the batch).
+#[derive(Debug, Clone)]
+pub struct PromptKv {
+    layers: Vec<KvPair>,
+    batch: usize,
+}
+
+impl PromptKv {
+    /// Number of prompts (rows).
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Per-layer keys/values.
+    pub fn layers(&self) -> &[KvPair] {
+        &self.layers
+    }
+}
+
+/// Cross-attention conditioning of one call.
+#[derive(Debug, Clone, Copy)]
+pub enum Conditioning<'a> {
+    /// Prompt embeddings `[P, tokens, cross_attention_dim]` (K/V computed in this call).
+    Embeddings(&'a Tensor),
+    /// Keys/values precomputed by [`UNet2DConditionModel::precompute_prompt_kv`].
+    PromptKv(&'a PromptKv),
+}
+
+/// Per-call options of [`UNet2DConditionModel::forward_ext`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardOptions {
+    /// Mode of every self-attention (`attn1`) layer.
+    pub self_attn: SelfAttnMode,
+}
+
+/// diffusers `UNet2DConditionModel` (SD 1.x / 2.x layout).
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    center_input_sample: bool,
+    config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model from `vb` (rooted at the `unet` weights) and a validated config.
+    pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
+        cfg.validate()?;
+        let boc = &cfg.block_out_channels;
+        let n = boc.len();
+        let groups = cfg.norm_num_groups.unwrap_or(32);
+        let time_embed_dim = cfg.time_embedding_dim.unwrap_or(boc[0] * 4);
+        let layers = cfg.layers_per_block.per_block(n, "layers_per_block")?;
+        let tlayers = cfg
+            .transformer_layers_per_block
+            .per_block(n, "transformer_layers_per_block")?;
+        let heads = cfg.attention_head_dim.per_block(n, "attention_head_dim")?;
+        let only_cross = cfg
+            .only_cross_attention
+            .per_block(n, "only_cross_attention")?;
+        let common = BlockCommon {
+            temb_channels: time_embed_dim,
+            groups,
+            eps: cfg.norm_eps,
+            cross_attention_dim: cfg.cross_attention_dim(),
+            use_linear_projection: cfg.use_linear_projection,
+        };
+        let conv_in = conv2d(
+            cfg.in_channels,
+            boc[0],
+            cfg.conv_in_kernel,
+            Conv2dConfig {
+                padding: (cfg.conv_in_kernel - 1) / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_in"),
+        )?;
+        let time_proj = Timesteps::new(boc[0], cfg.flip_sin_to_cos, cfg.freq_shift, vb.device())?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], time_embed_dim)?;
+
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_ch = boc[0];
+        for (i, ty) in cfg.down_block_types.iter().enumerate() {
+            let in_ch = out_ch;
+            out_ch = boc[i];
+            let attn = StageAttn {
+                heads: heads[i],
+                transformer_layers: tlayers[i],
+                only_cross_attention: only_cross[i],
+            };
+            let attn = (ty == "CrossAttnDownBlock2D").then_some(&attn);
+            down_blocks.push(DownBlock::new(
+                vb.pp("down_blocks").pp(i.to_string()),
+                in_ch,
+                out_ch,
+                layers[i],
+                i + 1 < n,
+                cfg.downsample_padding,
+                attn,
+                &common,
+            )?);
+        }
+
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            boc[n - 1],
+            1,
+            cfg.mid_block_scale_factor,
+            &StageAttn {
+                heads: heads[n - 1],
+                transformer_layers: tlayers[n - 1],
+                only_cross_attention: false,
+            },
+            &common,
+        )?;
+
+        let rev_boc: Vec<usize> = boc.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut out_ch = rev_boc[0];
+        for (i, ty) in cfg.up_block_types.iter().enumerate() {
+            let prev_out = out_ch;
+            out_ch = rev_boc[i];
+            let in_ch = rev_boc[(i + 1).min(n - 1)];
+            let r = n - 1 - i;
+            let attn = StageAttn {
+                heads: heads[r],
+                transformer_layers: tlayers[r],
+                only_cross_attention: only_cross[r],
+            };
+            let attn = (ty == "CrossAttnUpBlock2D").then_some(&attn);
+            up_blocks.push(UpBlock::new(
+                vb.pp("up_blocks").pp(i.to_string()),
+                in_ch,
+                prev_out,
+                out_ch,
+                layers[r] + 1,
+                i + 1 < n,
+                attn,
+                &common,
+            )?);
+        }
+
+        let conv_norm_out = group_norm(groups, boc[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = conv2d(
+            boc[0],
+            cfg.out_channels,
+            cfg.conv_out_kernel,
+            Conv2dConfig {
+                padding: (cfg.conv_out_kernel - 1) / 2,
+                ..Default::default()
+            },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            center_input_sample: cfg.center_input_sample,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Noise prediction for `sample: [B, in_channels, H, W]`, `timestep` (`[B]`, `[1]` or a
+    /// scalar; any numeric dtype) and `encoder_hidden_states: [B or 1, tokens, cross_dim]`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_ext(
+            sample,
+            timestep,
+            Conditioning::Embeddings(encoder_hidden_states),
+            &ForwardOptions::default(),
+        )
+    }
+
+    /// Cross-attention keys/values of every cross-attention layer for
+    /// `encoder_hidden_states: [P, tokens, cross_dim]` (P prompts; see [`PromptKv`]).
+    pub fn precompute_prompt_kv(&self, encoder_hidden_states: &Tensor) -> Result<PromptKv> {
+        let batch = encoder_hidden_states.dim(0)?;
+        let mut layers = Vec::new();
+        for b in &self.down_blocks {
+            b.collect_kv(encoder_hidden_states, &mut layers)?;
+        }
+        self.mid_block
+            .collect_kv(encoder_hidden_states, &mut layers)?;
+        for b in &self.up_blocks {
+            b.collect_kv(encoder_hidden_states, &mut layers)?;
+        }
+        Ok(PromptKv { layers, batch })
+    }
+
+    /// [`Self::forward`] with cached prompt keys/values instead of embeddings.
+    pub fn forward_with_kv(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        prompt_kv: &PromptKv,
+    ) -> Result<Tensor> {
+        self.forward_ext(
+            sample,
+            timestep,
+            Conditioning::PromptKv(prompt_kv),
+            &ForwardOptions::default(),
+        )
+    }
+
+    /// The general forward: either conditioning, and per-call [`ForwardOptions`].
+    pub fn forward_ext(
+        &self,
+        sample: &Tensor,
+        timestep: &Tensor,
+        cond: Conditioning,
+        opts: &ForwardOptions,
+    ) -> Result<Tensor> {
+        let (b, _, h, w) = sample.dims4()?;
+        let prompts = match cond {
+            Conditioning::Embeddings(e) => e.dim(0)?,
+            Conditioning::PromptKv(kv) => kv.batch,
+        };
+        if prompts != b && prompts != 1 {
+            candle_core::bail!("{prompts} prompts for a batch of {b} samples (need {b} or 1)");
+        }
+        let timestep = match timestep.rank() {
+            0 => timestep.reshape(1)?,
+            1 => timestep.clone(),
+            r => candle_core::bail!("timestep must be a scalar or a vector, got rank {r}"),
+        };
+        let timestep = match timestep.dim(0)? {
+            n if n == b => timestep,
+            1 => timestep.broadcast_as(b)?,
+            n => candle_core::bail!("{n} timesteps for a batch of {b} samples"),
+        };
+        let t_emb = self
+            .time_proj
+            .forward(&timestep)?
+            .to_dtype(sample.dtype())?;
+        let emb = self.time_embedding.forward(&t_emb)?;
+
+        let cursor_store;
+        let cond = match cond {
+            Conditioning::Embeddings(e) => Cond::Embeds(e),
+            Conditioning::PromptKv(kv) => {
+                cursor_store = KvCursor::new(&kv.layers);
+                Cond::Kv(&cursor_store)
+            }
+        };
+        let mode = opts.self_attn;
+
+        let sample = if self.center_input_sample {
+            ((sample * 2.0)? - 1.0)?
+        } else {
+            sample.clone()
+        };
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            xs = block.forward(&xs, &emb, cond, mode, &mut skips)?;
+        }
+        xs = self.mid_block.forward(&xs, &emb, cond, mode)?;
+
+        // diffusers: upsample to the skip connection's size when the latent size is not a
+        // multiple of the overall down-sampling factor.
+        let factor = 1usize << (self.up_blocks.len() - 1);
+        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+        let last = self.up_blocks.len() - 1;
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let n_skips = block.num_skips();
+            if skips.len() < n_skips {
+                candle_core::bail!("internal: U-Net skip connections exhausted");
+            }
+            let res = skips.split_off(skips.len() - n_skips);
+            let upsample_size = match skips.last() {
+                Some(s) if i != last && forward_upsample_size => {
+                    let (_, _, sh, sw) = s.dims4()?;
+                    Some((sh, sw))
+                }
+                _ => None,
+            };
+            xs = block.forward(&xs, &res, &emb, cond, mode, upsample_size)?;
+        }
+        if let Cond::Kv(cursor) = cond {
+            if cursor.consumed() != cursor.len() {
+                candle_core::bail!("PromptKv does not match this U-Net (layer count differs)");
+            }
+        }
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+/// Loads `unet/config.json` + `diffusion_pytorch_model.safetensors` from a diffusers folder
+/// (f32, CPU or the given device).
+pub fn load_from_dir(
+    dir: &std::path::Path,
+    device: &candle_core::Device,
+) -> anyhow::Result<UNet2DConditionModel> {
+    use anyhow::Context;
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading {}", cfg_path.display()))?;
+    let cfg = UNetConfig::from_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    // SAFETY: the file is memory-mapped read-only; sdcam does not modify model files while
+    // they are loaded.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+    UNet2DConditionModel::new(vb, &cfg).with_context(|| format!("loading {}", weights.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rel_err;
+    use crate::model::testutil::{fixture, golden};
+    use candle_core::Device;
+
+    fn load(name: &str) -> UNet2DConditionModel {
+        let dir = fixture(&format!("models/{name}/unet"));
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let cfg = UNetConfig::from_json(&text).unwrap();
+        let weights = dir.join("diffusion_pytorch_model.safetensors");
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap()
+        };
+        UNet2DConditionModel::new(vb, &cfg).unwrap()
+    }
+
+    fn check_golden(model: &str, golden_name: &str) {
+        let unet = load(model);
+        let g = golden(golden_name);
+        for case in 0..5 {
+            let get = |k: &str| g[&format!("case{case}.{k}")].clone();
+            let out = unet
+                .forward(
+                    &get("sample"),
+                    &get("timestep"),
+                    &get("encoder_hidden_states"),
+                )
+                .unwrap();
+            let err = rel_err(&out, &get("out")).unwrap();
+            // Tolerance: max|Δ|/max|ref| ≤ 1e-4 (f32).
+            assert!(err <= 1e-4, "{golden_name} case{case}: rel err {err}");
+            eprintln!("{golden_name} case{case}: rel err {err:.2e}");
+        }
+    }
+
+    #[test]
+    fn golden_sd15() {
+        check_golden("tiny-sd15", "unet_sd15");
+    }
+
+    #[test]
+    fn golden_sd21() {
+        check_golden("tiny-sd21", "unet_sd21");
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn forward_with_kv_matches_forward() {
+        let unet = load("tiny-sd21");
+        let g = golden("unet_sd21");
+        let sample = &g["case3.sample"];
+        let t = &g["case3.timestep"];
+        let ehs = &g["case3.encoder_hidden_states"]; // two different prompts
+        let other = &g["case0.encoder_hidden_states"];
+
+        // Batch of two prompts.
+        let kv = unet.precompute_prompt_kv(ehs).unwrap();
+        assert_eq!(kv.batch(), 2);
+        let a = unet.forward(sample, t, ehs).unwrap();
+        let b = unet.forward_with_kv(sample, t, &kv).unwrap();
+        assert!(max_abs_diff(&a, &b) <= 1e-6, "batched prompts differ");
+
+        // One prompt broadcast over the batch.
+        let one = ehs.narrow(0, 1, 1).unwrap();
+        let kv1 = unet.precompute_prompt_kv(&one).unwrap();
+        let rep = Tensor::cat(&[&one, &one], 0).unwrap();
+        let a1 = unet.forward(sample, t, &rep).unwrap();
+        let b1 = unet.forward_with_kv(sample, t, &kv1).unwrap();
+        assert!(max_abs_diff(&a1, &b1) <= 1e-6, "broadcast prompt differs");
+        assert!(
+            max_abs_diff(&a1, &a) > 1e-3,
+            "prompt change must change the output"
+        );
+
+        // The cache is really used: PromptKv of `ehs` gives `ehs`'s output, whatever
+        // embeddings are around (forward_with_kv never sees `other`).
+        let c = unet.forward(sample, t, other).unwrap();
+        assert!(max_abs_diff(&c, &a) > 1e-3);
+        let kv_other = unet.precompute_prompt_kv(other).unwrap();
+        let d = unet.forward_with_kv(sample, t, &kv_other).unwrap();
+        assert!(max_abs_diff(&c, &d) <= 1e-6);
+        assert!(max_abs_diff(&d, &b) > 1e-3);
+
+        // Mismatched prompt batch is an error.
+        let three = Tensor::cat(&[ehs, &one], 0).unwrap();
+        let kv3 = unet.precompute_prompt_kv(&three).unwrap();
+        assert!(unet.forward_with_kv(sample, t, &kv3).is_err());
+    }
+
+    #[test]
+    fn cross_frame_attention() {
+        let unet = load("tiny-sd15");
+        let g = golden("unet_sd15");
+        let sample = &g["case3.sample"];
+        let t = &g["case3.timestep"];
+        let ehs = &g["case3.encoder_hidden_states"];
+        let normal = unet.forward(sample, t, ehs).unwrap();
+        let run = |s: &Tensor, t: &Tensor, e: &Tensor, refs| {
+            let opts = ForwardOptions {
+                self_attn: SelfAttnMode::CrossFrame(refs),
+            };
+            unet.forward_ext(s, t, Conditioning::Embeddings(e), &opts)
+                .unwrap()
+        };
+        // Batch of one: identical to ordinary self-attention, for every variant.
+        let s0 = sample.narrow(0, 0, 1).unwrap();
+        let t0 = t.narrow(0, 0, 1).unwrap();
+        let e0 = ehs.narrow(0, 0, 1).unwrap();
+        let n0 = unet.forward(&s0, &t0, &e0).unwrap();
+        for refs in [FrameRefs::AllOthers, FrameRefs::First, FrameRefs::Previous] {
+            assert_eq!(
+                max_abs_diff(&run(&s0, &t0, &e0, refs), &n0),
+                0.0,
+                "{refs:?}"
+            );
+        }
+        // Batch of two: differs from normal and is deterministic.
+        for refs in [FrameRefs::AllOthers, FrameRefs::First, FrameRefs::Previous] {
+            let x = run(sample, t, ehs, refs);
+            let y = run(sample, t, ehs, refs);
+            assert_eq!(max_abs_diff(&x, &y), 0.0, "{refs:?} not deterministic");
+            assert!(max_abs_diff(&x, &normal) > 1e-4, "{refs:?} equals normal");
+            let x1 = x.narrow(0, 1, 1).unwrap();
+            let n1 = normal.narrow(0, 1, 1).unwrap();
+            assert!(
+                max_abs_diff(&x1, &n1) > 1e-4,
+                "{refs:?}: sample 1 unchanged"
+            );
+            if refs != FrameRefs::AllOthers {
+                // Sample 0 has no reference: ordinary self-attention.
+                let x0 = x.narrow(0, 0, 1).unwrap();
+                let n0 = normal.narrow(0, 0, 1).unwrap();
+                assert!(max_abs_diff(&x0, &n0) <= 1e-6, "{refs:?}: sample 0 changed");
+            }
+        }
+        // Cross-frame also works with cached prompt K/V.
+        let kv = unet.precompute_prompt_kv(ehs).unwrap();
+        let opts = ForwardOptions {
+            self_attn: SelfAttnMode::CrossFrame(FrameRefs::Previous),
+        };
+        let a = unet
+            .forward_ext(sample, t, Conditioning::PromptKv(&kv), &opts)
+            .unwrap();
+        let b = run(sample, t, ehs, FrameRefs::Previous);
+        assert!(max_abs_diff(&a, &b) <= 1e-6);
+    }
+
+    #[test]
+    fn frame_refs_rule() {
+        assert_eq!(FrameRefs::AllOthers.refs(1, 3), vec![0, 2]);
+        assert_eq!(FrameRefs::First.refs(0, 3), Vec::<usize>::new());
+        assert_eq!(FrameRefs::First.refs(2, 3), vec![0]);
+        assert_eq!(FrameRefs::Previous.refs(0, 3), Vec::<usize>::new());
+        assert_eq!(FrameRefs::Previous.refs(2, 3), vec![1]);
+    }
+
+    #[test]
+    fn unsupported_config_is_rejected() {
+        let dir = fixture("models/tiny-sd15/unet");
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["class_embed_type"] = serde_json::json!("timestep");
+        let err = UNetConfig::from_json(&v.to_string()).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("class_embed_type") || msg.contains("class embeddings"),
+            "{msg}"
+        );
+
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["dual_cross_attention"] = serde_json::json!(true);
+        let msg = format!("{:#}", UNetConfig::from_json(&v.to_string()).unwrap_err());
+        assert!(msg.contains("dual_cross_attention"), "{msg}");
+
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["time_embedding_type"] = serde_json::json!("fourier");
+        let msg = format!("{:#}", UNetConfig::from_json(&v.to_string()).unwrap_err());
+        assert!(msg.contains("fourier"), "{msg}");
+    }
+}

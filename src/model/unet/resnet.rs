@@ -1,0 +1,154 @@
+//! Convolutional blocks of the U-Net: `ResnetBlock2D` (default time-embedding shift, SiLU),
+//! `Downsample2D` (strided 3×3 conv) and `Upsample2D` (nearest upsampling to an explicit size,
+//! then 3×3 conv), with diffusers tensor names (`norm1`, `conv1`, `time_emb_proj`, `norm2`,
+//! `conv2`, `conv_shortcut`; `conv`).
+//!
+//! Note on cost: candle's CPU `conv2d` re-lays out the kernel (im2col + kernel copy) on every
+//! call; that is inside candle and not addressed here.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// Hyper-parameters of one `ResnetBlock2D`.
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetBlock2DConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub temb_channels: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub output_scale_factor: f64,
+}
+
+/// diffusers `ResnetBlock2D` (time_embedding_norm "default", act "silu", no up/down).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, c: &ResnetBlock2DConfig) -> Result<Self> {
+        let conv3 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv_shortcut = if c.in_channels != c.out_channels {
+            Some(conv2d(
+                c.in_channels,
+                c.out_channels,
+                1,
+                Conv2dConfig::default(),
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?,
+            conv1: conv2d(c.in_channels, c.out_channels, 3, conv3, vb.pp("conv1"))?,
+            time_emb_proj: linear(c.temb_channels, c.out_channels, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?,
+            conv2: conv2d(c.out_channels, c.out_channels, 3, conv3, vb.pp("conv2"))?,
+            conv_shortcut,
+            output_scale_factor: c.output_scale_factor,
+        })
+    }
+
+    /// `xs`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` → `[B, C_out, H, W]`.
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::silu(&self.norm1.forward(xs)?)?;
+        let h = self.conv1.forward(&h)?;
+        let t = self
+            .time_emb_proj
+            .forward(&candle_nn::ops::silu(temb)?)?
+            .unsqueeze(D::Minus1)?
+            .unsqueeze(D::Minus1)?;
+        let h = h.broadcast_add(&t)?;
+        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers `Downsample2D` with `use_conv=True`: 3×3 conv, stride 2. With `padding == 0`
+/// the input is first padded by one on the right and bottom, as diffusers does.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding,
+            stride: 2,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d(in_channels, out_channels, 3, cfg, vb.pp("conv"))?,
+            padding,
+        })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            let xs = xs
+                .pad_with_zeros(D::Minus1, 0, 1)?
+                .pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// diffusers `Upsample2D` with `use_conv=True`: nearest-neighbour upsampling then 3×3 conv.
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: conv2d(in_channels, out_channels, 3, cfg, vb.pp("conv"))?,
+        })
+    }
+
+    /// Upsamples to `size = (h, w)` when given (diffusers' `upsample_size`, used when the latent
+    /// size is not a multiple of the total down-sampling factor), else by a factor of 2.
+    /// PyTorch's nearest mode (`src = floor(dst · in/out)`) is what candle implements.
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        let xs = xs.upsample_nearest2d(th, tw)?;
+        self.conv.forward(&xs)
+    }
+}

@@ -380,6 +380,31 @@ mod tests {
         assert!(err <= 1e-4, "rel err {err}");
     }
 
+    #[test]
+    fn unet_fused_matches_golden() {
+        use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+        let lora = lora();
+        let mut unet = weights(UNET);
+        let report = fuse_into(&mut unet, &lora, LoraTarget::Unet, 0.7).unwrap();
+        assert_eq!(report.fused, 79);
+        let text = std::fs::read_to_string(fixture("models/tiny-sd15/unet/config.json")).unwrap();
+        let cfg = UNetConfig::from_json(&text).unwrap();
+        let vb = VarBuilder::from_tensors(unet, DType::F32, &Device::Cpu);
+        let model = UNet2DConditionModel::new(vb, &cfg).unwrap();
+        let g = golden("lora_sd15");
+        for case in ["case0", "case3"] {
+            let out = model
+                .forward(
+                    &g[&format!("{case}.sample")],
+                    &g[&format!("{case}.timestep")],
+                    &g[&format!("{case}.encoder_hidden_states")],
+                )
+                .unwrap();
+            let err = rel_err(&out, &g[&format!("{case}.out")]).unwrap();
+            assert!(err <= 1e-4, "{case}: rel err {err}");
+        }
+    }
+
     /// Independent scalar evaluation of W + s·(alpha/r)·up@down for one module.
     fn check_formula(weights_rel: &str, target: LoraTarget, stem: &str, weight_name: &str) {
         let raw: HashMap<String, Tensor> = candle_core::safetensors::load(
@@ -522,7 +547,7 @@ mod tests {
         let lora = LoraFile::from_tensors(t).unwrap();
         let mut unet = weights(UNET);
         let before = unet["down_blocks.0.resnets.0.conv1.weight"].clone();
-        let r = fuse_into(&mut unet, &lora, LoraTarget::Unet, 0.5).unwrap();
+        let r = fuse_into(&mut unet, &lora, LoraTarget::Unet, 0.7).unwrap();
         assert_eq!(r.fused, 1);
         // No alpha: factor 1, so every element grows by 0.5 · rank(2) · 1 · 1 = 1.
         let diff = (&unet["down_blocks.0.resnets.0.conv1.weight"] - &before).unwrap();

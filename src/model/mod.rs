@@ -26,7 +26,6 @@ pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
 }
 
 #[cfg(test)]
-#[allow(dead_code)] // used by the component tests as they land
 pub(crate) mod testutil {
     //! Access to the reference fixtures made by `scripts/reference/make_fixtures.py`.
     use std::collections::HashMap;

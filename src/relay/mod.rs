@@ -371,9 +371,12 @@ impl Capture {
                 self.source = None;
                 match self.open(&cfg) {
                     Ok(s) => s,
-                    Err(_) => {
+                    Err(second) => {
+                        // The first try failed only because the old camera was still open; the
+                        // second one, with the camera free, has the real reason.
+                        tracing::debug!("opening the new camera beside the old one: {first:#}");
                         self.source = self.open(&self.cfg).ok();
-                        return Err(first);
+                        return Err(second);
                     }
                 }
             }
@@ -615,9 +618,13 @@ impl Output {
                 }
                 match self.opener.sink(&cfg) {
                     Ok(s) => s,
-                    Err(_) => {
+                    Err(second) => {
+                        // The first try failed only because sdcam's own writer still held the
+                        // device ("in use by another writer"); the second one, with the device
+                        // free, has the real reason (e.g. a reader holds the old format).
+                        tracing::debug!("opening the new output beside the old one: {first:#}");
                         self.sink = self.opener.sink(&self.cfg).ok();
-                        return Err(first);
+                        return Err(second);
                     }
                 }
             }

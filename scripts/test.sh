@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Everything CI checks: formatting, clippy, and the whole test suite (unit, end-to-end, Xvfb).
+# Everything CI checks: formatting, clippy, the whole test suite (unit, end-to-end, Xvfb) and
+# the real-device VM test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh --test
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 CI="${CI:-}" cargo test --locked "$@"
+# Real devices: a qemu VM with vivid and v4l2loopback, sdcam in between, ffmpeg/v4l2-ctl as
+# clients (tests/vm/README.md). Needs apt and about 2 minutes; SDCAM_SKIP_VM=1 skips it.
+if [[ "${SDCAM_SKIP_VM:-}" != 1 ]]; then
+    bash tests/vm/run.sh --quick
+fi

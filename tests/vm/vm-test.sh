@@ -257,7 +257,7 @@ grab r 2; check_picture r
 kept=$(grep 'output kept' "$SDCAM_LOG" | tail -1)
 [ -n "$kept" ] || log "note: the size change under a reader was applied (no 'output kept' error)"
 # The error must name the real cause (the format is held by the reader), not a phantom writer:
-# sdcam's own old writer was still open during its first try (tests/vm/patches/0001).
+# sdcam's own old writer was still open during its first try (fixed in src/relay/mod.rs, Output::switch).
 case "$kept" in *"in use by another writer"*) fail "misleading error for the refused size change: $kept" ;; esac
 pass "${kept#*ERROR }"
 

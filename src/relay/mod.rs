@@ -777,28 +777,30 @@ impl Output {
             if Instant::now() > next_tick + period {
                 next_tick = Instant::now() + period; // fell behind: no burst
             }
-            let frame = match self.input.try_take_newest() {
-                Taken::Item { item, skipped } => {
-                    let out = self.accept(item, skipped, &mut last_rgb)?;
-                    self.last = Some(out.clone());
-                    out
-                }
+            // The frame to write and whether it becomes the one repeated on later ticks. The
+            // last frame is moved out and back rather than copied on every tick.
+            let (frame, keep) = match self.input.try_take_newest() {
+                Taken::Item { item, skipped } => (self.accept(item, skipped, &mut last_rgb)?, true),
                 Taken::Closed if self.stop.load(Relaxed) || self.last.is_some() => {
                     // Upstream finished and everything queued has been written.
                     return Ok(());
                 }
-                _ => match &self.last {
+                _ => match self.last.take() {
                     Some(f) => {
                         self.stats.repeated.fetch_add(1, Relaxed);
-                        f.clone()
+                        (f, true)
                     }
                     None => {
                         self.stats.placeholders.fetch_add(1, Relaxed);
-                        self.placeholder()?
+                        (self.placeholder()?, false)
                     }
                 },
             };
-            if !self.write(&frame)? {
+            let go_on = self.write(&frame)?;
+            if keep {
+                self.last = Some(frame);
+            }
+            if !go_on {
                 return Ok(());
             }
         }

@@ -9,6 +9,7 @@ pub mod clip;
 pub mod hub;
 pub mod lora;
 pub mod scheduler;
+pub mod sd;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;

@@ -1,0 +1,381 @@
+//! One Stable Diffusion model, loaded as a whole: tokenizer, text encoder, U-Net, VAE (TAESD or
+//! the full AutoencoderKL) and the LCM scheduler tables, from a diffusers folder or the Hugging
+//! Face cache, with LoRAs fused at load time. This is what the stream pipeline holds.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::clip::{ClipTextConfig, ClipTextModel};
+use super::hub::{self, ComponentFiles, HubOptions};
+use super::lora::{fuse_into, LoraFile, LoraTarget};
+use super::scheduler::LcmScheduler;
+use super::taesd::{AutoencoderTiny, AutoencoderTinyConfig};
+use super::tokenizer::ClipTokenizer;
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{AutoencoderKL, AutoencoderKLConfig};
+
+/// What to load: the profile's `[model]` table in model-layer terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// Hub repo id or local diffusers folder.
+    pub id: String,
+    pub revision: Option<String>,
+    /// TAESD repo/folder; `None` uses the model's own AutoencoderKL.
+    pub tiny_vae: Option<String>,
+    /// LoRAs (repo id, folder or `.safetensors` path) with their scales, fused in order.
+    pub loras: Vec<(String, f32)>,
+    pub dtype: DType,
+}
+
+/// The autoencoder in use, with StreamDiffusion's latent scaling applied on both sides.
+#[derive(Debug, Clone)]
+pub enum Vae {
+    Tiny(AutoencoderTiny),
+    Kl(Box<AutoencoderKL>),
+}
+
+impl Vae {
+    /// Image `[B, 3, H, W]` in −1..1 → U-Net latents (`× scaling_factor`; the KL VAE uses the
+    /// mean of its latent distribution).
+    pub fn encode(&self, image: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Vae::Tiny(t) => scale(t.encode(image)?, t.scaling_factor()),
+            Vae::Kl(k) => scale(k.encode_mean(image)?, k.scaling_factor()),
+        }
+    }
+
+    /// U-Net latents → image, nominally in −1..1 (not clamped).
+    pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Vae::Tiny(t) => t.decode(&scale(latents.clone(), 1.0 / t.scaling_factor())?),
+            Vae::Kl(k) => k.decode(&scale(latents.clone(), 1.0 / k.scaling_factor())?),
+        }
+    }
+
+    /// `"taesd"` or `"vae"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Vae::Tiny(_) => "taesd",
+            Vae::Kl(_) => "vae",
+        }
+    }
+}
+
+fn scale(t: Tensor, f: f64) -> candle_core::Result<Tensor> {
+    if f == 1.0 {
+        Ok(t)
+    } else {
+        t.affine(f, 0.0)
+    }
+}
+
+/// A loaded Stable Diffusion pipeline's components.
+#[derive(Debug)]
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: Vae,
+    pub scheduler: LcmScheduler,
+    /// Image pixels per latent pixel (8 for every SD VAE and TAESD).
+    pub vae_scale_factor: usize,
+    pub device: Device,
+    pub dtype: DType,
+    /// For logs: where it came from, VAE kind, LoRAs.
+    pub description: String,
+    /// The model folder is marked as random weights (test fixtures, `random:` architectures).
+    pub random_weights: bool,
+}
+
+/// A file in a model folder that marks its weights as random (made by the fixture script).
+pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
+
+/// The candle device for a profile's `model.device`.
+pub fn device_for(name: crate::profile::DeviceName) -> Result<Device> {
+    use crate::profile::DeviceName;
+    match name {
+        DeviceName::Cpu => Ok(Device::Cpu),
+        DeviceName::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!(
+                    "model.device = \"cuda\" but this sdcam was built without CUDA; rebuild with \
+                     `cargo build --release --features cuda` or set model.device = \"cpu\""
+                );
+            }
+            Device::new_cuda(0).context("opening CUDA device 0")
+        }
+        DeviceName::Metal => {
+            if !candle_core::utils::metal_is_available() {
+                bail!(
+                    "model.device = \"metal\" but this sdcam was built without Metal; rebuild \
+                     with `cargo build --release --features metal` or set model.device = \"cpu\""
+                );
+            }
+            Device::new_metal(0).context("opening Metal device 0")
+        }
+    }
+}
+
+/// The candle dtype for a profile's `model.dtype`.
+pub fn dtype_for(name: crate::profile::DtypeName) -> DType {
+    use crate::profile::DtypeName;
+    match name {
+        DtypeName::F32 => DType::F32,
+        DtypeName::F16 => DType::F16,
+        DtypeName::Bf16 => DType::BF16,
+    }
+}
+
+/// Loads a component's weights: memory-mapped when nothing is fused into them, else read into
+/// memory and fused with every LoRA that has modules for `target`.
+fn component_vb(
+    files: &ComponentFiles,
+    loras: &[(LoraFile, f32, String)],
+    target: LoraTarget,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    let relevant: Vec<_> = loras
+        .iter()
+        .filter(|(l, _, _)| l.num_modules(target) > 0)
+        .collect();
+    if relevant.is_empty() {
+        return hub::load_var_builder(&files.weights, dtype, device);
+    }
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for w in &files.weights {
+        let t = candle_core::safetensors::load(w, &Device::Cpu)
+            .with_context(|| format!("reading {}", w.display()))?;
+        tensors.extend(t);
+    }
+    for (lora, scale, name) in relevant {
+        let report = fuse_into(&mut tensors, lora, target, *scale)
+            .with_context(|| format!("fusing LoRA {name} into the {target:?}"))?;
+        tracing::info!(
+            "LoRA {name}: fused {} {target:?} module(s) at scale {scale}",
+            report.fused
+        );
+    }
+    Ok(VarBuilder::from_tensors(tensors, dtype, device))
+}
+
+impl StableDiffusion {
+    /// Resolves (cache first, then the hub unless offline) and loads every component.
+    pub fn load(spec: &ModelSpec, device: &Device, opts: &HubOptions) -> Result<Self> {
+        let dtype = spec.dtype;
+        let files = hub::resolve_model(&spec.id, spec.revision.as_deref(), dtype, opts)?;
+        let mut loras = Vec::new();
+        for (id, scale) in &spec.loras {
+            let path = hub::resolve_lora(id, None, None, opts)?;
+            let file = LoraFile::load(&path)?;
+            loras.push((file, *scale, id.clone()));
+        }
+
+        let tokenizer = ClipTokenizer::from_dir(&files.tokenizer_dir)?;
+        let text_cfg = ClipTextConfig::from_file(&files.text_encoder.config)?;
+        let text_vb = component_vb(
+            &files.text_encoder,
+            &loras,
+            LoraTarget::TextEncoder,
+            dtype,
+            device,
+        )?;
+        let text_encoder = ClipTextModel::new(text_vb, &text_cfg)
+            .with_context(|| in_files("text encoder", &files.text_encoder))?;
+
+        let unet_cfg: UNetConfig = {
+            let text = std::fs::read_to_string(&files.unet.config)
+                .with_context(|| format!("reading {}", files.unet.config.display()))?;
+            UNetConfig::from_json(&text)
+                .with_context(|| format!("in {}", files.unet.config.display()))?
+        };
+        let unet_vb = component_vb(&files.unet, &loras, LoraTarget::Unet, dtype, device)?;
+        let unet = UNet2DConditionModel::new(unet_vb, &unet_cfg)
+            .with_context(|| in_files("U-Net", &files.unet))?;
+
+        let (vae, vae_desc) = match &spec.tiny_vae {
+            Some(tiny) => {
+                let tf = hub::resolve_tiny_vae(tiny, None, dtype, opts)?;
+                let cfg = AutoencoderTinyConfig::from_file(&tf.config)?;
+                let vb = hub::load_var_builder(&tf.weights, dtype, device)?;
+                let t = AutoencoderTiny::new(vb, &cfg).with_context(|| in_files("TAESD", &tf))?;
+                (Vae::Tiny(t), format!("TAESD {tiny}"))
+            }
+            None => {
+                let cfg = AutoencoderKLConfig::from_file(&files.vae.config)?;
+                let vb = hub::load_var_builder(&files.vae.weights, dtype, device)?;
+                let k =
+                    AutoencoderKL::new(vb, &cfg).with_context(|| in_files("VAE", &files.vae))?;
+                (Vae::Kl(Box::new(k)), "its own VAE".to_string())
+            }
+        };
+        let scheduler = LcmScheduler::from_config_file(&files.scheduler_config)?;
+        let mut description = format!("{} with {vae_desc}", files.source);
+        for (id, s) in &spec.loras {
+            description.push_str(&format!(", LoRA {id} ×{s}"));
+        }
+        let random_weights = files.root.join(RANDOM_WEIGHTS_MARKER).is_file();
+        if random_weights {
+            description.push_str(" [RANDOM WEIGHTS]");
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            vae_scale_factor: 8,
+            device: device.clone(),
+            dtype,
+            description,
+            random_weights,
+        })
+    }
+
+    /// Prompt embeddings `[1, 77, cross_attention_dim]` as diffusers' `encode_prompt` makes them
+    /// (no clip skip).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        let emb = self
+            .text_encoder
+            .forward(&ids)
+            .with_context(|| format!("encoding the prompt {prompt:?}"))?;
+        Ok(emb.to_dtype(self.dtype)?)
+    }
+}
+
+fn in_files(what: &str, files: &ComponentFiles) -> String {
+    let w: Vec<String> = files
+        .weights
+        .iter()
+        .map(|p: &PathBuf| p.display().to_string())
+        .collect();
+    format!(
+        "loading the {what} from {} ({})",
+        w.join(", "),
+        files.config.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rel_err;
+    use crate::model::testutil::{fixture, golden};
+
+    fn offline_cache() -> HubOptions {
+        HubOptions {
+            cache_dir: fixture("hf-cache/hub"),
+            offline: true,
+            token: None,
+            endpoint: None,
+            progress: false,
+        }
+    }
+
+    fn spec(id: &str, tiny: Option<&str>) -> ModelSpec {
+        ModelSpec {
+            id: id.into(),
+            revision: None,
+            tiny_vae: tiny.map(str::to_string),
+            loras: vec![],
+            dtype: DType::F32,
+        }
+    }
+
+    #[test]
+    fn loads_from_the_cache_and_matches_components() {
+        let sd = StableDiffusion::load(
+            &spec(
+                "sdcam-fixtures/tiny-sd15",
+                Some("sdcam-fixtures/tiny-taesd"),
+            ),
+            &Device::Cpu,
+            &offline_cache(),
+        )
+        .unwrap();
+        assert_eq!(sd.vae.kind(), "taesd");
+        // The U-Net computes what diffusers computes (the same check as the component test, but
+        // through the whole-model loader).
+        let g = golden("unet_sd15");
+        let out = sd
+            .unet
+            .forward(
+                &g["case0.sample"],
+                &g["case0.timestep"],
+                &g["case0.encoder_hidden_states"],
+            )
+            .unwrap();
+        assert!(rel_err(&out, &g["case0.out"]).unwrap() <= 1e-4);
+        // TAESD encode with the pipeline's scaling (TAESD's factor is 1).
+        let t = golden("taesd");
+        let z = sd.vae.encode(&t["enc0.image"]).unwrap();
+        assert!(rel_err(&z, &t["enc0.latents"]).unwrap() <= 1e-4);
+    }
+
+    #[test]
+    fn loads_a_local_folder_with_its_own_vae_and_lora() {
+        let dir = fixture("models/tiny-sd15");
+        let mut s = spec(dir.to_str().unwrap(), None);
+        s.loras = vec![(
+            fixture("models/tiny-lora/pytorch_lora_weights.safetensors")
+                .display()
+                .to_string(),
+            0.7,
+        )];
+        let sd = StableDiffusion::load(&s, &Device::Cpu, &offline_cache()).unwrap();
+        assert_eq!(sd.vae.kind(), "vae");
+        // LoRA fused into both U-Net and text encoder = diffusers' fuse_lora at 0.7.
+        let g = golden("lora_sd15");
+        let emb = sd.text_encoder.forward(&g["text.input_ids"]).unwrap();
+        assert!(rel_err(&emb, &g["text.prompt_embeds"]).unwrap() <= 1e-4);
+        let out = sd
+            .unet
+            .forward(
+                &g["case0.sample"],
+                &g["case0.timestep"],
+                &g["case0.encoder_hidden_states"],
+            )
+            .unwrap();
+        assert!(rel_err(&out, &g["case0.out"]).unwrap() <= 1e-4);
+        // The KL VAE's encode is the scaled mean.
+        let v = golden("vae_sd15");
+        let z = sd.vae.encode(&v["enc0.image"]).unwrap();
+        assert!(rel_err(&z, &v["enc0.mean_scaled"]).unwrap() <= 1e-4);
+    }
+
+    #[test]
+    fn a_missing_model_says_what_to_do() {
+        let e = StableDiffusion::load(
+            &spec("sdcam-fixtures/not-there", None),
+            &Device::Cpu,
+            &offline_cache(),
+        )
+        .unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("not-there"), "{msg}");
+    }
+
+    #[test]
+    fn prompt_embeddings_match_the_text_encoder_golden() {
+        let sd = StableDiffusion::load(
+            &spec(
+                "sdcam-fixtures/tiny-sd15",
+                Some("sdcam-fixtures/tiny-taesd"),
+            ),
+            &Device::Cpu,
+            &offline_cache(),
+        )
+        .unwrap();
+        let ids = sd.tokenizer.encode("a photo of a cat").unwrap();
+        assert_eq!(ids.len(), 77);
+        let e = sd.encode_prompt("a photo of a cat").unwrap();
+        assert_eq!(e.dims(), &[1, 77, 32]);
+    }
+}

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod devices;
 pub mod frame;
 pub mod model;
+pub mod pipeline;
 pub mod profile;
 pub mod relay;
 pub mod sink;

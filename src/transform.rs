@@ -1,7 +1,7 @@
 //! The transform stage's seam: what turns each pre-processed RGB frame into the output picture.
 //!
-//! The diffusion pipeline implements [`Transform`]; until it exists, the relay ships cheap
-//! built-ins (`identity`, `tint`, `posterize`) so that live changes are visible on the output.
+//! The diffusion pipeline ([`crate::pipeline::DiffusionTransform`]) implements [`Transform`];
+//! cheap built-ins (`identity`, `tint`, `posterize`) serve tests and model-free runs.
 
 use crate::frame::{Frame, PixelFormat};
 use crate::profile::{Profile, TransformKind};
@@ -14,6 +14,17 @@ pub trait Transform: Send {
     /// Turns an RGB24 frame at the stream size into an RGB24 frame (any size; the output stage
     /// resizes). Must not block for long: the output keeps repeating the last frame meanwhile.
     fn process(&mut self, input: &Frame) -> Result<Frame>;
+    /// Processes one input into zero or more outputs, appended to `out`: a pipeline that takes
+    /// several frames per call returns nothing until it has them, then all of its outputs.
+    /// The default returns [`Transform::process`]'s frame.
+    fn process_into(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<()> {
+        out.push(self.process(input)?);
+        Ok(())
+    }
+    /// How many calls so far were answered without running the model (similarity filter).
+    fn skipped(&self) -> u64 {
+        0
+    }
     /// Applies changed live settings (prompt, stream settings). On error the transform must keep
     /// running with its previous settings.
     fn apply(&mut self, profile: &Profile) -> Result<()>;
@@ -25,10 +36,7 @@ pub fn build(profile: &Profile) -> Result<Box<dyn Transform>> {
         TransformKind::Identity => Box::new(Identity),
         TransformKind::Tint => Box::new(Tint::default()),
         TransformKind::Posterize => Box::new(Posterize),
-        TransformKind::Diffusion => anyhow::bail!(
-            "transform = \"diffusion\" needs the StreamDiffusion pipeline, which is not built yet \
-             (tracked in issue #4); use transform = \"tint\", \"posterize\" or \"identity\" for now"
-        ),
+        TransformKind::Diffusion => Box::new(crate::pipeline::DiffusionTransform::load(profile)?),
     };
     t.apply(profile)?;
     Ok(t)
@@ -162,12 +170,13 @@ mod tests {
     }
 
     #[test]
-    fn diffusion_is_reported_as_not_built() {
-        let p = Profile {
+    fn diffusion_with_a_missing_model_says_which() {
+        let mut p = Profile {
             transform: TransformKind::Diffusion,
             ..Default::default()
         };
-        let e = build(&p).err().unwrap().to_string();
-        assert!(e.contains("not built yet"), "{e}");
+        p.model.id = "/nonexistent/sdcam-model".into();
+        let e = format!("{:#}", build(&p).err().unwrap());
+        assert!(e.contains("/nonexistent/sdcam-model"), "{e}");
     }
 }

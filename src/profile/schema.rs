@@ -18,7 +18,7 @@ pub struct Profile {
     pub negative_prompt: String,
     /// Optional playlist: SIGUSR2 (or the `next` command) advances to the next one, wrapping.
     pub prompts: Vec<String>,
-    /// The transform between input and output: `diffusion` (StreamDiffusion, not built yet),
+    /// The transform between input and output: `diffusion` (the StreamDiffusion pipeline),
     /// or the cheap built-ins `identity`, `tint` (a prompt-coloured wash) and `posterize`.
     pub transform: TransformKind,
     pub source: SourceConfig,
@@ -305,6 +305,12 @@ pub struct StreamConfig {
     pub cross_frame_attention: bool,
     /// Blend prompt embeddings over this many frames when the prompt changes (0 = switch at once).
     pub prompt_blend_frames: u32,
+    /// Fill the latent buffer from the first frame, so the first output is already an image
+    /// (the reference starts from zeros and shows len(t_index_list) − 1 brown frames).
+    pub warm_start: bool,
+    /// Load the pre-sampled noise (and txt2img latents) from this safetensors file instead of
+    /// drawing it from `seed`, to compare runs exactly with the Python reference.
+    pub noise_file: Option<String>,
 }
 
 impl Default for StreamConfig {
@@ -327,6 +333,8 @@ impl Default for StreamConfig {
             max_skip_frame: 10,
             cross_frame_attention: false,
             prompt_blend_frames: 0,
+            warm_start: true,
+            noise_file: None,
         }
     }
 }

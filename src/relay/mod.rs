@@ -168,6 +168,7 @@ impl Relay {
                 })?,
         ));
         let tstage = TransformStage {
+            skipped_seen: s.transform.as_ref().map_or(0, |t| t.skipped()),
             transform: s.transform,
             stop: stop.clone(),
             input: in_rx,
@@ -469,6 +470,8 @@ struct TransformStage {
     paused: Arc<AtomicBool>,
     stats: Arc<Stats>,
     every_frame: bool,
+    /// The transform's skip count already added to the stats.
+    skipped_seen: u64,
 }
 
 impl TransformStage {
@@ -483,6 +486,7 @@ impl TransformStage {
             }
             TransformMsg::Replace(t, ack) => {
                 tracing::info!("transform: {}", t.name());
+                self.skipped_seen = t.skipped();
                 self.transform = Some(t);
                 let _ = ack.send(Ok(()));
             }
@@ -534,16 +538,25 @@ impl TransformStage {
                 continue;
             }
             let t0 = Instant::now();
-            match transform.process(&frame) {
-                Ok(out) => {
+            let mut outs = Vec::new();
+            let result = transform.process_into(&frame, &mut outs);
+            let skipped = transform.skipped();
+            self.stats
+                .model_skipped
+                .fetch_add(skipped.saturating_sub(self.skipped_seen), Relaxed);
+            self.skipped_seen = skipped;
+            match result {
+                Ok(()) => {
                     consecutive_errors = 0;
                     self.stats.time(Stage::Transform, t0.elapsed());
                     self.stats.transformed.fetch_add(1, Relaxed);
-                    match self.out.push(out) {
-                        Pushed::Ok { dropped } => {
-                            self.stats.output_dropped.fetch_add(dropped, Relaxed);
+                    for out in outs {
+                        match self.out.push(out) {
+                            Pushed::Ok { dropped } => {
+                                self.stats.output_dropped.fetch_add(dropped, Relaxed);
+                            }
+                            Pushed::Closed => return Ok(()),
                         }
-                        Pushed::Closed => break,
                     }
                 }
                 Err(e) => {

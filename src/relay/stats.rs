@@ -58,6 +58,8 @@ pub struct Stats {
     /// Input frames dropped because a newer one arrived before the transform took them.
     pub input_dropped: AtomicU64,
     pub transformed: AtomicU64,
+    /// Transform calls answered without running the model (similarity filter skips).
+    pub model_skipped: AtomicU64,
     pub transform_errors: AtomicU64,
     /// Transformed frames dropped because a newer one arrived before the output tick.
     pub output_dropped: AtomicU64,
@@ -77,6 +79,7 @@ impl Default for Stats {
             captured: AtomicU64::new(0),
             input_dropped: AtomicU64::new(0),
             transformed: AtomicU64::new(0),
+            model_skipped: AtomicU64::new(0),
             transform_errors: AtomicU64::new(0),
             output_dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -107,6 +110,7 @@ impl Stats {
             captured: self.captured.load(Relaxed),
             input_dropped: self.input_dropped.load(Relaxed),
             transformed: self.transformed.load(Relaxed),
+            model_skipped: self.model_skipped.load(Relaxed),
             transform_errors: self.transform_errors.load(Relaxed),
             output_dropped: self.output_dropped.load(Relaxed),
             written: self.written.load(Relaxed),
@@ -126,6 +130,7 @@ pub struct Snapshot {
     pub captured: u64,
     pub input_dropped: u64,
     pub transformed: u64,
+    pub model_skipped: u64,
     pub transform_errors: u64,
     pub output_dropped: u64,
     pub written: u64,
@@ -139,20 +144,28 @@ pub struct Snapshot {
 impl Snapshot {
     /// A one-line status: rates since `prev` (or since start), latency and loss counters.
     pub fn status_line(&self, prev: Option<&Snapshot>) -> String {
-        let (dt, c0, t0, w0) = match prev {
+        let (dt, c0, t0, s0, w0) = match prev {
             Some(p) => (
                 (self.at - p.at).as_secs_f64(),
                 p.captured,
                 p.transformed,
+                p.model_skipped,
                 p.written,
             ),
-            None => (self.uptime.as_secs_f64(), 0, 0, 0),
+            None => (self.uptime.as_secs_f64(), 0, 0, 0, 0),
         };
         let rate = |a: u64, b: u64| if dt > 0.0 { (a - b) as f64 / dt } else { 0.0 };
+        let calls = self.transformed.saturating_sub(t0);
+        let skipped = self.model_skipped.saturating_sub(s0).min(calls);
+        let skip = if skipped > 0 {
+            format!(" (skip {:.0}%)", 100.0 * skipped as f64 / calls as f64)
+        } else {
+            String::new()
+        };
         format!(
-            "in {:.1} fps | transform {:.1} fps | out {:.1} fps | latency {:.0} ms | dropped {} | repeated {}",
+            "in {:.1} fps | model {:.1} fps{skip} | out {:.1} fps | latency {:.0} ms | dropped {} | repeated {}",
             rate(self.captured, c0),
-            rate(self.transformed, t0),
+            if dt > 0.0 { (calls - skipped) as f64 / dt } else { 0.0 },
             rate(self.written, w0),
             self.timings.latency.avg_ms,
             self.input_dropped + self.output_dropped,
@@ -173,8 +186,8 @@ impl fmt::Display for Snapshot {
         )?;
         writeln!(
             f,
-            "transformed   {} ({} errors)",
-            self.transformed, self.transform_errors
+            "transformed   {} ({} errors, {} answered by the similarity filter)",
+            self.transformed, self.transform_errors, self.model_skipped
         )?;
         writeln!(f, "output drops  {}", self.output_dropped)?;
         writeln!(
@@ -221,5 +234,12 @@ mod tests {
             b.status_line(Some(&a))
         );
         assert!(b.to_string().contains("written       30"));
+        // Similarity-filter skips lower the model rate and show as a share.
+        s.transformed.fetch_add(10, Relaxed);
+        s.model_skipped.fetch_add(4, Relaxed);
+        let mut c = s.snapshot();
+        c.at = b.at + Duration::from_secs(2);
+        let line = c.status_line(Some(&b));
+        assert!(line.contains("model 3.0 fps (skip 40%)"), "{line}");
     }
 }

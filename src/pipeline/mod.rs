@@ -1,0 +1,306 @@
+//! The StreamDiffusion pipeline (arXiv 2312.12491) as the relay's transform: pre-processed RGB
+//! frames in, stylised RGB frames out, with Stream Batch, R-CFG, the stochastic similarity
+//! filter and live prompt/settings changes.
+//!
+//! * [`stream`]: the tensor pipeline (batch denoising, R-CFG, pre-computation);
+//! * [`filter`]: the similarity filter;
+//! * [`noise`]: seeded or file-provided noise.
+
+pub mod filter;
+pub mod noise;
+pub mod stream;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+
+use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::model::hub::HubOptions;
+use crate::model::sd::{self, ModelSpec, StableDiffusion};
+use crate::profile::{ModelConfig, Profile, StreamMode};
+use crate::transform::Transform;
+
+pub use filter::{FilterSettings, SimilarityFilter};
+pub use noise::Noise;
+pub use stream::{LiveParams, StreamDiffusion, StreamParams};
+
+/// The model part of a profile in model-layer terms.
+pub fn model_spec(m: &ModelConfig) -> ModelSpec {
+    ModelSpec {
+        id: m.id.clone(),
+        revision: m.revision.clone(),
+        tiny_vae: (!m.tiny_vae.is_empty()).then(|| m.tiny_vae.clone()),
+        loras: m
+            .lora
+            .iter()
+            .map(|l| (l.id.clone(), l.scale as f32))
+            .collect(),
+        dtype: sd::dtype_for(m.dtype),
+    }
+}
+
+/// Loads the profile's model (the slow part: seconds to minutes for a real model).
+pub fn load_model(m: &ModelConfig) -> Result<StableDiffusion> {
+    let device = sd::device_for(m.device)?;
+    let t0 = std::time::Instant::now();
+    let model = StableDiffusion::load(&model_spec(m), &device, &HubOptions::from_env())
+        .with_context(|| format!("loading model {}", m.id))?;
+    tracing::info!(
+        "model: {} loaded in {:.1} s",
+        model.description,
+        t0.elapsed().as_secs_f64()
+    );
+    if model.random_weights {
+        tracing::warn!(
+            "model {} has RANDOM WEIGHTS (a test/demo model): the output is abstract noise, \
+             not a stylised picture; set model.id to a real model such as stabilityai/sd-turbo",
+            m.id
+        );
+    }
+    Ok(model)
+}
+
+/// The stream settings of a profile.
+pub fn stream_params(p: &Profile) -> StreamParams {
+    let s = &p.stream;
+    StreamParams {
+        width: s.width as usize,
+        height: s.height as usize,
+        mode: s.mode,
+        t_index_list: s.t_index_list.iter().map(|&i| i as usize).collect(),
+        num_inference_steps: s.num_inference_steps as usize,
+        frame_buffer_size: s.frame_buffer_size as usize,
+        use_denoising_batch: s.use_denoising_batch,
+        do_add_noise: s.do_add_noise,
+        cfg_type: s.cfg_type,
+        seed: s.seed,
+        warm_start: s.warm_start,
+    }
+}
+
+/// The settings that change without preparing again.
+pub fn live_params(p: &Profile) -> LiveParams {
+    LiveParams {
+        guidance_scale: p.stream.guidance_scale,
+        delta: p.stream.delta,
+        cross_frame_attention: p.stream.cross_frame_attention,
+    }
+}
+
+fn filter_settings(p: &Profile) -> Option<FilterSettings> {
+    p.stream.similarity_filter.then_some(FilterSettings {
+        threshold: p.stream.similarity_threshold,
+        max_skip_frame: p.stream.max_skip_frame,
+    })
+}
+
+fn make_noise(p: &Profile) -> Result<Noise> {
+    match &p.stream.noise_file {
+        Some(f) => Noise::from_file(Path::new(f)),
+        None => Ok(Noise::seeded(p.stream.seed)),
+    }
+}
+
+/// The pipeline as a relay [`Transform`].
+pub struct DiffusionTransform {
+    stream: StreamDiffusion,
+    prompt: String,
+    negative: String,
+    noise_file: Option<String>,
+    blend_frames: u32,
+    filter: Option<SimilarityFilter>,
+    /// Inputs collected for a call (`frame_buffer_size` of them).
+    pending: Vec<Frame>,
+    /// The last output, re-sent when the similarity filter skips a frame.
+    last: Option<Frame>,
+    skipped: u64,
+}
+
+impl DiffusionTransform {
+    /// Loads the profile's model and prepares the stream.
+    pub fn load(p: &Profile) -> Result<Self> {
+        let model = Arc::new(load_model(&p.model)?);
+        Self::with_model(model, p)
+    }
+
+    /// Prepares a stream over an already loaded model.
+    pub fn with_model(model: Arc<StableDiffusion>, p: &Profile) -> Result<Self> {
+        let stream = StreamDiffusion::prepare(
+            model,
+            stream_params(p),
+            live_params(p),
+            &p.prompt,
+            &p.negative_prompt,
+            make_noise(p)?,
+        )?;
+        Ok(Self {
+            stream,
+            prompt: p.prompt.clone(),
+            negative: p.negative_prompt.clone(),
+            noise_file: p.stream.noise_file.clone(),
+            blend_frames: p.stream.prompt_blend_frames,
+            filter: filter_settings(p).map(|s| SimilarityFilter::new(s, p.stream.seed)),
+            pending: Vec::new(),
+            last: None,
+            skipped: 0,
+        })
+    }
+
+    pub fn stream(&self) -> &StreamDiffusion {
+        &self.stream
+    }
+
+    fn run(&mut self, out: &mut Vec<Frame>) -> Result<()> {
+        let p = self.stream.params().clone();
+        let (device, dtype) = {
+            let (d, t) = self.stream.device_dtype();
+            (d.clone(), t)
+        };
+        let images = match p.mode {
+            StreamMode::Img2img => {
+                let pixels: Vec<&[u8]> = self.pending.iter().map(|f| f.data.as_slice()).collect();
+                let x = stream::images_from_rgb(&pixels, p.width, p.height, dtype, &device)?;
+                self.stream.img2img(&x)?
+            }
+            StreamMode::Txt2img => self.stream.txt2img()?,
+        };
+        let rgb = stream::rgb_from_images(&images)?;
+        let newest = self.pending.last().cloned();
+        self.pending.clear();
+        for data in rgb {
+            let mut f = Frame::new(
+                p.width as u32,
+                p.height as u32,
+                PixelFormat::Rgb24,
+                ColorRange::Full,
+                data,
+            )?;
+            if let Some(n) = &newest {
+                f.seq = n.seq;
+                f.captured_at = n.captured_at;
+            }
+            self.last = Some(f.clone());
+            out.push(f);
+        }
+        Ok(())
+    }
+}
+
+impl Transform for DiffusionTransform {
+    fn name(&self) -> String {
+        let p = self.stream.params();
+        format!(
+            "diffusion ({}, {:?}, {} step(s) {:?}, cfg {:?}{})",
+            self.stream.model().description,
+            p.mode,
+            p.t_index_list.len(),
+            p.t_index_list,
+            p.cfg_type,
+            if p.use_denoising_batch {
+                ""
+            } else {
+                ", sequential"
+            }
+        )
+    }
+
+    fn process(&mut self, input: &Frame) -> Result<Frame> {
+        let mut out = Vec::new();
+        self.process_into(input, &mut out)?;
+        out.pop()
+            .or_else(|| self.last.clone())
+            .context("the pipeline is still collecting frames for its first call")
+    }
+
+    fn process_into(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<()> {
+        let p = self.stream.params();
+        if input.format != PixelFormat::Rgb24
+            || input.width as usize != p.width
+            || input.height as usize != p.height
+        {
+            anyhow::bail!(
+                "diffusion expects {}x{} RGB frames, got {}x{} {}",
+                p.width,
+                p.height,
+                input.width,
+                input.height,
+                input.format
+            );
+        }
+        if p.mode == StreamMode::Img2img {
+            if let (Some(filter), Some(last)) = (self.filter.as_mut(), self.last.as_ref()) {
+                let (device, dtype) = self.stream.device_dtype();
+                let x = stream::images_from_rgb(&[&input.data], p.width, p.height, dtype, device)?;
+                if !filter.should_process(&x)? {
+                    self.skipped += 1;
+                    let mut f = last.clone();
+                    f.seq = input.seq;
+                    f.captured_at = input.captured_at;
+                    out.push(f);
+                    return Ok(());
+                }
+            } else if let Some(filter) = self.filter.as_mut() {
+                // Nothing to repeat yet: always process, but remember the frame.
+                let (device, dtype) = self.stream.device_dtype();
+                let x = stream::images_from_rgb(&[&input.data], p.width, p.height, dtype, device)?;
+                filter.should_process(&x)?;
+            }
+        }
+        self.pending.push(input.clone());
+        if self.pending.len() < self.stream.frames_per_call() {
+            return Ok(());
+        }
+        let r = self.run(out);
+        if r.is_err() {
+            self.pending.clear();
+        }
+        r
+    }
+
+    fn apply(&mut self, p: &Profile) -> Result<()> {
+        let params = stream_params(p);
+        if params != *self.stream.params() || p.stream.noise_file != self.noise_file {
+            // Shape-changing settings: prepare a new stream over the same model; the old one
+            // keeps running if that fails.
+            let next = StreamDiffusion::prepare(
+                self.stream.model().clone(),
+                params,
+                live_params(p),
+                &p.prompt,
+                &p.negative_prompt,
+                make_noise(p)?,
+            )?;
+            self.stream = next;
+            self.pending.clear();
+            self.prompt = p.prompt.clone();
+            self.negative = p.negative_prompt.clone();
+            self.noise_file = p.stream.noise_file.clone();
+            tracing::info!("stream prepared again: {}", self.name());
+        } else {
+            if live_params(p) != self.stream.live() {
+                self.stream.set_live(live_params(p))?;
+            }
+            if p.prompt != self.prompt || p.negative_prompt != self.negative {
+                self.stream.set_prompts(
+                    &p.prompt,
+                    &p.negative_prompt,
+                    p.stream.prompt_blend_frames,
+                )?;
+                self.prompt = p.prompt.clone();
+                self.negative = p.negative_prompt.clone();
+            }
+        }
+        self.blend_frames = p.stream.prompt_blend_frames;
+        match (filter_settings(p), self.filter.as_mut()) {
+            (Some(s), Some(f)) => f.set_settings(s),
+            (Some(s), None) => self.filter = Some(SimilarityFilter::new(s, p.stream.seed)),
+            (None, _) => self.filter = None,
+        }
+        Ok(())
+    }
+
+    fn skipped(&self) -> u64 {
+        self.skipped
+    }
+}

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{select, tick, unbounded};
+use crossbeam_channel::{bounded, never, select, tick, unbounded, Receiver};
 
 use crate::control::{self, Command, Event};
-use crate::profile::{LoadedProfile, OutputKind, Pacing, Profile, SourceKind};
+use crate::profile::{
+    LoadedProfile, ModelConfig, OutputKind, Pacing, Profile, SourceKind, TransformKind,
+};
 use crate::relay::{DeviceOpener, Opener, PreprocessConfig, Relay, RelayStart, Snapshot};
-use crate::transform;
+use crate::transform::{self, Transform};
 use crate::Result;
 
 /// How the run reports its status.
@@ -65,10 +67,38 @@ fn reads_stdin(p: &Profile) -> bool {
     p.source.kind == SourceKind::File && p.source.path.as_deref() == Some("-")
 }
 
+/// A transform being built on a background thread (a model load can take minutes); the relay
+/// keeps streaming the current transform's output meanwhile.
+struct PendingBuild {
+    rx: Receiver<Result<Box<dyn Transform>>>,
+    /// What to restore in the session's profile if the build fails.
+    old_transform: TransformKind,
+    old_model: ModelConfig,
+    /// The first build of the run: failing it ends the run.
+    initial: bool,
+}
+
+fn spawn_build(p: &Profile) -> Receiver<Result<Box<dyn Transform>>> {
+    let (tx, rx) = bounded(1);
+    let p = p.clone();
+    let spawned = std::thread::Builder::new()
+        .name("sdcam-load".into())
+        .spawn(move || {
+            let _ = tx.send(transform::build(&p));
+        });
+    if let Err(e) = spawned {
+        let (tx, rx2) = bounded(1);
+        let _ = tx.send(Err(anyhow::anyhow!("cannot start the loader thread: {e}")));
+        return rx2;
+    }
+    rx
+}
+
 struct Session {
     relay: Relay,
     current: LoadedProfile,
     playlist_pos: usize,
+    pending: Option<PendingBuild>,
 }
 
 impl Session {
@@ -90,14 +120,24 @@ impl Session {
             }
         }
         if new.transform != old.transform || new.model != old.model {
-            match transform::build(new).and_then(|t| self.relay.replace_transform(t)) {
-                Ok(()) => {}
-                Err(e) => {
-                    failed.push(format!("transform kept: {e:#}"));
-                    new.transform = old.transform;
-                    new.model = old.model.clone();
-                }
-            }
+            // Built in the background; a newer change supersedes one still loading.
+            tracing::info!(
+                "{what}: building the {:?} transform in the background; the output keeps the \
+                 current one until it is ready",
+                new.transform
+            );
+            let (old_transform, old_model) = match self.pending.take() {
+                Some(p) if !p.initial => (p.old_transform, p.old_model),
+                _ => (old.transform, old.model.clone()),
+            };
+            self.pending = Some(PendingBuild {
+                rx: spawn_build(new),
+                old_transform,
+                old_model,
+                initial: false,
+            });
+        } else if self.pending.is_some() {
+            // The transform that is loading picks these settings up when it is ready.
         } else if new.prompt != old.prompt
             || new.negative_prompt != old.negative_prompt
             || new.stream != old.stream
@@ -129,6 +169,35 @@ impl Session {
             }
         }
         self.current = next;
+    }
+
+    /// A background build finished: install it (with the latest settings) or restore the
+    /// profile's transform/model keys. Returns an error only for a failed initial build.
+    fn finish_build(&mut self, r: Result<Box<dyn Transform>>) -> Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let installed = r.and_then(|mut t| {
+            // Settings changed while it loaded (prompt, stream keys) apply now.
+            t.apply(&self.current.profile)?;
+            tracing::info!(
+                "transform: {} at {}x{}",
+                t.name(),
+                self.current.profile.stream.width,
+                self.current.profile.stream.height
+            );
+            self.relay.replace_transform(t)
+        });
+        match installed {
+            Ok(()) => Ok(()),
+            Err(e) if p.initial => Err(e.context("building the transform")),
+            Err(e) => {
+                tracing::error!("transform kept (the new one failed to build): {e:#}");
+                self.current.profile.transform = p.old_transform;
+                self.current.profile.model = p.old_model;
+                Ok(())
+            }
+        }
     }
 
     /// Handles one event; returns false when the run should stop.
@@ -246,23 +315,17 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         max_frames: opts.max_frames,
         opener: opts.opener.clone(),
     })?;
-    let built = transform::build(p)
-        .context("building the transform")
-        .and_then(|t| {
-            tracing::info!(
-                "transform: {} at {}x{} ({})",
-                t.name(),
-                p.stream.width,
-                p.stream.height,
-                if every { "every frame" } else { "real time" }
-            );
-            relay.replace_transform(t)
-        });
-    if let Err(e) = built {
-        relay.request_stop();
-        let _ = relay.join();
-        return Err(e);
-    }
+    tracing::info!(
+        "building the {:?} transform ({})",
+        p.transform,
+        if every { "every frame" } else { "real time" }
+    );
+    let pending = PendingBuild {
+        rx: spawn_build(p),
+        old_transform: p.transform,
+        old_model: p.model.clone(),
+        initial: true,
+    };
 
     let (events_tx, mut events) = unbounded();
     control::spawn_signals(events_tx.clone()).context("installing signal handlers")?;
@@ -277,7 +340,9 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         relay,
         current: lp,
         playlist_pos: 0,
+        pending: Some(pending),
     };
+    let mut failure = None;
     let mut prev = session.relay.stats().snapshot();
     let mut last_log = Instant::now();
     loop {
@@ -285,6 +350,13 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
             recv(events) -> ev => match ev {
                 Ok(ev) => if !session.handle(ev) { break },
                 Err(_) => events = crossbeam_channel::never(),
+            },
+            recv(session.pending.as_ref().map_or(&never(), |p| &p.rx)) -> r => {
+                let r = r.unwrap_or_else(|_| Err(anyhow::anyhow!("the loader thread died")));
+                if let Err(e) = session.finish_build(r) {
+                    failure = Some(e);
+                    break;
+                }
             },
             recv(session.relay.finished()) -> _ => break,
             recv(ticker) -> _ => {
@@ -308,6 +380,9 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     tracing::info!("stopping: draining queues");
     session.relay.request_stop();
     let snap = session.relay.join()?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     tracing::info!(
         "done: {} frames written ({} repeated, {} placeholders), {} captured, {} dropped",
         snap.written,

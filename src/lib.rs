@@ -5,6 +5,7 @@
 //! [`control`] the live control channel (stdin commands and signals).
 
 pub mod app;
+pub mod bench;
 pub mod control;
 pub mod convert;
 pub mod devices;

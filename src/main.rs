@@ -42,6 +42,34 @@ enum Cmd {
     Keys,
     /// Measure the relay's own per-frame cost (conversion and resizing, no model).
     BenchRelay(BenchArgs),
+    /// Time the StreamDiffusion pipeline by stage, and the paper's comparisons (Stream Batch vs
+    /// sequential, R-CFG types) side by side, on generated frames.
+    Bench(PipelineBenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct PipelineBenchArgs {
+    /// Profile whose model and stream settings are measured (default: built-in defaults).
+    #[arg(short, long)]
+    profile: Option<PathBuf>,
+    /// Any profile key, e.g. `--set stream.t_index_list=[32,45]` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Stream size WxH (overrides stream.width/height).
+    #[arg(long)]
+    size: Option<String>,
+    /// Timed frames per configuration.
+    #[arg(long, default_value_t = 3)]
+    frames: usize,
+    /// Untimed frames before timing each configuration.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Only the profile's configuration, without the comparison suite.
+    #[arg(long)]
+    no_compare: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -58,7 +86,7 @@ struct RunArgs {
     /// Prompt (overrides the profile's).
     #[arg(long)]
     prompt: Option<String>,
-    /// Transform: `tint`, `posterize`, `identity` (or `diffusion`, not built yet).
+    /// Transform: `diffusion` (the StreamDiffusion pipeline), or `tint`, `posterize`, `identity`.
     #[arg(long)]
     transform: Option<String>,
     /// Stop after writing N frames.
@@ -258,8 +286,39 @@ fn real_main() -> anyhow::Result<()> {
             print_out(&lines.join("\n"))
         }
         Some(Cmd::BenchRelay(b)) => bench_relay(&b),
+        Some(Cmd::Bench(b)) => bench_pipeline(&b),
         Some(Cmd::Run(a)) => run(&a),
         None => run(&cli.run),
+    }
+}
+
+fn bench_pipeline(b: &PipelineBenchArgs) -> anyhow::Result<()> {
+    let mut sets = b.sets.clone();
+    if let Some(size) = &b.size {
+        let (w, h) = parse_size(size)?;
+        sets.push(format!("stream.width={w}"));
+        sets.push(format!("stream.height={h}"));
+    }
+    let lp = load_profile(&RunArgs {
+        profile: b.profile.clone(),
+        sets,
+        ..Default::default()
+    })?;
+    let p = &lp.profile;
+    let model = std::sync::Arc::new(sdcam::pipeline::load_model(&p.model)?);
+    let report = sdcam::bench::run(
+        model,
+        p,
+        &sdcam::bench::BenchOptions {
+            frames: b.frames.max(1),
+            warmup: b.warmup,
+            compare: !b.no_compare,
+        },
+    )?;
+    if b.json {
+        print_out(&serde_json::to_string_pretty(&report)?)
+    } else {
+        print_out(report.table().trim_end())
     }
 }
 

@@ -474,13 +474,27 @@ def build_pipeline(kind, out_dir, bpe_gz, stage):
     # replace the re-serialised tokenizer by the hub-style files (same tokens, real-repo json format)
     shutil.rmtree(os.path.join(out_dir, "tokenizer"))
     shutil.copytree(tok_dir, os.path.join(out_dir, "tokenizer"))
+    mark_random(out_dir)
     log(f"   {kind}: unet {nparams(unet)}, text {nparams(text)}, vae {nparams(vae)} params")
     return pipe
+
+
+RANDOM_WEIGHTS_NOTE = (
+    "Random weights, made by sdcam's scripts/reference/make_fixtures.py for tests and the offline\n"
+    "demo. Not a trained model: its pictures are abstract noise. sdcam labels any model folder\n"
+    "holding this file as RANDOM WEIGHTS in its log.\n"
+)
+
+
+def mark_random(out_dir):
+    with open(os.path.join(out_dir, "RANDOM_WEIGHTS.txt"), "w") as f:
+        f.write(RANDOM_WEIGHTS_NOTE)
 
 
 def build_taesd(out_dir):
     taesd = init_random(AutoencoderTiny(**TINY_TAESD), SEEDS["taesd"])
     taesd.save_pretrained(out_dir, safe_serialization=True)
+    mark_random(out_dir)
     log(f"   taesd: {nparams(taesd)} params")
     return taesd
 
@@ -891,6 +905,10 @@ def main():
                       os.path.join(gdir, "lora_sd15.safetensors"))
     log(f"   lora fused-weight check max err {err:.2e}")
     golden_readme(gdir)
+    # The stream pipeline's goldens run the reference on these models: regenerate them too.
+    import subprocess
+    log("== stream goldens (make_stream_goldens.py)")
+    subprocess.run([sys.executable, os.path.join(HERE, "make_stream_goldens.py")], check=True)
     log(f"generated in {time.time() - t0:.1f} s")
     if report.get("fast_differs_at") is not None:
         log("fast tokenizer differs on:", report["fast_differs_at"])

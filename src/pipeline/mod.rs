@@ -304,3 +304,209 @@ impl Transform for DiffusionTransform {
         self.skipped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rel_err;
+    use crate::model::testutil::fixture;
+    use crate::profile::CfgType;
+    use candle_core::{DType, Device, Tensor};
+
+    fn model() -> Arc<StableDiffusion> {
+        let mut m = ModelConfig {
+            id: fixture("models/tiny-sd15").display().to_string(),
+            tiny_vae: fixture("models/tiny-taesd").display().to_string(),
+            ..Default::default()
+        };
+        m.lora.clear();
+        Arc::new(load_model(&m).unwrap())
+    }
+
+    fn profile(t: &[u32], cfg: CfgType) -> Profile {
+        let mut p = Profile::default();
+        p.stream.width = 32;
+        p.stream.height = 24;
+        p.stream.t_index_list = t.to_vec();
+        p.stream.cfg_type = cfg;
+        p.stream.guidance_scale = 1.5;
+        p.stream.delta = 0.8;
+        p
+    }
+
+    fn frame(seq: u64) -> Frame {
+        let data = crate::source::pattern::render(32, 24, seq);
+        Frame::new(32, 24, PixelFormat::Rgb24, ColorRange::Full, data).unwrap()
+    }
+
+    fn image(seq: u64) -> Tensor {
+        let f = frame(seq);
+        stream::images_from_rgb(&[&f.data], 32, 24, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn prepare(m: &Arc<StableDiffusion>, p: &Profile) -> StreamDiffusion {
+        StreamDiffusion::prepare(
+            m.clone(),
+            stream_params(p),
+            live_params(p),
+            &p.prompt,
+            &p.negative_prompt,
+            Noise::seeded(p.stream.seed),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn warm_start_first_output_is_the_cold_streams_first_real_one() {
+        let m = model();
+        let mut p = profile(&[20, 35, 45], CfgType::SelfNeg);
+        p.stream.warm_start = false;
+        let mut cold = prepare(&m, &p);
+        let x = image(0);
+        let c: Vec<Tensor> = (0..3).map(|_| cold.img2img(&x).unwrap()).collect();
+        p.stream.warm_start = true;
+        let mut warm = prepare(&m, &p);
+        let w0 = warm.img2img(&x).unwrap();
+        // Priming runs the same batches the cold stream ran on its first k − 1 calls, so the
+        // warm first output is the cold stream's k-th.
+        assert!(rel_err(&w0, &c[2]).unwrap() < 1e-5);
+        // ... while the cold stream's first output came from a zero buffer and is different.
+        assert!(rel_err(&c[0], &c[2]).unwrap() > 1e-2);
+    }
+
+    #[test]
+    fn prompt_update_rebuilds_both_embeddings() {
+        let m = model();
+        let mut p = profile(&[35], CfgType::Full);
+        p.prompt = "a red fox".into();
+        p.negative_prompt = "blurry".into();
+        let mut a = prepare(&m, &p);
+        let x = image(3);
+        let before = a.img2img(&x).unwrap();
+        // Only the negative prompt changes: the output must change (full CFG uses it) and must
+        // equal a stream prepared with the new negative prompt from the start.
+        a.set_prompts("a red fox", "grainy, dark", 0).unwrap();
+        let after = a.img2img(&x).unwrap();
+        let mut q = p.clone();
+        q.negative_prompt = "grainy, dark".into();
+        let fresh = prepare(&m, &q).img2img(&x).unwrap();
+        assert!(rel_err(&after, &fresh).unwrap() < 1e-5);
+        assert!(rel_err(&after, &before).unwrap() > 1e-3);
+    }
+
+    #[test]
+    fn prompt_blend_reaches_the_new_prompt() {
+        let m = model();
+        let mut p = profile(&[35], CfgType::None);
+        p.prompt = "a red fox".into();
+        let mut a = prepare(&m, &p);
+        let x = image(1);
+        let start = a.img2img(&x).unwrap();
+        a.set_prompts("a city at night", &p.negative_prompt, 3)
+            .unwrap();
+        let mid = a.img2img(&x).unwrap();
+        a.img2img(&x).unwrap();
+        let end = a.img2img(&x).unwrap();
+        let mut q = p.clone();
+        q.prompt = "a city at night".into();
+        let target = prepare(&m, &q).img2img(&x).unwrap();
+        assert!(rel_err(&end, &target).unwrap() < 1e-5);
+        // The first blended frame is neither the old nor the new picture.
+        assert!(rel_err(&mid, &start).unwrap() > 1e-4);
+        assert!(rel_err(&mid, &target).unwrap() > 1e-4);
+    }
+
+    #[test]
+    fn cross_frame_attention_is_a_no_op_for_one_sample_and_acts_on_a_batch() {
+        let m = model();
+        let x = image(2);
+        for (t, expect_same) in [(vec![35u32], true), (vec![20, 40], false)] {
+            let mut p = profile(&t, CfgType::None);
+            let mut plain = prepare(&m, &p);
+            p.stream.cross_frame_attention = true;
+            let mut cross = prepare(&m, &p);
+            let (mut a, mut b) = (None, None);
+            for _ in 0..3 {
+                a = Some(plain.img2img(&x).unwrap());
+                b = Some(cross.img2img(&x).unwrap());
+            }
+            let e = rel_err(&b.unwrap(), &a.unwrap()).unwrap();
+            if expect_same {
+                assert!(e < 1e-5, "batch of one: {e}");
+            } else {
+                assert!(e > 1e-4, "batch of two: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn transform_collects_frame_buffer_and_keeps_settings_on_a_bad_change() {
+        let m = model();
+        let mut p = profile(&[35], CfgType::None);
+        p.stream.frame_buffer_size = 2;
+        let mut t = DiffusionTransform::with_model(m, &p).unwrap();
+        let mut out = Vec::new();
+        t.process_into(&frame(0), &mut out).unwrap();
+        assert!(out.is_empty(), "one frame of two: nothing yet");
+        t.process_into(&frame(1), &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].width, out[0].height), (32, 24));
+        assert_eq!(out[1].seq, frame(1).seq);
+        // An index past the schedule fails to prepare; the old stream keeps working.
+        let mut bad = p.clone();
+        bad.stream.t_index_list = vec![60];
+        assert!(t.apply(&bad).is_err());
+        assert_eq!(t.stream().params().t_index_list, vec![35]);
+        out.clear();
+        t.process_into(&frame(2), &mut out).unwrap();
+        t.process_into(&frame(3), &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        // A good change prepares again.
+        let mut good = p.clone();
+        good.stream.t_index_list = vec![30, 40];
+        good.stream.frame_buffer_size = 1;
+        t.apply(&good).unwrap();
+        out.clear();
+        t.process_into(&frame(4), &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn similarity_filter_answers_static_frames_from_the_last_output() {
+        let m = model();
+        let mut p = profile(&[35], CfgType::None);
+        p.stream.similarity_filter = true;
+        p.stream.max_skip_frame = 3;
+        let mut t = DiffusionTransform::with_model(m, &p).unwrap();
+        let mut out = Vec::new();
+        let still = frame(5);
+        for _ in 0..9 {
+            t.process_into(&still, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 9);
+        // Identical frames: processed, 3 skipped, processed, 3 skipped, processed.
+        assert_eq!(t.skipped(), 6);
+        assert!(out.windows(2).all(|w| w[0].data == w[1].data));
+        // Switching the filter off processes every frame.
+        p.stream.similarity_filter = false;
+        t.apply(&p).unwrap();
+        for _ in 0..3 {
+            t.process_into(&still, &mut out).unwrap();
+        }
+        assert_eq!(t.skipped(), 6);
+    }
+
+    #[test]
+    fn txt2img_streams_without_using_the_input() {
+        let m = model();
+        let mut p = profile(&[0], CfgType::None);
+        p.stream.mode = StreamMode::Txt2img;
+        let mut t = DiffusionTransform::with_model(m, &p).unwrap();
+        let mut out = Vec::new();
+        t.process_into(&frame(0), &mut out).unwrap();
+        t.process_into(&frame(0), &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        // Fresh latents every call: two different pictures from the same input.
+        assert_ne!(out[0].data, out[1].data);
+    }
+}

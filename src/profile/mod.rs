@@ -375,6 +375,42 @@ pub fn known_keys() -> Vec<String> {
     keys
 }
 
+/// Model and noise paths written `./…` or `../…` in a profile file are relative to the file's
+/// folder (so a profile can ship next to its model); everything else stays as written. Returns
+/// whether anything changed.
+fn resolve_relative_paths(raw: &mut toml::Table, dir: &Path) -> bool {
+    fn fix(v: &mut toml::Value, dir: &Path) -> bool {
+        match v {
+            toml::Value::String(s) if s.starts_with("./") || s.starts_with("../") => {
+                *s = dir.join(&*s).display().to_string();
+                true
+            }
+            _ => false,
+        }
+    }
+    let mut changed = false;
+    if let Some(toml::Value::Table(m)) = raw.get_mut("model") {
+        for key in ["id", "tiny_vae"] {
+            if let Some(v) = m.get_mut(key) {
+                changed |= fix(v, dir);
+            }
+        }
+        if let Some(toml::Value::Array(loras)) = m.get_mut("lora") {
+            for l in loras {
+                if let Some(v) = l.get_mut("id") {
+                    changed |= fix(v, dir);
+                }
+            }
+        }
+    }
+    if let Some(toml::Value::Table(s)) = raw.get_mut("stream") {
+        if let Some(v) = s.get_mut("noise_file") {
+            changed |= fix(v, dir);
+        }
+    }
+    changed
+}
+
 /// Resolves a short key (`guidance_scale`) to its full path (`stream.guidance_scale`) when unique.
 pub fn resolve_key(key: &str) -> Result<String, String> {
     let keys = known_keys();
@@ -445,7 +481,14 @@ impl LoadedProfile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read profile {}", path.display()))?;
-        let (profile, raw) = parse(&text, &path.display().to_string())?;
+        let (mut profile, mut raw) = parse(&text, &path.display().to_string())?;
+        if let Some(dir) = path.parent() {
+            if resolve_relative_paths(&mut raw, dir) {
+                profile = toml::Value::Table(raw.clone())
+                    .try_into()
+                    .with_context(|| format!("profile {}", path.display()))?;
+            }
+        }
         Ok(LoadedProfile {
             path: Some(path.to_path_buf()),
             profile,
@@ -554,6 +597,33 @@ mod tests {
 
     fn err(text: &str) -> ProfileError {
         parse(text, "p.toml").unwrap_err()
+    }
+
+    #[test]
+    fn model_paths_are_relative_to_the_profile_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("profiles");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("p.toml");
+        std::fs::write(
+            &path,
+            "[model]\nid = \"../models/m\"\ntiny_vae = \"madebyollin/taesd\"\n\
+             lora = [{ id = \"./l.safetensors\", scale = 0.5 }]\n",
+        )
+        .unwrap();
+        let lp = LoadedProfile::load(&path).unwrap();
+        assert_eq!(
+            lp.profile.model.id,
+            sub.join("../models/m").display().to_string()
+        );
+        assert_eq!(lp.profile.model.tiny_vae, "madebyollin/taesd");
+        assert_eq!(
+            lp.profile.model.lora[0].id,
+            sub.join("./l.safetensors").display().to_string()
+        );
+        // Edits keep the resolved paths.
+        let next = lp.with_set("prompt", "x").unwrap();
+        assert_eq!(next.profile.model.id, lp.profile.model.id);
     }
 
     #[test]

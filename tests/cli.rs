@@ -1192,3 +1192,51 @@ fn snapshot_and_stats_commands() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// `sdcam bench`: the pipeline table and its comparison suite
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn bench_prints_stage_table_and_comparisons() {
+    let f = run_ok(sdcam().args([
+        "bench",
+        "--profile",
+        "profiles/demo.toml",
+        "--size",
+        "64x64",
+        "--frames",
+        "1",
+        "--warmup",
+        "0",
+    ]));
+    let out = String::from_utf8_lossy(&f.stdout).to_string();
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
+    // Header + profile + 3×(batch, sequential) + 4 cfg types.
+    assert_eq!(rows.len(), 1 + 1 + 6 + 4, "{out}");
+    assert!(out.contains("| 4 step(s), cfg none, sequential |"), "{out}");
+    assert!(out.contains("× 4 step(s) Stream Batch"), "{out}");
+    assert!(
+        out.contains("| 2 steps, cfg full, Stream Batch | 4 |"),
+        "{out}"
+    );
+    // JSON for machines.
+    let j = run_ok(sdcam().args([
+        "bench",
+        "--profile",
+        "profiles/demo.toml",
+        "--size",
+        "64x64",
+        "--frames",
+        "1",
+        "--warmup",
+        "0",
+        "--no-compare",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    let row = &v["rows"][0];
+    assert_eq!(row["label"], "profile");
+    assert!(row["ms"]["unet"].as_f64().unwrap() > 0.0);
+    assert!(row["fps"].as_f64().unwrap() > 0.0);
+}

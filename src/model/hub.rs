@@ -555,7 +555,7 @@ pub fn resolve_model(
         }
         Source::Hub(_) => src.get("model_index.json").with_context(|| {
             format!(
-                "{} is not a diffusers-layout repo (model_index.json missing)",
+                "getting model_index.json of {} (a diffusers-layout repo has one)",
                 src.describe()
             )
         })?,

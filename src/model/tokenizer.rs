@@ -196,13 +196,29 @@ impl ClipTokenizer {
     /// Loads from explicit `vocab.json` and `merges.txt` plus config json files (applied in
     /// order; missing ones are skipped).
     pub fn from_files(vocab: &Path, merges: &Path, configs: &[std::path::PathBuf]) -> Result<Self> {
-        let vocab_v = read_json(vocab)?;
-        let vocab_map: HashMap<String, u32> = serde_json::from_value(vocab_v)
-            .with_context(|| format!("{}: expected a {{token: id}} object", vocab.display()))?;
-        let text = std::fs::read_to_string(merges)
+        let vocab_text = std::fs::read_to_string(vocab)
+            .with_context(|| format!("reading {}", vocab.display()))?;
+        let merges_text = std::fs::read_to_string(merges)
             .with_context(|| format!("reading {}", merges.display()))?;
+        let mut config_texts = Vec::new();
+        for cfg in configs.iter().filter(|c| c.is_file()) {
+            config_texts.push(
+                std::fs::read_to_string(cfg)
+                    .with_context(|| format!("reading {}", cfg.display()))?,
+            );
+        }
+        let configs: Vec<&str> = config_texts.iter().map(String::as_str).collect();
+        Self::from_strs(&vocab_text, &merges_text, &configs)
+            .with_context(|| format!("CLIP tokenizer from {}", vocab.display()))
+    }
+
+    /// Like [`Self::from_files`], from the texts of `vocab.json`, `merges.txt` and the config
+    /// jsons (e.g. `{"pad_token": "!"}`), applied in order.
+    pub fn from_strs(vocab_json: &str, merges_txt: &str, configs: &[&str]) -> Result<Self> {
+        let vocab_map: HashMap<String, u32> = serde_json::from_str(vocab_json)
+            .context("vocab.json: expected a {token: id} object")?;
         // Python: read().strip().split("\n")[1 : 49152 - 256 - 2 + 1]
-        let merges_list: Vec<(String, String)> = text
+        let merges_list: Vec<(String, String)> = merges_txt
             .trim()
             .split('\n')
             .skip(1)
@@ -213,8 +229,7 @@ impl ClipTokenizer {
                 match (it.next(), it.next(), it.next()) {
                     (Some(a), Some(b), None) => Ok((a.to_string(), b.to_string())),
                     _ => bail!(
-                        "{} line {}: expected two space-separated symbols, got {line:?}",
-                        merges.display(),
+                        "merges.txt line {}: expected two space-separated symbols, got {line:?}",
                         i + 2
                     ),
                 }
@@ -222,12 +237,11 @@ impl ClipTokenizer {
             .collect::<Result<_>>()?;
         let mut special = SpecialTokens::default();
         for cfg in configs {
-            if cfg.is_file() {
-                special.apply(&read_json(cfg)?);
-            }
+            let v: Value = serde_json::from_str(cfg).context("parsing a tokenizer config json")?;
+            special.apply(&v);
         }
         Self::build(vocab_map, merges_list, special, Vec::new())
-            .with_context(|| format!("building the CLIP tokenizer from {}", vocab.display()))
+            .context("building the CLIP tokenizer")
     }
 
     /// Loads from a `tokenizers` `tokenizer.json` (BPE model + added tokens).

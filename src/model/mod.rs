@@ -5,6 +5,7 @@
 //! Each component mirrors its diffusers counterpart: configs are plain structs read from the
 //! component's `config.json`, and `VarBuilder` paths follow the diffusers tensor names.
 
+pub mod arch;
 pub mod clip;
 pub mod hub;
 pub mod lora;

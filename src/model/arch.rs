@@ -1,0 +1,618 @@
+//! Full-size model architectures (sd-turbo, SD 1.5) with their published configs and random weights, for benchmarks and tests without downloaded checkpoints.
+//!
+//! The configs are the `config.json` files of `stabilityai/sd-turbo` and
+//! `runwayml/stable-diffusion-v1-5` (unet, text_encoder, scheduler) and `madebyollin/taesd`,
+//! embedded verbatim except where noted. They build the same architectures as the Python
+//! peer's `make_models.py` (`sd-turbo-arch`, `sd15-arch`), so timings can be compared.
+//!
+//! [`random_var_builder`] is a `VarBuilder` that makes up a tensor of the requested shape for
+//! any name: deterministic from `(seed, name)`, about normal with std 0.02 (1-D `…weight`
+//! tensors, i.e. norm scales, around 1), generated on all cores (a full U-Net in about a second
+//! in release builds).
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use super::clip::ClipTextConfig;
+use super::scheduler::SchedulerConfig;
+use super::taesd::AutoencoderTinyConfig;
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNetConfig;
+
+/// A published Stable Diffusion architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `stabilityai/sd-turbo`: SD 2.1 U-Net (linear projections, 5/10/20/20 heads, 1024-wide
+    /// cross attention) and the OpenCLIP ViT-H/14 text tower (23 layers).
+    SdTurbo,
+    /// `runwayml/stable-diffusion-v1-5`: SD 1.5 U-Net (conv projections, 8 heads, 768-wide
+    /// cross attention) and the OpenAI CLIP ViT-L/14 text tower.
+    Sd15,
+}
+
+impl FromStr for Arch {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "sd-turbo" => Ok(Self::SdTurbo),
+            "sd15" => Ok(Self::Sd15),
+            other => anyhow::bail!("unknown architecture {other:?} (expected sd-turbo or sd15)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `stabilityai/sd-turbo` `unet/config.json`. `upcast_attention` is written `false` where the
+/// hub file may say `null` (sdcam's config wants a bool; it only matters in f16).
+const SD_TURBO_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.24.0.dev0",
+  "act_fn": "silu",
+  "addition_embed_type": null,
+  "addition_embed_type_num_heads": 64,
+  "addition_time_embed_dim": null,
+  "attention_head_dim": [5, 10, 20, 20],
+  "attention_type": "default",
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "class_embed_type": null,
+  "class_embeddings_concat": false,
+  "conv_in_kernel": 3,
+  "conv_out_kernel": 3,
+  "cross_attention_dim": 1024,
+  "cross_attention_norm": null,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "dropout": 0.0,
+  "dual_cross_attention": false,
+  "encoder_hid_dim": null,
+  "encoder_hid_dim_type": null,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_only_cross_attention": null,
+  "mid_block_scale_factor": 1,
+  "mid_block_type": "UNetMidBlock2DCrossAttn",
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "num_attention_heads": null,
+  "num_class_embeds": null,
+  "only_cross_attention": false,
+  "out_channels": 4,
+  "projection_class_embeddings_input_dim": null,
+  "resnet_out_scale_factor": 1.0,
+  "resnet_skip_time_act": false,
+  "resnet_time_scale_shift": "default",
+  "reverse_transformer_layers_per_block": null,
+  "sample_size": 64,
+  "time_cond_proj_dim": null,
+  "time_embedding_act_fn": null,
+  "time_embedding_dim": null,
+  "time_embedding_type": "positional",
+  "timestep_post_act": null,
+  "transformer_layers_per_block": 1,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+  "upcast_attention": false,
+  "use_linear_projection": true
+}"#;
+
+/// `runwayml/stable-diffusion-v1-5` `unet/config.json`.
+const SD15_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.6.0",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// `stabilityai/sd-turbo` `text_encoder/config.json` (OpenCLIP ViT-H/14 minus its last layer).
+const SD_TURBO_TEXT: &str = r#"{
+  "architectures": ["CLIPTextModel"],
+  "attention_dropout": 0.0,
+  "bos_token_id": 0,
+  "dropout": 0.0,
+  "eos_token_id": 2,
+  "hidden_act": "gelu",
+  "hidden_size": 1024,
+  "initializer_factor": 1.0,
+  "initializer_range": 0.02,
+  "intermediate_size": 4096,
+  "layer_norm_eps": 1e-05,
+  "max_position_embeddings": 77,
+  "model_type": "clip_text_model",
+  "num_attention_heads": 16,
+  "num_hidden_layers": 23,
+  "pad_token_id": 1,
+  "projection_dim": 512,
+  "torch_dtype": "float16",
+  "vocab_size": 49408
+}"#;
+
+/// `runwayml/stable-diffusion-v1-5` `text_encoder/config.json` (OpenAI CLIP ViT-L/14).
+const SD15_TEXT: &str = r#"{
+  "_name_or_path": "openai/clip-vit-large-patch14",
+  "architectures": ["CLIPTextModel"],
+  "attention_dropout": 0.0,
+  "bos_token_id": 0,
+  "dropout": 0.0,
+  "eos_token_id": 2,
+  "hidden_act": "quick_gelu",
+  "hidden_size": 768,
+  "initializer_factor": 1.0,
+  "initializer_range": 0.02,
+  "intermediate_size": 3072,
+  "layer_norm_eps": 1e-05,
+  "max_position_embeddings": 77,
+  "model_type": "clip_text_model",
+  "num_attention_heads": 12,
+  "num_hidden_layers": 12,
+  "pad_token_id": 1,
+  "projection_dim": 768,
+  "torch_dtype": "float32",
+  "vocab_size": 49408
+}"#;
+
+/// `stabilityai/sd-turbo` `scheduler/scheduler_config.json` (an `EulerDiscreteScheduler`;
+/// StreamDiffusion builds an `LCMScheduler` from it, which keeps the betas).
+const SD_TURBO_SCHEDULER: &str = r#"{
+  "_class_name": "EulerDiscreteScheduler",
+  "_diffusers_version": "0.24.0.dev0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": false,
+  "interpolation_type": "linear",
+  "num_train_timesteps": 1000,
+  "prediction_type": "epsilon",
+  "sample_max_value": 1.0,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "timestep_spacing": "trailing",
+  "timestep_type": "discrete",
+  "trained_betas": null,
+  "use_karras_sigmas": false
+}"#;
+
+/// `runwayml/stable-diffusion-v1-5` `scheduler/scheduler_config.json` (a `PNDMScheduler`).
+const SD15_SCHEDULER: &str = r#"{
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.6.0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "trained_betas": null,
+  "clip_sample": false
+}"#;
+
+/// `madebyollin/taesd` `config.json` (used with both architectures).
+const TAESD: &str = r#"{
+  "_class_name": "AutoencoderTiny",
+  "_diffusers_version": "0.20.0.dev0",
+  "act_fn": "relu",
+  "decoder_block_out_channels": [64, 64, 64, 64],
+  "encoder_block_out_channels": [64, 64, 64, 64],
+  "force_upcast": false,
+  "in_channels": 3,
+  "latent_channels": 4,
+  "latent_magnitude": 3,
+  "latent_shift": 0.5,
+  "num_decoder_blocks": [3, 3, 3, 1],
+  "num_encoder_blocks": [1, 3, 3, 3],
+  "out_channels": 3,
+  "scaling_factor": 1.0,
+  "upsampling_scaling_factor": 2
+}"#;
+
+/// The real CLIP BPE vocabulary (shared by both architectures; only the padding differs).
+const CLIP_VOCAB: &str = include_str!("../../tests/fixtures/tokenizer/clip/vocab.json");
+const CLIP_MERGES: &str = include_str!("../../tests/fixtures/tokenizer/clip/merges.txt");
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> T {
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("embedded {what} config: {e}"))
+}
+
+impl Arch {
+    /// Every architecture.
+    pub const ALL: [Arch; 2] = [Arch::SdTurbo, Arch::Sd15];
+
+    /// The command-line name (`sd-turbo`, `sd15`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SdTurbo => "sd-turbo",
+            Self::Sd15 => "sd15",
+        }
+    }
+
+    /// The hub repository the configs come from.
+    pub fn repo(self) -> &'static str {
+        match self {
+            Self::SdTurbo => "stabilityai/sd-turbo",
+            Self::Sd15 => "runwayml/stable-diffusion-v1-5",
+        }
+    }
+
+    /// `unet/config.json` text.
+    pub fn unet_config_json(self) -> &'static str {
+        match self {
+            Self::SdTurbo => SD_TURBO_UNET,
+            Self::Sd15 => SD15_UNET,
+        }
+    }
+
+    /// `text_encoder/config.json` text.
+    pub fn text_config_json(self) -> &'static str {
+        match self {
+            Self::SdTurbo => SD_TURBO_TEXT,
+            Self::Sd15 => SD15_TEXT,
+        }
+    }
+
+    /// `scheduler/scheduler_config.json` text.
+    pub fn scheduler_config_json(self) -> &'static str {
+        match self {
+            Self::SdTurbo => SD_TURBO_SCHEDULER,
+            Self::Sd15 => SD15_SCHEDULER,
+        }
+    }
+
+    /// The TAESD `config.json` text (the same for both).
+    pub fn taesd_config_json(self) -> &'static str {
+        TAESD
+    }
+
+    /// The U-Net config (validated).
+    pub fn unet_config(self) -> UNetConfig {
+        UNetConfig::from_json(self.unet_config_json())
+            .unwrap_or_else(|e| panic!("embedded {self} unet config: {e:#}"))
+    }
+
+    /// The CLIP text encoder config.
+    pub fn text_config(self) -> ClipTextConfig {
+        parse("text_encoder", self.text_config_json())
+    }
+
+    /// The scheduler config, read the way `LCMScheduler.from_config` reads it.
+    pub fn scheduler_config(self) -> SchedulerConfig {
+        parse("scheduler", self.scheduler_config_json())
+    }
+
+    /// The TAESD config.
+    pub fn taesd_config(self) -> AutoencoderTinyConfig {
+        parse("taesd", self.taesd_config_json())
+    }
+
+    /// The tokenizer's pad token: SD 2.x / sd-turbo pads with `!` (id 0), SD 1.5 with the end
+    /// token.
+    pub fn tokenizer_pad(self) -> &'static str {
+        match self {
+            Self::SdTurbo => "!",
+            Self::Sd15 => "<|endoftext|>",
+        }
+    }
+
+    /// The pipeline's tokenizer: the real CLIP vocabulary with this architecture's padding.
+    pub fn tokenizer(self) -> anyhow::Result<ClipTokenizer> {
+        let pad = serde_json::json!({ "pad_token": self.tokenizer_pad() }).to_string();
+        ClipTokenizer::from_strs(CLIP_VOCAB, CLIP_MERGES, &[&pad])
+    }
+}
+
+/// Std of the random weights.
+const WEIGHT_STD: f32 = 0.02;
+/// Elements per independently seeded chunk (the unit of parallel generation).
+const CHUNK: usize = 1 << 20;
+
+/// FNV-1a of the bytes, then a SplitMix64 finaliser.
+fn hash_name(seed: u64, name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    splitmix64(&mut h)
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// xoshiro256++ (Blackman & Vigna): small, fast, and fixed here so that the weights of a seed
+/// never change with a dependency update.
+struct Xoshiro256pp([u64; 4]);
+
+impl Xoshiro256pp {
+    fn new(mut seed: u64) -> Self {
+        Self(std::array::from_fn(|_| splitmix64(&mut seed)))
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let out = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        out
+    }
+}
+
+/// Fills `out` with `mean + std · z`, `z` about standard normal: the Irwin–Hall sum of the four
+/// 16-bit uniforms of one 64-bit draw, centred and scaled to unit variance (|z| ≤ 2√3; every
+/// value is finite and either 0 or far from the denormal range).
+fn fill_normal(out: &mut [f32], seed: u64, mean: f32, std: f32) {
+    // A 16-bit uniform has variance (2^32 − 1)/12; four of them (2^32 − 1)/3.
+    let scale = std * (3.0f64 / (u32::MAX as f64)).sqrt() as f32;
+    let mut rng = Xoshiro256pp::new(seed);
+    for v in out.iter_mut() {
+        let r = rng.next_u64();
+        let sum = (r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48);
+        // Centre: 4 · 65535/2 = 131070.
+        *v = mean + (sum as f32 - 131_070.0) * scale;
+    }
+}
+
+/// The values of tensor `name` with `numel` elements: chunks of [`CHUNK`] elements, each seeded
+/// from `(seed, name, chunk index)`, generated on all cores.
+fn random_values(seed: u64, name: &str, numel: usize, mean: f32, std: f32) -> Vec<f32> {
+    let base = hash_name(seed, name);
+    let mut data = vec![0f32; numel];
+    let chunks: Vec<(usize, &mut [f32])> = data.chunks_mut(CHUNK).enumerate().collect();
+    let chunk_seed = |i: usize| {
+        let mut s = base ^ (i as u64).wrapping_mul(0xd6e8_feb8_6659_fd93);
+        splitmix64(&mut s)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if chunks.len() < 2 || threads < 2 {
+        for (i, c) in chunks {
+            fill_normal(c, chunk_seed(i), mean, std);
+        }
+    } else {
+        let per = chunks.len().div_ceil(threads);
+        let mut chunks = chunks;
+        std::thread::scope(|scope| {
+            while !chunks.is_empty() {
+                let rest = chunks.split_off(per.min(chunks.len()));
+                let mine = std::mem::replace(&mut chunks, rest);
+                scope.spawn(move || {
+                    for (i, c) in mine {
+                        fill_normal(c, chunk_seed(i), mean, std);
+                    }
+                });
+            }
+        });
+    }
+    data
+}
+
+/// A `VarBuilder` backend that returns a made-up tensor of the requested shape for any name
+/// (see the module docs), counting the elements it hands out.
+#[derive(Debug, Clone, Default)]
+pub struct RandomWeights {
+    seed: u64,
+    elements: Arc<AtomicUsize>,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            elements: Arc::default(),
+        }
+    }
+
+    /// Total elements of all tensors requested so far (shared between clones).
+    pub fn elements(&self) -> usize {
+        self.elements.load(Ordering::Relaxed)
+    }
+
+    /// The tensor `name` of `shape` (f32, CPU): what the backend returns before the cast.
+    pub fn tensor(&self, shape: &Shape, name: &str) -> Result<Tensor> {
+        // Norm scales (the only 1-D `weight`s in these models) around 1, everything else
+        // (matrices, kernels, embeddings, biases) around 0.
+        let mean = if shape.rank() == 1 && name.ends_with("weight") {
+            1.0
+        } else {
+            0.0
+        };
+        let data = random_values(self.seed, name, shape.elem_count(), mean, WEIGHT_STD);
+        Tensor::from_vec(data, shape, &Device::Cpu)
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        self.elements.fetch_add(s.elem_count(), Ordering::Relaxed);
+        self.tensor(&s, name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("random weights: no shape for {name:?} (only shaped lookups work)")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// A `VarBuilder` over [`RandomWeights`]: any name, any shape, deterministic from `seed`.
+pub fn random_var_builder(dtype: DType, device: &Device, seed: u64) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights::new(seed)), dtype, device.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::unet::UNet2DConditionModel;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn names_and_configs() {
+        for a in Arch::ALL {
+            assert_eq!(a.name().parse::<Arch>().unwrap(), a);
+            let u = a.unet_config();
+            assert_eq!(u.block_out_channels, vec![320, 640, 1280, 1280]);
+            let t = a.text_config();
+            let s = a.scheduler_config();
+            assert_eq!(
+                (s.beta_start, s.beta_end, s.beta_schedule.as_str()),
+                (0.00085, 0.012, "scaled_linear")
+            );
+            assert_eq!(s.num_train_timesteps, 1000);
+            assert!(!s.set_alpha_to_one);
+            let taesd = a.taesd_config();
+            assert_eq!(taesd.num_encoder_blocks, vec![1, 3, 3, 3]);
+            assert_eq!(taesd.num_decoder_blocks, vec![3, 3, 3, 1]);
+            let tok = a.tokenizer().unwrap();
+            assert_eq!(
+                tok.encode("a photo of a cat").unwrap()[..8],
+                [49406, 320, 1125, 539, 320, 2368, 49407, tok.pad_id()]
+            );
+            match a {
+                Arch::SdTurbo => {
+                    assert!(u.use_linear_projection);
+                    assert_eq!((t.hidden_size, t.num_hidden_layers), (1024, 23));
+                    assert_eq!(tok.pad_id(), 0);
+                }
+                Arch::Sd15 => {
+                    assert!(!u.use_linear_projection);
+                    assert_eq!((t.hidden_size, t.num_hidden_layers), (768, 12));
+                    assert_eq!(tok.pad_id(), 49407);
+                }
+            }
+        }
+        assert!("sd21".parse::<Arch>().is_err());
+    }
+
+    #[test]
+    fn random_tensors_are_deterministic() {
+        let w = RandomWeights::new(7);
+        let shape = Shape::from((3, 1000, 700)); // several chunks
+        let a = w.tensor(&shape, "a.weight").unwrap();
+        assert_eq!(a.dims(), &[3, 1000, 700]);
+        let va = values(&a);
+        assert_eq!(va, values(&w.tensor(&shape, "a.weight").unwrap()));
+        assert_ne!(va, values(&w.tensor(&shape, "b.weight").unwrap()));
+        assert_ne!(
+            va,
+            values(&RandomWeights::new(8).tensor(&shape, "a.weight").unwrap())
+        );
+        assert!(va
+            .iter()
+            .all(|v| v.is_finite() && (*v == 0.0 || v.abs() > 1e-30)));
+        let n = va.len() as f64;
+        let mean = va.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (va.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(mean.abs() < 1e-4, "mean {mean}");
+        assert!((std - 0.02).abs() < 1e-3, "std {std}");
+        // Norm scales around 1.
+        let g = values(&w.tensor(&Shape::from(320), "norm1.weight").unwrap());
+        assert!(g.iter().all(|v| (v - 1.0).abs() < 0.1));
+    }
+
+    #[test]
+    fn var_builder_shapes_dtype_device() {
+        let vb = random_var_builder(DType::F16, &Device::Cpu, 1);
+        let t = vb.pp("x").get((4, 5), "weight").unwrap();
+        assert_eq!((t.dims(), t.dtype()), (&[4usize, 5][..], DType::F16));
+        let again = vb.get((4, 5), "x.weight").unwrap();
+        assert_eq!(
+            values(&t.to_dtype(DType::F32).unwrap()),
+            values(&again.to_dtype(DType::F32).unwrap())
+        );
+    }
+
+    #[test]
+    fn tiny_unet_builds_and_runs() {
+        let cfg = UNetConfig::from_json(
+            r#"{"block_out_channels": [32, 64],
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                "layers_per_block": 1, "attention_head_dim": 8, "cross_attention_dim": 32}"#,
+        )
+        .unwrap();
+        let vb = random_var_builder(DType::F32, &Device::Cpu, 0);
+        let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
+        let x = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let e = Tensor::ones((1, 77, 32), DType::F32, &Device::Cpu).unwrap();
+        let t = Tensor::new(500f32, &Device::Cpu).unwrap();
+        let y = unet.forward(&x, &t, &e).unwrap();
+        assert_eq!(y.dims(), &[1, 4, 8, 8]);
+        assert!(values(&y).iter().all(|v| v.is_finite()));
+    }
+
+    /// Parameter counts of diffusers' `UNet2DConditionModel` for these configs.
+    #[test]
+    fn full_unets_have_the_published_parameter_counts() {
+        for (arch, expected) in [(Arch::SdTurbo, 865_910_724), (Arch::Sd15, 859_520_964)] {
+            let w = RandomWeights::new(0);
+            let vb = VarBuilder::from_backend(Box::new(w.clone()), DType::F32, Device::Cpu);
+            let t0 = std::time::Instant::now();
+            UNet2DConditionModel::new(vb, &arch.unet_config()).unwrap();
+            eprintln!("{arch}: {} parameters in {:?}", w.elements(), t0.elapsed());
+            assert_eq!(w.elements(), expected, "{arch}");
+        }
+    }
+
+    /// Parameter counts of transformers' `CLIPTextModel` and diffusers' `AutoencoderTiny`.
+    #[test]
+    fn text_encoders_and_taesd_have_the_published_parameter_counts() {
+        use crate::model::{clip::ClipTextModel, taesd::AutoencoderTiny};
+        for (arch, expected) in [(Arch::SdTurbo, 340_387_840), (Arch::Sd15, 123_060_480)] {
+            let w = RandomWeights::new(0);
+            let vb = VarBuilder::from_backend(Box::new(w.clone()), DType::F32, Device::Cpu);
+            ClipTextModel::new(vb, &arch.text_config()).unwrap();
+            assert_eq!(w.elements(), expected, "{arch} text encoder");
+        }
+        let w = RandomWeights::new(0);
+        let vb = VarBuilder::from_backend(Box::new(w.clone()), DType::F32, Device::Cpu);
+        AutoencoderTiny::new(vb, &Arch::SdTurbo.taesd_config()).unwrap();
+        assert_eq!(w.elements(), 2_445_063, "taesd");
+    }
+}

@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use sdcam::app::{self, RunOptions, StatusMode};
 use sdcam::profile::{self, LoadedProfile};
 
+mod bench_unet;
+
 /// mimalloc instead of glibc malloc: candle's CPU kernels allocate large temporaries per call,
 /// and glibc returns them to the OS and page-faults them back in (about 30% of U-Net time).
 #[global_allocator]
@@ -42,6 +44,8 @@ enum Cmd {
     Keys,
     /// Measure the relay's own per-frame cost (conversion and resizing, no model).
     BenchRelay(BenchArgs),
+    /// Time the full-size U-Net (random weights, f32 CPU) at given latent sizes.
+    BenchUnet(bench_unet::BenchUnetArgs),
     /// Time the StreamDiffusion pipeline by stage, and the paper's comparisons (Stream Batch vs
     /// sequential, R-CFG types) side by side, on generated frames.
     Bench(PipelineBenchArgs),
@@ -71,6 +75,7 @@ struct PipelineBenchArgs {
     #[arg(long)]
     json: bool,
 }
+
 
 #[derive(Args, Debug, Default)]
 struct RunArgs {
@@ -287,6 +292,7 @@ fn real_main() -> anyhow::Result<()> {
         }
         Some(Cmd::BenchRelay(b)) => bench_relay(&b),
         Some(Cmd::Bench(b)) => bench_pipeline(&b),
+        Some(Cmd::BenchUnet(b)) => bench_unet::run(&b),
         Some(Cmd::Run(a)) => run(&a),
         None => run(&cli.run),
     }

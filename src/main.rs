@@ -76,7 +76,6 @@ struct PipelineBenchArgs {
     json: bool,
 }
 
-
 #[derive(Args, Debug, Default)]
 struct RunArgs {
     /// Profile file (TOML). Without one, the built-in defaults are used.

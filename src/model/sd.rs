@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::arch::{random_var_builder, Arch};
 use super::clip::{ClipTextConfig, ClipTextModel};
 use super::hub::{self, ComponentFiles, HubOptions};
 use super::lora::{fuse_into, LoraFile, LoraTarget};
@@ -91,6 +92,9 @@ pub struct StableDiffusion {
     pub random_weights: bool,
 }
 
+/// Model ids `random:<arch>` build an architecture with random weights ([`Arch`]).
+pub const RANDOM_PREFIX: &str = "random:";
+
 /// A file in a model folder that marks its weights as random (made by the fixture script).
 pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
 
@@ -165,7 +169,12 @@ fn component_vb(
 
 impl StableDiffusion {
     /// Resolves (cache first, then the hub unless offline) and loads every component.
+    /// `random:sd-turbo` / `random:sd15` build the full-size architecture with random weights
+    /// in memory instead (benchmarks: speed does not depend on weight values).
     pub fn load(spec: &ModelSpec, device: &Device, opts: &HubOptions) -> Result<Self> {
+        if let Some(arch) = spec.id.strip_prefix(RANDOM_PREFIX) {
+            return Self::random(arch.parse()?, spec.dtype, device);
+        }
         let dtype = spec.dtype;
         let files = hub::resolve_model(&spec.id, spec.revision.as_deref(), dtype, opts)?;
         let mut loras = Vec::new();
@@ -233,6 +242,31 @@ impl StableDiffusion {
             dtype,
             description,
             random_weights,
+        })
+    }
+
+    /// A full-size architecture with random weights (and a random TAESD), built in memory.
+    pub fn random(arch: Arch, dtype: DType, device: &Device) -> Result<Self> {
+        let seed = 0x5dca;
+        let vb = || random_var_builder(dtype, device, seed);
+        let text_encoder = ClipTextModel::new(vb(), &arch.text_config())?;
+        let unet = UNet2DConditionModel::new(vb(), &arch.unet_config())?;
+        let taesd = AutoencoderTiny::new(vb(), &arch.taesd_config())?;
+        Ok(Self {
+            tokenizer: arch.tokenizer()?,
+            text_encoder,
+            unet,
+            vae: Vae::Tiny(taesd),
+            scheduler: LcmScheduler::new(arch.scheduler_config())?,
+            vae_scale_factor: 8,
+            device: device.clone(),
+            dtype,
+            description: format!(
+                "{RANDOM_PREFIX}{} (the {} architecture, TAESD) [RANDOM WEIGHTS]",
+                arch.name(),
+                arch.repo()
+            ),
+            random_weights: true,
         })
     }
 

@@ -90,8 +90,9 @@ pub fn output_layout(
 pub fn check_readback(want: &OutputLayout, got: &PixFormat) -> Result<(), String> {
     if got.fourcc != want.fourcc || got.width != want.width || got.height != want.height {
         return Err(format!(
-            "the driver kept {} {}x{} instead of {} {}x{}: device busy with another format; \
-             close the other writer",
+            "the driver kept {} {}x{} instead of {} {}x{}: the format is held by a program \
+             still using the device (a viewer keeps it while streaming, or another writer); \
+             close it, or keep the output size",
             fourcc_to_string(got.fourcc),
             got.width,
             got.height,
@@ -268,7 +269,10 @@ impl LoopbackSink {
                 layout.height
             );
             return Err(anyhow::Error::new(e).context(if busy {
-                format!("{what}: device busy with another format; close the other writer")
+                format!(
+                    "{what}: device busy with another format (held by a viewer that is \
+                     streaming, or another writer); close it, or keep the output size"
+                )
             } else {
                 what
             }));
@@ -506,7 +510,7 @@ mod tests {
         };
         let err = check_readback(&l, &other).unwrap_err();
         assert!(
-            err.contains("device busy with another format; close the other writer"),
+            err.contains("held by a program still using the device"),
             "{err}"
         );
         assert!(err.contains("YUYV 1280x720"), "{err}");

@@ -49,7 +49,10 @@ say "stage sdcam-build: $(took "$t") s ($BIN)"
 SHARE=$CACHE/share
 rm -rf "$SHARE"; mkdir -p "$SHARE"
 cp "$BIN" "$SHARE/sdcam"
-cp "$HERE/vm-test.sh" "$HERE/vivid-tint.toml" "$SHARE/"
+cp "$HERE/vm-test.sh" "$HERE/vivid-tint.toml" "$HERE/vivid-diffusion.toml" "$SHARE/"
+# the tiny random-weight models for the diffusion case (symlinks into the fixture HF cache resolved)
+mkdir -p "$SHARE/models"
+cp -rL "$ROOT/tests/fixtures/models/tiny-sd15" "$ROOT/tests/fixtures/models/tiny-taesd" "$SHARE/models/"
 rm -f "$OUT"/*.png "$OUT"/*.log "$OUT"/*.txt "$OUT/rc"
 
 t=$(now)

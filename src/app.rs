@@ -180,12 +180,6 @@ impl Session {
         let installed = r.and_then(|mut t| {
             // Settings changed while it loaded (prompt, stream keys) apply now.
             t.apply(&self.current.profile)?;
-            tracing::info!(
-                "transform: {} at {}x{}",
-                t.name(),
-                self.current.profile.stream.width,
-                self.current.profile.stream.height
-            );
             self.relay.replace_transform(t)
         });
         match installed {

@@ -1240,3 +1240,51 @@ fn bench_prints_stage_table_and_comparisons() {
     assert!(row["ms"]["unet"].as_f64().unwrap() > 0.0);
     assert!(row["fps"].as_f64().unwrap() > 0.0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Live diffusion changes through the binary: prompt, a model switch loading in the background,
+// and a model that cannot load (the running one stays)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn diffusion_live_prompt_and_model_switch_keep_streaming() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("live.y4m");
+    let mut cmd = sdcam();
+    cmd.args([
+        "--profile",
+        "profiles/demo.toml",
+        "--output",
+        &s(&out),
+        "--set",
+        "output.width=160",
+        "--set",
+        "output.height=120",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+    ]);
+    let mut p = Proc::spawn(&mut cmd, true);
+    p.wait_for("transform: diffusion");
+    let w0 = p.wait_written(10);
+    p.send("prompt a forest in the morning fog");
+    p.wait_for("prompt \"a forest in the morning fog\": applied");
+    p.send("negative grainy");
+    p.wait_for("negative prompt \"grainy\": applied");
+    // Another VAE is another model: it loads in the background, then replaces the pipeline.
+    p.send("set model.tiny_vae \"\"");
+    p.wait_for("building the Diffusion transform in the background");
+    p.wait_for("with its own VAE [RANDOM WEIGHTS], Img2img");
+    // A model that does not exist: reported, and the running pipeline stays.
+    p.send("set model.id \"/nonexistent/model\"");
+    p.wait_for("transform kept (the new one failed to build)");
+    p.send("get model.id");
+    p.wait_for("model.id = \"profiles/../tests/fixtures/models/tiny-sd15\"");
+    let w1 = p.wait_written(w0 + 20);
+    assert!(w1 >= w0 + 20);
+    p.send("quit");
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "{}", f.stderr);
+    assert!(!f.stderr.contains("transform failed"), "{}", f.stderr);
+}

@@ -17,9 +17,10 @@
 
 use std::path::Path;
 
+use crate::model::conv::Conv2d;
 use anyhow::Context;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 fn default_in_channels() -> usize {
@@ -114,11 +115,11 @@ fn conv3(cin: usize, cout: usize, stride: usize, bias: bool, vb: VarBuilder) -> 
         stride,
         ..Default::default()
     };
-    if bias {
-        candle_nn::conv2d(cin, cout, 3, cfg, vb)
+    Conv2d::new(if bias {
+        candle_nn::conv2d(cin, cout, 3, cfg, vb)?
     } else {
-        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)
-    }
+        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)?
+    })
 }
 
 /// `AutoencoderTinyBlock`: `relu(conv(x) + skip(x))`.
@@ -133,13 +134,13 @@ struct TinyBlock {
 impl TinyBlock {
     fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
         let skip = if cin != cout {
-            Some(candle_nn::conv2d_no_bias(
+            Some(Conv2d::new(candle_nn::conv2d_no_bias(
                 cin,
                 cout,
                 1,
                 Default::default(),
                 vb.pp("skip"),
-            )?)
+            )?)?)
         } else {
             None
         };

@@ -19,9 +19,10 @@
 
 use std::path::Path;
 
+use crate::model::conv::Conv2d;
 use anyhow::Context;
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 /// GroupNorm / resnet epsilon used throughout diffusers' VAE `Encoder`/`Decoder`.
@@ -111,7 +112,7 @@ fn conv(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, k, cfg, vb)
+    Conv2d::new(candle_nn::conv2d(cin, cout, k, cfg, vb)?)
 }
 
 /// diffusers' `ResnetBlock2D` without time embedding (VAE use).

@@ -22,9 +22,11 @@ use std::cell::Cell;
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
+    group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, LayerNorm, Linear,
+    VarBuilder,
 };
+
+use crate::model::conv::{conv2d, Conv2d};
 
 /// Query rows processed per block by the attention kernel (bounds the live score matrix to
 /// `batch · heads · Q_CHUNK · kv_len` floats).

@@ -17,8 +17,9 @@ pub mod blocks;
 pub mod embeddings;
 pub mod resnet;
 
+use crate::model::conv::{conv2d, Conv2d};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use attention::{Cond, KvCursor};

@@ -3,11 +3,12 @@
 //! then 3×3 conv), with diffusers tensor names (`norm1`, `conv1`, `time_emb_proj`, `norm2`,
 //! `conv2`, `conv_shortcut`; `conv`).
 //!
-//! Note on cost: candle's CPU `conv2d` re-lays out the kernel (im2col + kernel copy) on every
-//! call; that is inside candle and not addressed here.
+//! The convolutions are [`crate::model::conv::Conv2d`]s (im2col + one matrix product on the
+//! CPU, no per-call kernel re-layout).
 
+use crate::model::conv::{conv2d, Conv2d};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 
 /// Hyper-parameters of one `ResnetBlock2D`.
 #[derive(Debug, Clone, Copy)]

@@ -171,7 +171,7 @@ impl Module for TinyBlock {
 #[derive(Debug, Clone)]
 enum Layer {
     Conv(Conv2d),
-    Block(TinyBlock),
+    Block(Box<TinyBlock>),
     Relu,
     Upsample(usize),
 }
@@ -221,7 +221,7 @@ impl EncoderTiny {
             layers.push(Layer::Conv(conv));
             for _ in 0..n {
                 let idx = layers.len();
-                layers.push(Layer::Block(TinyBlock::new(ch, ch, vb.pp(idx))?));
+                layers.push(Layer::Block(Box::new(TinyBlock::new(ch, ch, vb.pp(idx))?)));
             }
         }
         let idx = layers.len();
@@ -268,7 +268,7 @@ impl DecoderTiny {
             let ch = boc[i];
             for _ in 0..n {
                 let idx = layers.len();
-                layers.push(Layer::Block(TinyBlock::new(ch, ch, vb.pp(idx))?));
+                layers.push(Layer::Block(Box::new(TinyBlock::new(ch, ch, vb.pp(idx))?)));
             }
             if !is_final {
                 layers.push(Layer::Upsample(cfg.upsampling_scaling_factor));

@@ -8,7 +8,7 @@
 //! Drop-in for `candle_nn::{conv2d, Conv2d}`: same constructor, same tensor names. Used by the
 //! U-Net, TAESD and the VAE.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution (see the module docs).
@@ -84,6 +84,23 @@ impl Module for Conv2d {
         let oh = (h + 2 * p.padding - k_h) / p.stride + 1;
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
         let xs = xs.contiguous()?;
+        let (c_out, rows) = self.weight2d.dims2()?;
+        if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
+            // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
+            let ys = xs.apply_op2_no_bwd(
+                &self.weight2d,
+                &TiledConv {
+                    k_h,
+                    k_w,
+                    stride: p.stride,
+                    padding: p.padding,
+                },
+            )?;
+            return match &self.bias {
+                Some(bias) => ys.broadcast_add(&bias.reshape((c_out, 1, 1))?),
+                None => Ok(ys),
+            };
+        }
         let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
             xs.reshape((b, c_in, h * w))?
         } else {
@@ -94,7 +111,6 @@ impl Module for Conv2d {
                 padding: p.padding,
             })?
         };
-        let (c_out, _) = self.weight2d.dims2()?;
         // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
         // which candle's CPU matmul runs as one product per sample.
         let ys = self.weight2d.broadcast_left(b)?.matmul(&cols)?;
@@ -157,6 +173,143 @@ impl Im2Col {
     }
 }
 
+/// Above this size of a whole im2col matrix, the convolution runs tile by tile.
+const TILED_ABOVE_BYTES: usize = 32 << 20;
+/// Floats of one im2col tile (1 MiB: stays in L2 while the product reads it).
+const TILE_FLOATS: usize = 256 << 10;
+
+/// im2col + product, one tile of output pixels at a time, tiles in parallel; the product writes
+/// straight into the NCHW output (`x` NCHW contiguous, `w` `[c_out, c_in·k_h·k_w]`).
+struct TiledConv {
+    k_h: usize,
+    k_w: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl TiledConv {
+    fn run(
+        &self,
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        c_out: usize,
+    ) -> (Vec<f32>, Shape) {
+        use rayon::prelude::*;
+        let (k_h, k_w, s, p) = (self.k_h, self.k_w, self.stride, self.padding);
+        let oh = (h + 2 * p - k_h) / s + 1;
+        let ow = (w + 2 * p - k_w) / s + 1;
+        let rows = c * k_h * k_w;
+        let n = oh * ow;
+        // Whole output rows per tile keep the gather simple.
+        let tile_rows = (TILE_FLOATS / (rows * ow)).clamp(1, oh);
+        let tiles_per_image = oh.div_ceil(tile_rows);
+        let mut out = vec![0f32; b * c_out * n];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..b * tiles_per_image)
+            .into_par_iter()
+            .for_each_init(Vec::<f32>::new, |cols, t| {
+                let (bi, ti) = (t / tiles_per_image, t % tiles_per_image);
+                let oy0 = ti * tile_rows;
+                let oy1 = (oy0 + tile_rows).min(oh);
+                let tn = (oy1 - oy0) * ow;
+                cols.clear();
+                cols.resize(rows * tn, 0.0);
+                for row in 0..rows {
+                    let ci = row / (k_h * k_w);
+                    let (i, j) = ((row / k_w) % k_h, row % k_w);
+                    let plane = &x[(bi * c + ci) * h * w..][..h * w];
+                    let d = &mut cols[row * tn..][..tn];
+                    let ox_lo = p.saturating_sub(j).div_ceil(s);
+                    let ox_hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow);
+                    if ox_lo >= ox_hi {
+                        continue;
+                    }
+                    for oy in oy0..oy1 {
+                        let iy = (oy * s + i) as isize - p as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let src_row = &plane[iy as usize * w..][..w];
+                        let d_row = &mut d[(oy - oy0) * ow..][..ow];
+                        let ix0 = ox_lo * s + j - p;
+                        if s == 1 {
+                            d_row[ox_lo..ox_hi]
+                                .copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
+                        } else {
+                            for (k, v) in d_row[ox_lo..ox_hi].iter_mut().enumerate() {
+                                *v = src_row[ix0 + k * s];
+                            }
+                        }
+                    }
+                }
+                let dst = out_ptr;
+                // SAFETY: every tile writes a disjoint set of output columns
+                // (`[oy0·ow, oy1·ow)` of image `bi`, for all c_out rows) inside `out`, which
+                // outlives the parallel loop; `wt` is `c_out × rows` and `cols` `rows × tn`.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        tn,
+                        rows,
+                        dst.0.add(bi * c_out * n + oy0 * ow),
+                        1,
+                        n as isize,
+                        false,
+                        wt.as_ptr(),
+                        1,
+                        rows as isize,
+                        cols.as_ptr(),
+                        1,
+                        tn as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            });
+        (out, Shape::from((b, c_out, oh, ow)))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint output regions to the tiles of one call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl CustomOp2 for TiledConv {
+    fn name(&self) -> &'static str {
+        "sdcam-tiled-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(wt)) = (s1, s2) else {
+            candle_core::bail!("tiled conv2d: only f32 is implemented");
+        };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("tiled conv2d: inputs must be contiguous");
+        };
+        let dims = l1.shape().dims4()?;
+        let (c_out, rows) = l2.shape().dims2()?;
+        if rows != dims.1 * self.k_h * self.k_w {
+            candle_core::bail!("tiled conv2d: kernel does not match the input channels");
+        }
+        let (out, shape) = self.run(&x[xs..xe], dims, &wt[ws..we], c_out);
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "sdcam-im2col"
@@ -192,6 +345,52 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// The tiled path (large images) equals candle's conv2d too, with tiles that do not divide
+    /// the image evenly, several images and strides.
+    #[test]
+    fn tiled_path_matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        for (k, stride, padding, b, c_in, c_out, h, w) in [
+            (3, 1, 1, 2, 64, 16, 161, 150),
+            (3, 2, 1, 1, 128, 8, 257, 259),
+            (1, 1, 0, 1, 600, 4, 120, 120),
+        ] {
+            let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
+            let bs = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let inner = candle_nn::Conv2d::new(wt, Some(bs), cfg);
+            let conv = Conv2d::new(inner.clone()).unwrap();
+            let rows = c_in * k * k;
+            let (oh, ow) = (
+                (h + 2 * padding - k) / stride + 1,
+                (w + 2 * padding - k) / stride + 1,
+            );
+            assert!(
+                rows * oh * ow * 4 > TILED_ABOVE_BYTES,
+                "case must take the tiled path"
+            );
+            let want = inner.forward(&x).unwrap();
+            let got = conv.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let scale = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d / scale < 1e-5, "k{k} s{stride} {b}x{c_in}x{h}x{w}: {d}");
+        }
     }
 
     /// Equal to candle's conv2d for every kernel/stride/padding the U-Net uses, and more.

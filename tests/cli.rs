@@ -548,6 +548,8 @@ fn assert_span(classes: &[usize], range: std::ops::Range<usize>, want: usize, na
 fn demo_profile_writes_60_valid_frames() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("demo.y4m");
+    // Every-frame pacing and a small model size: each of the 60 frames goes through the real
+    // pipeline whatever the machine's load (in real time a slow debug build would repeat frames).
     let f = run_ok(sdcam().args([
         "--profile",
         "profiles/demo.toml",
@@ -555,6 +557,12 @@ fn demo_profile_writes_60_valid_frames() {
         "60",
         "--set",
         &format!("output.path={}", s(&out)),
+        "--set",
+        "output.pacing=\"every-frame\"",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
     ]));
     let y = Y4m::read(&out);
     assert_eq!((y.width, y.height), (640, 480));
@@ -578,6 +586,8 @@ fn demo_profile_writes_60_valid_frames() {
     let [(ylo, yhi), ..] = y.plane_ranges(59);
     assert!(yhi - ylo > 60, "last frame is flat (Y {ylo}..{yhi})");
     assert_eq!(done_count(&f.stderr), 60, "{}", f.stderr);
+    assert!(f.stderr.contains("0 placeholders"), "{}", f.stderr);
+    assert!(f.stderr.contains("RANDOM WEIGHTS"), "{}", f.stderr);
 }
 
 /// The real pipeline on every frame of a file: each input frame is transformed once (no

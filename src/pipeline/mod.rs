@@ -43,6 +43,12 @@ pub fn model_spec(m: &ModelConfig) -> ModelSpec {
 /// Loads the profile's model (the slow part: seconds to minutes for a real model).
 pub fn load_model(m: &ModelConfig) -> Result<StableDiffusion> {
     let device = sd::device_for(m.device)?;
+    if device.is_cpu() && m.dtype == crate::profile::DtypeName::Bf16 {
+        anyhow::bail!(
+            "model.dtype = \"bf16\" does not run on the CPU (candle's CPU matrix product has no \
+             bf16); use \"f32\" (default) or \"f16\" on the CPU, bf16 with model.device = \"cuda\""
+        );
+    }
     let t0 = std::time::Instant::now();
     let model = StableDiffusion::load(&model_spec(m), &device, &HubOptions::from_env())
         .with_context(|| format!("loading model {}", m.id))?;
@@ -494,6 +500,35 @@ mod tests {
             t.process_into(&still, &mut out).unwrap();
         }
         assert_eq!(t.skipped(), 6);
+    }
+
+    #[test]
+    fn bf16_on_the_cpu_is_refused_with_what_to_do() {
+        let m = ModelConfig {
+            id: fixture("models/tiny-sd15").display().to_string(),
+            dtype: crate::profile::DtypeName::Bf16,
+            ..Default::default()
+        };
+        let e = format!("{:#}", load_model(&m).err().unwrap());
+        assert!(e.contains("bf16") && e.contains("f32"), "{e}");
+    }
+
+    #[test]
+    fn f16_runs_on_the_cpu() {
+        let m = ModelConfig {
+            id: fixture("models/tiny-sd15").display().to_string(),
+            tiny_vae: fixture("models/tiny-taesd").display().to_string(),
+            dtype: crate::profile::DtypeName::F16,
+            ..Default::default()
+        };
+        let model = Arc::new(load_model(&m).unwrap());
+        let p = profile(&[32, 45], CfgType::SelfNeg);
+        let mut s = prepare(&model, &p);
+        let x = image(0).to_dtype(candle_core::DType::F16).unwrap();
+        let out = s.img2img(&x).unwrap();
+        assert_eq!(out.dtype(), candle_core::DType::F16);
+        let rgb = stream::rgb_from_images(&out).unwrap();
+        assert_eq!(rgb[0].len(), 32 * 24 * 3);
     }
 
     #[test]

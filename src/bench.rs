@@ -113,6 +113,8 @@ fn measure(
         Vec::new(),
         Vec::new(),
     ];
+    // A GPU runs asynchronously: each stage boundary waits for the device (a no-op on the CPU)
+    // so the time lands on the stage that spent it.
     for i in 0..opts.warmup + opts.frames {
         let frames: Vec<Vec<u8>> = (0..f)
             .map(|j| crate::source::pattern::render(w as u32, h as u32, (i * f + j) as u64))
@@ -120,11 +122,13 @@ fn measure(
         let t0 = Instant::now();
         let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
         let x = images_from_rgb(&refs, w, h, dtype, &device)?;
+        device.synchronize()?;
         let t1 = Instant::now();
         let x_t = match params.mode {
             StreamMode::Img2img => stream.encode_image(&x)?,
             StreamMode::Txt2img => x.zeros_like()?,
         };
+        device.synchronize()?;
         let t2 = Instant::now();
         let x0 = match params.mode {
             StreamMode::Img2img => stream.predict_x0(&x_t)?,
@@ -135,10 +139,13 @@ fn measure(
                 stream.predict_x0(&lat)?
             }
         };
+        device.synchronize()?;
         let t3 = Instant::now();
         let img = stream.decode_image(&x0)?;
+        device.synchronize()?;
         let t4 = Instant::now();
         let rgb = rgb_from_images(&img)?;
+        device.synchronize()?;
         let t5 = Instant::now();
         std::hint::black_box(rgb);
         if i >= opts.warmup {

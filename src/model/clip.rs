@@ -276,7 +276,7 @@ impl ClipTextModel {
 mod tests {
     use super::*;
     use crate::model::rel_err;
-    use crate::model::testutil::{fixture, golden};
+    use crate::model::testutil::{fixture, golden, target, tol};
 
     fn check(model_dir: &str, golden_name: &str) {
         let dir = fixture(model_dir).join("text_encoder");
@@ -284,8 +284,8 @@ mod tests {
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 &[dir.join("model.safetensors")],
-                DType::F32,
-                &Device::Cpu,
+                target().1,
+                &target().0,
             )
         }
         .unwrap();
@@ -293,7 +293,7 @@ mod tests {
         let g = golden(golden_name);
         let out = model.forward(&g["input_ids"]).unwrap();
         let err = rel_err(&out, &g["prompt_embeds"]).unwrap();
-        assert!(err <= 1e-4, "{golden_name}: rel err {err}");
+        assert!(err <= tol(1e-4), "{golden_name}: rel err {err}");
         // u32 ids give the same result.
         let ids32 = g["input_ids"].to_dtype(DType::U32).unwrap();
         let out32 = model.forward(&ids32).unwrap();
@@ -321,8 +321,8 @@ mod tests {
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 &[dir.join("model.safetensors")],
-                DType::F32,
-                &Device::Cpu,
+                target().1,
+                &target().0,
             )
         }
         .unwrap();

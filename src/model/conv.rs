@@ -89,12 +89,12 @@ impl Module for Conv2d {
             // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
             let ys = xs.apply_op2_no_bwd(
                 &self.weight2d,
-                &TiledConv {
+                &TiledConv(Im2Col {
                     k_h,
                     k_w,
                     stride: p.stride,
                     padding: p.padding,
-                },
+                }),
             )?;
             return match &self.bias {
                 Some(bias) => ys.broadcast_add(&bias.reshape((c_out, 1, 1))?),
@@ -133,41 +133,69 @@ struct Im2Col {
 }
 
 impl Im2Col {
-    fn run(&self, src: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> (Vec<f32>, Shape) {
+    /// Output height and width for an `h × w` input.
+    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        (
+            (h + 2 * p - self.k_h) / s + 1,
+            (w + 2 * p - self.k_w) / s + 1,
+        )
+    }
+
+    /// The im2col rows of one image `x` (`[c, h, w]` contiguous) for output rows `oy0..oy1`:
+    /// `dst` is `[c·k_h·k_w, (oy1 − oy0)·ow]` and must be zeroed (padding stays zero).
+    fn gather(
+        &self,
+        x: &[f32],
+        (c, h, w): (usize, usize, usize),
+        oys: (usize, usize),
+        dst: &mut [f32],
+    ) {
         let (k_h, k_w, s, p) = (self.k_h, self.k_w, self.stride, self.padding);
-        let oh = (h + 2 * p - k_h) / s + 1;
-        let ow = (w + 2 * p - k_w) / s + 1;
-        let rows = c * k_h * k_w;
-        let n = oh * ow;
-        let mut dst = vec![0f32; b * rows * n];
-        for (bi, dst_b) in dst.chunks_mut(rows * n).enumerate() {
-            for (row, d) in dst_b.chunks_mut(n).enumerate() {
-                let ci = row / (k_h * k_w);
-                let (i, j) = ((row / k_w) % k_h, row % k_w);
-                let plane = &src[(bi * c + ci) * h * w..][..h * w];
-                // Output columns whose input column `ox·s + j − p` lies inside the image.
-                let ox_lo = p.saturating_sub(j).div_ceil(s);
-                let ox_hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow);
-                if ox_lo >= ox_hi {
+        let (_, ow) = self.out_size(h, w);
+        let (oy0, oy1) = oys;
+        let tn = (oy1 - oy0) * ow;
+        for (row, d) in dst.chunks_mut(tn).take(c * k_h * k_w).enumerate() {
+            let ci = row / (k_h * k_w);
+            let (i, j) = ((row / k_w) % k_h, row % k_w);
+            let plane = &x[ci * h * w..][..h * w];
+            // Output columns whose input column `ox·s + j − p` lies inside the image.
+            let ox_lo = p.saturating_sub(j).div_ceil(s);
+            let ox_hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow);
+            if ox_lo >= ox_hi {
+                continue;
+            }
+            for oy in oy0..oy1 {
+                let iy = (oy * s + i) as isize - p as isize;
+                if iy < 0 || iy >= h as isize {
                     continue;
                 }
-                for oy in 0..oh {
-                    let iy = (oy * s + i) as isize - p as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let src_row = &plane[iy as usize * w..][..w];
-                    let d_row = &mut d[oy * ow..][..ow];
-                    let ix0 = ox_lo * s + j - p;
-                    if s == 1 {
-                        d_row[ox_lo..ox_hi].copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
-                    } else {
-                        for (k, v) in d_row[ox_lo..ox_hi].iter_mut().enumerate() {
-                            *v = src_row[ix0 + k * s];
-                        }
+                let src_row = &plane[iy as usize * w..][..w];
+                let d_row = &mut d[(oy - oy0) * ow..][..ow];
+                let ix0 = ox_lo * s + j - p;
+                if s == 1 {
+                    d_row[ox_lo..ox_hi].copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
+                } else {
+                    for (k, v) in d_row[ox_lo..ox_hi].iter_mut().enumerate() {
+                        *v = src_row[ix0 + k * s];
                     }
                 }
             }
+        }
+    }
+
+    fn run(&self, src: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> (Vec<f32>, Shape) {
+        let (oh, ow) = self.out_size(h, w);
+        let rows = c * self.k_h * self.k_w;
+        let n = oh * ow;
+        let mut dst = vec![0f32; b * rows * n];
+        for (bi, dst_b) in dst.chunks_mut(rows * n).enumerate() {
+            self.gather(
+                &src[bi * c * h * w..][..c * h * w],
+                (c, h, w),
+                (0, oh),
+                dst_b,
+            );
         }
         (dst, Shape::from((b, rows, n)))
     }
@@ -180,12 +208,7 @@ const TILE_FLOATS: usize = 256 << 10;
 
 /// im2col + product, one tile of output pixels at a time, tiles in parallel; the product writes
 /// straight into the NCHW output (`x` NCHW contiguous, `w` `[c_out, c_in·k_h·k_w]`).
-struct TiledConv {
-    k_h: usize,
-    k_w: usize,
-    stride: usize,
-    padding: usize,
-}
+struct TiledConv(Im2Col);
 
 impl TiledConv {
     fn run(
@@ -196,10 +219,8 @@ impl TiledConv {
         c_out: usize,
     ) -> (Vec<f32>, Shape) {
         use rayon::prelude::*;
-        let (k_h, k_w, s, p) = (self.k_h, self.k_w, self.stride, self.padding);
-        let oh = (h + 2 * p - k_h) / s + 1;
-        let ow = (w + 2 * p - k_w) / s + 1;
-        let rows = c * k_h * k_w;
+        let (oh, ow) = self.0.out_size(h, w);
+        let rows = c * self.0.k_h * self.0.k_w;
         let n = oh * ow;
         // Whole output rows per tile keep the gather simple.
         let tile_rows = (TILE_FLOATS / (rows * ow)).clamp(1, oh);
@@ -215,34 +236,8 @@ impl TiledConv {
                 let tn = (oy1 - oy0) * ow;
                 cols.clear();
                 cols.resize(rows * tn, 0.0);
-                for row in 0..rows {
-                    let ci = row / (k_h * k_w);
-                    let (i, j) = ((row / k_w) % k_h, row % k_w);
-                    let plane = &x[(bi * c + ci) * h * w..][..h * w];
-                    let d = &mut cols[row * tn..][..tn];
-                    let ox_lo = p.saturating_sub(j).div_ceil(s);
-                    let ox_hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow);
-                    if ox_lo >= ox_hi {
-                        continue;
-                    }
-                    for oy in oy0..oy1 {
-                        let iy = (oy * s + i) as isize - p as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let src_row = &plane[iy as usize * w..][..w];
-                        let d_row = &mut d[(oy - oy0) * ow..][..ow];
-                        let ix0 = ox_lo * s + j - p;
-                        if s == 1 {
-                            d_row[ox_lo..ox_hi]
-                                .copy_from_slice(&src_row[ix0..ix0 + (ox_hi - ox_lo)]);
-                        } else {
-                            for (k, v) in d_row[ox_lo..ox_hi].iter_mut().enumerate() {
-                                *v = src_row[ix0 + k * s];
-                            }
-                        }
-                    }
-                }
+                let image = &x[bi * c * h * w..][..c * h * w];
+                self.0.gather(image, (c, h, w), (oy0, oy1), cols);
                 let dst = out_ptr;
                 // SAFETY: every tile writes a disjoint set of output columns
                 // (`[oy0·ow, oy1·ow)` of image `bi`, for all c_out rows) inside `out`, which
@@ -302,7 +297,7 @@ impl CustomOp2 for TiledConv {
         };
         let dims = l1.shape().dims4()?;
         let (c_out, rows) = l2.shape().dims2()?;
-        if rows != dims.1 * self.k_h * self.k_w {
+        if rows != dims.1 * self.0.k_h * self.0.k_w {
             candle_core::bail!("tiled conv2d: kernel does not match the input channels");
         }
         let (out, shape) = self.run(&x[xs..xe], dims, &wt[ws..we], c_out);
@@ -332,20 +327,8 @@ impl CustomOp1 for Im2Col {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testutil::max_abs_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The tiled path (large images) equals candle's conv2d too, with tiles that do not divide
     /// the image evenly, several images and strides.
@@ -388,7 +371,7 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let d = max_diff(&got, &want);
+            let d = max_abs_diff(&got, &want);
             assert!(d / scale < 1e-5, "k{k} s{stride} {b}x{c_in}x{h}x{w}: {d}");
         }
     }
@@ -420,7 +403,7 @@ mod tests {
                 let want = inner.forward(&x).unwrap();
                 let got = conv.forward(&x).unwrap();
                 assert_eq!(got.dims(), want.dims(), "k{k} s{stride} p{padding}");
-                let d = max_diff(&got, &want);
+                let d = max_abs_diff(&got, &want);
                 assert!(
                     d < 1e-4,
                     "k{k} s{stride} p{padding} {b}x{c_in}x{h}x{w}: {d}"
@@ -429,7 +412,7 @@ mod tests {
                 let xt = x.transpose(2, 3).unwrap().contiguous().unwrap();
                 let xt = xt.transpose(2, 3).unwrap();
                 assert!(!xt.is_contiguous());
-                let d = max_diff(&conv.forward(&xt).unwrap(), &want);
+                let d = max_abs_diff(&conv.forward(&xt).unwrap(), &want);
                 assert!(d < 1e-4, "non-contiguous: {d}");
             }
         }

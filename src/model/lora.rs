@@ -331,7 +331,7 @@ mod tests {
     use super::*;
     use crate::model::clip::{ClipTextConfig, ClipTextModel};
     use crate::model::rel_err;
-    use crate::model::testutil::{fixture, golden};
+    use crate::model::testutil::{fixture, golden, target, tol};
     use candle_nn::VarBuilder;
 
     fn lora() -> LoraFile {
@@ -372,12 +372,12 @@ mod tests {
         assert_eq!(report.fused, 12);
         let cfg = ClipTextConfig::from_file(fixture("models/tiny-sd15/text_encoder/config.json"))
             .unwrap();
-        let vb = VarBuilder::from_tensors(te, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(te, target().1, &target().0);
         let model = ClipTextModel::new(vb, &cfg).unwrap();
         let g = golden("lora_sd15");
         let out = model.forward(&g["text.input_ids"]).unwrap();
         let err = rel_err(&out, &g["text.prompt_embeds"]).unwrap();
-        assert!(err <= 1e-4, "rel err {err}");
+        assert!(err <= tol(1e-4), "rel err {err}");
     }
 
     #[test]
@@ -389,7 +389,7 @@ mod tests {
         assert_eq!(report.fused, 79);
         let text = std::fs::read_to_string(fixture("models/tiny-sd15/unet/config.json")).unwrap();
         let cfg = UNetConfig::from_json(&text).unwrap();
-        let vb = VarBuilder::from_tensors(unet, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_tensors(unet, target().1, &target().0);
         let model = UNet2DConditionModel::new(vb, &cfg).unwrap();
         let g = golden("lora_sd15");
         for case in ["case0", "case3"] {
@@ -401,7 +401,7 @@ mod tests {
                 )
                 .unwrap();
             let err = rel_err(&out, &g[&format!("{case}.out")]).unwrap();
-            assert!(err <= 1e-4, "{case}: rel err {err}");
+            assert!(err <= tol(1e-4), "{case}: rel err {err}");
         }
     }
 

@@ -10,6 +10,7 @@ pub mod clip;
 pub mod conv;
 pub mod hub;
 pub mod lora;
+pub mod resnet;
 pub mod scheduler;
 pub mod sd;
 pub mod taesd;
@@ -17,15 +18,58 @@ pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-/// max |a − b| / max |b|: the relative error used to compare with reference outputs.
+/// max |a − b| / max |b|: the relative error used to compare with reference outputs (computed
+/// in f32 on the CPU, whatever device and dtype `a` is in).
 pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
-    let a = a.to_dtype(DType::F32)?;
-    let b = reference.to_dtype(DType::F32)?;
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = reference.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(if scale > 0.0 { diff / scale } else { diff })
+}
+
+/// Where the golden tests compute: the CPU in f32 unless `SDCAM_TEST_DEVICE` (`cpu`, `cuda`,
+/// `metal`) and `SDCAM_TEST_DTYPE` (`f32`, `f16`, `bf16`) say otherwise, so the same tests check
+/// a GPU build on a GPU machine (`scripts/cuda/check.sh`).
+pub mod testing {
+    use anyhow::{bail, Result};
+    use candle_core::{DType, Device};
+
+    use crate::profile::{DeviceName, DtypeName};
+
+    /// The device and dtype named by the environment (see the module docs).
+    pub fn target() -> Result<(Device, DType)> {
+        let device = match std::env::var("SDCAM_TEST_DEVICE").as_deref() {
+            Err(_) | Ok("") | Ok("cpu") => DeviceName::Cpu,
+            Ok("cuda") => DeviceName::Cuda,
+            Ok("metal") => DeviceName::Metal,
+            Ok(other) => bail!("SDCAM_TEST_DEVICE={other}: expected cpu, cuda or metal"),
+        };
+        let dtype = match std::env::var("SDCAM_TEST_DTYPE").as_deref() {
+            Err(_) | Ok("") | Ok("f32") => DtypeName::F32,
+            Ok("f16") => DtypeName::F16,
+            Ok("bf16") => DtypeName::Bf16,
+            Ok(other) => bail!("SDCAM_TEST_DTYPE={other}: expected f32, f16 or bf16"),
+        };
+        Ok((super::sd::device_for(device)?, super::sd::dtype_for(dtype)))
+    }
+
+    /// The tolerance for max |Δ| / max |ref| when a test's f32 tolerance is `f32_tol`: the same
+    /// in f32 on any device; in half precision the error of 10–11 significant bits that
+    /// accumulates through a network, measured on the CPU (f16) as at most about 1e-2 for the
+    /// tiny fixture models (see scripts/cuda/README.md).
+    pub fn tolerance(dtype: DType, f32_tol: f32) -> f32 {
+        match dtype {
+            DType::F16 => f32_tol.max(HALF_TOLERANCE),
+            DType::BF16 => f32_tol.max(8.0 * HALF_TOLERANCE),
+            _ => f32_tol,
+        }
+    }
+
+    /// See [`tolerance`].
+    pub const HALF_TOLERANCE: f32 = 3e-2;
 }
 
 #[cfg(test)]
@@ -34,17 +78,61 @@ pub(crate) mod testutil {
     use std::collections::HashMap;
     use std::path::PathBuf;
 
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
-    /// `tests/fixtures/<rel>`.
+    /// The device and dtype the component tests run in ([`super::testing::target`]).
+    pub fn target() -> (Device, DType) {
+        super::testing::target().unwrap_or_else(|e| panic!("test target: {e:#}"))
+    }
+
+    /// A test's f32 tolerance for the target dtype ([`super::testing::tolerance`]).
+    pub fn tol(f32_tol: f32) -> f32 {
+        super::testing::tolerance(target().1, f32_tol)
+    }
+
+    /// max |a − b|, in f32 on the CPU (any device and dtype).
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let f = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
+        let d = (f(a).unwrap() - f(b).unwrap()).unwrap();
+        d.abs()
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    /// `tests/fixtures/<rel>` of this checkout, or of `$SDCAM_REPO` where a test binary runs
+    /// away from the tree it was built in (a GPU machine, `scripts/cuda/check.sh`).
     pub fn fixture(rel: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        std::env::var_os("SDCAM_REPO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
             .join("tests/fixtures")
             .join(rel)
     }
 
-    /// All tensors of `tests/fixtures/golden/<name>.safetensors` on the CPU.
+    /// All tensors of `tests/fixtures/golden/<name>.safetensors` on the test target: floats in
+    /// its dtype, integers (token ids) as stored. Compare outputs with `rel_err`, which works
+    /// across devices.
     pub fn golden(name: &str) -> HashMap<String, Tensor> {
+        let path = fixture(&format!("golden/{name}.safetensors"));
+        let (device, dtype) = target();
+        candle_core::safetensors::load(&path, &device)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+            .into_iter()
+            .map(|(k, t)| {
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(dtype).unwrap()
+                } else {
+                    t
+                };
+                (k, t)
+            })
+            .collect()
+    }
+
+    /// All tensors of a golden file on the CPU as stored (for device-independent math).
+    pub fn golden_cpu(name: &str) -> HashMap<String, Tensor> {
         let path = fixture(&format!("golden/{name}.safetensors"));
         candle_core::safetensors::load(&path, &Device::Cpu)
             .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))

@@ -355,7 +355,7 @@ pub fn step_batch(
 mod tests {
     use super::*;
     use crate::model::rel_err;
-    use crate::model::testutil::{fixture, golden};
+    use crate::model::testutil::{fixture, golden_cpu as golden};
     use std::collections::HashMap;
 
     fn f32s(t: &Tensor) -> Vec<f32> {

@@ -301,7 +301,7 @@ fn in_files(what: &str, files: &ComponentFiles) -> String {
 mod tests {
     use super::*;
     use crate::model::rel_err;
-    use crate::model::testutil::{fixture, golden};
+    use crate::model::testutil::{fixture, golden, target, tol};
 
     fn offline_cache() -> HubOptions {
         HubOptions {
@@ -319,7 +319,7 @@ mod tests {
             revision: None,
             tiny_vae: tiny.map(str::to_string),
             loras: vec![],
-            dtype: DType::F32,
+            dtype: target().1,
         }
     }
 
@@ -330,7 +330,7 @@ mod tests {
                 "sdcam-fixtures/tiny-sd15",
                 Some("sdcam-fixtures/tiny-taesd"),
             ),
-            &Device::Cpu,
+            &target().0,
             &offline_cache(),
         )
         .unwrap();
@@ -346,11 +346,11 @@ mod tests {
                 &g["case0.encoder_hidden_states"],
             )
             .unwrap();
-        assert!(rel_err(&out, &g["case0.out"]).unwrap() <= 1e-4);
+        assert!(rel_err(&out, &g["case0.out"]).unwrap() <= tol(1e-4));
         // TAESD encode with the pipeline's scaling (TAESD's factor is 1).
         let t = golden("taesd");
         let z = sd.vae.encode(&t["enc0.image"]).unwrap();
-        assert!(rel_err(&z, &t["enc0.latents"]).unwrap() <= 1e-4);
+        assert!(rel_err(&z, &t["enc0.latents"]).unwrap() <= tol(1e-4));
     }
 
     #[test]
@@ -363,12 +363,12 @@ mod tests {
                 .to_string(),
             0.7,
         )];
-        let sd = StableDiffusion::load(&s, &Device::Cpu, &offline_cache()).unwrap();
+        let sd = StableDiffusion::load(&s, &target().0, &offline_cache()).unwrap();
         assert_eq!(sd.vae.kind(), "vae");
         // LoRA fused into both U-Net and text encoder = diffusers' fuse_lora at 0.7.
         let g = golden("lora_sd15");
         let emb = sd.text_encoder.forward(&g["text.input_ids"]).unwrap();
-        assert!(rel_err(&emb, &g["text.prompt_embeds"]).unwrap() <= 1e-4);
+        assert!(rel_err(&emb, &g["text.prompt_embeds"]).unwrap() <= tol(1e-4));
         let out = sd
             .unet
             .forward(
@@ -377,18 +377,18 @@ mod tests {
                 &g["case0.encoder_hidden_states"],
             )
             .unwrap();
-        assert!(rel_err(&out, &g["case0.out"]).unwrap() <= 1e-4);
+        assert!(rel_err(&out, &g["case0.out"]).unwrap() <= tol(1e-4));
         // The KL VAE's encode is the scaled mean.
         let v = golden("vae_sd15");
         let z = sd.vae.encode(&v["enc0.image"]).unwrap();
-        assert!(rel_err(&z, &v["enc0.mean_scaled"]).unwrap() <= 1e-4);
+        assert!(rel_err(&z, &v["enc0.mean_scaled"]).unwrap() <= tol(1e-4));
     }
 
     #[test]
     fn a_missing_model_says_what_to_do() {
         let e = StableDiffusion::load(
             &spec("sdcam-fixtures/not-there", None),
-            &Device::Cpu,
+            &target().0,
             &offline_cache(),
         )
         .unwrap_err();
@@ -403,7 +403,7 @@ mod tests {
                 "sdcam-fixtures/tiny-sd15",
                 Some("sdcam-fixtures/tiny-taesd"),
             ),
-            &Device::Cpu,
+            &target().0,
             &offline_cache(),
         )
         .unwrap();

@@ -332,8 +332,7 @@ impl AutoencoderTiny {
 mod tests {
     use super::*;
     use crate::model::rel_err;
-    use crate::model::testutil::{fixture, golden};
-    use candle_core::{DType, Device};
+    use crate::model::testutil::{fixture, golden, target, tol};
 
     fn load() -> AutoencoderTiny {
         let dir = fixture("models/tiny-taesd");
@@ -341,8 +340,8 @@ mod tests {
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 &[dir.join("diffusion_pytorch_model.safetensors")],
-                DType::F32,
-                &Device::Cpu,
+                target().1,
+                &target().0,
             )
         }
         .unwrap();
@@ -357,12 +356,12 @@ mod tests {
         for case in ["enc0", "enc1"] {
             let out = model.encode(&g[&format!("{case}.image")]).unwrap();
             let err = rel_err(&out, &g[&format!("{case}.latents")]).unwrap();
-            assert!(err <= 1e-4, "{case}: rel err {err}");
+            assert!(err <= tol(1e-4), "{case}: rel err {err}");
         }
         for case in ["dec0", "dec1"] {
             let out = model.decode(&g[&format!("{case}.latents")]).unwrap();
             let err = rel_err(&out, &g[&format!("{case}.sample")]).unwrap();
-            assert!(err <= 1e-4, "{case}: rel err {err}");
+            assert!(err <= tol(1e-4), "{case}: rel err {err}");
         }
     }
 }

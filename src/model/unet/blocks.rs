@@ -65,7 +65,7 @@ fn resnet(
         &ResnetBlock2DConfig {
             in_channels: cin,
             out_channels: cout,
-            temb_channels: c.temb_channels,
+            temb_channels: Some(c.temb_channels),
             groups: c.groups,
             eps: c.eps,
             output_scale_factor: scale,
@@ -148,7 +148,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (j, r) in self.resnets.iter().enumerate() {
-            xs = r.forward(&xs, temb)?;
+            xs = r.forward(&xs, Some(temb))?;
             if let Some(a) = self.attentions.get(j) {
                 xs = a.forward(&xs, cond, mode)?;
             }
@@ -221,10 +221,10 @@ impl MidBlock {
         cond: Cond,
         mode: SelfAttnMode,
     ) -> Result<Tensor> {
-        let mut xs = self.resnets[0].forward(xs, temb)?;
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (a, r) in self.attentions.iter().zip(&self.resnets[1..]) {
             xs = a.forward(&xs, cond, mode)?;
-            xs = r.forward(&xs, temb)?;
+            xs = r.forward(&xs, Some(temb))?;
         }
         Ok(xs)
     }
@@ -322,7 +322,7 @@ impl UpBlock {
         let mut xs = xs.clone();
         for (j, (r, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
             xs = Tensor::cat(&[&xs, skip], 1)?;
-            xs = r.forward(&xs, temb)?;
+            xs = r.forward(&xs, Some(temb))?;
             if let Some(a) = self.attentions.get(j) {
                 xs = a.forward(&xs, cond, mode)?;
             }

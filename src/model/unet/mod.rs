@@ -15,7 +15,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod embeddings;
-pub mod resnet;
+pub use crate::model::resnet;
 
 use crate::model::conv::{conv2d, Conv2d};
 use candle_core::{DType, Module, Result, Tensor};
@@ -686,8 +686,7 @@ pub fn load_from_dir(
 mod tests {
     use super::*;
     use crate::model::rel_err;
-    use crate::model::testutil::{fixture, golden};
-    use candle_core::Device;
+    use crate::model::testutil::{fixture, golden, max_abs_diff, target, tol};
 
     fn load(name: &str) -> UNet2DConditionModel {
         let dir = fixture(&format!("models/{name}/unet"));
@@ -695,7 +694,7 @@ mod tests {
         let cfg = UNetConfig::from_json(&text).unwrap();
         let weights = dir.join("diffusion_pytorch_model.safetensors");
         let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, &Device::Cpu).unwrap()
+            VarBuilder::from_mmaped_safetensors(&[weights], target().1, &target().0).unwrap()
         };
         UNet2DConditionModel::new(vb, &cfg).unwrap()
     }
@@ -714,7 +713,7 @@ mod tests {
                 .unwrap();
             let err = rel_err(&out, &get("out")).unwrap();
             // Tolerance: max|Δ|/max|ref| ≤ 1e-4 (f32).
-            assert!(err <= 1e-4, "{golden_name} case{case}: rel err {err}");
+            assert!(err <= tol(1e-4), "{golden_name} case{case}: rel err {err}");
             eprintln!("{golden_name} case{case}: rel err {err:.2e}");
         }
     }
@@ -727,19 +726,6 @@ mod tests {
     #[test]
     fn golden_sd21() {
         check_golden("tiny-sd21", "unet_sd21");
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
@@ -756,7 +742,7 @@ mod tests {
         assert_eq!(kv.batch(), 2);
         let a = unet.forward(sample, t, ehs).unwrap();
         let b = unet.forward_with_kv(sample, t, &kv).unwrap();
-        assert!(max_abs_diff(&a, &b) <= 1e-6, "batched prompts differ");
+        assert!(max_abs_diff(&a, &b) <= tol(1e-6), "batched prompts differ");
 
         // One prompt broadcast over the batch.
         let one = ehs.narrow(0, 1, 1).unwrap();
@@ -764,7 +750,10 @@ mod tests {
         let rep = Tensor::cat(&[&one, &one], 0).unwrap();
         let a1 = unet.forward(sample, t, &rep).unwrap();
         let b1 = unet.forward_with_kv(sample, t, &kv1).unwrap();
-        assert!(max_abs_diff(&a1, &b1) <= 1e-6, "broadcast prompt differs");
+        assert!(
+            max_abs_diff(&a1, &b1) <= tol(1e-6),
+            "broadcast prompt differs"
+        );
         assert!(
             max_abs_diff(&a1, &a) > 1e-3,
             "prompt change must change the output"
@@ -776,7 +765,7 @@ mod tests {
         assert!(max_abs_diff(&c, &a) > 1e-3);
         let kv_other = unet.precompute_prompt_kv(other).unwrap();
         let d = unet.forward_with_kv(sample, t, &kv_other).unwrap();
-        assert!(max_abs_diff(&c, &d) <= 1e-6);
+        assert!(max_abs_diff(&c, &d) <= tol(1e-6));
         assert!(max_abs_diff(&d, &b) > 1e-3);
 
         // Mismatched prompt batch is an error.
@@ -828,7 +817,10 @@ mod tests {
                 // Sample 0 has no reference: ordinary self-attention.
                 let x0 = x.narrow(0, 0, 1).unwrap();
                 let n0 = normal.narrow(0, 0, 1).unwrap();
-                assert!(max_abs_diff(&x0, &n0) <= 1e-6, "{refs:?}: sample 0 changed");
+                assert!(
+                    max_abs_diff(&x0, &n0) <= tol(1e-6),
+                    "{refs:?}: sample 0 changed"
+                );
             }
         }
         // Cross-frame also works with cached prompt K/V.
@@ -840,7 +832,7 @@ mod tests {
             .forward_ext(sample, t, Conditioning::PromptKv(&kv), &opts)
             .unwrap();
         let b = run(sample, t, ehs, FrameRefs::Previous);
-        assert!(max_abs_diff(&a, &b) <= 1e-6);
+        assert!(max_abs_diff(&a, &b) <= tol(1e-6));
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Convolutional blocks of the U-Net: `ResnetBlock2D` (default time-embedding shift, SiLU),
-//! `Downsample2D` (strided 3×3 conv) and `Upsample2D` (nearest upsampling to an explicit size,
-//! then 3×3 conv), with diffusers tensor names (`norm1`, `conv1`, `time_emb_proj`, `norm2`,
-//! `conv2`, `conv_shortcut`; `conv`).
+//! Convolutional blocks shared by the U-Net and the VAE: `ResnetBlock2D` (default
+//! time-embedding shift, SiLU; the VAE's has no time embedding), `Downsample2D` (strided 3×3
+//! conv) and `Upsample2D` (nearest upsampling to an explicit size, then 3×3 conv), with
+//! diffusers tensor names (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
+//! `conv_shortcut`; `conv`).
 //!
 //! The convolutions are [`crate::model::conv::Conv2d`]s (im2col + one matrix product on the
 //! CPU, no per-call kernel re-layout).
@@ -15,18 +16,20 @@ use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder}
 pub struct ResnetBlock2DConfig {
     pub in_channels: usize,
     pub out_channels: usize,
-    pub temb_channels: usize,
+    /// Width of the time embedding; `None` for the VAE's blocks, which have none.
+    pub temb_channels: Option<usize>,
     pub groups: usize,
     pub eps: f64,
     pub output_scale_factor: f64,
 }
 
-/// diffusers `ResnetBlock2D` (time_embedding_norm "default", act "silu", no up/down).
+/// diffusers `ResnetBlock2D` (time_embedding_norm "default", act "silu", no up/down), with or
+/// without a time embedding.
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -53,7 +56,10 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?,
             conv1: conv2d(c.in_channels, c.out_channels, 3, conv3, vb.pp("conv1"))?,
-            time_emb_proj: linear(c.temb_channels, c.out_channels, vb.pp("time_emb_proj"))?,
+            time_emb_proj: c
+                .temb_channels
+                .map(|t| linear(t, c.out_channels, vb.pp("time_emb_proj")))
+                .transpose()?,
             norm2: group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?,
             conv2: conv2d(c.out_channels, c.out_channels, 3, conv3, vb.pp("conv2"))?,
             conv_shortcut,
@@ -61,16 +67,23 @@ impl ResnetBlock2D {
         })
     }
 
-    /// `xs`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` → `[B, C_out, H, W]`.
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+    /// `xs`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (when the block has a time
+    /// embedding) → `[B, C_out, H, W]`.
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = candle_nn::ops::silu(&self.norm1.forward(xs)?)?;
-        let h = self.conv1.forward(&h)?;
-        let t = self
-            .time_emb_proj
-            .forward(&candle_nn::ops::silu(temb)?)?
-            .unsqueeze(D::Minus1)?
-            .unsqueeze(D::Minus1)?;
-        let h = h.broadcast_add(&t)?;
+        let mut h = self.conv1.forward(&h)?;
+        match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj
+                    .forward(&candle_nn::ops::silu(temb)?)?
+                    .unsqueeze(D::Minus1)?
+                    .unsqueeze(D::Minus1)?;
+                h = h.broadcast_add(&t)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("ResnetBlock2D: time embedding missing"),
+            (None, Some(_)) => candle_core::bail!("ResnetBlock2D: block has no time embedding"),
+        }
         let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {

@@ -110,7 +110,10 @@ pub fn device_for(name: crate::profile::DeviceName) -> Result<Device> {
                      `cargo build --release --features cuda` or set model.device = \"cpu\""
                 );
             }
-            Device::new_cuda(0).context("opening CUDA device 0")
+            Device::new_cuda(0).context(
+                "opening CUDA device 0 (is an NVIDIA GPU with its driver there? `nvidia-smi` \
+                 should list it; else set model.device = \"cpu\")",
+            )
         }
         DeviceName::Metal => {
             if !candle_core::utils::metal_is_available() {

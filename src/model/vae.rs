@@ -14,13 +14,14 @@
 //! (0.18215 for SD 1.5) and divides latents by it before [`AutoencoderKL::decode`]; both methods
 //! here work on unscaled latents.
 //!
-//! The resnets are the U-Net's [`crate::model::resnet::ResnetBlock2D`] without time embedding
-//! (eps 1e-6); the mid-block attention is the VAE flavour (one head, GroupNorm, residual).
+//! The resnets, down- and upsamplers are the U-Net's ([`crate::model::resnet`]; the resnets
+//! without time embedding, eps 1e-6); the mid-block attention is the VAE flavour (one head,
+//! GroupNorm, residual).
 
 use std::path::Path;
 
 use crate::model::conv::Conv2d;
-use crate::model::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use crate::model::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use anyhow::Context;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
@@ -209,7 +210,7 @@ impl Module for MidBlock {
 #[derive(Debug, Clone)]
 struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
-    downsample: Option<Conv2d>,
+    downsample: Option<Downsample2D>,
 }
 
 impl Module for DownBlock {
@@ -219,8 +220,6 @@ impl Module for DownBlock {
             xs = r.forward(&xs, None)?;
         }
         if let Some(d) = &self.downsample {
-            // Downsample2D(padding=0): pad right and bottom by one, then a stride-2 3×3 conv.
-            xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
             xs = d.forward(&xs)?;
         }
         Ok(xs)
@@ -231,7 +230,7 @@ impl Module for DownBlock {
 #[derive(Debug, Clone)]
 struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
-    upsample: Option<Conv2d>,
+    upsample: Option<Upsample2D>,
 }
 
 impl Module for UpBlock {
@@ -241,8 +240,7 @@ impl Module for UpBlock {
             xs = r.forward(&xs, None)?;
         }
         if let Some(u) = &self.upsample {
-            let (_, _, h, w) = xs.dims4()?;
-            xs = u.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
+            xs = u.forward(&xs, None)?;
         }
         Ok(xs)
     }
@@ -275,7 +273,8 @@ impl Encoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsample = if i + 1 < boc.len() {
-                Some(conv(cout, cout, 3, 0, 2, vbb.pp("downsamplers.0.conv"))?)
+                // diffusers' padding=0: pad right and bottom by one, then a stride-2 3×3 conv.
+                Some(Downsample2D::new(vbb.pp("downsamplers.0"), cout, cout, 0)?)
             } else {
                 None
             };
@@ -335,7 +334,7 @@ impl Decoder {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsample = if i + 1 < boc.len() {
-                Some(conv(cout, cout, 3, 1, 1, vbb.pp("upsamplers.0.conv"))?)
+                Some(Upsample2D::new(vbb.pp("upsamplers.0"), cout, cout)?)
             } else {
                 None
             };

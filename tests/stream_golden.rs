@@ -25,14 +25,9 @@ fn dir() -> PathBuf {
     fixture("golden/stream")
 }
 
-/// `tests/fixtures/<rel>` of this checkout, or of `$SDCAM_REPO` where the test binary runs away
-/// from the tree it was built in (a GPU machine, `scripts/cuda/check.sh`).
+/// `tests/fixtures/<rel>` (of `$SDCAM_REPO` where set: `testing::fixtures_dir`).
 fn fixture(rel: &str) -> PathBuf {
-    std::env::var_os("SDCAM_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("tests/fixtures")
-        .join(rel)
+    testing::fixtures_dir().join(rel)
 }
 
 /// The `__metadata__` of a safetensors file (the header is JSON after a u64 length).

@@ -34,13 +34,35 @@ pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
 /// `metal`) and `SDCAM_TEST_DTYPE` (`f32`, `f16`, `bf16`) say otherwise, so the same tests check
 /// a GPU build on a GPU machine (`scripts/cuda/check.sh`).
 pub mod testing {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
     use anyhow::{bail, Result};
     use candle_core::{DType, Device};
 
     use crate::profile::{DeviceName, DtypeName};
 
-    /// The device and dtype named by the environment (see the module docs).
+    /// `tests/fixtures` of this checkout, or of `$SDCAM_REPO` where a test binary runs away from
+    /// the tree it was built in (a GPU machine, `scripts/cuda/check.sh`).
+    pub fn fixtures_dir() -> PathBuf {
+        std::env::var_os("SDCAM_REPO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("tests/fixtures")
+    }
+
+    /// The device and dtype named by the environment (see the module docs). Opened once per
+    /// process: every caller gets the same device, since tensors on two separately opened CUDA
+    /// devices cannot meet in one operation.
     pub fn target() -> Result<(Device, DType)> {
+        static TARGET: OnceLock<std::result::Result<(Device, DType), String>> = OnceLock::new();
+        TARGET
+            .get_or_init(|| open_target().map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn open_target() -> Result<(Device, DType)> {
         let device = match std::env::var("SDCAM_TEST_DEVICE").as_deref() {
             Err(_) | Ok("") | Ok("cpu") => DeviceName::Cpu,
             Ok("cuda") => DeviceName::Cuda,
@@ -101,14 +123,9 @@ pub(crate) mod testutil {
             .unwrap()
     }
 
-    /// `tests/fixtures/<rel>` of this checkout, or of `$SDCAM_REPO` where a test binary runs
-    /// away from the tree it was built in (a GPU machine, `scripts/cuda/check.sh`).
+    /// `tests/fixtures/<rel>` ([`super::testing::fixtures_dir`]).
     pub fn fixture(rel: &str) -> PathBuf {
-        std::env::var_os("SDCAM_REPO")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-            .join("tests/fixtures")
-            .join(rel)
+        super::testing::fixtures_dir().join(rel)
     }
 
     /// All tensors of `tests/fixtures/golden/<name>.safetensors` on the test target: floats in

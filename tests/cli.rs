@@ -1207,19 +1207,22 @@ fn snapshot_and_stats_commands() {
 // `sdcam bench`: the pipeline table and its comparison suite
 // ---------------------------------------------------------------------------------------------
 
+/// `sdcam bench` on the demo profile, small and quick.
+const BENCH_DEMO: [&str; 9] = [
+    "bench",
+    "--profile",
+    "profiles/demo.toml",
+    "--size",
+    "64x64",
+    "--frames",
+    "1",
+    "--warmup",
+    "0",
+];
+
 #[test]
 fn bench_prints_stage_table_and_comparisons() {
-    let f = run_ok(sdcam().args([
-        "bench",
-        "--profile",
-        "profiles/demo.toml",
-        "--size",
-        "64x64",
-        "--frames",
-        "1",
-        "--warmup",
-        "0",
-    ]));
+    let f = run_ok(sdcam().args(BENCH_DEMO));
     let out = String::from_utf8_lossy(&f.stdout).to_string();
     let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| ")).collect();
     // Header + profile + 3×(batch, sequential) + 4 cfg types.
@@ -1231,19 +1234,7 @@ fn bench_prints_stage_table_and_comparisons() {
         "{out}"
     );
     // JSON for machines.
-    let j = run_ok(sdcam().args([
-        "bench",
-        "--profile",
-        "profiles/demo.toml",
-        "--size",
-        "64x64",
-        "--frames",
-        "1",
-        "--warmup",
-        "0",
-        "--no-compare",
-        "--json",
-    ]));
+    let j = run_ok(sdcam().args(BENCH_DEMO).args(["--no-compare", "--json"]));
     let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
     let row = &v["rows"][0];
     assert_eq!(row["label"], "profile");

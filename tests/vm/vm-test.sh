@@ -70,6 +70,22 @@ stop_sdcam() {  # SIGTERM; checks a graceful exit 0 within 10 s
   grep -q "frames written" "$SDCAM_LOG" || fail "no final 'frames written' line after SIGTERM"
 }
 send() { log "stdin: $*"; echo "$*" >&3; }
+# a v4l2-ctl client streaming the loopback in the background (a viewer in a call); pid in CLIENT
+watch_start() {
+  v4l2-ctl -d $LB --stream-mmap --stream-count=100000 --stream-to=/dev/null >/tmp/watch.log 2>&1 &
+  CLIENT=$!
+}
+watched() { tr -cd '<' </tmp/watch.log | wc -c; }  # frames the watching client got so far
+# watch_frames WHAT: frames the client gets in the next 3 s into WATCHED, failing if it ended
+# during WHAT; then stops it
+watch_frames() {
+  _w1=$(watched)
+  sleep 3
+  _w2=$(watched)
+  kill -0 $CLIENT 2>/dev/null || { cat /tmp/watch.log; fail "the watching client ended during $1"; }
+  kill $CLIENT; wait $CLIENT 2>/dev/null
+  WATCHED=$((_w2 - _w1))
+}
 
 # grab NAME N: N frames with ffmpeg into $OUT/NAME-XX.png; stats of the last one in STAT_*.
 grab() {
@@ -236,16 +252,15 @@ begin resize-with-client
 # a client is watching while the profile asks for another output size: v4l2loopback cannot change
 # the format under a reader, so sdcam must keep (or restore) the running output and the client
 # must keep getting frames
-v4l2-ctl -d $LB --stream-mmap --stream-count=100000 --stream-to=/dev/null >/tmp/watch.log 2>&1 &
-CLIENT=$!
+watch_start
 sleep 2
-n0=$(tr -cd '<' </tmp/watch.log | wc -c)
+n0=$(watched)
 send "profile /tmp/vm-half.toml"
 sleep 4
 kill -0 $CLIENT 2>/dev/null || { cat /tmp/watch.log; fail "the watching client stopped when the output size change was asked for"; }
-n1=$(tr -cd '<' </tmp/watch.log | wc -c)
+n1=$(watched)
 sleep 2
-n2=$(tr -cd '<' </tmp/watch.log | wc -c)
+n2=$(watched)
 kill $CLIENT; wait $CLIENT 2>/dev/null
 alive || fail "sdcam died"
 [ $((n2 - n1)) -ge $((FPS)) ] || fail "the watching client got $((n2 - n1)) frames in the 2 s after the size change (had $n0 before, $n1 at +4 s)"
@@ -263,18 +278,13 @@ pass "${kept#*ERROR }"
 
 begin restart-with-client
 # SIGTERM and restart while a client keeps the virtual camera open (a video call across a restart)
-v4l2-ctl -d $LB --stream-mmap --stream-count=100000 --stream-to=/dev/null >/tmp/watch.log 2>&1 &
-CLIENT=$!
+watch_start
 sleep 2
 stop_sdcam
 start_sdcam
-n1=$(tr -cd '<' </tmp/watch.log | wc -c)
-sleep 3
-n2=$(tr -cd '<' </tmp/watch.log | wc -c)
-kill -0 $CLIENT 2>/dev/null || { cat /tmp/watch.log; fail "the watching client ended during the sdcam restart"; }
-kill $CLIENT; wait $CLIENT 2>/dev/null
-[ $((n2 - n1)) -ge $((FPS * 2)) ] || fail "the client got $((n2 - n1)) frames in 3 s after the restart"
-pass "client got $((n2 - n1)) frames in 3 s after the restart"
+watch_frames "the sdcam restart"
+[ "$WATCHED" -ge $((FPS * 2)) ] || fail "the client got $WATCHED frames in 3 s after the restart"
+pass "client got $WATCHED frames in 3 s after the restart"
 
 begin camera-unplug
 if rmmod vivid 2>/tmp/rmmod.txt; then
@@ -335,21 +345,16 @@ grab e 2; check_picture e
 pass "$STAT_DESC; $(grep 'status:' "$SDCAM_LOG" | tail -1 | sed 's/.*status: //')"
 
 begin diffusion-live-prompt
-v4l2-ctl -d $LB --stream-mmap --stream-count=100000 --stream-to=/dev/null >/tmp/watch.log 2>&1 &
-CLIENT=$!
+watch_start
 sleep 1
 send "prompt a forest in the morning fog"
 wait_for 15 grep -q 'prompt "a forest in the morning fog": applied' "$SDCAM_LOG" || fail "the prompt change was not applied"
 send "set stream.t_index_list [20, 40]"
 wait_for 15 grep -q "set stream.t_index_list: applied" "$SDCAM_LOG" || fail "the step change was not applied"
-n1=$(tr -cd '<' </tmp/watch.log | wc -c)
-sleep 3
-n2=$(tr -cd '<' </tmp/watch.log | wc -c)
-kill -0 $CLIENT 2>/dev/null || { cat /tmp/watch.log; fail "the watching client ended during the live changes"; }
-kill $CLIENT; wait $CLIENT 2>/dev/null
-[ $((n2 - n1)) -ge $((FPS * 2)) ] || fail "the client got $((n2 - n1)) frames in 3 s after the live changes"
+watch_frames "the live changes"
+[ "$WATCHED" -ge $((FPS * 2)) ] || fail "the client got $WATCHED frames in 3 s after the live changes"
 grab p 2; check_picture p
-pass "client got $((n2 - n1)) frames in 3 s during live prompt/step changes"
+pass "client got $WATCHED frames in 3 s during live prompt/step changes"
 
 begin diffusion-stop
 stop_sdcam

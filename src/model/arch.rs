@@ -1,8 +1,9 @@
 //! Full-size model architectures (sd-turbo, SD 1.5) with their published configs and random weights, for benchmarks and tests without downloaded checkpoints.
 //!
-//! The configs are the `config.json` files of `stabilityai/sd-turbo` and
-//! `runwayml/stable-diffusion-v1-5` (unet, text_encoder, scheduler) and `madebyollin/taesd`,
-//! embedded verbatim except where noted. They build the same architectures as the Python
+//! The configs are the real `config.json` files of `stabilityai/sd-turbo`,
+//! `runwayml/stable-diffusion-v1-5` and `madebyollin/taesd`, embedded verbatim from
+//! `tests/data/hub-configs/` (nulls, absent keys and all) and read by the same code as any
+//! downloaded model ([`crate::model::config`]). They build the same architectures as the Python
 //! peer's `make_models.py` (`sd-turbo-arch`, `sd15-arch`), so timings can be compared.
 //!
 //! [`random_var_builder`] is a `VarBuilder` that makes up a tensor of the requested shape for
@@ -19,10 +20,12 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use super::clip::ClipTextConfig;
+use super::config::{self, ComponentConfig};
 use super::scheduler::SchedulerConfig;
 use super::taesd::AutoencoderTinyConfig;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNetConfig;
+use super::vae::AutoencoderKLConfig;
 
 /// A published Stable Diffusion architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,193 +55,55 @@ impl std::fmt::Display for Arch {
     }
 }
 
-/// `stabilityai/sd-turbo` `unet/config.json`. `upcast_attention` is written `false` where the
-/// hub file may say `null` (sdcam's config wants a bool; it only matters in f16).
-const SD_TURBO_UNET: &str = r#"{
-  "_class_name": "UNet2DConditionModel",
-  "_diffusers_version": "0.24.0.dev0",
-  "act_fn": "silu",
-  "addition_embed_type": null,
-  "addition_embed_type_num_heads": 64,
-  "addition_time_embed_dim": null,
-  "attention_head_dim": [5, 10, 20, 20],
-  "attention_type": "default",
-  "block_out_channels": [320, 640, 1280, 1280],
-  "center_input_sample": false,
-  "class_embed_type": null,
-  "class_embeddings_concat": false,
-  "conv_in_kernel": 3,
-  "conv_out_kernel": 3,
-  "cross_attention_dim": 1024,
-  "cross_attention_norm": null,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1,
-  "dropout": 0.0,
-  "dual_cross_attention": false,
-  "encoder_hid_dim": null,
-  "encoder_hid_dim_type": null,
-  "flip_sin_to_cos": true,
-  "freq_shift": 0,
-  "in_channels": 4,
-  "layers_per_block": 2,
-  "mid_block_only_cross_attention": null,
-  "mid_block_scale_factor": 1,
-  "mid_block_type": "UNetMidBlock2DCrossAttn",
-  "norm_eps": 1e-05,
-  "norm_num_groups": 32,
-  "num_attention_heads": null,
-  "num_class_embeds": null,
-  "only_cross_attention": false,
-  "out_channels": 4,
-  "projection_class_embeddings_input_dim": null,
-  "resnet_out_scale_factor": 1.0,
-  "resnet_skip_time_act": false,
-  "resnet_time_scale_shift": "default",
-  "reverse_transformer_layers_per_block": null,
-  "sample_size": 64,
-  "time_cond_proj_dim": null,
-  "time_embedding_act_fn": null,
-  "time_embedding_dim": null,
-  "time_embedding_type": "positional",
-  "timestep_post_act": null,
-  "transformer_layers_per_block": 1,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-  "upcast_attention": false,
-  "use_linear_projection": true
-}"#;
+/// The real config files of a hub repo, embedded verbatim from `tests/data/hub-configs/`
+/// (copies of the hub files; provenance in that folder's README).
+macro_rules! hub_file {
+    ($repo:literal, $path:literal) => {
+        include_str!(concat!("../../tests/data/hub-configs/", $repo, "/", $path))
+    };
+}
 
-/// `runwayml/stable-diffusion-v1-5` `unet/config.json`.
-const SD15_UNET: &str = r#"{
-  "_class_name": "UNet2DConditionModel",
-  "_diffusers_version": "0.6.0",
-  "act_fn": "silu",
-  "attention_head_dim": 8,
-  "block_out_channels": [320, 640, 1280, 1280],
-  "center_input_sample": false,
-  "cross_attention_dim": 768,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1,
-  "flip_sin_to_cos": true,
-  "freq_shift": 0,
-  "in_channels": 4,
-  "layers_per_block": 2,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-05,
-  "norm_num_groups": 32,
-  "out_channels": 4,
-  "sample_size": 64,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-}"#;
+const SD_TURBO_UNET: &str = hub_file!("stabilityai--sd-turbo", "unet/config.json");
+const SD_TURBO_TEXT: &str = hub_file!("stabilityai--sd-turbo", "text_encoder/config.json");
+const SD_TURBO_VAE: &str = hub_file!("stabilityai--sd-turbo", "vae/config.json");
+const SD_TURBO_SCHEDULER: &str =
+    hub_file!("stabilityai--sd-turbo", "scheduler/scheduler_config.json");
+const SD_TURBO_TOKENIZER_CONFIG: &str =
+    hub_file!("stabilityai--sd-turbo", "tokenizer/tokenizer_config.json");
+const SD_TURBO_SPECIAL_TOKENS: &str =
+    hub_file!("stabilityai--sd-turbo", "tokenizer/special_tokens_map.json");
+const SD_TURBO_MODEL_INDEX: &str = hub_file!("stabilityai--sd-turbo", "model_index.json");
 
-/// `stabilityai/sd-turbo` `text_encoder/config.json` (OpenCLIP ViT-H/14 minus its last layer).
-const SD_TURBO_TEXT: &str = r#"{
-  "architectures": ["CLIPTextModel"],
-  "attention_dropout": 0.0,
-  "bos_token_id": 0,
-  "dropout": 0.0,
-  "eos_token_id": 2,
-  "hidden_act": "gelu",
-  "hidden_size": 1024,
-  "initializer_factor": 1.0,
-  "initializer_range": 0.02,
-  "intermediate_size": 4096,
-  "layer_norm_eps": 1e-05,
-  "max_position_embeddings": 77,
-  "model_type": "clip_text_model",
-  "num_attention_heads": 16,
-  "num_hidden_layers": 23,
-  "pad_token_id": 1,
-  "projection_dim": 512,
-  "torch_dtype": "float16",
-  "vocab_size": 49408
-}"#;
+const SD15_UNET: &str = hub_file!("runwayml--stable-diffusion-v1-5", "unet/config.json");
+const SD15_TEXT: &str = hub_file!(
+    "runwayml--stable-diffusion-v1-5",
+    "text_encoder/config.json"
+);
+const SD15_VAE: &str = hub_file!("runwayml--stable-diffusion-v1-5", "vae/config.json");
+const SD15_SCHEDULER: &str = hub_file!(
+    "runwayml--stable-diffusion-v1-5",
+    "scheduler/scheduler_config.json"
+);
+const SD15_TOKENIZER_CONFIG: &str = hub_file!(
+    "runwayml--stable-diffusion-v1-5",
+    "tokenizer/tokenizer_config.json"
+);
+const SD15_SPECIAL_TOKENS: &str = hub_file!(
+    "runwayml--stable-diffusion-v1-5",
+    "tokenizer/special_tokens_map.json"
+);
+const SD15_MODEL_INDEX: &str = hub_file!("runwayml--stable-diffusion-v1-5", "model_index.json");
 
-/// `runwayml/stable-diffusion-v1-5` `text_encoder/config.json` (OpenAI CLIP ViT-L/14).
-const SD15_TEXT: &str = r#"{
-  "_name_or_path": "openai/clip-vit-large-patch14",
-  "architectures": ["CLIPTextModel"],
-  "attention_dropout": 0.0,
-  "bos_token_id": 0,
-  "dropout": 0.0,
-  "eos_token_id": 2,
-  "hidden_act": "quick_gelu",
-  "hidden_size": 768,
-  "initializer_factor": 1.0,
-  "initializer_range": 0.02,
-  "intermediate_size": 3072,
-  "layer_norm_eps": 1e-05,
-  "max_position_embeddings": 77,
-  "model_type": "clip_text_model",
-  "num_attention_heads": 12,
-  "num_hidden_layers": 12,
-  "pad_token_id": 1,
-  "projection_dim": 768,
-  "torch_dtype": "float32",
-  "vocab_size": 49408
-}"#;
-
-/// `stabilityai/sd-turbo` `scheduler/scheduler_config.json` (an `EulerDiscreteScheduler`;
-/// StreamDiffusion builds an `LCMScheduler` from it, which keeps the betas).
-const SD_TURBO_SCHEDULER: &str = r#"{
-  "_class_name": "EulerDiscreteScheduler",
-  "_diffusers_version": "0.24.0.dev0",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "clip_sample": false,
-  "interpolation_type": "linear",
-  "num_train_timesteps": 1000,
-  "prediction_type": "epsilon",
-  "sample_max_value": 1.0,
-  "set_alpha_to_one": false,
-  "skip_prk_steps": true,
-  "steps_offset": 1,
-  "timestep_spacing": "trailing",
-  "timestep_type": "discrete",
-  "trained_betas": null,
-  "use_karras_sigmas": false
-}"#;
-
-/// `runwayml/stable-diffusion-v1-5` `scheduler/scheduler_config.json` (a `PNDMScheduler`).
-const SD15_SCHEDULER: &str = r#"{
-  "_class_name": "PNDMScheduler",
-  "_diffusers_version": "0.6.0",
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "num_train_timesteps": 1000,
-  "set_alpha_to_one": false,
-  "skip_prk_steps": true,
-  "steps_offset": 1,
-  "trained_betas": null,
-  "clip_sample": false
-}"#;
-
-/// `madebyollin/taesd` `config.json` (used with both architectures).
-const TAESD: &str = r#"{
-  "_class_name": "AutoencoderTiny",
-  "_diffusers_version": "0.20.0.dev0",
-  "act_fn": "relu",
-  "decoder_block_out_channels": [64, 64, 64, 64],
-  "encoder_block_out_channels": [64, 64, 64, 64],
-  "force_upcast": false,
-  "in_channels": 3,
-  "latent_channels": 4,
-  "latent_magnitude": 3,
-  "latent_shift": 0.5,
-  "num_decoder_blocks": [3, 3, 3, 1],
-  "num_encoder_blocks": [1, 3, 3, 3],
-  "out_channels": 3,
-  "scaling_factor": 1.0,
-  "upsampling_scaling_factor": 2
-}"#;
+/// `madebyollin/taesd` `config.json` (TAESD 1.3; used with both architectures).
+const TAESD: &str = hub_file!("madebyollin--taesd", "config.json");
 
 /// The real CLIP BPE vocabulary (shared by both architectures; only the padding differs).
 const CLIP_VOCAB: &str = include_str!("../../tests/fixtures/tokenizer/clip/vocab.json");
 const CLIP_MERGES: &str = include_str!("../../tests/fixtures/tokenizer/clip/merges.txt");
 
-fn parse<T: serde::de::DeserializeOwned>(what: &str, json: &str) -> T {
-    serde_json::from_str(json).unwrap_or_else(|e| panic!("embedded {what} config: {e}"))
+fn parse<T: ComponentConfig>(arch: Arch, what: &str, json: &str) -> T {
+    config::parse(json, &format!("embedded {} {what}", arch.repo()))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 impl Arch {
@@ -277,6 +142,14 @@ impl Arch {
         }
     }
 
+    /// `vae/config.json` text.
+    pub fn vae_config_json(self) -> &'static str {
+        match self {
+            Self::SdTurbo => SD_TURBO_VAE,
+            Self::Sd15 => SD15_VAE,
+        }
+    }
+
     /// `scheduler/scheduler_config.json` text.
     pub fn scheduler_config_json(self) -> &'static str {
         match self {
@@ -285,45 +158,65 @@ impl Arch {
         }
     }
 
-    /// The TAESD `config.json` text (the same for both).
+    /// `tokenizer/tokenizer_config.json` and `tokenizer/special_tokens_map.json` texts, in the
+    /// order transformers applies them.
+    pub fn tokenizer_config_jsons(self) -> [&'static str; 2] {
+        match self {
+            Self::SdTurbo => [SD_TURBO_TOKENIZER_CONFIG, SD_TURBO_SPECIAL_TOKENS],
+            Self::Sd15 => [SD15_TOKENIZER_CONFIG, SD15_SPECIAL_TOKENS],
+        }
+    }
+
+    /// `model_index.json` text.
+    pub fn model_index_json(self) -> &'static str {
+        match self {
+            Self::SdTurbo => SD_TURBO_MODEL_INDEX,
+            Self::Sd15 => SD15_MODEL_INDEX,
+        }
+    }
+
+    /// The TAESD `config.json` text (`madebyollin/taesd`, the same for both).
     pub fn taesd_config_json(self) -> &'static str {
         TAESD
     }
 
     /// The U-Net config (validated).
     pub fn unet_config(self) -> UNetConfig {
-        UNetConfig::from_json(self.unet_config_json())
-            .unwrap_or_else(|e| panic!("embedded {self} unet config: {e:#}"))
+        parse(self, "unet/config.json", self.unet_config_json())
     }
 
     /// The CLIP text encoder config.
     pub fn text_config(self) -> ClipTextConfig {
-        parse("text_encoder", self.text_config_json())
+        parse(self, "text_encoder/config.json", self.text_config_json())
+    }
+
+    /// The VAE (`AutoencoderKL`) config.
+    pub fn vae_config(self) -> AutoencoderKLConfig {
+        parse(self, "vae/config.json", self.vae_config_json())
     }
 
     /// The scheduler config, read the way `LCMScheduler.from_config` reads it.
     pub fn scheduler_config(self) -> SchedulerConfig {
-        parse("scheduler", self.scheduler_config_json())
+        parse(
+            self,
+            "scheduler/scheduler_config.json",
+            self.scheduler_config_json(),
+        )
     }
 
     /// The TAESD config.
     pub fn taesd_config(self) -> AutoencoderTinyConfig {
-        parse("taesd", self.taesd_config_json())
+        config::parse(
+            self.taesd_config_json(),
+            "embedded madebyollin/taesd config.json",
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// The tokenizer's pad token: SD 2.x / sd-turbo pads with `!` (id 0), SD 1.5 with the end
-    /// token.
-    pub fn tokenizer_pad(self) -> &'static str {
-        match self {
-            Self::SdTurbo => "!",
-            Self::Sd15 => "<|endoftext|>",
-        }
-    }
-
-    /// The pipeline's tokenizer: the real CLIP vocabulary with this architecture's padding.
+    /// The pipeline's tokenizer: the real CLIP vocabulary with this repo's tokenizer configs
+    /// (SD 2.x / sd-turbo pad with `!`, id 0; SD 1.5 with the end token).
     pub fn tokenizer(self) -> anyhow::Result<ClipTokenizer> {
-        let pad = serde_json::json!({ "pad_token": self.tokenizer_pad() }).to_string();
-        ClipTokenizer::from_strs(CLIP_VOCAB, CLIP_MERGES, &[&pad])
+        ClipTokenizer::from_strs(CLIP_VOCAB, CLIP_MERGES, &self.tokenizer_config_jsons())
     }
 }
 
@@ -614,5 +507,17 @@ mod tests {
         let vb = VarBuilder::from_backend(Box::new(w.clone()), DType::F32, Device::Cpu);
         AutoencoderTiny::new(vb, &Arch::SdTurbo.taesd_config()).unwrap();
         assert_eq!(w.elements(), 2_445_063, "taesd");
+    }
+
+    /// Parameter count of diffusers' `AutoencoderKL` for both repos' `vae/config.json`.
+    #[test]
+    fn vaes_have_the_published_parameter_count() {
+        use crate::model::vae::AutoencoderKL;
+        for arch in Arch::ALL {
+            let w = RandomWeights::new(0);
+            let vb = VarBuilder::from_backend(Box::new(w.clone()), DType::F32, Device::Cpu);
+            AutoencoderKL::new(vb, &arch.vae_config()).unwrap();
+            assert_eq!(w.elements(), 83_653_863, "{arch} vae");
+        }
     }
 }

@@ -11,10 +11,12 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
 
 /// MLP activation of the encoder layers (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -35,41 +37,71 @@ impl ClipActivation {
     }
 }
 
-fn default_act() -> ClipActivation {
-    ClipActivation::QuickGelu
-}
-fn default_eps() -> f64 {
-    1e-5
-}
-fn default_max_pos() -> usize {
-    77
-}
-
-/// `text_encoder/config.json` (fields of transformers' `CLIPTextConfig` that matter here;
-/// defaults are transformers' defaults).
+/// `text_encoder/config.json` (the fields of transformers' `CLIPTextConfig` that change the
+/// computation; absent or `null` keys take transformers' defaults, the rest is ignored).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct ClipTextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_act")]
     pub hidden_act: ClipActivation,
-    #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
 }
 
+impl Default for ClipTextConfig {
+    /// transformers 4.35 `CLIPTextConfig()` defaults.
+    fn default() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 512,
+            intermediate_size: 2048,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            max_position_embeddings: 77,
+            hidden_act: ClipActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ComponentConfig for ClipTextConfig {
+    const KIND: &'static str = "CLIP text encoder";
+
+    /// A full `CLIPModel` config (`model_type: "clip"`) carries the text tower's settings in
+    /// `text_config`, which transformers' `CLIPTextConfig.from_pretrained` takes out.
+    fn preprocess(mut object: Map<String, Value>) -> Map<String, Value> {
+        if object.get("model_type").and_then(Value::as_str) == Some("clip") {
+            if let Some(Value::Object(text)) = object.remove("text_config") {
+                return text;
+            }
+        }
+        object
+    }
+
+    fn check(&self) -> std::result::Result<(), Unsupported> {
+        refuse_if(
+            self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0,
+            "num_attention_heads",
+            self.num_attention_heads,
+            format!("must divide hidden_size ({})", self.hidden_size),
+        )?;
+        refuse_if(
+            self.max_position_embeddings == 0,
+            "max_position_embeddings",
+            0,
+            "must be at least 1",
+        )
+    }
+}
+
 impl ClipTextConfig {
-    /// Reads a transformers `config.json`.
+    /// Reads a transformers `config.json` ([`crate::model::config::load`]).
     pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading CLIP text config {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing CLIP text config {}", path.display()))
+        config::load(path.as_ref())
     }
 }
 

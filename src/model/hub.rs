@@ -503,6 +503,15 @@ fn check_model_index(index: &Value, path: &Path) -> Result<String> {
         .and_then(Value::as_str)
         .with_context(|| format!("{}: no _class_name", path.display()))?
         .to_string();
+    if class.contains("XL") || index.get("text_encoder_2").is_some_and(|v| !v.is_null()) {
+        bail!(
+            "{}: {class} is an SDXL model, which sdcam does not support yet: the second text \
+             encoder (text_encoder_2, CLIPTextModelWithProjection) and the U-Net's added time \
+             ids (addition_embed_type \"text_time\") are not implemented. Use an SD 1.5 or \
+             SD 2.x model, e.g. stabilityai/sd-turbo",
+            path.display()
+        );
+    }
     if !SUPPORTED_PIPELINES.contains(&class.as_str()) {
         bail!(
             "unsupported architecture {class} ({}): sdcam supports Stable Diffusion 1.x/2.x \
@@ -886,7 +895,21 @@ mod tests {
             resolve_model(p, None, DType::F32, &offline()).unwrap_err()
         );
         assert!(
-            msg.contains("unsupported architecture StableDiffusionXLPipeline"),
+            msg.contains("SDXL") && msg.contains("text_encoder_2") && msg.contains("time ids"),
+            "{msg}"
+        );
+
+        std::fs::write(
+            tmp.path().join("model_index.json"),
+            r#"{"_class_name": "StableDiffusion3Pipeline"}"#,
+        )
+        .unwrap();
+        let msg = format!(
+            "{:#}",
+            resolve_model(p, None, DType::F32, &offline()).unwrap_err()
+        );
+        assert!(
+            msg.contains("unsupported architecture StableDiffusion3Pipeline"),
             "{msg}"
         );
     }

@@ -7,6 +7,7 @@
 
 pub mod arch;
 pub mod clip;
+pub mod config;
 pub mod conv;
 pub mod hub;
 pub mod lora;

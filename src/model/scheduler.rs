@@ -10,67 +10,97 @@ use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
+
 /// `sigma_data` of the LCM boundary condition (hard-coded in diffusers).
 const SIGMA_DATA: f32 = 0.5;
 
-/// `scheduler/scheduler_config.json`, read the way `LCMScheduler.from_config` reads it: unknown
-/// keys (e.g. from sd-turbo's `EulerDiscreteScheduler` config) are ignored and missing ones take
-/// the `LCMScheduler` defaults.
+/// `scheduler/scheduler_config.json`, read the way `LCMScheduler.from_config` reads it: the keys
+/// of diffusers 0.24's `LCMScheduler.__init__`; keys of the file's own class (sd-turbo's
+/// `EulerDiscreteScheduler`: `timestep_spacing`, `use_karras_sigmas`, …; SD 1.5's
+/// `PNDMScheduler`: `skip_prk_steps`) are ignored, as `from_config` ignores them, and absent or
+/// `null` keys take the `LCMScheduler` defaults. StreamDiffusion computes its own LCM step from
+/// the betas, so `clip_sample`, `thresholding`, `timestep_spacing` and `steps_offset` do not
+/// change its computation.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct SchedulerConfig {
-    #[serde(default = "default_num_train_timesteps")]
     pub num_train_timesteps: usize,
-    #[serde(default = "default_beta_start")]
     pub beta_start: f64,
-    #[serde(default = "default_beta_end")]
     pub beta_end: f64,
-    #[serde(default = "default_beta_schedule")]
     pub beta_schedule: String,
     /// Explicit betas (bypass `beta_schedule`).
-    #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
-    #[serde(default = "default_original_inference_steps")]
     pub original_inference_steps: usize,
-    #[serde(default = "default_timestep_scaling")]
     pub timestep_scaling: f64,
-    #[serde(default = "default_prediction_type")]
     pub prediction_type: String,
-    #[serde(default = "default_true")]
     pub set_alpha_to_one: bool,
-    #[serde(default)]
     pub steps_offset: usize,
-    #[serde(default)]
     pub rescale_betas_zero_snr: bool,
 }
 
-fn default_num_train_timesteps() -> usize {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.00085
-}
-fn default_beta_end() -> f64 {
-    0.012
-}
-fn default_beta_schedule() -> String {
-    "scaled_linear".to_string()
-}
-fn default_original_inference_steps() -> usize {
-    50
-}
-fn default_timestep_scaling() -> f64 {
-    10.0
-}
-fn default_prediction_type() -> String {
-    "epsilon".to_string()
-}
-fn default_true() -> bool {
-    true
+impl Default for SchedulerConfig {
+    /// diffusers 0.24 `LCMScheduler()` defaults.
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            trained_betas: None,
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
+            prediction_type: "epsilon".into(),
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+        }
+    }
 }
 
-impl Default for SchedulerConfig {
-    fn default() -> Self {
-        serde_json::from_str("{}").expect("all SchedulerConfig fields have defaults")
+impl ComponentConfig for SchedulerConfig {
+    const KIND: &'static str = "scheduler";
+
+    fn check(&self) -> std::result::Result<(), Unsupported> {
+        refuse_if(
+            self.prediction_type != "epsilon",
+            "prediction_type",
+            &self.prediction_type,
+            "only epsilon is implemented (StreamDiffusion's LCM step assumes an epsilon-predicting \
+             U-Net; v-prediction models such as stable-diffusion-2-1 at 768² are not supported)",
+        )?;
+        refuse_if(
+            self.rescale_betas_zero_snr,
+            "rescale_betas_zero_snr",
+            true,
+            "only false is implemented",
+        )?;
+        let n = self.num_train_timesteps;
+        refuse_if(n < 2, "num_train_timesteps", n, "must be at least 2")?;
+        match &self.trained_betas {
+            Some(b) => refuse_if(
+                b.len() != n,
+                "trained_betas",
+                format!("a list of {}", b.len()),
+                format!("needs num_train_timesteps ({n}) entries"),
+            )?,
+            None => refuse_if(
+                !matches!(
+                    self.beta_schedule.as_str(),
+                    "linear" | "scaled_linear" | "squaredcos_cap_v2"
+                ),
+                "beta_schedule",
+                &self.beta_schedule,
+                "only linear, scaled_linear and squaredcos_cap_v2 are implemented",
+            )?,
+        }
+        let o = self.original_inference_steps;
+        refuse_if(
+            o == 0 || o > n,
+            "original_inference_steps",
+            o,
+            format!("must be in 1..={n} (num_train_timesteps)"),
+        )
     }
 }
 
@@ -120,27 +150,11 @@ pub struct LcmScheduler {
 impl LcmScheduler {
     /// Builds the scheduler; fails (with the reason) on configurations sdcam does not implement.
     pub fn new(config: SchedulerConfig) -> Result<Self> {
-        if config.prediction_type != "epsilon" {
-            bail!(
-                "scheduler prediction_type {:?} is not supported (only \"epsilon\"; v-prediction \
-                 models are not implemented yet)",
-                config.prediction_type
-            );
-        }
-        if config.rescale_betas_zero_snr {
-            bail!("scheduler rescale_betas_zero_snr=true is not supported");
-        }
+        config
+            .check()
+            .map_err(|u| anyhow::anyhow!("unsupported scheduler config: {u}"))?;
         let n = config.num_train_timesteps;
-        if n < 2 {
-            bail!("scheduler num_train_timesteps must be at least 2, got {n}");
-        }
         let betas: Vec<f32> = if let Some(b) = &config.trained_betas {
-            if b.len() != n {
-                bail!(
-                    "scheduler trained_betas has {} entries, num_train_timesteps is {n}",
-                    b.len()
-                );
-            }
             b.iter().map(|&x| x as f32).collect()
         } else {
             match config.beta_schedule.as_str() {
@@ -154,10 +168,7 @@ impl LcmScheduler {
                 .map(|b| b * b)
                 .collect(),
                 "squaredcos_cap_v2" => betas_for_alpha_bar(n),
-                other => bail!(
-                    "scheduler beta_schedule {other:?} is not supported (expected \"linear\", \
-                     \"scaled_linear\" or \"squaredcos_cap_v2\")"
-                ),
+                other => bail!("scheduler beta_schedule {other:?} (refused by the config check)"),
             }
         };
         // torch.cumprod on the CPU accumulates float32 in double and rounds every output.
@@ -175,13 +186,9 @@ impl LcmScheduler {
         })
     }
 
-    /// Reads `scheduler_config.json` and builds the scheduler.
+    /// Reads `scheduler_config.json` ([`crate::model::config::load`]) and builds the scheduler.
     pub fn from_config_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading scheduler config {}", path.display()))?;
-        let config: SchedulerConfig = serde_json::from_str(&text)
-            .with_context(|| format!("parsing scheduler config {}", path.display()))?;
-        Self::new(config).with_context(|| format!("scheduler config {}", path.display()))
+        Self::new(config::load(path)?)
     }
 
     /// `LCMScheduler.set_timesteps(n).timesteps` (diffusers 0.24, strength 1): evenly spaced

@@ -98,28 +98,74 @@ pub const RANDOM_PREFIX: &str = "random:";
 /// A file in a model folder that marks its weights as random (made by the fixture script).
 pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
 
-/// The candle device for a profile's `model.device`.
+/// The candle device for a profile's `model.device`, with the reason for the choice (for the
+/// log). `auto`: CUDA device 0 when this build has CUDA and the device opens, else Metal device 0
+/// when it has Metal and the device opens, else the CPU. An explicit `cuda`/`metal` that cannot
+/// be had is an error saying what to do.
+pub fn select_device(name: crate::profile::DeviceName) -> Result<(Device, String)> {
+    use crate::profile::DeviceName;
+    match name {
+        DeviceName::Auto => {
+            let mut why = Vec::new();
+            if candle_core::utils::cuda_is_available() {
+                match Device::new_cuda(0) {
+                    Ok(d) => return Ok((d, "auto: CUDA device 0 opened".into())),
+                    Err(e) => why.push(format!("CUDA device 0 did not open ({e})")),
+                }
+            } else {
+                why.push("built without CUDA".to_string());
+            }
+            if candle_core::utils::metal_is_available() {
+                match Device::new_metal(0) {
+                    Ok(d) => return Ok((d, "auto: Metal device 0 opened".into())),
+                    Err(e) => why.push(format!("Metal device 0 did not open ({e})")),
+                }
+            } else {
+                why.push("built without Metal".to_string());
+            }
+            Ok((Device::Cpu, format!("auto: {}", why.join(", "))))
+        }
+        explicit => Ok((device_for(explicit)?, "set in the profile".into())),
+    }
+}
+
+/// The candle dtype for a profile's `model.dtype` on `device`, with the reason: `auto` is f16
+/// on a GPU (half the memory and traffic, what StreamDiffusion runs in) and f32 on the CPU
+/// (candle's CPU kernels are fastest and exact in f32).
+pub fn select_dtype(name: crate::profile::DtypeName, device: &Device) -> (DType, &'static str) {
+    use crate::profile::DtypeName;
+    match name {
+        DtypeName::Auto if device.is_cpu() => (DType::F32, "auto: f32 on the CPU"),
+        DtypeName::Auto => (DType::F16, "auto: f16 on a GPU"),
+        explicit => (dtype_for(explicit), "set in the profile"),
+    }
+}
+
+/// The candle device for an explicit `model.device` (`auto` is [`select_device`]'s).
 pub fn device_for(name: crate::profile::DeviceName) -> Result<Device> {
     use crate::profile::DeviceName;
     match name {
+        DeviceName::Auto => Ok(select_device(name)?.0),
         DeviceName::Cpu => Ok(Device::Cpu),
         DeviceName::Cuda => {
             if !candle_core::utils::cuda_is_available() {
                 bail!(
                     "model.device = \"cuda\" but this sdcam was built without CUDA; rebuild with \
-                     `cargo build --release --features cuda` or set model.device = \"cpu\""
+                     `cargo build --release --features cuda`, or set model.device = \"auto\" or \
+                     \"cpu\""
                 );
             }
             Device::new_cuda(0).context(
                 "opening CUDA device 0 (is an NVIDIA GPU with its driver there? `nvidia-smi` \
-                 should list it; else set model.device = \"cpu\")",
+                 should list it; else set model.device = \"auto\" or \"cpu\")",
             )
         }
         DeviceName::Metal => {
             if !candle_core::utils::metal_is_available() {
                 bail!(
                     "model.device = \"metal\" but this sdcam was built without Metal; rebuild \
-                     with `cargo build --release --features metal` or set model.device = \"cpu\""
+                     with `cargo build --release --features metal`, or set model.device = \
+                     \"auto\" or \"cpu\""
                 );
             }
             Device::new_metal(0).context("opening Metal device 0")
@@ -127,11 +173,12 @@ pub fn device_for(name: crate::profile::DeviceName) -> Result<Device> {
     }
 }
 
-/// The candle dtype for a profile's `model.dtype`.
+/// The candle dtype for an explicit `model.dtype` (`auto` means f32 here: the CPU's choice;
+/// use [`select_dtype`] where the device is known).
 pub fn dtype_for(name: crate::profile::DtypeName) -> DType {
     use crate::profile::DtypeName;
     match name {
-        DtypeName::F32 => DType::F32,
+        DtypeName::Auto | DtypeName::F32 => DType::F32,
         DtypeName::F16 => DType::F16,
         DtypeName::Bf16 => DType::BF16,
     }
@@ -199,12 +246,8 @@ impl StableDiffusion {
         let text_encoder = ClipTextModel::new(text_vb, &text_cfg)
             .with_context(|| in_files("text encoder", &files.text_encoder))?;
 
-        let unet_cfg: UNetConfig = {
-            let text = std::fs::read_to_string(&files.unet.config)
-                .with_context(|| format!("reading {}", files.unet.config.display()))?;
-            UNetConfig::from_json(&text)
-                .with_context(|| format!("in {}", files.unet.config.display()))?
-        };
+        let unet_cfg = UNetConfig::from_file(&files.unet.config)?;
+        check_fit(&unet_cfg, &text_cfg, &files)?;
         let unet_vb = component_vb(&files.unet, &loras, LoraTarget::Unet, dtype, device)?;
         let unet = UNet2DConditionModel::new(unet_vb, &unet_cfg)
             .with_context(|| in_files("U-Net", &files.unet))?;
@@ -213,12 +256,14 @@ impl StableDiffusion {
             Some(tiny) => {
                 let tf = hub::resolve_tiny_vae(tiny, None, dtype, opts)?;
                 let cfg = AutoencoderTinyConfig::from_file(&tf.config)?;
+                check_latents(&unet_cfg, cfg.latent_channels, &tf.config)?;
                 let vb = hub::load_var_builder(&tf.weights, dtype, device)?;
                 let t = AutoencoderTiny::new(vb, &cfg).with_context(|| in_files("TAESD", &tf))?;
                 (Vae::Tiny(t), format!("TAESD {tiny}"))
             }
             None => {
                 let cfg = AutoencoderKLConfig::from_file(&files.vae.config)?;
+                check_latents(&unet_cfg, cfg.latent_channels, &files.vae.config)?;
                 let vb = hub::load_var_builder(&files.vae.weights, dtype, device)?;
                 let k =
                     AutoencoderKL::new(vb, &cfg).with_context(|| in_files("VAE", &files.vae))?;
@@ -285,6 +330,48 @@ impl StableDiffusion {
             .with_context(|| format!("encoding the prompt {prompt:?}"))?;
         Ok(emb.to_dtype(self.dtype)?)
     }
+}
+
+/// The text encoder's width must be the U-Net's cross-attention width (a text encoder from
+/// another model family would fail deep inside the first frame otherwise).
+fn check_fit(unet: &UNetConfig, text: &ClipTextConfig, files: &hub::ModelFiles) -> Result<()> {
+    if unet.cross_attention_dim() != text.hidden_size {
+        bail!(
+            "{} and {} do not fit together: the U-Net's cross_attention_dim is {} but the text \
+             encoder's hidden_size is {}",
+            files.unet.config.display(),
+            files.text_encoder.config.display(),
+            unet.cross_attention_dim(),
+            text.hidden_size
+        );
+    }
+    if unet.out_channels != unet.in_channels {
+        bail!(
+            "{}: in_channels {} ≠ out_channels {}: an inpainting or otherwise conditioned U-Net \
+             (StreamDiffusion needs a plain text-to-image U-Net)",
+            files.unet.config.display(),
+            unet.in_channels,
+            unet.out_channels
+        );
+    }
+    Ok(())
+}
+
+/// The (tiny) VAE's latents must be the U-Net's input (e.g. a 16-channel SD3/Flux VAE is not).
+fn check_latents(
+    unet: &UNetConfig,
+    latent_channels: usize,
+    config: &std::path::Path,
+) -> Result<()> {
+    if latent_channels != unet.in_channels {
+        bail!(
+            "{}: latent_channels is {latent_channels} but the U-Net takes {} channels: this \
+             autoencoder belongs to another model family",
+            config.display(),
+            unet.in_channels
+        );
+    }
+    Ok(())
 }
 
 fn in_files(what: &str, files: &ComponentFiles) -> String {

@@ -18,95 +18,126 @@
 use std::path::Path;
 
 use crate::model::conv::Conv2d;
-use anyhow::Context;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-fn default_in_channels() -> usize {
-    3
-}
-fn default_out_channels() -> usize {
-    3
-}
-fn default_block_out() -> Vec<usize> {
-    vec![64, 64, 64, 64]
-}
-fn default_act_fn() -> String {
-    "relu".to_string()
-}
-fn default_latent_channels() -> usize {
-    4
-}
-fn default_upsampling() -> usize {
-    2
-}
-fn default_num_encoder_blocks() -> Vec<usize> {
-    vec![1, 3, 3, 3]
-}
-fn default_num_decoder_blocks() -> Vec<usize> {
-    vec![3, 3, 3, 1]
-}
-fn default_latent_magnitude() -> f64 {
-    3.0
-}
-fn default_latent_shift() -> f64 {
-    0.5
-}
-fn default_scaling_factor() -> f64 {
-    1.0
-}
+use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
 
-/// `config.json` of an `AutoencoderTiny` (defaults as diffusers 0.24).
+/// `config.json` of an `AutoencoderTiny`: the keys of diffusers' `AutoencoderTiny.__init__`
+/// (0.24, plus TAESD 1.3's `shift_factor` and `upsample_fn` from diffusers 0.30); absent or `null`
+/// = diffusers' default.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct AutoencoderTinyConfig {
-    #[serde(default = "default_in_channels")]
     pub in_channels: usize,
-    #[serde(default = "default_out_channels")]
     pub out_channels: usize,
-    #[serde(default = "default_block_out")]
     pub encoder_block_out_channels: Vec<usize>,
-    #[serde(default = "default_block_out")]
     pub decoder_block_out_channels: Vec<usize>,
-    #[serde(default = "default_act_fn")]
     pub act_fn: String,
-    #[serde(default = "default_latent_channels")]
     pub latent_channels: usize,
-    #[serde(default = "default_upsampling")]
     pub upsampling_scaling_factor: usize,
-    #[serde(default = "default_num_encoder_blocks")]
     pub num_encoder_blocks: Vec<usize>,
-    #[serde(default = "default_num_decoder_blocks")]
     pub num_decoder_blocks: Vec<usize>,
     /// Only used by diffusers' latent byte-quantisation helpers (not needed here).
-    #[serde(default = "default_latent_magnitude")]
     pub latent_magnitude: f64,
     /// Only used by diffusers' latent byte-quantisation helpers (not needed here).
-    #[serde(default = "default_latent_shift")]
     pub latent_shift: f64,
-    #[serde(default)]
     pub force_upcast: bool,
-    #[serde(default = "default_scaling_factor")]
     pub scaling_factor: f64,
+    /// diffusers 0.30: subtracted from latents by the SD3/Flux pipelines; 0 for TAESD 1.3.
+    pub shift_factor: f64,
+    /// diffusers 0.30: the decoder's upsampling mode (`nearest` in TAESD and in 0.24).
+    pub upsample_fn: String,
+}
+
+impl Default for AutoencoderTinyConfig {
+    /// diffusers `AutoencoderTiny()` defaults.
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            encoder_block_out_channels: vec![64; 4],
+            decoder_block_out_channels: vec![64; 4],
+            act_fn: "relu".into(),
+            latent_channels: 4,
+            upsampling_scaling_factor: 2,
+            num_encoder_blocks: vec![1, 3, 3, 3],
+            num_decoder_blocks: vec![3, 3, 3, 1],
+            latent_magnitude: 3.0,
+            latent_shift: 0.5,
+            force_upcast: false,
+            scaling_factor: 1.0,
+            shift_factor: 0.0,
+            upsample_fn: "nearest".into(),
+        }
+    }
+}
+
+impl ComponentConfig for AutoencoderTinyConfig {
+    const KIND: &'static str = "AutoencoderTiny (TAESD)";
+
+    fn check(&self) -> std::result::Result<(), Unsupported> {
+        refuse_if(
+            self.act_fn != "relu",
+            "act_fn",
+            &self.act_fn,
+            "only relu is implemented",
+        )?;
+        refuse_if(
+            self.upsample_fn != "nearest",
+            "upsample_fn",
+            &self.upsample_fn,
+            "only nearest is implemented",
+        )?;
+        refuse_if(
+            self.shift_factor != 0.0,
+            "shift_factor",
+            self.shift_factor,
+            "a latent shift is not implemented (only 0.0)",
+        )?;
+        for (key, channels, blocks, blocks_key) in [
+            (
+                "encoder_block_out_channels",
+                &self.encoder_block_out_channels,
+                &self.num_encoder_blocks,
+                "num_encoder_blocks",
+            ),
+            (
+                "decoder_block_out_channels",
+                &self.decoder_block_out_channels,
+                &self.num_decoder_blocks,
+                "num_decoder_blocks",
+            ),
+        ] {
+            refuse_if(channels.is_empty(), key, channels, "is empty")?;
+            refuse_if(
+                blocks.len() != channels.len(),
+                blocks_key,
+                blocks,
+                format!("needs one entry per {key} ({})", channels.len()),
+            )?;
+        }
+        refuse_if(
+            self.upsampling_scaling_factor == 0,
+            "upsampling_scaling_factor",
+            0,
+            "must be at least 1",
+        )?;
+        refuse_if(
+            !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0),
+            "scaling_factor",
+            self.scaling_factor,
+            "must be a positive number",
+        )
+    }
 }
 
 impl AutoencoderTinyConfig {
-    /// Reads a diffusers `config.json`.
+    /// Reads a diffusers `config.json` ([`crate::model::config::load`]).
     pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading AutoencoderTiny config {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing AutoencoderTiny config {}", path.display()))
+        config::load(path.as_ref())
     }
-}
-
-fn check_act(act_fn: &str) -> Result<()> {
-    // TAESD checkpoints only use ReLU; other activations are not implemented.
-    if act_fn != "relu" {
-        candle_core::bail!("AutoencoderTiny act_fn {act_fn:?} is not supported (only \"relu\")");
-    }
-    Ok(())
 }
 
 fn conv3(cin: usize, cout: usize, stride: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
@@ -301,7 +332,9 @@ impl AutoencoderTiny {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.layers.…`,
     /// `decoder.layers.…`).
     pub fn new(vb: VarBuilder, cfg: &AutoencoderTinyConfig) -> Result<Self> {
-        check_act(&cfg.act_fn)?;
+        cfg.check().map_err(|u| {
+            candle_core::Error::Msg(format!("unsupported AutoencoderTiny config: {u}"))
+        })?;
         Ok(Self {
             encoder: EncoderTiny::new(cfg, vb.pp("encoder"))?,
             decoder: DecoderTiny::new(cfg, vb.pp("decoder"))?,

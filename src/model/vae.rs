@@ -22,82 +22,129 @@ use std::path::Path;
 
 use crate::model::conv::Conv2d;
 use crate::model::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
-use anyhow::Context;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
+
 /// GroupNorm / resnet epsilon used throughout diffusers' VAE `Encoder`/`Decoder`.
 const EPS: f64 = 1e-6;
 
-fn default_in_channels() -> usize {
-    3
-}
-fn default_out_channels() -> usize {
-    3
-}
-fn default_block_out() -> Vec<usize> {
-    vec![64]
-}
-fn default_layers_per_block() -> usize {
-    1
-}
-fn default_act_fn() -> String {
-    "silu".to_string()
-}
-fn default_latent_channels() -> usize {
-    4
-}
-fn default_norm_num_groups() -> usize {
-    32
-}
-fn default_scaling_factor() -> f64 {
-    0.18215
-}
-fn default_true() -> bool {
-    true
+/// `vae/config.json` of an `AutoencoderKL`: the keys of diffusers 0.24's `AutoencoderKL.__init__`
+/// that change the computation (absent or `null` = diffusers' default). Keys of later versions
+/// (`shift_factor`, `latents_mean`/`latents_std`) are used by SDXL/SD3 pipelines, not by Stable
+/// Diffusion's or StreamDiffusion's, and are ignored as diffusers 0.24 ignores them; a VAE whose
+/// latents do not fit the U-Net is refused by the model loader.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AutoencoderKLConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub act_fn: String,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    /// Latents are `encoder mean × scaling_factor` (0.18215 when absent, as in SD 1.5's file).
+    pub scaling_factor: f64,
+    /// diffusers' SDXL pipelines run this VAE in f32 in fp16 pipelines; Stable Diffusion's and
+    /// StreamDiffusion's do not, and neither does sdcam (read, not used).
+    pub force_upcast: bool,
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
+    /// diffusers ≥ 0.26: the mid blocks' attention (always there in 0.24).
+    pub mid_block_add_attention: bool,
 }
 
-/// `vae/config.json` of an `AutoencoderKL` (defaults as diffusers).
-#[derive(Debug, Clone, Deserialize)]
-pub struct AutoencoderKLConfig {
-    #[serde(default = "default_in_channels")]
-    pub in_channels: usize,
-    #[serde(default = "default_out_channels")]
-    pub out_channels: usize,
-    #[serde(default = "default_block_out")]
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_layers_per_block")]
-    pub layers_per_block: usize,
-    #[serde(default = "default_act_fn")]
-    pub act_fn: String,
-    #[serde(default = "default_latent_channels")]
-    pub latent_channels: usize,
-    #[serde(default = "default_norm_num_groups")]
-    pub norm_num_groups: usize,
-    #[serde(default = "default_scaling_factor")]
-    pub scaling_factor: f64,
-    #[serde(default = "default_true")]
-    pub use_quant_conv: bool,
-    #[serde(default = "default_true")]
-    pub use_post_quant_conv: bool,
-    /// diffusers runs this VAE in f32 even in fp16 pipelines (SD 1.5's VAE overflows in fp16).
-    #[serde(default = "default_true")]
-    pub force_upcast: bool,
-    #[serde(default)]
-    pub down_block_types: Vec<String>,
-    #[serde(default)]
-    pub up_block_types: Vec<String>,
+impl Default for AutoencoderKLConfig {
+    /// diffusers `AutoencoderKL()` defaults.
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into()],
+            up_block_types: vec!["UpDecoderBlock2D".into()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".into(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            force_upcast: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+}
+
+impl ComponentConfig for AutoencoderKLConfig {
+    const KIND: &'static str = "AutoencoderKL (VAE)";
+
+    fn check(&self) -> std::result::Result<(), Unsupported> {
+        let n = self.block_out_channels.len();
+        refuse_if(
+            n == 0,
+            "block_out_channels",
+            &self.block_out_channels,
+            "is empty",
+        )?;
+        for (key, types, want) in [
+            (
+                "down_block_types",
+                &self.down_block_types,
+                "DownEncoderBlock2D",
+            ),
+            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+        ] {
+            refuse_if(
+                types.len() != n,
+                key,
+                types,
+                format!("needs one entry per block_out_channels ({n})"),
+            )?;
+            for t in types {
+                refuse_if(t != want, key, t, format!("only {want} is implemented"))?;
+            }
+        }
+        refuse_if(
+            self.act_fn != "silu",
+            "act_fn",
+            &self.act_fn,
+            "only silu is implemented",
+        )?;
+        refuse_if(
+            self.norm_num_groups == 0
+                || self
+                    .block_out_channels
+                    .iter()
+                    .any(|c| c % self.norm_num_groups != 0),
+            "norm_num_groups",
+            self.norm_num_groups,
+            "must divide every block_out_channels entry",
+        )?;
+        refuse_if(
+            !self.mid_block_add_attention,
+            "mid_block_add_attention",
+            false,
+            "a mid block without attention is not implemented",
+        )?;
+        refuse_if(
+            !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0),
+            "scaling_factor",
+            self.scaling_factor,
+            "must be a positive number",
+        )
+    }
 }
 
 impl AutoencoderKLConfig {
-    /// Reads a diffusers `config.json`.
+    /// Reads a diffusers `config.json` ([`crate::model::config::load`]).
     pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading AutoencoderKL config {}", path.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("parsing AutoencoderKL config {}", path.display()))
+        config::load(path.as_ref())
     }
 }
 
@@ -378,15 +425,9 @@ impl AutoencoderKL {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.…`,
     /// `decoder.…`, `quant_conv`, `post_quant_conv`).
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
-        if cfg.block_out_channels.is_empty() {
-            candle_core::bail!("AutoencoderKL block_out_channels is empty");
-        }
-        if cfg.act_fn != "silu" {
-            candle_core::bail!(
-                "AutoencoderKL act_fn {:?} is not supported (only \"silu\")",
-                cfg.act_fn
-            );
-        }
+        cfg.check().map_err(|u| {
+            candle_core::Error::Msg(format!("unsupported AutoencoderKL config: {u}"))
+        })?;
         let lc = cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
             Some(conv(2 * lc, 2 * lc, 1, 0, 1, vb.pp("quant_conv"))?)

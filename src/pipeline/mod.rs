@@ -25,8 +25,8 @@ pub use filter::{FilterSettings, SimilarityFilter};
 pub use noise::Noise;
 pub use stream::{LiveParams, StreamDiffusion, StreamParams};
 
-/// The model part of a profile in model-layer terms.
-pub fn model_spec(m: &ModelConfig) -> ModelSpec {
+/// The model part of a profile in model-layer terms, for a model computing in `dtype`.
+pub fn model_spec(m: &ModelConfig, dtype: candle_core::DType) -> ModelSpec {
     ModelSpec {
         id: m.id.clone(),
         revision: m.revision.clone(),
@@ -36,21 +36,28 @@ pub fn model_spec(m: &ModelConfig) -> ModelSpec {
             .iter()
             .map(|l| (l.id.clone(), l.scale as f32))
             .collect(),
-        dtype: sd::dtype_for(m.dtype),
+        dtype,
     }
 }
 
-/// Loads the profile's model (the slow part: seconds to minutes for a real model).
+/// Loads the profile's model (the slow part: seconds to minutes for a real model) on the device
+/// and in the dtype the profile names or, for `auto`, that this machine offers (logged with the
+/// reason).
 pub fn load_model(m: &ModelConfig) -> Result<StableDiffusion> {
-    let device = sd::device_for(m.device)?;
-    if device.is_cpu() && m.dtype == crate::profile::DtypeName::Bf16 {
+    let (device, device_why) = sd::select_device(m.device)?;
+    let (dtype, dtype_why) = sd::select_dtype(m.dtype, &device);
+    tracing::info!(
+        "model: device {} ({device_why}), dtype {dtype:?} ({dtype_why})",
+        device_label(&device)
+    );
+    if device.is_cpu() && dtype == candle_core::DType::BF16 {
         anyhow::bail!(
             "model.dtype = \"bf16\" does not run on the CPU (candle's CPU matrix product has no \
-             bf16); use \"f32\" (default) or \"f16\" on the CPU, bf16 with model.device = \"cuda\""
+             bf16); use \"auto\" (f32 on the CPU) or \"f16\" on the CPU, bf16 on a GPU"
         );
     }
     let t0 = std::time::Instant::now();
-    let model = StableDiffusion::load(&model_spec(m), &device, &HubOptions::from_env())
+    let model = StableDiffusion::load(&model_spec(m, dtype), &device, &HubOptions::from_env())
         .with_context(|| format!("loading model {}", m.id))?;
     tracing::info!(
         "model: {} loaded in {:.1} s",
@@ -65,6 +72,15 @@ pub fn load_model(m: &ModelConfig) -> Result<StableDiffusion> {
         );
     }
     Ok(model)
+}
+
+/// `cpu`, `cuda:N`, `metal:N` for logs.
+fn device_label(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// The stream settings of a profile.

@@ -221,6 +221,9 @@ fn one() -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceName {
+    /// CUDA when built with `cuda` and a GPU opens, else Metal when built with `metal`, else the
+    /// CPU (`model::sd::select_device`).
+    Auto,
     Cpu,
     Cuda,
     Metal,
@@ -229,6 +232,8 @@ pub enum DeviceName {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DtypeName {
+    /// f16 on a GPU, f32 on the CPU (`model::sd::select_dtype`).
+    Auto,
     F32,
     F16,
     Bf16,
@@ -255,8 +260,8 @@ impl Default for ModelConfig {
             revision: None,
             tiny_vae: "madebyollin/taesd".into(),
             lora: Vec::new(),
-            device: DeviceName::Cpu,
-            dtype: DtypeName::F32,
+            device: DeviceName::Auto,
+            dtype: DtypeName::Auto,
         }
     }
 }

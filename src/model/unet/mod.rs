@@ -22,6 +22,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
+use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
 use attention::{Cond, KvCursor};
 pub use attention::{FrameRefs, KvPair, SelfAttnMode};
 use blocks::{BlockCommon, DownBlock, MidBlock, StageAttn, UpBlock};
@@ -36,6 +37,14 @@ pub enum OneOrMany<T> {
 }
 
 impl<T: Clone> OneOrMany<T> {
+    /// The list length, `None` for a single value.
+    fn len(&self) -> Option<usize> {
+        match self {
+            OneOrMany::One(_) => None,
+            OneOrMany::Many(v) => Some(v.len()),
+        }
+    }
+
     /// The per-block list for `n` blocks (a single value is repeated).
     fn per_block(&self, n: usize, name: &str) -> Result<Vec<T>> {
         match self {
@@ -218,135 +227,241 @@ pub struct UNetConfig {
 }
 
 impl UNetConfig {
-    /// Parses `config.json` text.
+    /// Parses `config.json` text the way diffusers reads it ([`crate::model::config`]).
     pub fn from_json(text: &str) -> anyhow::Result<Self> {
-        let cfg: Self = serde_json::from_str(text)
-            .map_err(|e| anyhow::anyhow!("parsing unet config.json: {e}"))?;
-        cfg.validate()?;
-        Ok(cfg)
+        config::parse(text, "unet/config.json")
     }
 
-    /// Rejects every option this implementation does not support.
+    /// Reads `unet/config.json` ([`crate::model::config::load`]).
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        config::load(path)
+    }
+
+    /// Rejects every option this implementation does not support (as a candle error).
     pub fn validate(&self) -> Result<()> {
-        macro_rules! unsupported {
-            ($cond:expr, $($msg:tt)*) => {
-                if $cond {
-                    candle_core::bail!("unsupported unet config: {}", format!($($msg)*));
-                }
-            };
-        }
+        self.unsupported()
+            .map_err(|u| candle_core::Error::Msg(format!("unsupported unet config: {u}")))
+    }
+
+    /// The first option this implementation does not support, with its key and value.
+    fn unsupported(&self) -> std::result::Result<(), Unsupported> {
         let n = self.block_out_channels.len();
-        unsupported!(n == 0, "`block_out_channels` is empty");
-        unsupported!(
-            self.down_block_types.len() != n || self.up_block_types.len() != n,
-            "down_block_types ({}) / up_block_types ({}) must have one entry per block_out_channels ({n})",
-            self.down_block_types.len(),
-            self.up_block_types.len()
-        );
+        refuse_if(
+            n == 0,
+            "block_out_channels",
+            &self.block_out_channels,
+            "is empty",
+        )?;
+        refuse_if(
+            self.down_block_types.len() != n,
+            "down_block_types",
+            &self.down_block_types,
+            format!("needs one entry per block_out_channels ({n})"),
+        )?;
+        refuse_if(
+            self.up_block_types.len() != n,
+            "up_block_types",
+            &self.up_block_types,
+            format!("needs one entry per block_out_channels ({n})"),
+        )?;
         for t in &self.down_block_types {
-            unsupported!(
+            refuse_if(
                 t != "CrossAttnDownBlock2D" && t != "DownBlock2D",
-                "down block type `{t}` (only CrossAttnDownBlock2D, DownBlock2D)"
-            );
+                "down_block_types",
+                t,
+                "only CrossAttnDownBlock2D and DownBlock2D are implemented",
+            )?;
         }
         for t in &self.up_block_types {
-            unsupported!(
+            refuse_if(
                 t != "CrossAttnUpBlock2D" && t != "UpBlock2D",
-                "up block type `{t}` (only CrossAttnUpBlock2D, UpBlock2D)"
-            );
+                "up_block_types",
+                t,
+                "only CrossAttnUpBlock2D and UpBlock2D are implemented",
+            )?;
         }
-        unsupported!(
+        refuse_if(
             self.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn"),
-            "mid_block_type {:?} (only UNetMidBlock2DCrossAttn)",
-            self.mid_block_type
-        );
-        unsupported!(
-            self.class_embed_type.is_some() || self.num_class_embeds.is_some(),
-            "class embeddings (class_embed_type {:?}, num_class_embeds {:?})",
-            self.class_embed_type,
-            self.num_class_embeds
-        );
-        unsupported!(
+            "mid_block_type",
+            &self.mid_block_type,
+            "only UNetMidBlock2DCrossAttn is implemented (null = no mid block, e.g. SDXS, is not)",
+        )?;
+        refuse_if(
+            self.class_embed_type.is_some(),
+            "class_embed_type",
+            &self.class_embed_type,
+            "class embeddings are not implemented",
+        )?;
+        refuse_if(
+            self.num_class_embeds.is_some(),
+            "num_class_embeds",
+            self.num_class_embeds,
+            "class embeddings are not implemented",
+        )?;
+        refuse_if(
             self.addition_embed_type.is_some(),
-            "addition_embed_type {:?} (SDXL-style added conditioning)",
-            self.addition_embed_type
-        );
-        unsupported!(
-            self.encoder_hid_dim.is_some() || self.encoder_hid_dim_type.is_some(),
-            "encoder_hid_dim / encoder_hid_dim_type"
-        );
-        unsupported!(self.dual_cross_attention, "dual_cross_attention = true");
-        unsupported!(
+            "addition_embed_type",
+            &self.addition_embed_type,
+            "SDXL-style added conditioning (text_time: pooled text embeddings and time ids) is \
+             not implemented",
+        )?;
+        refuse_if(
+            self.encoder_hid_dim.is_some(),
+            "encoder_hid_dim",
+            self.encoder_hid_dim,
+            "an encoder hidden-state projection is not implemented",
+        )?;
+        refuse_if(
+            self.encoder_hid_dim_type.is_some(),
+            "encoder_hid_dim_type",
+            &self.encoder_hid_dim_type,
+            "an encoder hidden-state projection is not implemented",
+        )?;
+        refuse_if(
+            self.dual_cross_attention,
+            "dual_cross_attention",
+            true,
+            "dual cross attention is not implemented",
+        )?;
+        refuse_if(
             self.num_attention_heads.is_some(),
-            "num_attention_heads (diffusers 0.24 rejects it too; use attention_head_dim)"
-        );
-        unsupported!(
+            "num_attention_heads",
+            &self.num_attention_heads,
+            "diffusers 0.24 refuses it too; configs give the head count as attention_head_dim",
+        )?;
+        refuse_if(
             self.time_embedding_type != "positional",
-            "time_embedding_type `{}` (only positional)",
-            self.time_embedding_type
-        );
-        unsupported!(
+            "time_embedding_type",
+            &self.time_embedding_type,
+            "only positional is implemented",
+        )?;
+        refuse_if(
             self.time_cond_proj_dim.is_some(),
-            "time_cond_proj_dim (LCM-distilled guidance embedding)"
-        );
-        unsupported!(
+            "time_cond_proj_dim",
+            self.time_cond_proj_dim,
+            "the guidance embedding of LCM-distilled U-Nets is not implemented (use the base \
+             model with an LCM-LoRA)",
+        )?;
+        refuse_if(
             self.act_fn != "silu",
-            "act_fn `{}` (only silu)",
-            self.act_fn
-        );
-        unsupported!(
+            "act_fn",
+            &self.act_fn,
+            "only silu is implemented",
+        )?;
+        refuse_if(
             self.resnet_time_scale_shift != "default",
-            "resnet_time_scale_shift `{}`",
-            self.resnet_time_scale_shift
-        );
-        unsupported!(self.resnet_skip_time_act, "resnet_skip_time_act = true");
-        unsupported!(
+            "resnet_time_scale_shift",
+            &self.resnet_time_scale_shift,
+            "only default is implemented",
+        )?;
+        refuse_if(
+            self.resnet_skip_time_act,
+            "resnet_skip_time_act",
+            true,
+            "only false is implemented",
+        )?;
+        refuse_if(
             self.resnet_out_scale_factor != 1.0,
-            "resnet_out_scale_factor {}",
-            self.resnet_out_scale_factor
-        );
-        unsupported!(
-            self.time_embedding_act_fn.is_some() || self.timestep_post_act.is_some(),
-            "time_embedding_act_fn / timestep_post_act"
-        );
-        unsupported!(
+            "resnet_out_scale_factor",
+            self.resnet_out_scale_factor,
+            "only 1.0 is implemented",
+        )?;
+        refuse_if(
+            self.time_embedding_act_fn.is_some(),
+            "time_embedding_act_fn",
+            &self.time_embedding_act_fn,
+            "only null is implemented",
+        )?;
+        refuse_if(
+            self.timestep_post_act.is_some(),
+            "timestep_post_act",
+            &self.timestep_post_act,
+            "only null is implemented",
+        )?;
+        refuse_if(
             self.attention_type != "default",
-            "attention_type `{}`",
-            self.attention_type
-        );
-        unsupported!(self.class_embeddings_concat, "class_embeddings_concat");
-        unsupported!(
+            "attention_type",
+            &self.attention_type,
+            "only default is implemented",
+        )?;
+        refuse_if(
+            self.class_embeddings_concat,
+            "class_embeddings_concat",
+            true,
+            "class embeddings are not implemented",
+        )?;
+        refuse_if(
             self.cross_attention_norm.is_some(),
-            "cross_attention_norm {:?}",
-            self.cross_attention_norm
-        );
-        unsupported!(
+            "cross_attention_norm",
+            &self.cross_attention_norm,
+            "only null is implemented",
+        )?;
+        refuse_if(
             self.reverse_transformer_layers_per_block.is_some(),
-            "reverse_transformer_layers_per_block"
-        );
-        unsupported!(
+            "reverse_transformer_layers_per_block",
+            &self.reverse_transformer_layers_per_block,
+            "only null is implemented",
+        )?;
+        refuse_if(
             matches!(self.cross_attention_dim, OneOrMany::Many(_)),
-            "per-block cross_attention_dim"
-        );
-        unsupported!(self.norm_num_groups.is_none(), "norm_num_groups = null");
-        unsupported!(
-            self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0,
-            "even conv_in_kernel / conv_out_kernel"
-        );
-        self.layers_per_block.per_block(n, "layers_per_block")?;
-        self.transformer_layers_per_block
-            .per_block(n, "transformer_layers_per_block")?;
-        self.attention_head_dim.per_block(n, "attention_head_dim")?;
-        self.only_cross_attention
-            .per_block(n, "only_cross_attention")?;
+            "cross_attention_dim",
+            &self.cross_attention_dim,
+            "a per-block list is not implemented",
+        )?;
+        refuse_if(
+            self.norm_num_groups.is_none(),
+            "norm_num_groups",
+            self.norm_num_groups,
+            "a U-Net without its output GroupNorm is not implemented",
+        )?;
+        refuse_if(
+            self.conv_in_kernel % 2 == 0,
+            "conv_in_kernel",
+            self.conv_in_kernel,
+            "an even kernel is not implemented",
+        )?;
+        refuse_if(
+            self.conv_out_kernel % 2 == 0,
+            "conv_out_kernel",
+            self.conv_out_kernel,
+            "an even kernel is not implemented",
+        )?;
+        for (key, len) in [
+            ("layers_per_block", self.layers_per_block.len()),
+            (
+                "transformer_layers_per_block",
+                self.transformer_layers_per_block.len(),
+            ),
+            ("attention_head_dim", self.attention_head_dim.len()),
+            ("only_cross_attention", self.only_cross_attention.len()),
+        ] {
+            if let Some(len) = len {
+                refuse_if(
+                    len != n,
+                    key,
+                    format!("a list of {len}"),
+                    format!("needs one entry per down block ({n})"),
+                )?;
+            }
+        }
         Ok(())
     }
 
-    fn cross_attention_dim(&self) -> usize {
+    /// The cross-attention (text embedding) width.
+    pub fn cross_attention_dim(&self) -> usize {
         match &self.cross_attention_dim {
             OneOrMany::One(v) => *v,
             OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
         }
+    }
+}
+
+impl ComponentConfig for UNetConfig {
+    const KIND: &'static str = "U-Net";
+    /// `mid_block_type: null` is "no mid block"; `norm_num_groups: null` is "no output norm".
+    const NULL_IS_A_VALUE: &'static [&'static str] = &["mid_block_type", "norm_num_groups"];
+    fn check(&self) -> std::result::Result<(), Unsupported> {
+        self.unsupported()
     }
 }
 
@@ -671,10 +786,7 @@ pub fn load_from_dir(
     device: &candle_core::Device,
 ) -> anyhow::Result<UNet2DConditionModel> {
     use anyhow::Context;
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("reading {}", cfg_path.display()))?;
-    let cfg = UNetConfig::from_json(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+    let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
     let weights = dir.join("diffusion_pytorch_model.safetensors");
     // SAFETY: the file is memory-mapped read-only; sdcam does not modify model files while
     // they are loaded.

@@ -437,3 +437,94 @@ fn a_model_with_the_real_files_keys_nulls_and_absences_computes_as_the_fixture()
     ));
     assert_same(&ours, &fixture, "tiny-taesd");
 }
+
+/// A Y4M file of `n` 64×48 4:2:0 frames with moving gradients.
+fn write_y4m(path: &Path, n: usize) {
+    let (w, h) = (64usize, 48usize);
+    let mut out = format!("YUV4MPEG2 W{w} H{h} F30:1 Ip A1:1 C420jpeg\n").into_bytes();
+    for i in 0..n {
+        out.extend_from_slice(b"FRAME\n");
+        for y in 0..h {
+            for x in 0..w {
+                out.push((16 + (x * 3 + y * 2 + i * 7) % 220) as u8);
+            }
+        }
+        out.extend(std::iter::repeat_n(128u8, w * h / 2));
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// `sdcam` streams a file through a diffusion profile on `model` (+ `tiny_vae`, "" = its own
+/// VAE) and returns the output bytes.
+fn stream_through_binary(dir: &Path, name: &str, model: &Path, tiny_vae: &str) -> Vec<u8> {
+    let input = dir.join("in.y4m");
+    if !input.exists() {
+        write_y4m(&input, 6);
+    }
+    let out = dir.join(format!("{name}.y4m"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdcam"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--profile", "profiles/demo.toml", "--no-stdin", "--source"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .args(["--set", "source.loop=false", "--set", "output.width=64"])
+        .args(["--set", "output.height=48", "--set", "stream.width=64"])
+        .args([
+            "--set",
+            "stream.height=64",
+            "--set",
+            "stream.similarity_filter=false",
+        ])
+        .arg("--set")
+        .arg(format!("model.id={}", model.display()))
+        .arg("--set")
+        .arg(format!("model.tiny_vae={tiny_vae}"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{name}: {stderr}");
+    let bytes = std::fs::read(&out).unwrap();
+    let frames = bytes.windows(6).filter(|w| w == b"FRAME\n").count();
+    assert!(frames >= 1, "{name}: no frame written: {stderr}");
+    // Transformed by the model: not the input, not a flat placeholder.
+    let input = std::fs::read(&input).unwrap();
+    let first = |b: &[u8]| {
+        let start = b.windows(6).position(|w| w == b"FRAME\n").unwrap() + 6;
+        b[start..start + 64 * 48].to_vec()
+    };
+    let luma = first(&bytes);
+    assert_ne!(
+        luma,
+        first(&input),
+        "{name}: the input came out untransformed"
+    );
+    let (lo, hi) = (luma.iter().min().unwrap(), luma.iter().max().unwrap());
+    assert!(hi - lo > 10, "{name}: a flat frame (placeholder?)");
+    bytes
+}
+
+/// The reproduction through the binary: a model folder whose config files are the real
+/// ones (with `"upcast_attention": null` and the rest) streams, byte for byte as the fixture.
+#[test]
+fn the_binary_streams_a_model_with_the_real_files_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (tiny, repo) in [
+        ("tiny-sd21", "stabilityai--sd-turbo"),
+        ("tiny-sd15", "runwayml--stable-diffusion-v1-5"),
+    ] {
+        let dst = tmp.path().join(tiny);
+        with_real_keys(tiny, repo, &dst);
+        let ours = stream_through_binary(tmp.path(), &format!("{tiny}-real-keys"), &dst, "");
+        let fixture = stream_through_binary(
+            tmp.path(),
+            &format!("{tiny}-fixture"),
+            &fixtures().join("models").join(tiny),
+            "",
+        );
+        assert_eq!(
+            ours, fixture,
+            "{tiny}: output differs from the fixture model's"
+        );
+    }
+}

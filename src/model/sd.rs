@@ -475,6 +475,31 @@ mod tests {
     }
 
     #[test]
+    fn auto_device_and_dtype_choose_themselves_and_say_why() {
+        use crate::profile::{DeviceName, DtypeName};
+        let (device, why) = select_device(DeviceName::Auto).unwrap();
+        if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
+            assert!(device.is_cpu());
+            assert!(
+                why.contains("built without CUDA") && why.contains("built without Metal"),
+                "{why}"
+            );
+        }
+        assert_eq!(select_dtype(DtypeName::Auto, &Device::Cpu).0, DType::F32);
+        assert_eq!(select_dtype(DtypeName::F16, &Device::Cpu).0, DType::F16);
+        let (cpu, why) = select_device(DeviceName::Cpu).unwrap();
+        assert!(cpu.is_cpu() && why.contains("profile"));
+        if !candle_core::utils::cuda_is_available() {
+            // An explicit cuda without the feature keeps its clear error.
+            let msg = format!("{:#}", select_device(DeviceName::Cuda).unwrap_err());
+            assert!(
+                msg.contains("--features cuda") && msg.contains("auto"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn a_missing_model_says_what_to_do() {
         let e = StableDiffusion::load(
             &spec("sdcam-fixtures/not-there", None),

@@ -2,6 +2,27 @@
 
 use std::time::Instant;
 
+/// The largest picture sdcam accepts from a file or stream, checked from the header before
+/// anything is allocated: 8192 × 8192 pixels (64 Mpx; an 8K UHD frame is 33 Mpx). A 4:2:0 frame
+/// of that size is 96 MiB, its RGB copy 192 MiB, so a hostile header cannot make sdcam allocate
+/// without bound.
+pub const MAX_PIXELS: u64 = 8192 * 8192;
+
+/// Refuses a `width × height` picture above [`MAX_PIXELS`] (or of zero size); `what` names it.
+pub fn check_pixel_limit(width: u64, height: u64, what: &str) -> anyhow::Result<()> {
+    if width == 0 || height == 0 {
+        anyhow::bail!("{what}: size {width}x{height} is empty");
+    }
+    if width.saturating_mul(height) > MAX_PIXELS || width > 65535 || height > 65535 {
+        anyhow::bail!(
+            "{what}: {width}x{height} pixels is more than sdcam's limit of {} Mpx (8192x8192); \
+             scale it down first (e.g. ffmpeg -vf scale=1920:-2)",
+            MAX_PIXELS / (1 << 20)
+        );
+    }
+    Ok(())
+}
+
 /// How the bytes of a [`Frame`] are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PixelFormat {

@@ -1,8 +1,10 @@
 //! YUV4MPEG2 (Y4M) input: raw video from a file or from stdin (`-`), e.g.
 //! `ffmpeg -i clip.mp4 -f yuv4mpegpipe - | sdcam --source -`.
 //!
-//! Supports 4:2:0 (C420, C420jpeg, C420mpeg2, C420paldv), 4:4:4 (C444) and greyscale (Cmono);
-//! `XCOLORRANGE=FULL` selects full-range samples (limited range otherwise). [`Y4mHeader`] is shared
+//! Supports 4:2:0 (C420, C420jpeg, C420mpeg2, C420paldv), 4:4:4 (C444) and greyscale (Cmono),
+//! in 8 bits or 9–16 bits a sample (`C420p10`, `C444p12`, `Cmono16`, …: reduced to 8 bits);
+//! `XCOLORRANGE=FULL` selects full-range samples (limited range otherwise). The header is
+//! untrusted: sizes above [`crate::frame::MAX_PIXELS`] are refused before anything is allocated. [`Y4mHeader`] is shared
 //! with the Y4M sink.
 
 use std::fs::File;
@@ -32,44 +34,113 @@ pub struct Y4mHeader {
     /// Frame rate as a fraction (numerator, denominator).
     pub rate: (u32, u32),
     pub chroma: Y4mChroma,
+    /// Bits per sample: 8, or 9–16 for the high-bit-depth tags (`C420p10`, `Cmono16`, …; two
+    /// little-endian bytes a sample, reduced to 8 bits on reading).
+    pub bit_depth: u8,
     pub range: ColorRange,
 }
 
+/// A numeric header field: `what` names it in errors (e.g. `W (width)`).
+fn header_number(what: &str, val: &str) -> Result<u32> {
+    val.parse::<u32>().map_err(|_| {
+        anyhow::anyhow!(
+            "Y4M header field {what} = {:?} is not a whole number",
+            clip(val)
+        )
+    })
+}
+
+/// At most 32 characters of untrusted text, for messages.
+fn clip(s: &str) -> String {
+    let mut out: String = s.chars().take(32).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// `C…` tag value → chroma layout and bit depth (`420jpeg`, `444`, `mono`, `420p10`, `mono16`).
+fn parse_chroma(val: &str) -> Result<(Y4mChroma, u8)> {
+    let (chroma, rest) = if let Some(r) = val.strip_prefix("420") {
+        (Y4mChroma::C420, r)
+    } else if let Some(r) = val.strip_prefix("444") {
+        if r.starts_with("alpha") {
+            bail!("Y4M chroma C{val} (with alpha) is not supported (use -pix_fmt yuv420p with ffmpeg)");
+        }
+        (Y4mChroma::C444, r)
+    } else if let Some(r) = val.strip_prefix("mono") {
+        (Y4mChroma::Mono, r)
+    } else {
+        bail!(
+            "Y4M chroma C{} is not supported (use -pix_fmt yuv420p with ffmpeg)",
+            clip(val)
+        )
+    };
+    let depth = match rest {
+        "" | "jpeg" | "mpeg2" | "paldv" if chroma == Y4mChroma::C420 => 8,
+        "" => 8,
+        r => {
+            let digits = r.strip_prefix('p').unwrap_or(r);
+            match digits.parse::<u8>() {
+                Ok(d) if (9..=16).contains(&d) => d,
+                _ => bail!(
+                    "Y4M chroma C{} is not supported (8-bit, or 9 to 16 bits as C420p10, \
+                     C444p12, Cmono16; use -pix_fmt yuv420p with ffmpeg)",
+                    clip(val)
+                ),
+            }
+        }
+    };
+    Ok((chroma, depth))
+}
+
 impl Y4mHeader {
-    /// Parses the header line (without the trailing newline).
+    /// Parses the header line (without the trailing newline). The picture must be within
+    /// [`crate::frame::MAX_PIXELS`].
     pub fn parse(line: &str) -> Result<Self> {
+        if line.ends_with('\r') {
+            bail!(
+                "Y4M header ends in CR LF: the stream was converted as text (a Windows pipe or \
+                 a line-ending conversion) and its frames are damaged too; write it again as \
+                 raw bytes"
+            );
+        }
         let mut parts = line.split(' ');
         if parts.next() != Some("YUV4MPEG2") {
             bail!("not a Y4M stream (missing YUV4MPEG2 signature)");
         }
         let (mut w, mut h, mut rate) = (None, None, (30, 1));
-        let (mut chroma, mut range) = (Y4mChroma::C420, ColorRange::Limited);
+        let (mut chroma, mut bit_depth, mut range) = (Y4mChroma::C420, 8, ColorRange::Limited);
         for p in parts.filter(|p| !p.is_empty()) {
-            let (tag, val) = p.split_at(1);
+            let mut chars = p.chars();
+            let tag = chars.next().unwrap_or(' ');
+            let val = chars.as_str();
             match tag {
-                "W" => w = Some(val.parse::<u32>().context("bad W (width) in Y4M header")?),
-                "H" => h = Some(val.parse::<u32>().context("bad H (height) in Y4M header")?),
-                "F" => {
-                    let (n, d) = val.split_once(':').context("bad F (rate) in Y4M header")?;
-                    rate = (n.parse()?, d.parse()?);
+                'W' => w = Some(header_number("W (width)", val)?),
+                'H' => h = Some(header_number("H (height)", val)?),
+                'F' => {
+                    let (n, d) = val.split_once(':').with_context(|| {
+                        format!(
+                            "Y4M header field F (frame rate) = {:?} is not N:D",
+                            clip(val)
+                        )
+                    })?;
+                    rate = (
+                        header_number("F (frame rate numerator)", n)?,
+                        header_number("F (frame rate denominator)", d)?,
+                    );
                     if rate.0 == 0 || rate.1 == 0 {
                         bail!("Y4M frame rate {val} is not positive");
                     }
                 }
-                "I" if val != "p" && val != "?" => {
-                    bail!("interlaced Y4M (I{val}) is not supported; deinterlace first (ffmpeg -vf yadif)")
+                'I' if val != "p" && val != "?" => {
+                    bail!(
+                        "interlaced Y4M (I{}) is not supported; deinterlace first (ffmpeg -vf yadif)",
+                        clip(val)
+                    )
                 }
-                "C" => {
-                    chroma = match val {
-                        v if v.starts_with("420") => Y4mChroma::C420,
-                        "444" => Y4mChroma::C444,
-                        "mono" => Y4mChroma::Mono,
-                        other => bail!(
-                        "Y4M chroma C{other} is not supported (use -pix_fmt yuv420p with ffmpeg)"
-                    ),
-                    }
-                }
-                "X" if val == "COLORRANGE=FULL" => range = ColorRange::Full,
+                'C' => (chroma, bit_depth) = parse_chroma(val)?,
+                'X' if val == "COLORRANGE=FULL" => range = ColorRange::Full,
                 _ => {}
             }
         }
@@ -77,23 +148,31 @@ impl Y4mHeader {
             (Some(w), Some(h)) if w > 0 && h > 0 => (w, h),
             _ => bail!("Y4M header lacks a valid W/H size"),
         };
+        crate::frame::check_pixel_limit(width as u64, height as u64, "Y4M stream")?;
         Ok(Y4mHeader {
             width,
             height,
             rate,
             chroma,
+            bit_depth,
             range,
         })
     }
 
-    /// Bytes of one frame's pixel data.
-    pub fn frame_len(&self) -> usize {
+    /// Samples of one frame (all planes).
+    fn samples(&self) -> usize {
         let (w, h) = (self.width as usize, self.height as usize);
         match self.chroma {
             Y4mChroma::C420 => w * h + 2 * w.div_ceil(2) * h.div_ceil(2),
             Y4mChroma::C444 => w * h * 3,
             Y4mChroma::Mono => w * h,
         }
+    }
+
+    /// Bytes of one frame's pixel data as stored (two bytes a sample above 8 bits). Bounded by
+    /// the pixel limit checked in [`Y4mHeader::parse`].
+    pub fn frame_len(&self) -> usize {
+        self.samples() * if self.bit_depth > 8 { 2 } else { 1 }
     }
 
     pub fn fps(&self) -> f64 {
@@ -178,7 +257,16 @@ fn read_line(reader: &mut dyn BufRead) -> Result<Option<String>> {
 impl Y4mSource {
     /// Opens a Y4M stream and reads its header. `looping` rewinds files at the end (not stdin).
     pub fn open(input: Y4mInput, looping: bool) -> Result<Self> {
-        let mut reader = open_reader(&input)?;
+        let reader = open_reader(&input)?;
+        Self::from_reader(input, reader, looping)
+    }
+
+    /// Reads the header from `reader`, which delivers the bytes of `input`.
+    fn from_reader(
+        input: Y4mInput,
+        mut reader: Box<dyn BufRead + Send>,
+        looping: bool,
+    ) -> Result<Self> {
         let line = read_line(&mut *reader)?.context("empty Y4M input")?;
         let header = Y4mHeader::parse(&line)?;
         Ok(Y4mSource {
@@ -264,6 +352,14 @@ impl Source for Y4mSource {
         self.reader
             .read_exact(&mut data)
             .context("Y4M stream ended in the middle of a frame")?;
+        if self.header.bit_depth > 8 {
+            // Little-endian samples of `bit_depth` bits → their top 8 bits.
+            let shift = self.header.bit_depth - 8;
+            data = data
+                .chunks_exact(2)
+                .map(|s| (u16::from_le_bytes([s[0], s[1]]) >> shift).min(255) as u8)
+                .collect();
+        }
         if self.realtime {
             self.pacer.wait();
         }
@@ -329,6 +425,131 @@ mod tests {
         ] {
             let e = Y4mHeader::parse(line).unwrap_err().to_string();
             assert!(e.contains(msg), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_by_field_without_panic_or_allocation() {
+        for (line, msg) in [
+            // A tag starting with a multi-byte character (used to panic slicing the string).
+            ("YUV4MPEG2 W10 H10 ÿx", ""),
+            ("YUV4MPEG2 W10 H10 é", ""),
+            // Sizes that overflowed the frame-size arithmetic or allocated exabytes.
+            ("YUV4MPEG2 W4294967295 H4294967295", "limit"),
+            ("YUV4MPEG2 W100000 H100000 C444p16", "limit"),
+            ("YUV4MPEG2 W65536 H1", "limit"),
+            ("YUV4MPEG2 W9000 H9000", "limit"),
+            ("YUV4MPEG2 W99999999999 H10", "W (width)"),
+            ("YUV4MPEG2 W64 H4x8", "H (height) = \"4x8\""),
+            ("YUV4MPEG2 W64 H48 F30", "F (frame rate) = \"30\""),
+            ("YUV4MPEG2 W64 H48 F30:x", "denominator"),
+            ("YUV4MPEG2 W64 H48 C420p7", "C420p7"),
+            ("YUV4MPEG2 W64 H48 C420p99", "C420p99"),
+            ("YUV4MPEG2 W64 H48 C444alpha", "alpha"),
+            ("YUV4MPEG2 W64 H48 F30:1 C420jpeg\r", "CR LF"),
+        ] {
+            match Y4mHeader::parse(line) {
+                Ok(h) => assert!(msg.is_empty(), "{line}: accepted {h:?}"),
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    assert!(!msg.is_empty() && e.contains(msg), "{line}: {e}");
+                }
+            }
+        }
+        // The limit itself is accepted (an 8K frame fits easily).
+        let h = Y4mHeader::parse("YUV4MPEG2 W7680 H4320 F30:1 C420jpeg").unwrap();
+        assert_eq!(h.frame_len(), 7680 * 4320 * 3 / 2);
+    }
+
+    #[test]
+    fn high_bit_depth_streams_are_read_as_8_bit() {
+        let h = Y4mHeader::parse("YUV4MPEG2 W2 H2 F25:1 C420p10 XYSCSS=420P10").unwrap();
+        assert_eq!(
+            (h.chroma, h.bit_depth, h.frame_len()),
+            (Y4mChroma::C420, 10, 12)
+        );
+        let h = Y4mHeader::parse("YUV4MPEG2 W2 H2 F25:1 Cmono16").unwrap();
+        assert_eq!(
+            (h.chroma, h.bit_depth, h.frame_len()),
+            (Y4mChroma::Mono, 16, 8)
+        );
+        // A 10-bit 4:2:0 frame: Y 940 (white, limited range) → 235; chroma 512 → 128.
+        let mut bytes = b"YUV4MPEG2 W2 H2 F25:1 C420p10\nFRAME\n".to_vec();
+        for v in [940u16, 940, 64, 64, 512, 512] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut src = Y4mSource::from_reader(
+            Y4mInput::Stdin,
+            Box::new(std::io::Cursor::new(bytes)),
+            false,
+        )
+        .unwrap();
+        let Captured::Frame(f) = src.next_frame().unwrap() else {
+            panic!("no frame")
+        };
+        assert_eq!(
+            (f.format, f.data.as_slice()),
+            (PixelFormat::I420, &[235, 235, 16, 16, 128, 128][..])
+        );
+        assert!(matches!(src.next_frame().unwrap(), Captured::End));
+    }
+
+    /// Seeded mutation fuzzing of the header and frame reader (bounded: 4000 inputs, well under a
+    /// second): no input may panic, and a stream that opens yields frames or an error or the end,
+    /// never more bytes than it has.
+    #[test]
+    fn mutated_streams_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut base = b"YUV4MPEG2 W4 H2 F30000:1001 Ip A1:1 C420jpeg XCOLORRANGE=FULL\n".to_vec();
+        for i in 0..3u8 {
+            base.extend_from_slice(b"FRAME\n");
+            base.extend(std::iter::repeat_n(i * 40, 12));
+        }
+        let tokens: [&[u8]; 10] = [
+            b"W",
+            b"H99999999",
+            b" C420p10",
+            b" C444",
+            b"\xff",
+            b"\r",
+            b"FRAME",
+            b"\n",
+            b" F1:0",
+            b" Cmono16",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5dca);
+        for _ in 0..4000 {
+            let mut b = base.clone();
+            for _ in 0..rng.random_range(1..6) {
+                let at = rng.random_range(0..=b.len());
+                match rng.random_range(0..4) {
+                    0 => b.insert(at, rng.random()),
+                    1 if at < b.len() => {
+                        b.remove(at);
+                    }
+                    2 => {
+                        let t = tokens[rng.random_range(0..tokens.len())];
+                        b.splice(at..at, t.iter().copied());
+                    }
+                    _ => b.truncate(at),
+                }
+            }
+            let total = b.len();
+            let reader = Box::new(std::io::Cursor::new(b));
+            let Ok(mut src) = Y4mSource::from_reader(Y4mInput::Stdin, reader, false) else {
+                continue;
+            };
+            let mut bytes = 0;
+            for _ in 0..10 {
+                match src.next_frame() {
+                    Ok(Captured::Frame(f)) => bytes += f.data.len().min(src.header.frame_len()),
+                    Ok(_) | Err(_) => break,
+                }
+            }
+            assert!(
+                bytes <= total,
+                "{bytes} frame bytes from a {total}-byte stream"
+            );
         }
     }
 

@@ -13,17 +13,31 @@ use crate::Result;
 
 pub use resize::{Fit, RgbResizer};
 
-/// Decodes a JPEG (MJPEG camera frame or still image) to RGB24. Returns (width, height, pixels).
+/// Decodes an MJPEG camera frame to RGB24. Returns (width, height, pixels). The size is checked
+/// against [`crate::frame::MAX_PIXELS`] from the header before decoding; greyscale JPEGs come
+/// out grey. (Still images go through `source::image::decode_image`, which also handles
+/// orientation; this path stays on zune-jpeg directly for speed.)
 pub fn decode_jpeg(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
     use zune_jpeg::zune_core::colorspace::ColorSpace;
     use zune_jpeg::zune_core::options::DecoderOptions;
-    let opts = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    let opts = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(65535)
+        .set_max_height(65535);
     let mut dec = zune_jpeg::JpegDecoder::new_with_options(bytes, opts);
+    dec.decode_headers()
+        .map_err(|e| anyhow::anyhow!("JPEG header: {e:?}"))?;
+    let (w, h) = dec.dimensions().context("JPEG has no image header")?;
+    crate::frame::check_pixel_limit(w as u64, h as u64, "JPEG frame")?;
     let pixels = dec
         .decode()
         .map_err(|e| anyhow::anyhow!("JPEG decode failed: {e:?}"))?;
-    let info = dec.info().context("JPEG has no image header")?;
-    Ok((info.width as u32, info.height as u32, pixels))
+    let pixels = match pixels.len() {
+        n if n == w * h * 3 => pixels,
+        n if n == w * h => pixels.iter().flat_map(|&g| [g, g, g]).collect(),
+        n => anyhow::bail!("JPEG decoder gave {n} bytes for {w}x{h} pixels"),
+    };
+    Ok((w as u32, h as u32, pixels))
 }
 
 /// Converts any frame to RGB24 (full range). RGB24 input is returned as a clone.

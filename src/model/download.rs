@@ -1120,6 +1120,16 @@ fn served_by_cache(req: &Request, dtype: DType, opts: &HubOptions) -> bool {
     }
 }
 
+/// What to check when the hub cannot be used (the same advice as `hub`'s network errors).
+fn network_hint(opts: &HubOptions) -> String {
+    format!(
+        "downloading from the Hugging Face hub failed: check the network connection and the \
+         repo id; gated or private repos need HF_TOKEN; with the model already downloaded, set \
+         HF_HUB_OFFLINE=1 to use only the cache at {}",
+        opts.cache_dir.display()
+    )
+}
+
 /// The files of one repo to make available.
 #[derive(Debug, Clone)]
 pub struct RepoPlan {
@@ -1146,7 +1156,9 @@ pub(crate) fn plan(
             continue;
         }
         let revision = req.revision.clone().unwrap_or_else(|| "main".to_string());
-        let listing = client.listing(&req.id, &revision)?;
+        let listing = client
+            .listing(&req.id, &revision)
+            .with_context(|| network_hint(opts))?;
         let ctx = || format!("planning the download of {} (revision {revision})", req.id);
         if matches!(req.want, Want::Pipeline { .. }) {
             if listing.files.iter().all(|f| f.path != "model_index.json") {
@@ -1157,7 +1169,9 @@ pub(crate) fn plan(
                     req.id
                 );
             }
-            let bytes = client.get_bytes(&req.id, &listing.commit, "model_index.json", 1 << 20)?;
+            let bytes = client
+                .get_bytes(&req.id, &listing.commit, "model_index.json", 1 << 20)
+                .with_context(|| network_hint(opts))?;
             let index: serde_json::Value = serde_json::from_slice(&bytes)
                 .with_context(|| format!("{}: parsing model_index.json", ctx()))?;
             hub::check_model_index(&index, Path::new(&format!("{}/model_index.json", req.id)))
@@ -1238,17 +1252,19 @@ pub(crate) fn prefetch_with(
     for p in &plans {
         let repo = RepoCache::new(&opts.cache_dir, &p.id);
         for f in &p.files {
-            if let Some(e) = f.etag.as_deref().filter(|_| f.cached) {
-                if repo.blob(e).is_file() || repo.pointer(&p.commit, &f.path).is_file() {
-                    if !repo.pointer(&p.commit, &f.path).is_file() {
-                        repo.link(&p.commit, &f.path, e)?;
-                    }
+            if f.cached {
+                if repo.pointer(&p.commit, &f.path).is_file() {
+                    continue;
+                }
+                if let Some(e) = f.etag.as_deref().filter(|e| repo.blob(e).is_file()) {
+                    repo.link(&p.commit, &f.path, e)?;
                     continue;
                 }
             }
             let (_, commit) = client
                 .fetch(&repo, &p.commit, &f.path, &mut progress)
-                .with_context(|| format!("downloading {} of {}", f.path, p.id))?;
+                .with_context(|| format!("downloading {} of {}", f.path, p.id))
+                .with_context(|| network_hint(opts))?;
             if commit != p.commit {
                 bail!(
                     "{} changed while downloading (commit {} then {commit}); run again",

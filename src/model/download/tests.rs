@@ -924,6 +924,16 @@ fn offline_never_touches_the_network() {
     prefetch(&pipeline_requests(id, None, None, &[]), DType::F32, &opts).unwrap();
     assert!(hub.log().is_empty(), "{:?}", hub.log());
     assert!(all_files(tmp.path()).is_empty());
+    // Online with nothing listening: a clear network error with what to do.
+    let dead = HubOptions {
+        offline: false,
+        endpoint: Some("http://127.0.0.1:1".into()),
+        ..opts
+    };
+    let e = prefetch(&pipeline_requests(id, None, None, &[]), DType::F32, &dead).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("cannot reach http://127.0.0.1:1"), "{msg}");
+    assert!(msg.contains("HF_HUB_OFFLINE=1"), "{msg}");
 }
 
 #[test]

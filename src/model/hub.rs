@@ -3,9 +3,9 @@
 //!
 //! Hub repos are looked up in the Hugging Face cache first (the same `models--owner--name`
 //! layout `huggingface_hub` writes, so anything downloaded from Python is found without
-//! network), and only then downloaded with `hf-hub`'s sync API. `HF_HUB_OFFLINE=1` forbids the
-//! network; hf-hub 0.4 has no offline mode, so the cache is read directly
-//! (`refs/<revision>` → `snapshots/<commit>/<file>`).
+//! network: `refs/<revision>` → `snapshots/<commit>/<file>`), and only then downloaded
+//! ([`super::download`]: one plan with sizes and a disk check, resumable downloads into the
+//! same layout). `HF_HUB_OFFLINE=1` forbids the network.
 //!
 //! Weights are safetensors only; the fp16 variant (`*.fp16.safetensors`) is preferred for
 //! f16/bf16 and used as a fallback for f32 (converted on load).
@@ -110,6 +110,8 @@ pub struct ModelFiles {
     pub pipeline_class: String,
     pub unet: ComponentFiles,
     pub text_encoder: ComponentFiles,
+    /// The model's own AutoencoderKL; no weights when resolved for a tiny VAE
+    /// ([`resolve_model_for`] without `kl_vae`).
     pub vae: ComponentFiles,
     /// The `tokenizer/` folder (vocab.json + merges.txt + jsons, or tokenizer.json).
     pub tokenizer_dir: PathBuf,
@@ -224,22 +226,6 @@ impl<'a> HubRepo<'a> {
         }
     }
 
-    fn api_repo(&self) -> Result<hf_hub::api::sync::ApiRepo> {
-        let mut b = hf_hub::api::sync::ApiBuilder::new()
-            .with_cache_dir(self.opts.cache_dir.clone())
-            .with_token(self.opts.token.clone())
-            .with_progress(self.opts.progress);
-        if let Some(e) = &self.opts.endpoint {
-            b = b.with_endpoint(e.clone());
-        }
-        let api = b.build().context("creating the Hugging Face hub client")?;
-        Ok(api.repo(hf_hub::Repo::with_revision(
-            self.id.clone(),
-            hf_hub::RepoType::Model,
-            self.revision.clone(),
-        )))
-    }
-
     fn network_error(&self, what: &str, e: impl std::fmt::Display) -> anyhow::Error {
         anyhow!(
             "{what} of model {} (revision {}) from the Hugging Face hub failed: {e}. Check the \
@@ -255,19 +241,17 @@ impl<'a> HubRepo<'a> {
         if let Some(f) = self.remote_files.get() {
             return Ok(f);
         }
-        let info = self
-            .api_repo()?
-            .info()
-            .map_err(|e| self.network_error("listing the files", e))?;
-        let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        let listing = super::download::Client::new(self.opts)
+            .listing(&self.id, &self.revision)
+            .map_err(|e| self.network_error("listing the files", format!("{e:#}")))?;
+        let files = listing.files.into_iter().map(|f| f.path).collect();
         Ok(self.remote_files.get_or_init(|| files))
     }
 
     fn download(&self, file: &str) -> Result<PathBuf> {
         tracing::info!("downloading {file} of {} ({})", self.id, self.revision);
-        self.api_repo()?
-            .get(file)
-            .map_err(|e| self.network_error(&format!("downloading {file}"), e))
+        super::download::fetch_one(self.opts, &self.id, &self.revision, file)
+            .map_err(|e| self.network_error(&format!("downloading {file}"), format!("{e:#}")))
     }
 }
 
@@ -497,7 +481,7 @@ const SUPPORTED_PIPELINES: &[&str] = &[
 ];
 
 /// Checks `model_index.json`: pipeline class and component classes.
-fn check_model_index(index: &Value, path: &Path) -> Result<String> {
+pub(crate) fn check_model_index(index: &Value, path: &Path) -> Result<String> {
     let class = index
         .get("_class_name")
         .and_then(Value::as_str)
@@ -549,6 +533,18 @@ pub fn resolve_model(
     dtype: DType,
     opts: &HubOptions,
 ) -> Result<ModelFiles> {
+    resolve_model_for(spec, revision, dtype, opts, true)
+}
+
+/// [`resolve_model`]; without `kl_vae` (a tiny VAE replaces the model's own) the VAE's weights
+/// are neither looked up nor downloaded and `vae.weights` is empty (`vae.config` is still read).
+pub fn resolve_model_for(
+    spec: &str,
+    revision: Option<&str>,
+    dtype: DType,
+    opts: &HubOptions,
+    kl_vae: bool,
+) -> Result<ModelFiles> {
     let src = open_source(spec, revision, opts)?;
     let model_index = match &src {
         Source::Local(root) => {
@@ -578,7 +574,15 @@ pub fn resolve_model(
 
     let unet = component(&src, "unet", "diffusion_pytorch_model", dtype)?;
     let text_encoder = component(&src, "text_encoder", "model", dtype)?;
-    let vae = component(&src, "vae", "diffusion_pytorch_model", dtype)?;
+    let vae = if kl_vae {
+        component(&src, "vae", "diffusion_pytorch_model", dtype)?
+    } else {
+        ComponentFiles {
+            config: src.get("vae/config.json")?,
+            weights: Vec::new(),
+            fp16_variant: false,
+        }
+    };
     let scheduler_config = src.get("scheduler/scheduler_config.json")?;
 
     // Tokenizer: the slow-tokenizer files, or tokenizer.json alone.

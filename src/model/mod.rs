@@ -9,6 +9,7 @@ pub mod arch;
 pub mod clip;
 pub mod config;
 pub mod conv;
+pub mod download;
 pub mod hub;
 pub mod lora;
 pub mod resnet;

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use super::arch::{random_var_builder, Arch};
 use super::clip::{ClipTextConfig, ClipTextModel};
+use super::download;
 use super::hub::{self, ComponentFiles, HubOptions};
 use super::lora::{fuse_into, LoraFile, LoraTarget};
 use super::scheduler::LcmScheduler;
@@ -226,7 +227,23 @@ impl StableDiffusion {
             return Self::random(arch.parse()?, spec.dtype, device);
         }
         let dtype = spec.dtype;
-        let files = hub::resolve_model(&spec.id, spec.revision.as_deref(), dtype, opts)?;
+        // First use: one download plan for the model, its tiny VAE and LoRAs (with a disk
+        // check and progress); nothing when the cache already has them or offline.
+        let lora_ids: Vec<String> = spec.loras.iter().map(|(id, _)| id.clone()).collect();
+        let requests = download::pipeline_requests(
+            &spec.id,
+            spec.revision.as_deref(),
+            spec.tiny_vae.as_deref(),
+            &lora_ids,
+        );
+        download::prefetch(&requests, dtype, opts)?;
+        let files = hub::resolve_model_for(
+            &spec.id,
+            spec.revision.as_deref(),
+            dtype,
+            opts,
+            spec.tiny_vae.is_none(),
+        )?;
         let mut loras = Vec::new();
         for (id, scale) in &spec.loras {
             let path = hub::resolve_lora(id, None, None, opts)?;

@@ -40,9 +40,9 @@ use super::hub::{self, HubOptions};
 /// The public hub, when `HF_ENDPOINT` is unset.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
-/// Marker file of sdcam's random-weight test models (see `sd::RANDOM_WEIGHTS_MARKER`); fetched
-/// when a repo has it so such a model says so once loaded.
-const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
+/// Marker file of sdcam's random-weight test models; fetched when a repo has it so such a model
+/// says so once loaded.
+use super::sd::RANDOM_WEIGHTS_MARKER;
 
 /// One file of a remote repo as the hub lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

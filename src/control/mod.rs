@@ -115,21 +115,70 @@ pub fn spawn_stdin(events: Sender<Event>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("sdcam-stdin".into())
         .spawn(move || {
-            let stdin = std::io::stdin();
-            for line in stdin.lock().lines() {
-                let Ok(line) = line else { break };
-                let ev = match parse(&line) {
+            if read_commands(std::io::stdin().lock(), &events) {
+                let _ = events.send(Event::InputClosed);
+            }
+        })?;
+    Ok(())
+}
+
+/// The longest command line read (a prompt is at most a few hundred bytes); longer lines are
+/// reported and skipped without being held in memory.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Turns lines of `input` into events until EOF or a read error. A line that is not UTF-8 or
+/// longer than [`MAX_LINE`] is reported as invalid and reading goes on. Returns false when the
+/// receiver is gone.
+pub fn read_commands(mut input: impl BufRead, events: &Sender<Event>) -> bool {
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = match std::io::Read::take(&mut input, MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+        {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => n,
+        };
+        let ev = if n > MAX_LINE && buf.last() != Some(&b'\n') {
+            // Skip the rest of the over-long line.
+            let mut rest = Vec::new();
+            while let Ok(k) =
+                std::io::Read::take(&mut input, MAX_LINE as u64).read_until(b'\n', &mut rest)
+            {
+                if k == 0 || rest.last() == Some(&b'\n') {
+                    break;
+                }
+                rest.clear();
+            }
+            Event::Invalid(format!(
+                "a command line longer than {} KiB, ignored",
+                MAX_LINE / 1024
+            ))
+        } else {
+            while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                buf.pop();
+            }
+            match std::str::from_utf8(&buf) {
+                Err(e) => Event::Invalid(format!(
+                    "a command line that is not UTF-8 (byte {} of {:?}): set the terminal to \
+                     UTF-8; the line was ignored",
+                    e.valid_up_to(),
+                    String::from_utf8_lossy(&buf)
+                        .chars()
+                        .take(60)
+                        .collect::<String>()
+                )),
+                Ok(line) => match parse(line) {
                     Ok(Some(c)) => Event::Command(c),
                     Ok(None) => continue,
                     Err(msg) => Event::Invalid(msg),
-                };
-                if events.send(ev).is_err() {
-                    return;
-                }
+                },
             }
-            let _ = events.send(Event::InputClosed);
-        })?;
-    Ok(())
+        };
+        if events.send(ev).is_err() {
+            return false;
+        }
+    }
 }
 
 /// Turns SIGHUP/SIGUSR1/SIGUSR2/SIGINT/SIGTERM into events. A second SIGINT/SIGTERM exits at once.
@@ -166,6 +215,26 @@ pub fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Latin-1 line (`prompt caf\xe9`) or an endless line is reported and reading goes on, so a
+    /// later `quit` still arrives.
+    #[test]
+    fn bad_lines_are_reported_and_reading_continues() {
+        let mut input = b"prompt caf\xe9\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
+        input.extend_from_slice(b"\nstats\n\n\xff\xfe\nquit\n");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        assert!(read_commands(std::io::Cursor::new(input), &tx));
+        let events: Vec<Event> = rx.try_iter().collect();
+        assert_eq!(events.len(), 5, "{events:?}");
+        assert!(
+            matches!(&events[0], Event::Invalid(m) if m.contains("not UTF-8") && m.contains("caf"))
+        );
+        assert!(matches!(&events[1], Event::Invalid(m) if m.contains("longer than")));
+        assert_eq!(events[2], Event::Command(Command::Stats));
+        assert!(matches!(&events[3], Event::Invalid(m) if m.contains("not UTF-8")));
+        assert_eq!(events[4], Event::Command(Command::Quit));
+    }
 
     #[test]
     fn parses_commands() {

@@ -477,10 +477,9 @@ impl LoadedProfile {
         Ok(format!("{full} = {v}"))
     }
 
-    /// Reads and validates a profile file.
+    /// Reads and validates a profile file (a regular file of at most [`MAX_PROFILE_BYTES`]).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read profile {}", path.display()))?;
+        let text = read_profile_text(path)?;
         let (mut profile, mut raw) = parse(&text, &path.display().to_string())?;
         if let Some(dir) = path.parent() {
             if resolve_relative_paths(&mut raw, dir) {
@@ -591,9 +590,74 @@ impl LoadedProfile {
     }
 }
 
+/// The largest profile file read (real ones are a few KiB).
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+
+/// The text of a profile file: refuses what is not a regular file (`/dev/zero`, a FIFO that
+/// would block the control loop, a directory) and files over [`MAX_PROFILE_BYTES`] before
+/// reading; names the file in every error.
+fn read_profile_text(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read profile {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!(
+            "profile {} is not a regular file (a device, FIFO or folder)",
+            path.display()
+        );
+    }
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot read profile {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PROFILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read profile {}", path.display()))?;
+    if bytes.len() as u64 > MAX_PROFILE_BYTES {
+        anyhow::bail!(
+            "profile {} is larger than {} KiB: not a profile",
+            path.display(),
+            MAX_PROFILE_BYTES / 1024
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "profile {} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_regular_huge_and_binary_files_are_refused_by_name() {
+        let e = format!(
+            "{:#}",
+            LoadedProfile::load(Path::new("/dev/zero")).unwrap_err()
+        );
+        assert!(
+            e.contains("/dev/zero") && e.contains("not a regular file"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = format!("{:#}", LoadedProfile::load(&fifo).unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+        let e = format!("{:#}", LoadedProfile::load(&big).unwrap_err());
+        assert!(e.contains("big.toml") && e.contains("larger than"), "{e}");
+        let latin1 = dir.path().join("latin1.toml");
+        std::fs::write(&latin1, b"prompt = \"caf\xe9\"\n").unwrap();
+        let e = format!("{:#}", LoadedProfile::load(&latin1).unwrap_err());
+        assert!(e.contains("latin1.toml") && e.contains("not UTF-8"), "{e}");
+    }
 
     fn err(text: &str) -> ProfileError {
         parse(text, "p.toml").unwrap_err()

@@ -128,6 +128,11 @@ fn span_of(doc: &toml_edit::Document<String>, path: &str) -> Option<std::ops::Ra
     None
 }
 
+/// The slowest frame rate a source or output may have (one frame every 10 s).
+pub const MIN_FPS: f64 = 0.1;
+/// The fastest frame rate a source or output may have.
+pub const MAX_FPS: f64 = 240.0;
+
 /// Validates value ranges and cross-key rules; returns (key, message) pairs.
 pub fn validate(p: &Profile) -> Vec<(String, String)> {
     let mut errs = Vec::new();
@@ -137,11 +142,13 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
             err(k, format!("{v} is out of range ({lo} to {hi})"));
         }
     };
+    // A frame period must be a usable `Duration` and short enough that stop and source changes
+    // (which wait for the current period) stay prompt: 0.1 fps (10 s) is the slowest rate.
     let rate = |k: &str, v: f64, err: &mut dyn FnMut(&str, String)| {
-        if !(v.is_finite() && v > 0.0 && v <= 240.0) {
+        if !(v.is_finite() && (MIN_FPS..=MAX_FPS).contains(&v)) {
             err(
                 k,
-                format!("{v} is out of range (above 0, at most 240 frames per second)"),
+                format!("{v} is out of range ({MIN_FPS} to {MAX_FPS} frames per second)"),
             );
         }
     };
@@ -764,6 +771,19 @@ mod tests {
         assert_eq!(next.profile.stream.t_index_list, vec![20, 40]);
         let e = lp.with_set("guidance_scale", "-1").unwrap_err();
         assert!(e.to_string().contains("stream.guidance_scale"), "{e}");
+        // Rates that passed before and then panicked (a Duration from 1e-20 fps) or stalled
+        // stop for a whole period (0.02 fps = 50 s).
+        for (key, v) in [
+            ("output.fps", "1e-20"),
+            ("source.fps", "0.02"),
+            ("output.fps", "inf"),
+        ] {
+            let e = lp.with_set(key, v).unwrap_err();
+            assert!(
+                format!("{e:#}").contains("out of range"),
+                "{key}={v}: {e:#}"
+            );
+        }
         let e = lp.with_set("no_such_key", "1").unwrap_err();
         assert!(e.to_string().contains("unknown key `no_such_key`"), "{e}");
         let e = lp.with_set("width", "1").unwrap_err();

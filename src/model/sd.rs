@@ -338,6 +338,12 @@ impl StableDiffusion {
     /// Prompt embeddings `[1, 77, cross_attention_dim]` as diffusers' `encode_prompt` makes them
     /// (no clip skip).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
+        if let Some(cut) = self.tokenizer.truncated_part(prompt)? {
+            tracing::warn!(
+                "the prompt is longer than the text encoder's 77 tokens; this part is ignored: \
+                 {cut:?}"
+            );
+        }
         let ids = self.tokenizer.encode(prompt)?;
         let n = ids.len();
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;

@@ -406,6 +406,42 @@ impl ClipTokenizer {
         Ok(out)
     }
 
+    /// The part of `prompt` that [`Self::encode`] cuts off (the text encoder reads
+    /// `model_max_length − 2` = 75 tokens), as text, or `None` when it all fits. diffusers logs
+    /// the same warning ("The following part of your input was truncated …").
+    pub fn truncated_part(&self, prompt: &str) -> Result<Option<String>> {
+        let ids = self.tokenize_ids(prompt)?;
+        let keep = self.max_len - 2;
+        Ok((ids.len() > keep).then(|| self.decode(&ids[keep..])))
+    }
+
+    /// Text of token ids (CLIP's `decode`: byte-level symbols back to UTF-8, `</w>` = a space).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut by_id: HashMap<u32, &str> = HashMap::with_capacity(ids.len());
+        for (tok, id) in &self.vocab {
+            if ids.contains(id) {
+                by_id.insert(*id, tok);
+            }
+        }
+        let mut byte_of: HashMap<char, u8> = HashMap::with_capacity(256);
+        for (b, c) in self.byte_encoder.iter().enumerate() {
+            byte_of.insert(*c, b as u8);
+        }
+        let mut bytes = Vec::new();
+        for id in ids {
+            let tok = by_id.get(id).copied().unwrap_or("");
+            let (body, space) = match tok.strip_suffix("</w>") {
+                Some(b) => (b, true),
+                None => (tok, false),
+            };
+            bytes.extend(body.chars().filter_map(|c| byte_of.get(&c)));
+            if space {
+                bytes.push(b' ');
+            }
+        }
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+
     /// Ids of the prompt without bos/eos, untruncated.
     pub fn tokenize_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
@@ -594,6 +630,21 @@ mod tests {
             (49406, 49407, 49407, 77)
         );
         check(&t, "sd15");
+    }
+
+    #[test]
+    fn the_truncated_part_of_a_long_prompt_is_named() {
+        let t = sd15();
+        assert_eq!(t.truncated_part("a photo of a cat").unwrap(), None);
+        let words: Vec<String> = (0..80).map(|i| format!("cat{i}")).collect();
+        let long = format!("{} purple elephant", words.join(" "));
+        let cut = t.truncated_part(&long).unwrap().expect("cut");
+        assert!(cut.ends_with("purple elephant"), "{cut}");
+        assert!(!cut.contains("cat0 "), "{cut}");
+        assert_eq!(
+            t.decode(&t.tokenize_ids("Café, naïve!").unwrap()),
+            "café , naïve !"
+        );
     }
 
     #[test]

@@ -394,14 +394,27 @@ impl RepoCache {
             .join(self.folder())
             .join(format!("{etag}.lock"))
     }
-    pub fn pointer(&self, commit: &str, file: &str) -> PathBuf {
-        self.dir().join("snapshots").join(commit).join(file)
+    /// `snapshots/<commit>/<file>`. The commit and the file name come from the hub's answers
+    /// and from index files, so both are checked (a 40-digit hex commit, a plain relative path)
+    /// and the pointer always lies inside the repo's `snapshots/` (as `huggingface_hub`'s
+    /// `_get_pointer_path` insists).
+    pub fn pointer(&self, commit: &str, file: &str) -> Result<PathBuf> {
+        if !is_commit_hash(commit) {
+            bail!(
+                "the hub answered with commit {:?} for {}, which is not a 40-digit commit hash",
+                commit.chars().take(64).collect::<String>(),
+                self.id
+            );
+        }
+        check_repo_path(file)?;
+        Ok(self.dir().join("snapshots").join(commit).join(file))
     }
     /// Writes `refs/<revision>` (nothing for a revision that is a commit hash).
     pub fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
         if revision == commit {
             return Ok(());
         }
+        check_repo_path(revision).context("the revision name")?;
         let path = self.dir().join("refs").join(revision);
         if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
             return Ok(());
@@ -416,7 +429,7 @@ impl RepoCache {
     /// Links `snapshots/<commit>/<file>` to `blobs/<etag>` with a relative symlink (what
     /// `huggingface_hub` does; a copy where symlinks are not available).
     fn link(&self, commit: &str, file: &str, etag: &str) -> Result<PathBuf> {
-        let pointer = self.pointer(commit, file);
+        let pointer = self.pointer(commit, file)?;
         let blob = self.blob(etag);
         if pointer.is_file() {
             return Ok(pointer);
@@ -451,6 +464,24 @@ fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// A file path inside a repo (from a listing, an index file's `weight_map`, or a revision name):
+/// only plain relative components: no `..`, `.`, empty part, absolute path or backslash, so that
+/// nothing a hub or a model file says can reach outside the repo's folder.
+pub fn check_repo_path(file: &str) -> Result<()> {
+    let bad = file.is_empty()
+        || file.starts_with('/')
+        || file.contains('\\')
+        || file.contains('\0')
+        || file.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+    if bad {
+        bail!(
+            "refusing the repo path {:?}: not a plain relative path",
+            file.chars().take(200).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
 fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -462,7 +493,8 @@ pub fn cached_paths(repo: &RepoCache, listing: &Listing) -> HashSet<String> {
         .files
         .iter()
         .filter(|f| {
-            repo.pointer(&listing.commit, &f.path).is_file()
+            repo.pointer(&listing.commit, &f.path)
+                .is_ok_and(|p| p.is_file())
                 || f.etag().is_some_and(|e| repo.blob(e).is_file())
         })
         .map(|f| f.path.clone())
@@ -843,13 +875,13 @@ impl Client {
         progress: &mut Progress,
     ) -> Result<(PathBuf, String)> {
         if is_commit_hash(revision) {
-            let p = repo.pointer(revision, file);
+            let p = repo.pointer(revision, file)?;
             if p.is_file() {
                 return Ok((p, revision.to_string()));
             }
         }
         let meta = self.metadata(&repo.id, revision, file)?;
-        let pointer = repo.pointer(&meta.commit, file);
+        let pointer = repo.pointer(&meta.commit, file)?;
         if pointer.is_file() {
             return Ok((pointer, meta.commit));
         }
@@ -1253,7 +1285,7 @@ pub(crate) fn prefetch_with(
         let repo = RepoCache::new(&opts.cache_dir, &p.id);
         for f in &p.files {
             if f.cached {
-                if repo.pointer(&p.commit, &f.path).is_file() {
+                if repo.pointer(&p.commit, &f.path)?.is_file() {
                     continue;
                 }
                 if let Some(e) = f.etag.as_deref().filter(|e| repo.blob(e).is_file()) {

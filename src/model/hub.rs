@@ -443,6 +443,10 @@ fn component_weights(
         .collect();
     shards.sort();
     shards.dedup();
+    for s in &shards {
+        super::download::check_repo_path(s)
+            .with_context(|| format!("{}: weight_map", index_path.display()))?;
+    }
     let files = shards
         .iter()
         .map(|s| src.get(&join(s)))

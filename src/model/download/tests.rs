@@ -688,7 +688,7 @@ fn downloads_into_the_python_cache_layout_and_loads() {
         std::fs::read_to_string(repo.dir().join("refs/main")).unwrap(),
         *commit
     );
-    let unet = repo.pointer(commit, "unet/diffusion_pytorch_model.safetensors");
+    let unet = repo.pointer(commit, "unet/diffusion_pytorch_model.safetensors").unwrap();
     let target = std::fs::read_link(&unet).unwrap();
     let data = std::fs::read(fixture(
         "models/tiny-sd21/unet/diffusion_pytorch_model.safetensors",
@@ -700,7 +700,7 @@ fn downloads_into_the_python_cache_layout_and_loads() {
         .collect();
     assert_eq!(target, PathBuf::from(format!("../../../blobs/{sha}")));
     assert_eq!(std::fs::read(&unet).unwrap(), data);
-    let index = repo.pointer(commit, "model_index.json");
+    let index = repo.pointer(commit, "model_index.json").unwrap();
     assert_eq!(
         std::fs::read_link(&index).unwrap().parent().unwrap(),
         Path::new("../../blobs")
@@ -964,4 +964,27 @@ fn corrupted_data_is_refused() {
     assert!(!all_files(tmp.path())
         .iter()
         .any(|p| p.to_string_lossy().contains("blobs/")));
+}
+
+/// Names from a hub's answers or an index file never reach outside the repo's folder.
+#[test]
+fn hostile_commits_paths_and_revisions_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RepoCache {
+        cache_dir: tmp.path().to_path_buf(),
+        id: "evil/repo".into(),
+    };
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    assert!(repo.pointer(commit, "unet/config.json").is_ok());
+    for c in ["../../../../tmp/x", "main", "", "0123456789abcdef0123456789abcdef0123456/"] {
+        assert!(repo.pointer(c, "unet/config.json").is_err(), "commit {c:?}");
+    }
+    for f in ["../x", "unet/../../x", "/etc/passwd", "a//b", "./a", "a\\..\\b", ""] {
+        let e = format!("{:#}", repo.pointer(commit, f).unwrap_err());
+        assert!(e.contains("not a plain relative path"), "{f:?}: {e}");
+    }
+    assert!(repo.write_ref("../../escape", commit).is_err());
+    assert!(repo.write_ref("refs/pr/2", commit).is_ok());
+    // Nothing was created outside the cache folder.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }

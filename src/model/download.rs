@@ -472,7 +472,9 @@ pub fn check_repo_path(file: &str) -> Result<()> {
         || file.starts_with('/')
         || file.contains('\\')
         || file.contains('\0')
-        || file.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+        || file
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
     if bad {
         bail!(
             "refusing the repo path {:?}: not a plain relative path",

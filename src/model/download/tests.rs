@@ -688,7 +688,9 @@ fn downloads_into_the_python_cache_layout_and_loads() {
         std::fs::read_to_string(repo.dir().join("refs/main")).unwrap(),
         *commit
     );
-    let unet = repo.pointer(commit, "unet/diffusion_pytorch_model.safetensors").unwrap();
+    let unet = repo
+        .pointer(commit, "unet/diffusion_pytorch_model.safetensors")
+        .unwrap();
     let target = std::fs::read_link(&unet).unwrap();
     let data = std::fs::read(fixture(
         "models/tiny-sd21/unet/diffusion_pytorch_model.safetensors",
@@ -976,10 +978,23 @@ fn hostile_commits_paths_and_revisions_are_refused() {
     };
     let commit = "0123456789abcdef0123456789abcdef01234567";
     assert!(repo.pointer(commit, "unet/config.json").is_ok());
-    for c in ["../../../../tmp/x", "main", "", "0123456789abcdef0123456789abcdef0123456/"] {
+    for c in [
+        "../../../../tmp/x",
+        "main",
+        "",
+        "0123456789abcdef0123456789abcdef0123456/",
+    ] {
         assert!(repo.pointer(c, "unet/config.json").is_err(), "commit {c:?}");
     }
-    for f in ["../x", "unet/../../x", "/etc/passwd", "a//b", "./a", "a\\..\\b", ""] {
+    for f in [
+        "../x",
+        "unet/../../x",
+        "/etc/passwd",
+        "a//b",
+        "./a",
+        "a\\..\\b",
+        "",
+    ] {
         let e = format!("{:#}", repo.pointer(commit, f).unwrap_err());
         assert!(e.contains("not a plain relative path"), "{f:?}: {e}");
     }

@@ -20,7 +20,7 @@
 
 use std::cell::Cell;
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{
     group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, LayerNorm, Linear,
     VarBuilder,
@@ -122,13 +122,35 @@ pub(crate) enum Cond<'a> {
 }
 
 /// Batched `softmax(q·kᵀ·scale)·v` for `q: [B, H, S, D]`, `k, v: [B, H, S_kv, D]` (contiguous)
-/// → `[B, H, S, D]`. Queries are processed in blocks of [`Q_CHUNK`] rows.
-pub fn attention_kernel(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+/// → `[B, H, S, D]`. Queries are processed in blocks of [`Q_CHUNK`] rows. With `upcast` (the
+/// U-Net config's `upcast_attention`, set by SD 2.x checkpoints whose f16 attention scores
+/// overflow) and f16/bf16 tensors, the scores and the softmax are computed in f32, as diffusers'
+/// `Attention.get_attention_scores` does; in f32 it changes nothing.
+pub fn attention_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
     let s = q.dim(2)?;
-    let kt = k.transpose(2, 3)?;
+    let dtype = q.dtype();
+    let upcast = upcast && dtype != DType::F32;
+    let kt = if upcast {
+        k.to_dtype(DType::F32)?.transpose(2, 3)?
+    } else {
+        k.transpose(2, 3)?
+    };
     let block = |q: &Tensor| -> Result<Tensor> {
-        let w = (q.matmul(&kt)? * scale)?;
-        candle_nn::ops::softmax_last_dim(&w)?.matmul(v)
+        if upcast {
+            let w = (q.to_dtype(DType::F32)?.matmul(&kt)? * scale)?;
+            candle_nn::ops::softmax_last_dim(&w)?
+                .to_dtype(dtype)?
+                .matmul(v)
+        } else {
+            let w = (q.matmul(&kt)? * scale)?;
+            candle_nn::ops::softmax_last_dim(&w)?.matmul(v)
+        }
     };
     if s <= Q_CHUNK {
         return block(q);
@@ -144,8 +166,8 @@ pub fn attention_kernel(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 }
 
 /// diffusers `Attention` as used by `BasicTransformerBlock` (no bias on q/k/v, bias on
-/// `to_out.0`, scale `head_dim^-0.5`). `upcast_attention` only matters for f16/bf16; this
-/// implementation computes in the tensors' dtype (f32 in sdcam).
+/// `to_out.0`, scale `head_dim^-0.5`); `upcast` = the config's `upcast_attention`
+/// ([`attention_kernel`]).
 #[derive(Debug, Clone)]
 pub struct Attention {
     to_q: Linear,
@@ -155,6 +177,7 @@ pub struct Attention {
     heads: usize,
     head_dim: usize,
     scale: f64,
+    upcast: bool,
 }
 
 impl Attention {
@@ -164,6 +187,7 @@ impl Attention {
         context_dim: usize,
         heads: usize,
         head_dim: usize,
+        upcast: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
@@ -174,6 +198,7 @@ impl Attention {
             heads,
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast,
         })
     }
 
@@ -215,7 +240,7 @@ impl Attention {
             }
             kb => candle_core::bail!("prompt K/V batch {kb} does not match sample batch {b}"),
         };
-        self.merge_heads_out(&attention_kernel(&q, &k, &v, self.scale)?)
+        self.merge_heads_out(&attention_kernel(&q, &k, &v, self.scale, self.upcast)?)
     }
 
     /// Self-attention of `xs: [B, S, query_dim]` in the given mode.
@@ -226,7 +251,15 @@ impl Attention {
         let b = q.dim(0)?;
         let refs = match mode {
             SelfAttnMode::CrossFrame(r) if b > 1 => r,
-            _ => return self.merge_heads_out(&attention_kernel(&q, &k, &v, self.scale)?),
+            _ => {
+                return self.merge_heads_out(&attention_kernel(
+                    &q,
+                    &k,
+                    &v,
+                    self.scale,
+                    self.upcast,
+                )?)
+            }
         };
         let mut outs = Vec::with_capacity(b);
         for i in 0..b {
@@ -242,7 +275,7 @@ impl Attention {
                 (Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)
             };
             let qi = q.narrow(0, i, 1)?;
-            outs.push(attention_kernel(&qi, &ki, &vi, self.scale)?);
+            outs.push(attention_kernel(&qi, &ki, &vi, self.scale, self.upcast)?);
         }
         self.merge_heads_out(&Tensor::cat(&outs, 0)?)
     }
@@ -296,6 +329,7 @@ impl BasicTransformerBlock {
         head_dim: usize,
         cross_attention_dim: usize,
         only_cross_attention: bool,
+        upcast_attention: bool,
     ) -> Result<Self> {
         let attn1_ctx = if only_cross_attention {
             cross_attention_dim
@@ -304,9 +338,23 @@ impl BasicTransformerBlock {
         };
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, attn1_ctx, heads, head_dim)?,
+            attn1: Attention::new(
+                vb.pp("attn1"),
+                dim,
+                attn1_ctx,
+                heads,
+                head_dim,
+                upcast_attention,
+            )?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, cross_attention_dim, heads, head_dim)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                cross_attention_dim,
+                heads,
+                head_dim,
+                upcast_attention,
+            )?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
             only_cross_attention,
@@ -355,6 +403,7 @@ pub struct Transformer2DConfig {
     pub norm_num_groups: usize,
     pub use_linear_projection: bool,
     pub only_cross_attention: bool,
+    pub upcast_attention: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -397,6 +446,7 @@ impl Transformer2DModel {
                     c.head_dim,
                     c.cross_attention_dim,
                     c.only_cross_attention,
+                    c.upcast_attention,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
@@ -450,6 +500,50 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `upcast_attention`: f16 scores that overflow (|q·k| > 65504) turn into NaN without it and
+    /// equal the f32 result with it.
+    #[test]
+    fn upcast_attention_keeps_f16_scores_finite() {
+        let dev = Device::Cpu;
+        let q = (Tensor::ones((1, 1, 4, 64), DType::F32, &dev).unwrap() * 40.0).unwrap();
+        let k = (Tensor::arange(0f32, 256.0, &dev)
+            .unwrap()
+            .reshape((1, 1, 4, 64))
+            .unwrap()
+            / 8.0)
+            .unwrap();
+        let v = Tensor::arange(0f32, 256.0, &dev)
+            .unwrap()
+            .reshape((1, 1, 4, 64))
+            .unwrap();
+        let scale = 0.125;
+        let want = attention_kernel(&q, &k, &v, scale, false).unwrap();
+        let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let plain16 = attention_kernel(&h(&q), &h(&k), &h(&v), scale, false)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let nan = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .any(|x| !x.is_finite())
+        };
+        assert!(nan(&plain16), "the scores were meant to overflow f16");
+        let up16 = attention_kernel(&h(&q), &h(&k), &h(&v), scale, true).unwrap();
+        assert_eq!(up16.dtype(), DType::F16);
+        let up16 = up16.to_dtype(DType::F32).unwrap();
+        assert!(!nan(&up16));
+        let d = (up16 - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 0.5, "{d}");
+        // In f32 the flag changes nothing.
+        let up32 = attention_kernel(&q, &k, &v, scale, true).unwrap();
+        let d = (up32 - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
     /// Unchunked reference: `softmax(QKᵀ·scale)·V` in one go.
     fn plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let w = (q.matmul(&k.transpose(2, 3)?)? * scale)?;
@@ -462,7 +556,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1., (2, 2, Q_CHUNK + 37, 8), &dev).unwrap();
         let k = Tensor::randn(0f32, 1., (2, 2, 300, 8), &dev).unwrap();
         let v = Tensor::randn(0f32, 1., (2, 2, 300, 8), &dev).unwrap();
-        let a = attention_kernel(&q, &k, &v, 0.3).unwrap();
+        let a = attention_kernel(&q, &k, &v, 0.3, false).unwrap();
         let b = plain(&q, &k, &v, 0.3).unwrap();
         let d = (a - b)
             .unwrap()
@@ -500,7 +594,7 @@ mod tests {
                 let bh = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
                 let plain_ms = time(&|| plain(&bh(&q), &bh(&k), &bh(&v), scale).unwrap());
                 let chunked_ms =
-                    time(&|| attention_kernel(&bh(&q), &bh(&k), &bh(&v), scale).unwrap());
+                    time(&|| attention_kernel(&bh(&q), &bh(&k), &bh(&v), scale, false).unwrap());
                 let flash_ms = time(&|| {
                     candle_nn::attention::flash_attn::<f32>(
                         &q,

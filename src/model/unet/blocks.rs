@@ -16,6 +16,7 @@ pub struct BlockCommon {
     pub eps: f64,
     pub cross_attention_dim: usize,
     pub use_linear_projection: bool,
+    pub upcast_attention: bool,
 }
 
 /// Attention settings of one stage (`None` for blocks without attention).
@@ -49,6 +50,7 @@ fn transformer(
             norm_num_groups: c.groups,
             use_linear_projection: c.use_linear_projection,
             only_cross_attention: a.only_cross_attention,
+            upcast_attention: c.upcast_attention,
         },
     )
 }

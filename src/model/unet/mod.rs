@@ -193,7 +193,8 @@ pub struct UNetConfig {
     pub addition_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    /// Only affects f16/bf16 (softmax in f32); sdcam's U-Net computes in f32.
+    /// Attention scores and softmax in f32 when the model runs in f16/bf16 (SD 2.x checkpoints
+    /// set it; `null` = false).
     #[serde(default)]
     pub upcast_attention: bool,
     #[serde(default = "d_default")]
@@ -541,6 +542,7 @@ impl UNet2DConditionModel {
             eps: cfg.norm_eps,
             cross_attention_dim: cfg.cross_attention_dim(),
             use_linear_projection: cfg.use_linear_projection,
+            upcast_attention: cfg.upcast_attention,
         };
         let conv_in = conv2d(
             cfg.in_channels,

@@ -281,6 +281,13 @@ pub fn select_files(
                 s.require("tokenizer/tokenizer.json").context(
                     "a tokenizer needs tokenizer/vocab.json + merges.txt or tokenizer/tokenizer.json",
                 )?;
+                // The fast tokenizer takes its pad token and length from these, as transformers'.
+                for f in [
+                    "tokenizer/tokenizer_config.json",
+                    "tokenizer/special_tokens_map.json",
+                ] {
+                    s.add(f);
+                }
             }
             s.component("unet", "diffusion_pytorch_model", half)?;
             s.component("text_encoder", "model", half)?;

@@ -604,6 +604,8 @@ pub fn resolve_model_for(
                     src.describe()
                 )
             })?;
+            src.get_optional("tokenizer/tokenizer_config.json")?;
+            src.get_optional("tokenizer/special_tokens_map.json")?;
             tj.parent().map(Path::to_path_buf).unwrap_or_default()
         };
 

@@ -184,7 +184,13 @@ impl ClipTokenizer {
         }
         let tj = dir.join("tokenizer.json");
         if tj.is_file() {
-            return Self::from_tokenizer_json(&tj);
+            return Self::from_tokenizer_json(
+                &tj,
+                &[
+                    dir.join("tokenizer_config.json"),
+                    dir.join("special_tokens_map.json"),
+                ],
+            );
         }
         bail!(
             "tokenizer folder {} has neither vocab.json + merges.txt nor tokenizer.json; \
@@ -244,8 +250,12 @@ impl ClipTokenizer {
             .context("building the CLIP tokenizer")
     }
 
-    /// Loads from a `tokenizers` `tokenizer.json` (BPE model + added tokens).
-    pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+    /// Loads from a `tokenizers` `tokenizer.json` (BPE model + added tokens), then applies the
+    /// config jsons that exist among `configs` (`tokenizer_config.json`,
+    /// `special_tokens_map.json`), which set the pad token and length as they do for
+    /// transformers' `CLIPTokenizerFast` (sd-turbo pads with `!`, which `tokenizer.json` does not
+    /// say).
+    pub fn from_tokenizer_json(path: &Path, configs: &[std::path::PathBuf]) -> Result<Self> {
         let v = read_json(path)?;
         let model = v
             .get("model")
@@ -293,6 +303,9 @@ impl ClipTokenizer {
         }
         if let Some(m) = v.pointer("/truncation/max_length").and_then(Value::as_u64) {
             special.max_len = m as usize;
+        }
+        for cfg in configs.iter().filter(|c| c.is_file()) {
+            special.apply(&read_json(cfg)?);
         }
         let mut extra = Vec::new();
         for t in v
@@ -685,6 +698,37 @@ mod tests {
         }
         let t = ClipTokenizer::from_dir(&fixture("models/tiny-sd21/tokenizer")).unwrap();
         assert_eq!(t.pad_id(), 0);
+    }
+
+    /// A `tokenizer.json`-only folder (fast tokenizer) with sd-turbo-style configs pads with
+    /// `!` (id 0), as transformers' `CLIPTokenizerFast` does, and encodes like the slow files.
+    #[test]
+    fn tokenizer_json_folders_take_the_pad_token_from_the_configs() {
+        let src = fixture("models/tiny-sd21/tokenizer");
+        let vocab: Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("vocab.json")).unwrap())
+                .unwrap();
+        let merges: Vec<String> = std::fs::read_to_string(src.join("merges.txt"))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect();
+        let tj = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "model": {"type": "BPE", "vocab": vocab, "merges": merges,
+                      "end_of_word_suffix": "</w>", "unk_token": "<|endoftext|>"}
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        for f in ["tokenizer_config.json", "special_tokens_map.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let fast = ClipTokenizer::from_dir(dir.path()).unwrap();
+        let slow = ClipTokenizer::from_dir(&src).unwrap();
+        assert_eq!(fast.pad_id(), 0);
+        let p = "a photo of a cat";
+        assert_eq!(fast.encode(p).unwrap(), slow.encode(p).unwrap());
     }
 
     #[test]

@@ -126,8 +126,8 @@ fn every_real_config_of_the_supported_repos_parses() {
 }
 
 /// For every key of every real file: `null` parses like the key being absent (the library
-/// default), except keys whose `null` is a value of its own, which are either accepted or
-/// refused naming a key. Removing a key never turns into a parse error either.
+/// default), except keys whose `null` is a value of its own or `false`, which are either
+/// accepted or refused naming a key. Removing a key never turns into a parse error either.
 fn null_and_absent_everywhere<T: ComponentConfig + std::fmt::Debug>(rel: &str) {
     let object = read_object(&real(rel));
     for key in object.keys() {
@@ -149,7 +149,8 @@ fn null_and_absent_everywhere<T: ComponentConfig + std::fmt::Debug>(rel: &str) {
                 );
             }
         }
-        if !T::NULL_IS_A_VALUE.contains(&key.as_str()) {
+        if !T::NULL_IS_A_VALUE.contains(&key.as_str()) && !T::NULL_IS_FALSE.contains(&key.as_str())
+        {
             assert_eq!(
                 format!("{:?}", parsed_null.as_ref().map_err(|e| format!("{e:#}"))),
                 format!("{:?}", parsed_absent.as_ref().map_err(|e| format!("{e:#}"))),
@@ -186,7 +187,7 @@ fn unsupported_repos_and_values_are_refused_by_name() {
     let msg = format!("{e:#}");
     assert!(
         msg.contains("sdxl-turbo/unet/config.json")
-            && msg.contains("`addition_embed_type` = Some(\"text_time\")")
+            && msg.contains("`addition_embed_type` = \"text_time\"")
             && msg.contains("time ids"),
         "{msg}"
     );
@@ -216,7 +217,7 @@ fn unsupported_repos_and_values_are_refused_by_name() {
         .unwrap_err();
     let msg = format!("{e:#}");
     assert!(
-        msg.contains("x/unet/config.json") && msg.contains("`mid_block_type` = None"),
+        msg.contains("x/unet/config.json") && msg.contains("`mid_block_type` = null"),
         "{msg}"
     );
     let mut o = read_object(&real(SCHEDULERS[0]));
@@ -233,6 +234,43 @@ fn unsupported_repos_and_values_are_refused_by_name() {
     assert!(
         format!("{e:#}").contains("`upsample_fn` = \"bilinear\""),
         "{e:#}"
+    );
+    // Values diffusers accepts and sdcam does not use: `sample_size` as `[h, w]`.
+    let mut o = read_object(&real(UNETS[0]));
+    o.insert("sample_size".into(), serde_json::json!([64, 64]));
+    config::parse::<UNetConfig>(&Value::Object(o).to_string(), "u.json").unwrap();
+    // A boolean defaulting to true is false when null (Python tests it for truth).
+    let mut o = read_object(&real(VAES[0]));
+    o.insert("use_quant_conv".into(), Value::Null);
+    let v: AutoencoderKLConfig = config::parse(&Value::Object(o).to_string(), "v.json").unwrap();
+    assert!(!v.use_quant_conv && v.use_post_quant_conv);
+    let mut o = read_object(&real(UNETS[0]));
+    o.insert("flip_sin_to_cos".into(), Value::Null);
+    let u: UNetConfig = config::parse(&Value::Object(o).to_string(), "u.json").unwrap();
+    assert!(!u.flip_sin_to_cos);
+    // Bounded table sizes: a typo'd num_train_timesteps is refused, not allocated.
+    let mut o = read_object(&real(SCHEDULERS[0]));
+    o.insert(
+        "num_train_timesteps".into(),
+        serde_json::json!(1_000_000_000_000u64),
+    );
+    let e = config::parse::<SchedulerConfig>(&Value::Object(o).to_string(), "s.json").unwrap_err();
+    assert!(
+        format!("{e:#}").contains("`num_train_timesteps` = 1000000000000"),
+        "{e:#}"
+    );
+    // Unused keys are not judged (steps_offset is not used by the LCM tables).
+    let mut o = read_object(&real(SCHEDULERS[0]));
+    o.insert("steps_offset".into(), serde_json::json!(-1));
+    config::parse::<SchedulerConfig>(&Value::Object(o).to_string(), "s.json").unwrap();
+    // A per-block key of the wrong kind names the value and what was expected.
+    let mut o = read_object(&real(UNETS[0]));
+    o.insert("layers_per_block".into(), serde_json::json!(-1));
+    let e = config::parse::<UNetConfig>(&Value::Object(o).to_string(), "u.json").unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("`layers_per_block`") && msg.contains("or a list of them, got -1"),
+        "{msg}"
     );
     // A wrong type names the key.
     let mut o = read_object(&real(TEXT_ENCODERS[0]));

@@ -4,9 +4,11 @@
 //! The rules, one implementation for all components ([`parse`], [`load`]):
 //! * **`null` is the library default.** diffusers passes a `null` value to the component's
 //!   `__init__` as `None`, which for nearly every key means "the default" (`upcast_attention:
-//!   null` behaves as `false`). Keys whose `None` means something else (the U-Net's
-//!   `mid_block_type: null` = no mid block) are listed by the component
-//!   ([`ComponentConfig::NULL_IS_A_VALUE`]) and kept as `None` for its check to judge.
+//!   null` behaves as `false`). Two kinds of key differ and are listed by the component:
+//!   keys whose `None` means something of its own (the U-Net's `mid_block_type: null` = no mid
+//!   block; [`ComponentConfig::NULL_IS_A_VALUE`], kept as `None` for its check to judge), and
+//!   booleans whose default is `true`, where `None` is falsy in Python's `if use_quant_conv:`
+//!   ([`ComponentConfig::NULL_IS_FALSE`], read as `false`).
 //! * **Absent keys take the library default** (`#[serde(default)]` on every field: SD 1.5's
 //!   U-Net config has 19 keys, its VAE no `scaling_factor`).
 //! * **Unknown keys are ignored**, and logged at debug level (files written by newer diffusers
@@ -18,7 +20,6 @@
 //! nothing of per-library defaults for `null`; `serde_ignored` (dtolnay) reports unknown keys and
 //! `serde_path_to_error` names the key of a value of the wrong type.
 
-use std::fmt;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -31,18 +32,24 @@ use serde_json::{Map, Value};
 pub struct Unsupported {
     /// The config key, e.g. `mid_block_type`.
     pub key: String,
-    /// The value as written in JSON, e.g. `null` or `"UNetMidBlock2DSimpleCrossAttn"`.
+    /// The value as JSON, e.g. `null` or `"UNetMidBlock2DSimpleCrossAttn"` (at most 80
+    /// characters).
     pub value: String,
     /// What is supported instead, or what is missing.
     pub reason: String,
 }
 
 impl Unsupported {
-    /// `key` = `value` (anything `Debug`/JSON-like) is not supported because `reason`.
-    pub fn new(key: &str, value: impl fmt::Debug, reason: impl Into<String>) -> Self {
+    /// `key` = `value` (written as JSON) is not supported because `reason`.
+    pub fn new(key: &str, value: impl serde::Serialize, reason: impl Into<String>) -> Self {
+        let mut value =
+            serde_json::to_string(&value).unwrap_or_else(|_| "(unprintable)".to_string());
+        if value.chars().count() > 80 {
+            value = value.chars().take(79).collect::<String>() + "…";
+        }
         Self {
             key: key.to_string(),
-            value: format!("{value:?}"),
+            value,
             reason: reason.into(),
         }
     }
@@ -52,7 +59,7 @@ impl Unsupported {
 pub fn refuse_if(
     cond: bool,
     key: &str,
-    value: impl fmt::Debug,
+    value: impl serde::Serialize,
     reason: impl Into<String>,
 ) -> std::result::Result<(), Unsupported> {
     if cond {
@@ -69,6 +76,9 @@ pub trait ComponentConfig: DeserializeOwned {
 
     /// Keys whose `null` is not the default but a value of its own (kept as `None`).
     const NULL_IS_A_VALUE: &'static [&'static str] = &[];
+
+    /// Booleans that default to `true` but that the library tests for truth, so `null` = false.
+    const NULL_IS_FALSE: &'static [&'static str] = &[];
 
     /// Rewrites the parsed JSON object before deserialisation where the library does (e.g.
     /// transformers takes `text_config` out of a full CLIP config). Default: unchanged.
@@ -93,7 +103,18 @@ pub fn parse<T: ComponentConfig>(text: &str, source: &str) -> Result<T> {
     };
     let object: Map<String, Value> = T::preprocess(object)
         .into_iter()
-        .filter(|(k, v)| !v.is_null() || T::NULL_IS_A_VALUE.contains(&k.as_str()))
+        .filter(|(k, v)| {
+            !v.is_null()
+                || T::NULL_IS_A_VALUE.contains(&k.as_str())
+                || T::NULL_IS_FALSE.contains(&k.as_str())
+        })
+        .map(|(k, v)| {
+            if v.is_null() && T::NULL_IS_FALSE.contains(&k.as_str()) {
+                (k, Value::Bool(false))
+            } else {
+                (k, v)
+            }
+        })
         .collect();
     let mut ignored = Vec::new();
     let cfg: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
@@ -125,6 +146,67 @@ pub fn load<T: ComponentConfig>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the {} config {}", T::KIND, path.display()))?;
     parse(&text, &path.display().to_string())
+}
+
+/// A config value that diffusers accepts either as one value or as a per-block list
+/// (`attention_head_dim: 8` or `[5, 10, 20, 20]`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for OneOrMany<T> {
+    /// One `T` or a list of them; the error names the value and what was expected (serde's
+    /// untagged enums say only "did not match any variant").
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let v = Value::deserialize(d)?;
+        let what = std::any::type_name::<T>()
+            .rsplit("::")
+            .next()
+            .unwrap_or("value");
+        let fail = |v: &Value| {
+            let mut s = v.to_string();
+            if s.len() > 80 {
+                s = s.chars().take(79).collect::<String>() + "…";
+            }
+            D::Error::custom(format!("expected a {what} or a list of them, got {s}"))
+        };
+        match &v {
+            Value::Array(items) => items
+                .iter()
+                .map(|i| serde_json::from_value(i.clone()).map_err(|_| fail(&v)))
+                .collect::<std::result::Result<Vec<T>, _>>()
+                .map(OneOrMany::Many),
+            _ => serde_json::from_value(v.clone())
+                .map(OneOrMany::One)
+                .map_err(|_| fail(&v)),
+        }
+    }
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// The list length, `None` for a single value.
+    pub fn list_len(&self) -> Option<usize> {
+        match self {
+            OneOrMany::One(_) => None,
+            OneOrMany::Many(v) => Some(v.len()),
+        }
+    }
+
+    /// The per-block list for `n` blocks (a single value is repeated).
+    pub fn per_block(&self, n: usize, name: &str) -> candle_core::Result<Vec<T>> {
+        match self {
+            OneOrMany::One(v) => Ok(vec![v.clone(); n]),
+            OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
+            OneOrMany::Many(v) => candle_core::bail!(
+                "unet config: `{name}` has {} entries, expected {n} (one per down block)",
+                v.len()
+            ),
+        }
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {

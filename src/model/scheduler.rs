@@ -34,8 +34,8 @@ pub struct SchedulerConfig {
     pub original_inference_steps: usize,
     pub timestep_scaling: f64,
     pub prediction_type: String,
+    /// Used by diffusers' own LCM `step` only (not by StreamDiffusion's); read for completeness.
     pub set_alpha_to_one: bool,
-    pub steps_offset: usize,
     pub rescale_betas_zero_snr: bool,
 }
 
@@ -52,14 +52,17 @@ impl Default for SchedulerConfig {
             timestep_scaling: 10.0,
             prediction_type: "epsilon".into(),
             set_alpha_to_one: true,
-            steps_offset: 0,
             rescale_betas_zero_snr: false,
         }
     }
 }
 
+/// The most training timesteps accepted (real models have 1000; the tables are per timestep).
+const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl ComponentConfig for SchedulerConfig {
     const KIND: &'static str = "scheduler";
+    const NULL_IS_FALSE: &'static [&'static str] = &["set_alpha_to_one"];
 
     fn check(&self) -> std::result::Result<(), Unsupported> {
         refuse_if(
@@ -76,12 +79,17 @@ impl ComponentConfig for SchedulerConfig {
             "only false is implemented",
         )?;
         let n = self.num_train_timesteps;
-        refuse_if(n < 2, "num_train_timesteps", n, "must be at least 2")?;
+        refuse_if(
+            !(2..=MAX_TRAIN_TIMESTEPS).contains(&n),
+            "num_train_timesteps",
+            n,
+            format!("must be from 2 to {MAX_TRAIN_TIMESTEPS}"),
+        )?;
         match &self.trained_betas {
             Some(b) => refuse_if(
                 b.len() != n,
                 "trained_betas",
-                format!("a list of {}", b.len()),
+                format!("a list of {} entries", b.len()),
                 format!("needs num_train_timesteps ({n}) entries"),
             )?,
             None => refuse_if(

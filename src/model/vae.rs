@@ -83,6 +83,13 @@ impl Default for AutoencoderKLConfig {
 
 impl ComponentConfig for AutoencoderKLConfig {
     const KIND: &'static str = "AutoencoderKL (VAE)";
+    /// `nn.Conv2d(…) if use_quant_conv else None` and the like: `null` is false.
+    const NULL_IS_FALSE: &'static [&'static str] = &[
+        "use_quant_conv",
+        "use_post_quant_conv",
+        "mid_block_add_attention",
+        "force_upcast",
+    ];
 
     fn check(&self) -> std::result::Result<(), Unsupported> {
         let n = self.block_out_channels.len();

@@ -22,41 +22,12 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
+pub use crate::model::config::OneOrMany;
 use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
 use attention::{Cond, KvCursor};
 pub use attention::{FrameRefs, KvPair, SelfAttnMode};
 use blocks::{BlockCommon, DownBlock, MidBlock, StageAttn, UpBlock};
 use embeddings::{TimestepEmbedding, Timesteps};
-
-/// A config value that diffusers accepts either as one value or as a per-block list.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T: Clone> OneOrMany<T> {
-    /// The list length, `None` for a single value.
-    fn len(&self) -> Option<usize> {
-        match self {
-            OneOrMany::One(_) => None,
-            OneOrMany::Many(v) => Some(v.len()),
-        }
-    }
-
-    /// The per-block list for `n` blocks (a single value is repeated).
-    fn per_block(&self, n: usize, name: &str) -> Result<Vec<T>> {
-        match self {
-            OneOrMany::One(v) => Ok(vec![v.clone(); n]),
-            OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),
-            OneOrMany::Many(v) => candle_core::bail!(
-                "unet config: `{name}` has {} entries, expected {n} (one per down block)",
-                v.len()
-            ),
-        }
-    }
-}
 
 fn d_true() -> bool {
     true
@@ -223,8 +194,9 @@ pub struct UNetConfig {
     pub class_embeddings_concat: bool,
     #[serde(default)]
     pub cross_attention_norm: Option<String>,
+    /// Not used by sdcam (the stream size is the profile's); an int or `[h, w]` in diffusers.
     #[serde(default)]
-    pub sample_size: Option<usize>,
+    pub sample_size: Option<serde_json::Value>,
 }
 
 impl UNetConfig {
@@ -428,19 +400,19 @@ impl UNetConfig {
             "an even kernel is not implemented",
         )?;
         for (key, len) in [
-            ("layers_per_block", self.layers_per_block.len()),
+            ("layers_per_block", self.layers_per_block.list_len()),
             (
                 "transformer_layers_per_block",
-                self.transformer_layers_per_block.len(),
+                self.transformer_layers_per_block.list_len(),
             ),
-            ("attention_head_dim", self.attention_head_dim.len()),
-            ("only_cross_attention", self.only_cross_attention.len()),
+            ("attention_head_dim", self.attention_head_dim.list_len()),
+            ("only_cross_attention", self.only_cross_attention.list_len()),
         ] {
             if let Some(len) = len {
                 refuse_if(
                     len != n,
                     key,
-                    format!("a list of {len}"),
+                    format!("a list of {len} entries"),
                     format!("needs one entry per down block ({n})"),
                 )?;
             }
@@ -461,6 +433,8 @@ impl ComponentConfig for UNetConfig {
     const KIND: &'static str = "U-Net";
     /// `mid_block_type: null` is "no mid block"; `norm_num_groups: null` is "no output norm".
     const NULL_IS_A_VALUE: &'static [&'static str] = &["mid_block_type", "norm_num_groups"];
+    /// `Timesteps(…, flip_sin_to_cos=None)` tests it for truth.
+    const NULL_IS_FALSE: &'static [&'static str] = &["flip_sin_to_cos"];
     fn check(&self) -> std::result::Result<(), Unsupported> {
         self.unsupported()
     }

@@ -74,8 +74,7 @@ fn check_profile(name: &str, cache: &Path) -> Vec<f32> {
         "HF_HUB_CACHE" => Some(cache_dir.clone()),
         _ => None,
     });
-    let mut spec = pipeline::model_spec(&p.model);
-    spec.dtype = DType::F32;
+    let spec = pipeline::model_spec(&p.model, DType::F32);
     let t0 = std::time::Instant::now();
     let model = StableDiffusion::load(&spec, &Device::Cpu, &opts)
         .unwrap_or_else(|e| panic!("{name}: loading {}: {e:#}", spec.id));

@@ -40,7 +40,7 @@ use super::clip::ClipTextModel;
 use super::sd::RANDOM_WEIGHTS_MARKER;
 use super::taesd::AutoencoderTiny;
 use super::unet::UNet2DConditionModel;
-use super::vae::{AutoencoderKL, AutoencoderKLConfig};
+use super::vae::AutoencoderKL;
 
 /// The repositories this module writes, in the order [`write_all`] writes them.
 pub const REPOS: [&str; 4] = [SD_TURBO, TAESD, SD15, LCM_LORA_SD15];
@@ -172,13 +172,16 @@ fn record(
     Ok(w.shapes())
 }
 
+/// The values of a tensor, given its name and shape.
+type ValuesFn = Box<dyn Fn(&str, &[usize]) -> Vec<f32>>;
+
 /// A weights file to write: its tensors and where their values come from.
 struct WeightsPlan {
     /// Paths in the repository: f32 file and (optional) fp16 variant, or an fp16-only file.
     f32_path: Option<String>,
     f16_path: Option<String>,
     tensors: BTreeMap<String, Vec<usize>>,
-    values: Box<dyn Fn(&str, &[usize]) -> Vec<f32>>,
+    values: ValuesFn,
 }
 
 fn model_weights(
@@ -202,11 +205,6 @@ fn model_weights(
         tensors,
         values: Box::new(move |name, shape| w.values(shape, name)),
     })
-}
-
-fn vae_config(repo: &str) -> Result<AutoencoderKLConfig> {
-    serde_json::from_slice(real_file(repo, "vae/config.json")?)
-        .with_context(|| format!("parsing {repo} vae/config.json"))
 }
 
 /// The kohya module stem of a U-Net module path (`lora_unet_` + the path with `.` → `_`).
@@ -258,10 +256,11 @@ fn sd15_unet_shapes(seed: u64) -> Result<BTreeMap<String, Vec<usize>>> {
 }
 
 fn plans(repo: &str, seed: u64) -> Result<Vec<WeightsPlan>> {
+    // The shapes come from the architectures sdcam builds from these same embedded files.
     let sd = |arch: Arch, repo: &str| -> Result<Vec<WeightsPlan>> {
         let unet_cfg = arch.unet_config();
         let text_cfg = arch.text_config();
-        let vae_cfg = vae_config(repo)?;
+        let vae_cfg = arch.vae_config();
         Ok(vec![
             model_weights(seed, repo, "text_encoder", "model", true, |vb| {
                 ClipTextModel::new(vb, &text_cfg).map(drop)
@@ -553,6 +552,22 @@ mod tests {
         assert!(!lora
             .keys()
             .any(|k| k.contains("conv_in") || k.contains("time_embedding")));
+    }
+
+    /// The written configs are the files the tensor lists were built from.
+    #[test]
+    fn written_configs_are_the_architectures_files() {
+        for (repo, arch) in [(SD_TURBO, Arch::SdTurbo), (SD15, Arch::Sd15)] {
+            let f = |p| std::str::from_utf8(real_file(repo, p).unwrap()).unwrap();
+            assert_eq!(f("unet/config.json"), arch.unet_config_json());
+            assert_eq!(f("text_encoder/config.json"), arch.text_config_json());
+            assert_eq!(f("vae/config.json"), arch.vae_config_json());
+            assert_eq!(f("model_index.json"), arch.model_index_json());
+        }
+        let taesd = std::str::from_utf8(real_file(TAESD, "config.json").unwrap()).unwrap();
+        assert_eq!(taesd, Arch::SdTurbo.taesd_config_json());
+        assert!(real_file(SD15, "unet/nothing.json").is_err());
+        assert!(write_repo(Path::new("/nonexistent"), "org/unknown", 0, false).is_err());
     }
 
     #[test]

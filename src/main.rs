@@ -49,6 +49,29 @@ enum Cmd {
     /// Time the StreamDiffusion pipeline by stage, and the paper's comparisons (Stream Batch vs
     /// sequential, R-CFG types) side by side, on generated frames.
     Bench(PipelineBenchArgs),
+    /// Developer tools (not for streaming).
+    #[command(subcommand, hide = true)]
+    Dev(DevCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCmd {
+    /// Write full-size models with deterministic random weights into a Hugging Face cache, laid
+    /// out as the real repositories (real configs and file names, fp16 variants,
+    /// refs/snapshots/blobs), for offline end-to-end checks by hub id.
+    WriteRandomHub {
+        /// The cache folder (what HF_HUB_CACHE names, e.g. ~/.cache/huggingface/hub).
+        #[arg(long)]
+        cache: PathBuf,
+        /// Repository to write (repeatable; default: all supported).
+        #[arg(long = "repo")]
+        repos: Vec<String>,
+        #[arg(long, default_value_t = sdcam::model::random_hub::DEFAULT_SEED)]
+        seed: u64,
+        /// Replace an existing cache entry of the same repository.
+        #[arg(long)]
+        overwrite: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -293,8 +316,46 @@ fn real_main() -> anyhow::Result<()> {
         Some(Cmd::Bench(b)) => bench_pipeline(&b),
         Some(Cmd::BenchUnet(b)) => bench_unet::run(&b),
         Some(Cmd::Run(a)) => run(&a),
+        Some(Cmd::Dev(DevCmd::WriteRandomHub {
+            cache,
+            repos,
+            seed,
+            overwrite,
+        })) => write_random_hub(&cache, &repos, seed, overwrite),
         None => run(&cli.run),
     }
+}
+
+fn write_random_hub(
+    cache: &std::path::Path,
+    repos: &[String],
+    seed: u64,
+    overwrite: bool,
+) -> anyhow::Result<()> {
+    use sdcam::model::random_hub;
+    let repos: Vec<String> = if repos.is_empty() {
+        random_hub::REPOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        repos.to_vec()
+    };
+    for repo in &repos {
+        let t0 = std::time::Instant::now();
+        let r = random_hub::write_repo(cache, repo, seed, overwrite)?;
+        let params: Vec<String> = r
+            .parameters
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        print_out(&format!(
+            "{repo}: {} files, {:.2} GB in {:.1} s -> {}\n  parameters: {}",
+            r.files,
+            r.bytes as f64 / 1e9,
+            t0.elapsed().as_secs_f64(),
+            r.snapshot.display(),
+            params.join(", ")
+        ))?;
+    }
+    Ok(())
 }
 
 fn bench_pipeline(b: &PipelineBenchArgs) -> anyhow::Result<()> {

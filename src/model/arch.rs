@@ -11,9 +11,10 @@
 //! tensors, i.e. norm scales, around 1), generated on all cores (a full U-Net in about a second
 //! in release builds).
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -226,7 +227,7 @@ const WEIGHT_STD: f32 = 0.02;
 const CHUNK: usize = 1 << 20;
 
 /// FNV-1a of the bytes, then a SplitMix64 finaliser.
-fn hash_name(seed: u64, name: &str) -> u64 {
+pub(crate) fn hash_name(seed: u64, name: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in name.bytes() {
         h ^= b as u64;
@@ -315,37 +316,58 @@ fn random_values(seed: u64, name: &str, numel: usize, mean: f32, std: f32) -> Ve
 }
 
 /// A `VarBuilder` backend that returns a made-up tensor of the requested shape for any name
-/// (see the module docs), counting the elements it hands out.
+/// (see the module docs), recording the name and shape of every tensor it hands out.
 #[derive(Debug, Clone, Default)]
 pub struct RandomWeights {
     seed: u64,
     elements: Arc<AtomicUsize>,
+    shapes: Arc<Mutex<BTreeMap<String, Vec<usize>>>>,
 }
 
 impl RandomWeights {
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
-            elements: Arc::default(),
+            ..Self::default()
         }
     }
 
-    /// Total elements of all tensors requested so far (shared between clones).
+    /// Total elements of all tensors requested so far (shared between clones; a name requested
+    /// twice counts twice).
     pub fn elements(&self) -> usize {
         self.elements.load(Ordering::Relaxed)
     }
 
-    /// The tensor `name` of `shape` (f32, CPU): what the backend returns before the cast.
-    pub fn tensor(&self, shape: &Shape, name: &str) -> Result<Tensor> {
+    /// Every tensor requested so far, by name, with its shape (shared between clones): exactly
+    /// the tensors a weights file must hold for the model built on this backend.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.shapes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The values of tensor `name` of `shape` (row-major), as [`Self::tensor`] returns them.
+    pub fn values(&self, shape: &[usize], name: &str) -> Vec<f32> {
         // Norm scales (the only 1-D `weight`s in these models) around 1, everything else
         // (matrices, kernels, embeddings, biases) around 0.
-        let mean = if shape.rank() == 1 && name.ends_with("weight") {
+        let mean = if shape.len() == 1 && name.ends_with("weight") {
             1.0
         } else {
             0.0
         };
-        let data = random_values(self.seed, name, shape.elem_count(), mean, WEIGHT_STD);
-        Tensor::from_vec(data, shape, &Device::Cpu)
+        random_values(self.seed, name, shape.iter().product(), mean, WEIGHT_STD)
+    }
+
+    /// The tensor `name` of `shape` (f32, CPU): what the backend returns before the cast.
+    pub fn tensor(&self, shape: &Shape, name: &str) -> Result<Tensor> {
+        Tensor::from_vec(self.values(shape.dims(), name), shape, &Device::Cpu)
+    }
+
+    /// Standard-normal-like values scaled to `std` (mean 0) for `name`, independent of the
+    /// weights' std (used for LoRA factors).
+    pub fn values_with_std(&self, n: usize, name: &str, std: f32) -> Vec<f32> {
+        random_values(self.seed, name, n, 0.0, std)
     }
 }
 
@@ -359,6 +381,19 @@ impl SimpleBackend for RandomWeights {
         dev: &Device,
     ) -> Result<Tensor> {
         self.elements.fetch_add(s.elem_count(), Ordering::Relaxed);
+        let previous = self
+            .shapes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_string(), s.dims().to_vec());
+        if let Some(p) = previous {
+            if p != s.dims() {
+                candle_core::bail!(
+                    "random weights: {name:?} requested as {:?} and as {p:?}",
+                    s.dims()
+                );
+            }
+        }
         self.tensor(&s, name)?.to_dtype(dtype)?.to_device(dev)
     }
 

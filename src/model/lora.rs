@@ -533,6 +533,50 @@ mod tests {
         assert!(LoraFile::from_tensors(bad).is_err());
     }
 
+    /// Every LoRA key must land on a module: keys for a component sdcam does not have (SDXL's
+    /// second text encoder), in no known format, or for a module the model lacks, are errors
+    /// that name the key.
+    #[test]
+    fn a_key_that_matches_no_module_is_an_error_naming_it() {
+        let pair = |stem: &str| {
+            let mut t = HashMap::new();
+            t.insert(
+                format!("{stem}.lora_down.weight"),
+                Tensor::ones((2, 16), DType::F32, &Device::Cpu).unwrap(),
+            );
+            t.insert(
+                format!("{stem}.lora_up.weight"),
+                Tensor::ones((16, 2), DType::F32, &Device::Cpu).unwrap(),
+            );
+            t
+        };
+        for stem in [
+            "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+            "text_encoder_2.text_model.encoder.layers.0.mlp.fc1",
+            "lora_vae_decoder_conv_in",
+        ] {
+            let e = LoraFile::from_tensors(pair(stem)).unwrap_err();
+            assert!(format!("{e:#}").contains(stem), "{stem}: {e:#}");
+        }
+        let mut junk = pair("lora_unet_down_blocks_0_resnets_0_conv1");
+        junk.insert(
+            "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale".into(),
+            Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = LoraFile::from_tensors(junk).unwrap_err();
+        assert!(format!("{e:#}").contains("dora_scale"), "{e:#}");
+        // A U-Net module the model does not have (one letter off), next to one it has.
+        let mut t = pair("lora_unet_down_blocks_0_attentions_0_proj_inn");
+        t.extend(pair("lora_unet_down_blocks_0_attentions_0_proj_in"));
+        let lora = LoraFile::from_tensors(t).unwrap();
+        let mut unet = weights(UNET);
+        let e = fuse_into(&mut unet, &lora, LoraTarget::Unet, 1.0).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("lora_unet_down_blocks_0_attentions_0_proj_inn"),
+            "{e:#}"
+        );
+    }
+
     #[test]
     fn peft_format_is_accepted() {
         let mut t = HashMap::new();

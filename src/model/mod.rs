@@ -12,6 +12,7 @@ pub mod conv;
 pub mod download;
 pub mod hub;
 pub mod lora;
+pub mod random_hub;
 pub mod resnet;
 pub mod scheduler;
 pub mod sd;

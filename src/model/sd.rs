@@ -224,6 +224,16 @@ impl StableDiffusion {
     /// in memory instead (benchmarks: speed does not depend on weight values).
     pub fn load(spec: &ModelSpec, device: &Device, opts: &HubOptions) -> Result<Self> {
         if let Some(arch) = spec.id.strip_prefix(RANDOM_PREFIX) {
+            // Never drop a LoRA without a word: an in-memory random model has no weight files
+            // to fuse it into.
+            if let Some((lora, _)) = spec.loras.first() {
+                bail!(
+                    "LoRA {lora} cannot be used with {}: `random:` models are built in memory \
+                     without LoRA support (remove model.lora, or write the model as files with \
+                     `sdcam dev write-random-hub` and load it by repo id)",
+                    spec.id
+                );
+            }
             return Self::random(arch.parse()?, spec.dtype, device);
         }
         let dtype = spec.dtype;
@@ -520,6 +530,15 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn a_random_model_refuses_a_lora_instead_of_dropping_it() {
+        let mut s = spec("random:sd15", None);
+        s.loras = vec![("latent-consistency/lcm-lora-sdv1-5".into(), 1.0)];
+        let e = StableDiffusion::load(&s, &Device::Cpu, &offline_cache()).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(msg.contains("latent-consistency/lcm-lora-sdv1-5"), "{msg}");
     }
 
     #[test]

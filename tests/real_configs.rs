@@ -70,23 +70,30 @@ fn load<T: ComponentConfig>(rel: &str) -> T {
     config::load(&real(rel)).unwrap_or_else(|e| panic!("{rel}: {e:#}"))
 }
 
+/// Calls `$f::<Config>(file)` for every real file of every component kind.
+macro_rules! for_every_real_file {
+    ($f:ident) => {
+        for f in UNETS {
+            $f::<UNetConfig>(f);
+        }
+        for f in TEXT_ENCODERS {
+            $f::<ClipTextConfig>(f);
+        }
+        for f in VAES {
+            $f::<AutoencoderKLConfig>(f);
+        }
+        for f in TINY_VAES {
+            $f::<AutoencoderTinyConfig>(f);
+        }
+        for f in SCHEDULERS {
+            $f::<SchedulerConfig>(f);
+        }
+    };
+}
+
 #[test]
 fn every_real_config_of_the_supported_repos_parses() {
-    for f in UNETS {
-        load::<UNetConfig>(f);
-    }
-    for f in TEXT_ENCODERS {
-        load::<ClipTextConfig>(f);
-    }
-    for f in VAES {
-        load::<AutoencoderKLConfig>(f);
-    }
-    for f in TINY_VAES {
-        load::<AutoencoderTinyConfig>(f);
-    }
-    for f in SCHEDULERS {
-        load::<SchedulerConfig>(f);
-    }
+    for_every_real_file!(load);
     // The values the loader must get right from these files.
     let turbo: UNetConfig = load(UNETS[0]);
     assert!(!turbo.upcast_attention, "upcast_attention: null is false");
@@ -162,21 +169,7 @@ fn null_and_absent_everywhere<T: ComponentConfig + std::fmt::Debug>(rel: &str) {
 
 #[test]
 fn null_means_default_for_every_key_of_every_real_file() {
-    for f in UNETS {
-        null_and_absent_everywhere::<UNetConfig>(f);
-    }
-    for f in TEXT_ENCODERS {
-        null_and_absent_everywhere::<ClipTextConfig>(f);
-    }
-    for f in VAES {
-        null_and_absent_everywhere::<AutoencoderKLConfig>(f);
-    }
-    for f in TINY_VAES {
-        null_and_absent_everywhere::<AutoencoderTinyConfig>(f);
-    }
-    for f in SCHEDULERS {
-        null_and_absent_everywhere::<SchedulerConfig>(f);
-    }
+    for_every_real_file!(null_and_absent_everywhere);
 }
 
 #[test]
@@ -420,17 +413,11 @@ fn outputs(sd: &StableDiffusion) -> Vec<Tensor> {
 
 fn assert_same(a: &[Tensor], b: &[Tensor], what: &str) {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let d = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{what}: output {i} differs by {d}");
+        let e = sdcam::model::rel_err(x, y).unwrap();
+        assert_eq!(
+            e, 0.0,
+            "{what}: output {i} differs ({e:e} of its largest value)"
+        );
     }
 }
 

@@ -67,6 +67,14 @@ for profile in anime watercolor-lcm; do
         --status-interval 0 2> "$work/$profile.log" || { cat "$work/$profile.log"; exit 1; }
     n=$(grep -ao FRAME "$work/$profile.y4m" | wc -l)
     grep -a "loaded in\|RANDOM" "$work/$profile.log" | head -3
+    done_line=$(grep -a "INFO done:" "$work/$profile.log" | tail -1)
+    echo "full-size: $profile: ${done_line#*INFO }"
+    # Every frame written must be the model's, not the placeholder shown while it loads.
+    if [[ "$done_line" != *" 0 placeholders"* ]]; then
+        cat "$work/$profile.log"
+        echo "full-size: $profile wrote placeholder frames" >&2
+        exit 1
+    fi
     if [[ "$n" != "$frames" ]]; then
         cat "$work/$profile.log"
         echo "full-size: $profile wrote $n frames, expected $frames" >&2

@@ -56,6 +56,10 @@ commands (one per line):
   quit                   stop (also: Ctrl-C, SIGTERM)";
 
 /// Parses one command line. Blank lines and `#` comments give `Ok(None)`.
+fn is_empty_quotes(s: &str) -> bool {
+    s == "\"\"" || s == "''"
+}
+
 pub fn parse(line: &str) -> Result<Option<Command>, String> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
@@ -80,7 +84,15 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         }
     };
     match word.to_ascii_lowercase().as_str() {
-        "prompt" => Ok(Some(Command::Prompt(need("the prompt text")?))),
+        // `prompt ""` is the empty prompt, as `prompt = ""` is in a profile (diffusers accepts it:
+        // unconditional generation); a bare `prompt` still asks for the text.
+        "prompt" if is_empty_quotes(rest) => Ok(Some(Command::Prompt(String::new()))),
+        "prompt" => Ok(Some(Command::Prompt(need(
+            "the prompt text (\"\" for none)",
+        )?))),
+        "negative" | "negative_prompt" if is_empty_quotes(rest) => {
+            Ok(Some(Command::Negative(String::new())))
+        }
         "negative" | "negative_prompt" => Ok(Some(Command::Negative(rest.to_string()))),
         "set" => {
             let text = need("a key and a value")?;
@@ -215,6 +227,74 @@ pub fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The empty prompt is allowed live as in a profile.
+    #[test]
+    fn empty_prompt_is_one_rule() {
+        assert_eq!(
+            parse("prompt \"\""),
+            Ok(Some(Command::Prompt(String::new())))
+        );
+        assert_eq!(parse("prompt ''"), Ok(Some(Command::Prompt(String::new()))));
+        assert_eq!(
+            parse("negative \"\""),
+            Ok(Some(Command::Negative(String::new())))
+        );
+        assert!(parse("prompt").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, "prompt = \"\"\n").unwrap();
+        let lp = crate::profile::LoadedProfile::load(&p).unwrap();
+        assert_eq!(lp.profile.prompt, "");
+    }
+
+    /// Seeded mutation fuzzing of the command parser (bounded: 5000 lines): no line panics.
+    #[test]
+    fn mutated_command_lines_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let bases = [
+            "prompt a cat",
+            "set guidance_scale 1.5",
+            "set t_index_list [32, 45]",
+            "get stream.delta",
+            "profile p.toml",
+            "snapshot s.png",
+            "negative blurry",
+            "quit",
+        ];
+        let tokens = [
+            "\u{e9}",
+            "\u{1f600}",
+            " ",
+            "[",
+            "\"",
+            "=",
+            "\t",
+            "\u{0}",
+            "set",
+            ".",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5dca);
+        for n in 0..5000 {
+            let mut line: Vec<char> = bases[n % bases.len()].chars().collect();
+            for _ in 0..rng.random_range(1..5) {
+                let at = rng.random_range(0..=line.len());
+                match rng.random_range(0..3) {
+                    0 => line.insert(at, char::from(rng.random_range(0x20u8..0x7f))),
+                    1 if at < line.len() => {
+                        line.remove(at);
+                    }
+                    _ => {
+                        let tok = tokens[rng.random_range(0..tokens.len())];
+                        for (i, c) in tok.chars().enumerate() {
+                            line.insert(at + i, c);
+                        }
+                    }
+                }
+            }
+            let _ = parse(&line.into_iter().collect::<String>());
+        }
+    }
 
     /// A Latin-1 line (`prompt caf\xe9`) or an endless line is reported and reading goes on, so a
     /// later `quit` still arrives.

@@ -657,6 +657,40 @@ fn diffusion_transforms_every_frame_of_a_file_reproducibly() {
 // 2. Pattern → Y4M from flags only
 // ---------------------------------------------------------------------------------------------
 
+/// A write error at the final flush (a full disk while the last frames are still buffered) is
+/// an error exit, not a warning with exit 0 and a truncated file.
+#[test]
+fn a_failed_final_flush_is_an_error_exit() {
+    let f = run_to_end(sdcam().args([
+        "--source",
+        "pattern",
+        "--transform",
+        "identity",
+        "--frames",
+        "2",
+        "--no-stdin",
+        "--set",
+        "output.kind=y4m",
+        "--set",
+        "output.path=/dev/full",
+        "--set",
+        "output.width=64",
+        "--set",
+        "output.height=48",
+    ]));
+    assert!(
+        !f.status.success(),
+        "exit {} with lost frames:\n{}",
+        f.status,
+        f.stderr
+    );
+    assert!(
+        f.stderr.contains("lost") || f.stderr.contains("No space"),
+        "{}",
+        f.stderr
+    );
+}
+
 #[test]
 fn pattern_to_y4m_from_flags() {
     let dir = tempfile::tempdir().unwrap();

@@ -739,17 +739,20 @@ impl Output {
         } else {
             self.run_realtime()
         };
-        if let Some(mut s) = self.sink.take() {
-            if let Err(e) = s.finish() {
-                tracing::warn!("closing output: {e:#}");
-            }
-        }
+        // The final flush writes what the sink still buffers: if it fails, frames that were
+        // counted as written are lost, and the run must not end as a success.
+        let finished = match self.sink.take() {
+            Some(mut s) => s
+                .finish()
+                .map_err(|e| e.context("closing the output (its last buffered frames are lost)")),
+            None => Ok(()),
+        };
         for (_, ack) in self.snapshots.drain(..) {
             let _ = ack.send(Err(anyhow::anyhow!(
                 "the relay stopped before the snapshot"
             )));
         }
-        result
+        result.and(finished)
     }
 
     fn run_every_frame(&mut self) -> Result<()> {

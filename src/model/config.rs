@@ -103,17 +103,10 @@ pub fn parse<T: ComponentConfig>(text: &str, source: &str) -> Result<T> {
     };
     let object: Map<String, Value> = T::preprocess(object)
         .into_iter()
-        .filter(|(k, v)| {
-            !v.is_null()
-                || T::NULL_IS_A_VALUE.contains(&k.as_str())
-                || T::NULL_IS_FALSE.contains(&k.as_str())
-        })
-        .map(|(k, v)| {
-            if v.is_null() && T::NULL_IS_FALSE.contains(&k.as_str()) {
-                (k, Value::Bool(false))
-            } else {
-                (k, v)
-            }
+        .filter_map(|(k, v)| match v {
+            Value::Null if T::NULL_IS_FALSE.contains(&k.as_str()) => Some((k, Value::Bool(false))),
+            Value::Null if !T::NULL_IS_A_VALUE.contains(&k.as_str()) => None,
+            v => Some((k, v)),
         })
         .collect();
     let mut ignored = Vec::new();

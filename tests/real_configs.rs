@@ -328,6 +328,14 @@ fn offline() -> HubOptions {
     }
 }
 
+/// Fixture models and the real repo whose config key sets they are given ([`with_real_keys`]):
+/// SD 2.1 / sd-turbo shape (nulls such as `upcast_attention`, a list `attention_head_dim`, the
+/// Euler scheduler config, pad "!") and SD 1.5 (19 unet keys, no vae `scaling_factor`, PNDM).
+const TINY_WITH_REAL_KEYS: [(&str, &str); 2] = [
+    ("tiny-sd21", "stabilityai--sd-turbo"),
+    ("tiny-sd15", "runwayml--stable-diffusion-v1-5"),
+];
+
 /// `real` with the values of `tiny` for the keys both have: the real file's key set, its
 /// `null`s, its absent keys and its unknown keys, at the fixture model's sizes.
 fn real_keys_tiny_values(real_file: &Path, tiny_file: &Path) -> String {
@@ -424,12 +432,7 @@ fn assert_same(a: &[Tensor], b: &[Tensor], what: &str) {
 #[test]
 fn a_model_with_the_real_files_keys_nulls_and_absences_computes_as_the_fixture() {
     let tmp = tempfile::tempdir().unwrap();
-    // SD 2.1 / sd-turbo shape: nulls (upcast_attention, …), a list attention_head_dim, the
-    // Euler scheduler config, pad "!". SD 1.5: 19 unet keys, no vae scaling_factor, PNDM.
-    for (tiny, repo) in [
-        ("tiny-sd21", "stabilityai--sd-turbo"),
-        ("tiny-sd15", "runwayml--stable-diffusion-v1-5"),
-    ] {
+    for (tiny, repo) in TINY_WITH_REAL_KEYS {
         let dst = tmp.path().join(tiny);
         with_real_keys(tiny, repo, &dst);
         let unet_text = std::fs::read_to_string(dst.join("unet/config.json")).unwrap();
@@ -534,10 +537,7 @@ fn stream_through_binary(dir: &Path, name: &str, model: &Path, tiny_vae: &str) -
 #[test]
 fn the_binary_streams_a_model_with_the_real_files_keys() {
     let tmp = tempfile::tempdir().unwrap();
-    for (tiny, repo) in [
-        ("tiny-sd21", "stabilityai--sd-turbo"),
-        ("tiny-sd15", "runwayml--stable-diffusion-v1-5"),
-    ] {
+    for (tiny, repo) in TINY_WITH_REAL_KEYS {
         let dst = tmp.path().join(tiny);
         with_real_keys(tiny, repo, &dst);
         let ours = stream_through_binary(tmp.path(), &format!("{tiny}-real-keys"), &dst, "");

@@ -69,6 +69,16 @@ pub fn refuse_if(
     }
 }
 
+/// `Err(Unsupported)` unless `value` is a finite number above zero (scales, factors).
+pub fn refuse_unless_positive(key: &str, value: f64) -> std::result::Result<(), Unsupported> {
+    refuse_if(
+        !(value.is_finite() && value > 0.0),
+        key,
+        value,
+        "must be a positive number",
+    )
+}
+
 /// A component config read from a diffusers/transformers `config.json`.
 pub trait ComponentConfig: DeserializeOwned {
     /// What the file configures, for messages (`"U-Net"`, `"CLIP text encoder"`).

@@ -22,7 +22,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
+use crate::model::config::{self, refuse_if, refuse_unless_positive, ComponentConfig, Unsupported};
 
 /// `config.json` of an `AutoencoderTiny`: the keys of diffusers' `AutoencoderTiny.__init__`
 /// (0.24, plus TAESD 1.3's `shift_factor` and `upsample_fn` from diffusers 0.30); absent or `null`
@@ -124,12 +124,7 @@ impl ComponentConfig for AutoencoderTinyConfig {
             0,
             "must be at least 1",
         )?;
-        refuse_if(
-            !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0),
-            "scaling_factor",
-            self.scaling_factor,
-            "must be a positive number",
-        )
+        refuse_unless_positive("scaling_factor", self.scaling_factor)
     }
 }
 

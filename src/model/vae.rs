@@ -26,7 +26,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
+use crate::model::config::{self, refuse_if, refuse_unless_positive, ComponentConfig, Unsupported};
 
 /// GroupNorm / resnet epsilon used throughout diffusers' VAE `Encoder`/`Decoder`.
 const EPS: f64 = 1e-6;
@@ -139,12 +139,7 @@ impl ComponentConfig for AutoencoderKLConfig {
             false,
             "a mid block without attention is not implemented",
         )?;
-        refuse_if(
-            !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0),
-            "scaling_factor",
-            self.scaling_factor,
-            "must be a positive number",
-        )
+        refuse_unless_positive("scaling_factor", self.scaling_factor)
     }
 }
 

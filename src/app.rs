@@ -53,13 +53,20 @@ impl RunOptions {
 }
 
 /// Whether a profile runs in every-frame (offline) mode rather than real time.
+///
+/// `pacing = "auto"`: a file sink (Y4M or PNG files, the null sink) gets every frame
+/// transformed, whatever the source (a live source still delivers at its own rate; a file is
+/// read as fast as the transform goes); stdout does when the source is a file (a conversion
+/// through a pipe) and is paced otherwise (a player); the virtual camera is always paced.
 pub fn every_frame(p: &Profile) -> bool {
     match p.output.pacing {
         Pacing::Realtime => false,
         Pacing::EveryFrame => true,
-        Pacing::Auto => {
-            p.source.kind == SourceKind::File && p.output.kind != OutputKind::V4l2loopback
-        }
+        Pacing::Auto => match p.output.kind {
+            OutputKind::V4l2loopback => false,
+            OutputKind::Y4m if p.output.path == "-" => p.source.kind == SourceKind::File,
+            OutputKind::Y4m | OutputKind::Png | OutputKind::Null => true,
+        },
     }
 }
 
@@ -352,7 +359,12 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
                     break;
                 }
             },
-            recv(session.relay.finished()) -> _ => break,
+            // The output stage ends last: after writing everything upstream produced (the
+            // source ended), or when it failed or was told to stop.
+            recv(session.relay.finished()) -> stage => match stage {
+                Ok("output") | Err(_) => break,
+                Ok(stage) => tracing::debug!("{stage} stage finished"),
+            },
             recv(ticker) -> _ => {
                 if let StatusMode::Auto { interval } = opts.status {
                     let now = session.relay.stats().snapshot();
@@ -378,12 +390,20 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         return Err(e);
     }
     tracing::info!(
-        "done: {} frames written ({} repeated, {} placeholders), {} captured, {} dropped",
+        "done: {} frames written ({} repeated, {} placeholders), {} captured, {} dropped{}{}",
         snap.written,
         snap.repeated,
         snap.placeholders,
         snap.captured,
-        snap.input_dropped + snap.output_dropped
+        snap.input_dropped + snap.output_dropped,
+        match snap.source_errors {
+            0 => String::new(),
+            n => format!(", {n} unreadable"),
+        },
+        match snap.transform_errors {
+            0 => String::new(),
+            n => format!(", {n} failed transform calls"),
+        },
     );
     Ok(snap)
 }

@@ -21,8 +21,27 @@ pub trait Transform: Send {
         out.push(self.process(input)?);
         Ok(())
     }
+    /// Every-frame (offline) mode on or off (off, real time, by default). In every-frame mode
+    /// each input yields exactly one output, in input order and made from that input; a
+    /// transform whose outputs trail its inputs keeps the frames it holds until
+    /// [`Transform::flush`]. In real time outputs are returned as soon as they exist.
+    fn set_every_frame(&mut self, _on: bool) {}
+    /// End of the input: appends the outputs of every frame still held (collected for a
+    /// batch, or in flight in the pipeline) to `out`, so nothing taken is lost.
+    fn flush(&mut self, _out: &mut Vec<Frame>) -> Result<()> {
+        Ok(())
+    }
+    /// Frames taken whose outputs have not been returned yet.
+    fn held(&self) -> u64 {
+        0
+    }
     /// How many calls so far were answered without running the model (similarity filter).
     fn skipped(&self) -> u64 {
+        0
+    }
+    /// How many frames taken so far will never be output (a failed call's frames, or the
+    /// frames in a batch that new settings replaced in real time).
+    fn discarded(&self) -> u64 {
         0
     }
     /// Applies changed live settings (prompt, stream settings). On error the transform must keep

@@ -653,6 +653,143 @@ fn diffusion_transforms_every_frame_of_a_file_reproducibly() {
     assert_ne!(Y4m::read(&c).frames, ya.frames, "another seed, other noise");
 }
 
+/// N frames in, N frames out, output i made from input i (issue 11 §1), through the binary:
+/// a source that ends before the model is loaded, the Stream Batch lag (k steps keep k − 1
+/// frames in flight), an unpaired `frame_buffer_size` frame, stdin, warm start on and off.
+/// Row-independent settings (no CFG, no cross-frame attention, no similarity filter) make each
+/// output depend on its own input only, so changing the last input frame must change exactly
+/// the last output frame.
+#[test]
+fn every_input_frame_of_a_short_file_is_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (64usize, 64usize);
+    let frame = |i: usize| -> Vec<u8> {
+        let mut f = vec![128u8; Y4m::frame_len(w, h)];
+        for y in 0..h {
+            for x in 0..w {
+                f[y * w + x] = (16 + (x * (3 + i) + y * (2 + 2 * i) + i * 37) % 220) as u8;
+            }
+        }
+        f
+    };
+    // (frames, t_index_list, frame_buffer_size, warm_start, through stdin)
+    let cases: &[(usize, &str, u32, bool, bool)] = &[
+        (1, "[35]", 1, true, false),
+        (2, "[20, 35]", 1, true, false),
+        (2, "[20, 35]", 1, true, true),
+        (6, "[10, 20, 30, 40]", 1, true, false),
+        (6, "[10, 20, 30, 40]", 1, false, false),
+        (5, "[20, 35]", 2, true, false),
+        (1, "[10, 20, 30, 40]", 3, true, true),
+    ];
+    for &(n, t_index, fbs, warm, stdin) in cases {
+        let what = format!("{n} frames, t_index_list {t_index}, fbs {fbs}, warm {warm}");
+        let run = |frames: &[Vec<u8>], name: &str| -> (Y4m, Finished) {
+            let input = dir.path().join(format!("{name}-in.y4m"));
+            let out = dir.path().join(format!("{name}-out.y4m"));
+            write_y4m(&input, w, h, frames);
+            let mut cmd = sdcam();
+            cmd.args(["--profile", "profiles/demo.toml", "--output", &s(&out)]);
+            let source = if stdin { "-".to_string() } else { s(&input) };
+            cmd.args(["--source", &source]);
+            if !stdin {
+                cmd.arg("--no-stdin");
+            }
+            for set in [
+                "source.loop=false".to_string(),
+                format!("output.width={w}"),
+                format!("output.height={h}"),
+                format!("stream.width={w}"),
+                format!("stream.height={h}"),
+                format!("stream.t_index_list={t_index}"),
+                format!("stream.frame_buffer_size={fbs}"),
+                format!("stream.warm_start={warm}"),
+                "stream.cfg_type=\"none\"".into(),
+                "stream.similarity_filter=false".into(),
+            ] {
+                cmd.args(["--set", &set]);
+            }
+            let f = if stdin {
+                cmd.stdout(Stdio::piped());
+                let mut p = Proc::spawn(&mut cmd, true);
+                let mut feed = p.stdin.take().unwrap();
+                let bytes = std::fs::read(&input).unwrap();
+                let feeder = std::thread::spawn(move || feed.write_all(&bytes));
+                let f = p.finish(DEADLINE);
+                feeder.join().unwrap().expect("feeding stdin");
+                f
+            } else {
+                run_to_end(&mut cmd)
+            };
+            assert!(
+                f.status.success(),
+                "{what}: exit {}:\n{}",
+                f.status,
+                f.stderr
+            );
+            (Y4m::read(&out), f)
+        };
+        let frames: Vec<Vec<u8>> = (0..n).map(frame).collect();
+        let (a, f) = run(&frames, "a");
+        assert_eq!(a.frames.len(), n, "{what}:\n{}", f.stderr);
+        assert_eq!(done_count(&f.stderr), n as u64, "{what}:\n{}", f.stderr);
+        assert!(
+            f.stderr.contains("(0 repeated, 0 placeholders)") && f.stderr.contains(" 0 dropped"),
+            "{what}:\n{}",
+            f.stderr
+        );
+        let mut changed = frames.clone();
+        changed[n - 1] = frame(n + 7);
+        let (b, _) = run(&changed, "b");
+        assert_eq!(b.frames.len(), n, "{what}");
+        for i in 0..n - 1 {
+            assert_eq!(
+                a.frames[i], b.frames[i],
+                "{what}: output {i} depends on the last input"
+            );
+        }
+        assert_ne!(
+            a.frames[n - 1],
+            b.frames[n - 1],
+            "{what}: the last input frame never reached the output"
+        );
+    }
+}
+
+/// With a file sink, `pacing = "auto"` transforms every frame whatever the source, and
+/// `--frames N` counts transformed frames: the demo's pattern → file run writes only
+/// pipeline output, no placeholders and no repeats.
+#[test]
+fn pattern_to_a_file_transforms_every_frame_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo.y4m");
+    let f = run_ok(sdcam().args([
+        "--profile",
+        "profiles/demo.toml",
+        "--frames",
+        "12",
+        "--no-stdin",
+        "--set",
+        &format!("output.path={}", s(&out)),
+        "--set",
+        "output.width=64",
+        "--set",
+        "output.height=48",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+    ]));
+    assert_eq!(Y4m::read(&out).frames.len(), 12, "{}", f.stderr);
+    assert_eq!(done_count(&f.stderr), 12, "{}", f.stderr);
+    assert!(
+        f.stderr
+            .contains("(0 repeated, 0 placeholders), 12 captured, 0 dropped"),
+        "{}",
+        f.stderr
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Pattern → Y4M from flags only
 // ---------------------------------------------------------------------------------------------

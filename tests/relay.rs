@@ -475,3 +475,268 @@ fn relay_streams_placeholders_until_the_transform_arrives() {
         }
     }
 }
+
+/// Returns each frame `lag` frames later, like Stream Batch with `lag + 1` steps; `flush`
+/// releases the frames it holds.
+struct Lag {
+    lag: usize,
+    held: std::collections::VecDeque<Frame>,
+}
+
+impl Lag {
+    fn boxed(lag: usize) -> Box<Lag> {
+        Box::new(Lag {
+            lag,
+            held: Default::default(),
+        })
+    }
+}
+
+impl Transform for Lag {
+    fn name(&self) -> String {
+        format!("lag {}", self.lag)
+    }
+    fn process(&mut self, input: &Frame) -> Result<Frame> {
+        Ok(input.clone())
+    }
+    fn process_into(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<()> {
+        self.held.push_back(input.clone());
+        while self.held.len() > self.lag {
+            out.extend(self.held.pop_front());
+        }
+        Ok(())
+    }
+    fn flush(&mut self, out: &mut Vec<Frame>) -> Result<()> {
+        out.extend(self.held.drain(..));
+        Ok(())
+    }
+    fn held(&self) -> u64 {
+        self.held.len() as u64
+    }
+    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn every_frame_relay(count: u64, transform: Option<Box<dyn Transform>>) -> (Relay, Recorder) {
+    let rec = Recorder::default();
+    let relay = Relay::start(RelayStart {
+        source: Box::new(Counter {
+            n: 0,
+            count,
+            fps: 0.0,
+            live: false,
+        }),
+        source_cfg: SourceConfig::default(),
+        transform,
+        sink: Box::new(rec.clone()),
+        output_cfg: OutputConfig {
+            kind: OutputKind::Null,
+            width: 8,
+            height: 8,
+            ..Default::default()
+        },
+        preprocess: PreprocessConfig {
+            width: 8,
+            height: 8,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: true,
+        max_frames: None,
+        opener: Arc::new(NoOpener),
+    })
+    .unwrap();
+    (relay, rec)
+}
+
+/// Issue 11 §1: a source that ends before the transform is built still has every frame
+/// written, and the frames a lagging transform holds are flushed at the end of the stream.
+#[test]
+fn every_frame_mode_writes_frames_of_a_source_that_ended_before_the_transform() {
+    for count in [1, 2] {
+        let (relay, rec) = every_frame_relay(count, None);
+        let t0 = Instant::now();
+        while relay.stats().snapshot().captured < count {
+            assert!(t0.elapsed() < Duration::from_secs(10), "capture stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The source has ended (its stage may already be gone): the model arrives late.
+        std::thread::sleep(Duration::from_millis(100));
+        relay.replace_transform(Lag::boxed(3)).unwrap();
+        let snap = relay.join().unwrap();
+        let seqs: Vec<u64> = rec.frames.lock().unwrap().iter().map(|f| f.0).collect();
+        assert_eq!(seqs, (0..count).collect::<Vec<_>>(), "{snap:?}");
+        assert_eq!((snap.written, snap.output_dropped), (count, 0));
+    }
+}
+
+/// A transform replaced mid-stream in every-frame mode finishes the frames it holds first;
+/// `--frames` (max_frames) ends the stream after that many captured frames, all written.
+#[test]
+fn every_frame_mode_flushes_a_replaced_transform_and_counts_captured_frames() {
+    let (relay, rec) = every_frame_relay(200, Some(Lag::boxed(2)));
+    let t0 = Instant::now();
+    while relay.stats().snapshot().written < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "nothing written");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    relay.replace_transform(Lag::boxed(3)).unwrap();
+    let snap = relay.join().unwrap();
+    let seqs: Vec<u64> = rec.frames.lock().unwrap().iter().map(|f| f.0).collect();
+    assert_eq!(seqs, (0..200).collect::<Vec<_>>());
+    assert_eq!(snap.written, 200);
+
+    let rec = Recorder::default();
+    let relay = Relay::start(RelayStart {
+        source: Box::new(Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 0.0,
+            live: false,
+        }),
+        source_cfg: SourceConfig::default(),
+        transform: Some(Lag::boxed(3)),
+        sink: Box::new(rec.clone()),
+        output_cfg: OutputConfig {
+            kind: OutputKind::Null,
+            width: 8,
+            height: 8,
+            ..Default::default()
+        },
+        preprocess: PreprocessConfig {
+            width: 8,
+            height: 8,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: true,
+        max_frames: Some(7),
+        opener: Arc::new(NoOpener),
+    })
+    .unwrap();
+    let snap = relay.join().unwrap();
+    let seqs: Vec<u64> = rec.frames.lock().unwrap().iter().map(|f| f.0).collect();
+    assert_eq!(seqs, (0..7).collect::<Vec<_>>());
+    assert_eq!((snap.captured, snap.written), (7, 7));
+}
+
+/// Real time: a stop does not wait for queued frames, and every captured frame is written or
+/// counted (dropped at the input, held by the transform, or failed).
+#[test]
+fn real_time_accounts_for_every_captured_frame() {
+    let rec = Recorder::default();
+    let relay = Relay::start(RelayStart {
+        source: Box::new(Counter {
+            n: 0,
+            count: u64::MAX,
+            fps: 500.0,
+            live: true,
+        }),
+        source_cfg: SourceConfig::default(),
+        transform: Some(Lag::boxed(2)),
+        sink: Box::new(rec.clone()),
+        output_cfg: OutputConfig {
+            kind: OutputKind::Null,
+            width: 8,
+            height: 8,
+            fps: 1000.0,
+            ..Default::default()
+        },
+        preprocess: PreprocessConfig {
+            width: 8,
+            height: 8,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: false,
+        max_frames: None,
+        opener: Arc::new(NoOpener),
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    relay.request_stop();
+    let snap = relay.join().unwrap();
+    let fresh = snap.written - snap.repeated - snap.placeholders;
+    assert_eq!(
+        snap.captured,
+        fresh + snap.input_dropped + snap.output_dropped,
+        "{snap:?}"
+    );
+    assert!(snap.captured > 20, "{snap:?}");
+}
+
+/// A file output replaced live whose final flush fails (frames counted as written are lost):
+/// the relay keeps running on the new output and ends with an error, not a success.
+#[test]
+fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
+    struct FailingFinish;
+    impl Sink for FailingFinish {
+        fn write(&mut self, _frame: &Frame) -> Result<()> {
+            Ok(())
+        }
+        fn wants(&self) -> PixelFormat {
+            PixelFormat::Rgb24
+        }
+        fn describe(&self) -> String {
+            "full disk".into()
+        }
+        fn finish(&mut self) -> Result<()> {
+            anyhow::bail!("No space left on device")
+        }
+    }
+    struct RecorderOpener(Recorder);
+    impl Opener for RecorderOpener {
+        fn source(&self, _cfg: &SourceConfig) -> Result<Box<dyn Source>> {
+            anyhow::bail!("no such source")
+        }
+        fn sink(&self, _cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
+            Ok(Box::new(self.0.clone()))
+        }
+    }
+    let rec = Recorder::default();
+    let cfg = OutputConfig {
+        kind: OutputKind::Y4m,
+        width: 8,
+        height: 8,
+        ..Default::default()
+    };
+    let relay = Relay::start(RelayStart {
+        source: Box::new(Counter {
+            n: 0,
+            count: 50,
+            fps: 200.0,
+            live: false,
+        }),
+        source_cfg: SourceConfig::default(),
+        transform: Some(Lag::boxed(0)),
+        sink: Box::new(FailingFinish),
+        output_cfg: cfg.clone(),
+        preprocess: PreprocessConfig {
+            width: 8,
+            height: 8,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: true,
+        max_frames: None,
+        opener: Arc::new(RecorderOpener(rec.clone())),
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    relay
+        .set_output(OutputConfig {
+            path: "other.y4m".into(),
+            ..cfg
+        })
+        .unwrap();
+    let err = format!("{:#}", relay.join().unwrap_err());
+    assert!(
+        err.contains("previous output") && err.contains("No space"),
+        "{err}"
+    );
+    assert!(
+        !rec.frames.lock().unwrap().is_empty(),
+        "the new output got no frames"
+    );
+}

@@ -124,7 +124,47 @@ fn make_noise(p: &Profile) -> Result<Noise> {
     }
 }
 
+/// What becomes of one input frame taken by [`DiffusionTransform`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotKind {
+    /// Denoised by the model; its output leaves the batch `lag_frames` frames later.
+    Model,
+    /// Skipped by the similarity filter: its output is the previous frame's.
+    Repeat,
+    /// Filler that completes a batch or pushes the last frames out at the end of a stream;
+    /// never output.
+    Pad,
+}
+
+/// One input frame whose output has not been returned yet.
+#[derive(Debug)]
+struct Slot {
+    kind: SlotKind,
+    seq: u64,
+    captured_at: std::time::Instant,
+    out: Option<Frame>,
+}
+
+impl Slot {
+    fn of(kind: SlotKind, f: &Frame) -> Self {
+        Slot {
+            kind,
+            seq: f.seq,
+            captured_at: f.captured_at,
+            out: None,
+        }
+    }
+}
+
 /// The pipeline as a relay [`Transform`].
+///
+/// Outputs trail inputs by the Stream Batch lag ([`StreamDiffusion::lag_frames`]). In real
+/// time every output is returned at once (the warm-up ones too, so the picture appears as
+/// early as possible). In every-frame mode ([`Transform::set_every_frame`]) each input gets
+/// exactly one output, made from it and in input order: warm-up outputs are dropped, a frame
+/// the similarity filter skips repeats the previous frame's output, and
+/// [`Transform::flush`] completes an unpaired `frame_buffer_size` batch and runs the batch
+/// on filler until the last real frame is out.
 pub struct DiffusionTransform {
     stream: StreamDiffusion,
     prompt: String,
@@ -132,11 +172,21 @@ pub struct DiffusionTransform {
     noise_file: Option<String>,
     blend_frames: u32,
     filter: Option<SimilarityFilter>,
+    every_frame: bool,
     /// Inputs collected for a call (`frame_buffer_size` of them).
     pending: Vec<Frame>,
+    /// Every frame taken whose output has not been returned yet, oldest first.
+    slots: std::collections::VecDeque<Slot>,
+    /// Warm-up outputs the current stream still owes before its first real one.
+    warmup: usize,
+    /// The newest input given to the model (the filler for a flush).
+    last_input: Option<Frame>,
+    /// Outputs of a stream that was flushed before being prepared again, returned next.
+    ready: Vec<Frame>,
     /// The last output, re-sent when the similarity filter skips a frame.
     last: Option<Frame>,
     skipped: u64,
+    discarded: u64,
 }
 
 impl DiffusionTransform {
@@ -157,15 +207,21 @@ impl DiffusionTransform {
             make_noise(p)?,
         )?;
         Ok(Self {
+            warmup: stream.lag_frames(),
             stream,
             prompt: p.prompt.clone(),
             negative: p.negative_prompt.clone(),
             noise_file: p.stream.noise_file.clone(),
             blend_frames: p.stream.prompt_blend_frames,
             filter: filter_settings(p).map(|s| SimilarityFilter::new(s, p.stream.seed)),
+            every_frame: false,
             pending: Vec::new(),
+            slots: Default::default(),
+            last_input: None,
+            ready: Vec::new(),
             last: None,
             skipped: 0,
+            discarded: 0,
         })
     }
 
@@ -173,6 +229,7 @@ impl DiffusionTransform {
         &self.stream
     }
 
+    /// One pipeline call on the collected frames; places its outputs.
     fn run(&mut self, out: &mut Vec<Frame>) -> Result<()> {
         let p = self.stream.params().clone();
         let (device, dtype) = {
@@ -188,24 +245,113 @@ impl DiffusionTransform {
             StreamMode::Txt2img => self.stream.txt2img()?,
         };
         let rgb = stream::rgb_from_images(&images)?;
-        let newest = self.pending.last().cloned();
         self.pending.clear();
         for data in rgb {
-            let mut f = Frame::new(
+            let f = Frame::new(
                 p.width as u32,
                 p.height as u32,
                 PixelFormat::Rgb24,
                 ColorRange::Full,
                 data,
             )?;
-            if let Some(n) = &newest {
-                f.seq = n.seq;
-                f.captured_at = n.captured_at;
+            self.place(f, out);
+        }
+        Ok(())
+    }
+
+    /// Gives one pipeline output to the frame it was made from (the oldest one in the batch),
+    /// then returns what is complete.
+    fn place(&mut self, mut f: Frame, out: &mut Vec<Frame>) {
+        if self.warmup > 0 {
+            self.warmup -= 1;
+            if !self.every_frame {
+                // Real time: show the warm-up picture at once (with a warm start it is the
+                // first frame already), labelled as the oldest frame in flight.
+                if let Some(s) = self.slots.front() {
+                    f.seq = s.seq;
+                    f.captured_at = s.captured_at;
+                }
+                self.last = Some(f.clone());
+                out.push(f);
             }
+            return;
+        }
+        match self
+            .slots
+            .iter_mut()
+            .find(|s| s.kind != SlotKind::Repeat && s.out.is_none())
+        {
+            Some(s) => {
+                f.seq = s.seq;
+                f.captured_at = s.captured_at;
+                s.out = Some(f);
+            }
+            None => tracing::debug!("a pipeline output with no frame waiting for it"),
+        }
+        self.release(out);
+    }
+
+    /// Returns the outputs that are complete, in input order.
+    fn release(&mut self, out: &mut Vec<Frame>) {
+        while let Some(front) = self.slots.front_mut() {
+            let f = match (front.kind, front.out.take(), &self.last) {
+                (SlotKind::Model, Some(f), _) => f,
+                (SlotKind::Pad, Some(_), _) => {
+                    self.slots.pop_front();
+                    continue;
+                }
+                (SlotKind::Repeat, _, Some(last)) => {
+                    let mut f = last.clone();
+                    f.seq = front.seq;
+                    f.captured_at = front.captured_at;
+                    f
+                }
+                _ => break,
+            };
+            self.slots.pop_front();
             self.last = Some(f.clone());
             out.push(f);
         }
-        Ok(())
+    }
+
+    /// Takes a frame for the next call; runs the call once it has `frame_buffer_size`.
+    fn take(&mut self, input: &Frame, kind: SlotKind, out: &mut Vec<Frame>) -> Result<()> {
+        self.pending.push(input.clone());
+        self.slots.push_back(Slot::of(kind, input));
+        if kind == SlotKind::Model {
+            self.last_input = Some(input.clone());
+        }
+        if self.pending.len() < self.stream.frames_per_call() {
+            return Ok(());
+        }
+        let n = self.pending.len();
+        let r = self.run(out);
+        if r.is_err() {
+            // The failed call's frames are lost (the latent buffer is unchanged): forget them
+            // so later outputs still find their own frames.
+            self.pending.clear();
+            let mut left = n;
+            let mut i = self.slots.len();
+            while left > 0 && i > 0 {
+                i -= 1;
+                if self.slots[i].kind != SlotKind::Repeat && self.slots[i].out.is_none() {
+                    if self.slots[i].kind == SlotKind::Model {
+                        self.discarded += 1;
+                    }
+                    self.slots.remove(i);
+                    left -= 1;
+                }
+            }
+            self.release(out);
+        }
+        r
+    }
+
+    /// Whether a frame is still waiting for the model.
+    fn model_frames_in_flight(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.kind == SlotKind::Model && s.out.is_none())
     }
 }
 
@@ -250,34 +396,78 @@ impl Transform for DiffusionTransform {
                 input.format
             );
         }
+        out.append(&mut self.ready);
         if p.mode == StreamMode::Img2img {
-            if let (Some(filter), Some(last)) = (self.filter.as_mut(), self.last.as_ref()) {
+            if let Some(filter) = self.filter.as_mut() {
                 let (device, dtype) = self.stream.device_dtype();
                 let x = stream::images_from_rgb(&[&input.data], p.width, p.height, dtype, device)?;
-                if !filter.should_process(&x)? {
+                // A skip repeats the previous frame's output: there must be a previous frame
+                // (in every-frame mode its output may still be in the batch).
+                let has_previous =
+                    self.last.is_some() || (self.every_frame && !self.slots.is_empty());
+                let process = filter.should_process(&x)?;
+                if has_previous && !process {
                     self.skipped += 1;
-                    let mut f = last.clone();
-                    f.seq = input.seq;
-                    f.captured_at = input.captured_at;
-                    out.push(f);
+                    if self.every_frame {
+                        self.slots.push_back(Slot::of(SlotKind::Repeat, input));
+                        self.release(out);
+                    } else if let Some(last) = &self.last {
+                        let mut f = last.clone();
+                        f.seq = input.seq;
+                        f.captured_at = input.captured_at;
+                        out.push(f);
+                    }
                     return Ok(());
                 }
-            } else if let Some(filter) = self.filter.as_mut() {
-                // Nothing to repeat yet: always process, but remember the frame.
-                let (device, dtype) = self.stream.device_dtype();
-                let x = stream::images_from_rgb(&[&input.data], p.width, p.height, dtype, device)?;
-                filter.should_process(&x)?;
             }
         }
-        self.pending.push(input.clone());
-        if self.pending.len() < self.stream.frames_per_call() {
-            return Ok(());
+        self.take(input, SlotKind::Model, out)
+    }
+
+    fn set_every_frame(&mut self, on: bool) {
+        self.every_frame = on;
+    }
+
+    fn flush(&mut self, out: &mut Vec<Frame>) -> Result<()> {
+        out.append(&mut self.ready);
+        let Some(filler) = self.last_input.clone() else {
+            return Ok(()); // nothing was ever given to the model
+        };
+        // Complete an unpaired batch with copies of its last frame.
+        while !self.pending.is_empty() {
+            self.take(&filler, SlotKind::Pad, out)?;
         }
-        let r = self.run(out);
-        if r.is_err() {
-            self.pending.clear();
+        // Run the batch on filler until the last real frame has left it: `lag / f` calls.
+        let f = self.stream.frames_per_call();
+        let mut calls_left = self.stream.lag_frames() / f + 1;
+        while self.model_frames_in_flight() && calls_left > 0 {
+            calls_left -= 1;
+            for _ in 0..f {
+                self.take(&filler, SlotKind::Pad, out)?;
+            }
         }
-        r
+        if self.model_frames_in_flight() {
+            anyhow::bail!("the pipeline still holds frames after a flush (a bug)");
+        }
+        self.slots.retain(|s| s.kind != SlotKind::Pad);
+        self.release(out);
+        // The batch now holds filler: start the next frames cold (primed again).
+        self.stream.restart()?;
+        self.warmup = self.stream.lag_frames();
+        self.last_input = None;
+        Ok(())
+    }
+
+    fn held(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    fn discarded(&self) -> u64 {
+        self.discarded
     }
 
     fn apply(&mut self, p: &Profile) -> Result<()> {
@@ -293,8 +483,24 @@ impl Transform for DiffusionTransform {
                 &p.negative_prompt,
                 make_noise(p)?,
             )?;
+            if self.every_frame {
+                // Every frame taken is output: the old stream finishes its frames first.
+                let mut done = std::mem::take(&mut self.ready);
+                self.flush(&mut done)?;
+                self.ready = done;
+            } else {
+                // Real time: the frames in the old batch are dropped with it (and counted).
+                self.discarded += self
+                    .slots
+                    .iter()
+                    .filter(|s| s.kind == SlotKind::Model)
+                    .count() as u64;
+                self.slots.clear();
+                self.pending.clear();
+            }
             self.stream = next;
-            self.pending.clear();
+            self.warmup = self.stream.lag_frames();
+            self.last_input = None;
             self.prompt = p.prompt.clone();
             self.negative = p.negative_prompt.clone();
             self.noise_file = p.stream.noise_file.clone();
@@ -320,10 +526,6 @@ impl Transform for DiffusionTransform {
             (None, _) => self.filter = None,
         }
         Ok(())
-    }
-
-    fn skipped(&self) -> u64 {
-        self.skipped
     }
 }
 
@@ -491,6 +693,127 @@ mod tests {
         out.clear();
         t.process_into(&frame(4), &mut out).unwrap();
         assert_eq!(out.len(), 1);
+    }
+
+    /// Every-frame mode as a property over N = 1..12 frames, k = 1..4 steps and
+    /// `frame_buffer_size` 1..3 (issue 11 §1): exactly N outputs, in input order, each made
+    /// from its own input. With row-independent settings (no CFG, no cross-frame attention) a
+    /// frame's output depends only on that frame and its row in the call (each row has its own
+    /// noise), so output i must equal the output of a fresh stream given frame i at the same
+    /// row, and be nearer to it than to any other frame's.
+    #[test]
+    fn every_frame_mode_returns_one_output_per_input_made_from_it() {
+        let m = model();
+        let t_lists: [&[u32]; 4] = [&[35], &[20, 35], &[10, 25, 40], &[10, 20, 30, 40]];
+        let input = |i: usize| frame(i as u64 * 17 + 3);
+        let run = |p: &Profile, frames: &[Frame]| -> Vec<Frame> {
+            let mut t = DiffusionTransform::with_model(m.clone(), p).unwrap();
+            t.set_every_frame(true);
+            let mut out = Vec::new();
+            for f in frames {
+                t.process_into(f, &mut out).unwrap();
+            }
+            t.flush(&mut out).unwrap();
+            assert_eq!(t.held(), 0);
+            out
+        };
+        let dist = |a: &Frame, b: &Frame| -> u64 {
+            a.data
+                .iter()
+                .zip(&b.data)
+                .map(|(&x, &y)| (x as i64 - y as i64).unsigned_abs().pow(2))
+                .sum()
+        };
+        for (k, t_list) in t_lists.iter().enumerate() {
+            let k = k + 1;
+            for fbs in 1..=3usize {
+                let mut base = profile(t_list, CfgType::None);
+                base.stream.similarity_filter = false;
+                base.stream.cross_frame_attention = false;
+                base.stream.frame_buffer_size = fbs as u32;
+                // refs[i][r]: frame i's output at row r (a call of fbs copies of frame i).
+                let refs: Vec<Vec<Frame>> =
+                    (0..12).map(|i| run(&base, &vec![input(i); fbs])).collect();
+                for n in 1..=12usize {
+                    let mut p = base.clone();
+                    p.stream.warm_start = n % 2 == 0;
+                    let frames: Vec<Frame> = (0..n).map(input).collect();
+                    let out = run(&p, &frames);
+                    let what = format!("k {k}, fbs {fbs}, N {n}");
+                    assert_eq!(out.len(), n, "{what}");
+                    for (i, o) in out.iter().enumerate() {
+                        assert_eq!(o.seq, frames[i].seq, "{what}: output {i} out of order");
+                        let r = i % fbs;
+                        let nearest = (0..n).min_by_key(|&j| dist(o, &refs[j][r])).unwrap();
+                        assert_eq!(nearest, i, "{what}: output {i} looks like input {nearest}");
+                        assert!(
+                            dist(o, &refs[i][r]) <= o.data.len() as u64,
+                            "{what}: output {i} differs from its frame's own output"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// In every-frame mode a frame the similarity filter skips repeats the previous frame's
+    /// output, in order, even while that output is still in the batch.
+    #[test]
+    fn every_frame_mode_keeps_order_with_the_similarity_filter() {
+        let m = model();
+        let mut p = profile(&[20, 35], CfgType::None);
+        p.stream.similarity_filter = true;
+        p.stream.max_skip_frame = 10;
+        let mut t = DiffusionTransform::with_model(m, &p).unwrap();
+        t.set_every_frame(true);
+        // A, A, A, B, B, A with B the negative of A (cosine similarity −1: always processed).
+        let inputs: Vec<Frame> = [false, false, false, true, true, false]
+            .iter()
+            .enumerate()
+            .map(|(i, &negative)| {
+                let mut f = frame(5);
+                if negative {
+                    f.data.iter_mut().for_each(|v| *v = 255 - *v);
+                }
+                f.seq = i as u64;
+                f
+            })
+            .collect();
+        let mut out = Vec::new();
+        for f in &inputs {
+            t.process_into(f, &mut out).unwrap();
+        }
+        t.flush(&mut out).unwrap();
+        let seqs: Vec<u64> = out.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(t.skipped(), 3, "the repeats of A and of B are skipped");
+        assert_eq!(
+            out[1].data, out[0].data,
+            "a skipped frame repeats the previous output"
+        );
+        assert_eq!(out[2].data, out[0].data);
+        assert_eq!(out[4].data, out[3].data);
+        assert_ne!(out[3].data, out[0].data);
+        assert_ne!(out[5].data, out[3].data);
+    }
+
+    /// Real time: outputs come at once (the warm-up ones too, so the first picture is early),
+    /// and a stream prepared again counts the frames it held as discarded.
+    #[test]
+    fn real_time_counts_the_frames_a_new_stream_drops() {
+        let m = model();
+        let p = profile(&[10, 20, 30], CfgType::None);
+        let mut t = DiffusionTransform::with_model(m, &p).unwrap();
+        let mut out = Vec::new();
+        for i in 0..4 {
+            t.process_into(&frame(i), &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 4, "real time returns one output per call");
+        assert_eq!(t.held(), 2, "k − 1 frames are still in the batch");
+        let mut q = p.clone();
+        q.stream.t_index_list = vec![20, 30];
+        t.apply(&q).unwrap();
+        assert_eq!((t.held(), t.discarded()), (0, 2));
     }
 
     #[test]

@@ -190,6 +190,27 @@ impl StreamDiffusion {
         self.f
     }
 
+    /// How many frames a call's outputs trail its inputs: `(k − 1)·f` in Stream Batch with
+    /// several steps (a frame enters the batch at the first step and leaves it `k − 1` calls
+    /// later, paper §3.2), 0 for one step or the sequential loop. The first `lag_frames`
+    /// outputs after [`StreamDiffusion::prepare`] or [`StreamDiffusion::restart`] are warm-up:
+    /// the first frame again with a warm start, the zero-initialised buffer without one.
+    pub fn lag_frames(&self) -> usize {
+        if self.p.use_denoising_batch {
+            (self.k - 1) * self.f
+        } else {
+            0
+        }
+    }
+
+    /// Empties the latent buffer and the stock noise, so the next call starts as after
+    /// `prepare` (primed again with a warm start). Used after a flush at the end of a stream.
+    pub fn restart(&mut self) -> Result<()> {
+        self.buffer = None;
+        self.stock_noise = self.stock_noise.zeros_like()?;
+        Ok(())
+    }
+
     /// Rows of one U-Net call in Stream Batch mode, including CFG's extra rows.
     pub fn unet_batch(&self) -> usize {
         let gs = self.guidance > 1.0;

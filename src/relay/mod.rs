@@ -4,7 +4,10 @@
 //! In real-time mode the transform always takes the newest frame (stale ones are dropped and
 //! counted) and the output writes at its own steady rate, repeating the last frame when the
 //! transform is late, so a virtual camera never stalls or goes black. In every-frame mode
-//! (file → file) every frame is processed and written once, as fast as possible.
+//! (a file output) every captured frame is transformed and written exactly once, in order:
+//! queues block instead of dropping, and the frames a transform still holds (Stream Batch
+//! lag) are flushed at the end of the stream. Every captured frame ends up written or counted
+//! (dropped, unreadable, failed); an output frame lost at a final flush is an error.
 //!
 //! Stages are reconfigured live through control messages; a reconfiguration that fails leaves
 //! the stage running as it was.
@@ -99,7 +102,8 @@ pub struct RelayStart {
     pub preprocess: PreprocessConfig,
     /// Process every frame once instead of pacing in real time.
     pub every_frame: bool,
-    /// Stop after writing this many frames.
+    /// Real time: stop after writing this many frames. Every frame: capture this many frames,
+    /// then end the stream, so exactly this many transformed frames are written.
     pub max_frames: Option<u64>,
     pub opener: Arc<dyn Opener>,
 }
@@ -112,7 +116,7 @@ pub struct Relay {
     capture_ctl: Sender<CaptureMsg>,
     transform_ctl: Sender<TransformMsg>,
     output_ctl: Sender<OutputMsg>,
-    finished: Receiver<()>,
+    finished: Receiver<&'static str>,
     threads: Vec<(&'static str, JoinHandle<Result<()>>)>,
 }
 
@@ -120,6 +124,8 @@ pub struct Relay {
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a lost live source is reopened.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// How long a stopping transform stage waits for the capture stage to end.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// Sends a request carrying an acknowledgement channel and waits for the stage's answer.
 fn ask<T>(send: impl FnOnce(Ack<T>) -> bool, what: &str) -> Result<T> {
@@ -155,6 +161,7 @@ impl Relay {
             stats: stats.clone(),
             opener: s.opener.clone(),
             every_frame: s.every_frame,
+            limit: s.max_frames.filter(|_| s.every_frame),
         };
         let done = finished_tx.clone();
         threads.push((
@@ -163,13 +170,17 @@ impl Relay {
                 .name("sdcam-capture".into())
                 .spawn(move || {
                     let r = capture.run();
-                    let _ = done.send(());
+                    let _ = done.send("capture");
                     r
                 })?,
         ));
         let tstage = TransformStage {
             skipped_seen: s.transform.as_ref().map_or(0, |t| t.skipped()),
-            transform: s.transform,
+            discarded_seen: s.transform.as_ref().map_or(0, |t| t.discarded()),
+            transform: s.transform.map(|mut t| {
+                t.set_every_frame(s.every_frame);
+                t
+            }),
             stop: stop.clone(),
             input: in_rx,
             out: out_tx,
@@ -185,7 +196,7 @@ impl Relay {
                 .name("sdcam-transform".into())
                 .spawn(move || {
                     let r = tstage.run();
-                    let _ = done.send(());
+                    let _ = done.send("transform");
                     r
                 })?,
         ));
@@ -203,6 +214,7 @@ impl Relay {
             last: None,
             placeholder: None,
             snapshots: Vec::new(),
+            lost: None,
         };
         let done = finished_tx;
         threads.push((
@@ -211,7 +223,7 @@ impl Relay {
                 .name("sdcam-output".into())
                 .spawn(move || {
                     let r = output.run();
-                    let _ = done.send(());
+                    let _ = done.send("output");
                     r
                 })?,
         ));
@@ -297,8 +309,10 @@ impl Relay {
         self.stop.load(Relaxed)
     }
 
-    /// A receiver that gets a message whenever a stage thread ends (for `select!`).
-    pub fn finished(&self) -> &Receiver<()> {
+    /// A receiver that gets the stage's name whenever a stage thread ends (for `select!`).
+    /// The output stage ends last (after writing everything upstream produced) unless a
+    /// stage failed.
+    pub fn finished(&self) -> &Receiver<&'static str> {
         &self.finished
     }
 
@@ -352,6 +366,8 @@ struct Capture {
     stats: Arc<Stats>,
     opener: Arc<dyn Opener>,
     every_frame: bool,
+    /// Every-frame mode: end the stream after this many frames.
+    limit: Option<u64>,
 }
 
 impl Capture {
@@ -401,7 +417,12 @@ impl Capture {
 
     fn run(mut self) -> Result<()> {
         let mut last_retry = Instant::now();
+        let mut taken = 0u64;
         while !self.stop.load(Relaxed) {
+            if self.limit.is_some_and(|n| taken >= n) {
+                tracing::info!("captured {taken} frames (--frames), ending the stream");
+                break;
+            }
             while let Ok(msg) = self.ctl.try_recv() {
                 self.handle(msg);
             }
@@ -452,8 +473,13 @@ impl Capture {
             match self.out.push(rgb) {
                 Pushed::Ok { dropped } => {
                     self.stats.input_dropped.fetch_add(dropped, Relaxed);
+                    taken += 1;
                 }
-                Pushed::Closed => break,
+                Pushed::Closed => {
+                    // Downstream is gone (output finished or failed): this frame is lost.
+                    self.stats.input_dropped.fetch_add(1, Relaxed);
+                    break;
+                }
             }
         }
         Ok(())
@@ -472,25 +498,130 @@ struct TransformStage {
     every_frame: bool,
     /// The transform's skip count already added to the stats.
     skipped_seen: u64,
+    /// The transform's discarded-frame count already added to the stats.
+    discarded_seen: u64,
+}
+
+/// Whether the transform stage goes on after passing frames downstream.
+enum Flow {
+    Continue,
+    /// The output stage is gone.
+    Closed,
 }
 
 impl TransformStage {
-    fn handle(&mut self, msg: TransformMsg) {
+    fn handle(&mut self, msg: TransformMsg) -> Flow {
         match msg {
             TransformMsg::Apply(p, ack) => {
                 let r = match self.transform.as_mut() {
                     Some(t) => t.apply(&p),
                     None => Err(anyhow::anyhow!("the transform is still loading")),
                 };
+                self.count();
                 let _ = ack.send(r);
+                Flow::Continue
             }
-            TransformMsg::Replace(t, ack) => {
+            TransformMsg::Replace(mut t, ack) => {
                 tracing::info!("transform: {}", t.name());
+                t.set_every_frame(self.every_frame);
+                let mut outs = Vec::new();
+                if let Some(mut old) = self.transform.take() {
+                    if self.every_frame {
+                        // The frames the old transform holds are finished by it.
+                        if let Err(e) = old.flush(&mut outs) {
+                            tracing::error!("finishing the old transform's frames: {e:#}");
+                            self.stats.output_dropped.fetch_add(old.held(), Relaxed);
+                        }
+                    } else {
+                        self.stats.output_dropped.fetch_add(old.held(), Relaxed);
+                    }
+                    self.transform = Some(old);
+                    self.count();
+                }
                 self.skipped_seen = t.skipped();
+                self.discarded_seen = t.discarded();
                 self.transform = Some(t);
                 let _ = ack.send(Ok(()));
+                self.send(outs)
             }
         }
+    }
+
+    /// Adds the transform's new skips and discarded frames to the stats.
+    fn count(&mut self) {
+        let Some(t) = self.transform.as_ref() else {
+            return;
+        };
+        let (skipped, discarded) = (t.skipped(), t.discarded());
+        self.stats
+            .model_skipped
+            .fetch_add(skipped.saturating_sub(self.skipped_seen), Relaxed);
+        self.stats
+            .output_dropped
+            .fetch_add(discarded.saturating_sub(self.discarded_seen), Relaxed);
+        self.skipped_seen = skipped;
+        self.discarded_seen = discarded;
+    }
+
+    /// Passes outputs downstream; counts what cannot be delivered.
+    fn send(&mut self, outs: Vec<Frame>) -> Flow {
+        let mut outs = outs.into_iter();
+        while let Some(out) = outs.next() {
+            match self.out.push(out) {
+                Pushed::Ok { dropped } => {
+                    self.stats.output_dropped.fetch_add(dropped, Relaxed);
+                }
+                Pushed::Closed => {
+                    let lost = 1 + outs.len() as u64;
+                    self.stats.output_dropped.fetch_add(lost, Relaxed);
+                    return Flow::Closed;
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A stop that does not transform what is queued: counts every frame still queued, and
+    /// any the capture stage pushes before it sees the stop, as dropped, until the capture
+    /// stage has ended (so none is lost uncounted), or for at most [`DRAIN_WAIT`].
+    fn drop_queued(&mut self) {
+        let deadline = Instant::now() + DRAIN_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.input.take_next(left.min(Duration::from_millis(50))) {
+                Taken::Item { skipped, .. } => {
+                    self.stats.input_dropped.fetch_add(skipped + 1, Relaxed);
+                }
+                Taken::Closed => return,
+                Taken::Empty if left.is_zero() => return,
+                Taken::Empty => {}
+            }
+        }
+    }
+
+    /// The end of the input (the source ended or a stop was requested): every frame mode
+    /// finishes the frames the transform holds; real time counts them as dropped.
+    fn finish(&mut self) -> Flow {
+        let Some(t) = self.transform.as_mut() else {
+            return Flow::Continue;
+        };
+        if !self.every_frame {
+            self.stats.output_dropped.fetch_add(t.held(), Relaxed);
+            return Flow::Continue;
+        }
+        let t0 = Instant::now();
+        let mut outs = Vec::new();
+        if let Err(e) = t.flush(&mut outs) {
+            self.stats.transform_errors.fetch_add(1, Relaxed);
+            self.stats.output_dropped.fetch_add(t.held(), Relaxed);
+            tracing::error!("finishing the last frames failed: {e:#}");
+        }
+        if !outs.is_empty() {
+            tracing::debug!("flushed {} frames at the end of the stream", outs.len());
+            self.stats.time(Stage::Transform, t0.elapsed());
+        }
+        self.count();
+        self.send(outs)
     }
 
     fn run(mut self) -> Result<()> {
@@ -498,25 +629,57 @@ impl TransformStage {
         loop {
             if self.transform.is_none() {
                 // Still loading: leave frames queued (every-frame mode must not lose any; in real
-                // time the capture side evicts stale ones) and wait for the transform.
+                // time the capture side evicts stale ones) and wait for the transform. Only a
+                // stop request gives up on them (counted as dropped).
                 if self.stop.load(Relaxed) {
+                    self.drop_queued();
                     break;
                 }
                 match self.ctl.recv_timeout(Duration::from_millis(100)) {
-                    Ok(msg) => self.handle(msg),
+                    Ok(msg) => {
+                        if let Flow::Closed = self.handle(msg) {
+                            return Ok(());
+                        }
+                    }
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        self.drop_queued();
+                        break;
+                    }
+                }
+                continue;
+            }
+            if !self.every_frame && self.stop.load(Relaxed) {
+                // Real time: a stop does not wait for queued frames to be transformed.
+                self.drop_queued();
+                self.finish();
+                break;
+            }
+            if self.every_frame && self.paused.load(Relaxed) && !self.stop.load(Relaxed) {
+                // Every frame: a pause holds the frames back instead of dropping them.
+                if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(50)) {
+                    if let Flow::Closed = self.handle(msg) {
+                        return Ok(());
+                    }
                 }
                 continue;
             }
             let frame = select! {
                 recv(self.ctl) -> msg => {
-                    if let Ok(msg) = msg { self.handle(msg); }
+                    if let Ok(msg) = msg {
+                        if let Flow::Closed = self.handle(msg) {
+                            return Ok(());
+                        }
+                    }
                     continue;
                 }
                 recv(self.input.receiver()) -> f => match f {
                     Ok(f) => f,
-                    Err(_) => break, // capture ended and the queue is drained
+                    Err(_) => {
+                        // Capture ended and the queue is drained.
+                        self.finish();
+                        break;
+                    }
                 },
             };
             // Take the newest frame: anything queued behind this one is fresher.
@@ -531,35 +694,31 @@ impl TransformStage {
                     _ => frame,
                 }
             };
+            if self.paused.load(Relaxed) {
+                // The output holds its picture; the frame is not transformed.
+                self.stats.input_dropped.fetch_add(1, Relaxed);
+                continue;
+            }
             let Some(transform) = self.transform.as_mut() else {
                 continue;
             };
-            if self.paused.load(Relaxed) {
-                continue;
-            }
             let t0 = Instant::now();
             let mut outs = Vec::new();
+            let discarded_before = transform.discarded();
             let result = transform.process_into(&frame, &mut outs);
-            let skipped = transform.skipped();
-            self.stats
-                .model_skipped
-                .fetch_add(skipped.saturating_sub(self.skipped_seen), Relaxed);
-            self.skipped_seen = skipped;
+            let accounted = transform.discarded() != discarded_before;
+            self.count();
             match result {
                 Ok(()) => {
                     consecutive_errors = 0;
                     self.stats.time(Stage::Transform, t0.elapsed());
                     self.stats.transformed.fetch_add(1, Relaxed);
-                    for out in outs {
-                        match self.out.push(out) {
-                            Pushed::Ok { dropped } => {
-                                self.stats.output_dropped.fetch_add(dropped, Relaxed);
-                            }
-                            Pushed::Closed => return Ok(()),
-                        }
-                    }
                 }
                 Err(e) => {
+                    if !accounted {
+                        // The frame is lost; a batching transform counts its own losses.
+                        self.stats.output_dropped.fetch_add(1, Relaxed);
+                    }
                     // Keep showing the last good frame; log the first and then every 100th error.
                     self.stats.transform_errors.fetch_add(1, Relaxed);
                     if consecutive_errors % 100 == 0 {
@@ -567,6 +726,9 @@ impl TransformStage {
                     }
                     consecutive_errors += 1;
                 }
+            }
+            if let Flow::Closed = self.send(outs) {
+                return Ok(());
             }
         }
         Ok(())
@@ -589,6 +751,8 @@ struct Output {
     last: Option<Frame>,
     placeholder: Option<Frame>,
     snapshots: Vec<(PathBuf, Ack<PathBuf>)>,
+    /// The first output frames lost when a replaced output was closed: reported at the end.
+    lost: Option<anyhow::Error>,
 }
 
 /// The frame shown before the first transformed frame: flat dark slate, recognisable by tests.
@@ -624,10 +788,8 @@ impl Output {
         let new = match self.opener.sink(&cfg) {
             Ok(s) => s,
             Err(first) if cfg.kind == V4l2loopback && self.cfg.kind == V4l2loopback => {
-                if let Some(mut old) = self.sink.take() {
-                    if let Err(e) = old.finish() {
-                        tracing::warn!("closing the old output: {e:#}");
-                    }
+                if let Some(old) = self.sink.take() {
+                    self.close_old(old);
                 }
                 match self.opener.sink(&cfg) {
                     Ok(s) => s,
@@ -643,16 +805,34 @@ impl Output {
             }
             Err(e) => return Err(e),
         };
-        if let Some(mut old) = self.sink.take() {
-            if let Err(e) = old.finish() {
-                tracing::warn!("closing the old output: {e:#}");
-            }
+        if let Some(old) = self.sink.take() {
+            self.close_old(old);
         }
         tracing::info!("output: {}", new.describe());
         self.sink = Some(new);
         self.cfg = cfg;
         self.last = None;
         Ok(())
+    }
+
+    /// Closes an output that a live switch replaced. Its final flush failing loses frames that
+    /// were counted as written: the run goes on with the new output but ends with an error.
+    fn close_old(&mut self, mut old: Box<dyn Sink>) {
+        if self.cfg.kind == crate::profile::OutputKind::V4l2loopback {
+            // A virtual camera buffers nothing: closing it loses no frame.
+            if let Err(e) = old.finish() {
+                tracing::warn!("closing the old output: {e:#}");
+            }
+            return;
+        }
+        if let Err(e) = old.finish() {
+            let e = e.context(format!(
+                "closing the previous output {} (its last buffered frames are lost)",
+                old.describe()
+            ));
+            tracing::error!("{e:#}");
+            self.lost.get_or_insert(e);
+        }
     }
 
     fn handle(&mut self, msg: OutputMsg, last_rgb: &mut Option<Frame>) {
@@ -752,7 +932,8 @@ impl Output {
                 "the relay stopped before the snapshot"
             )));
         }
-        result.and(finished)
+        let lost = self.lost.take().map_or(Ok(()), Err);
+        result.and(finished).and(lost)
     }
 
     fn run_every_frame(&mut self) -> Result<()> {
@@ -797,7 +978,7 @@ impl Output {
             // last frame is moved out and back rather than copied on every tick.
             let (frame, keep) = match self.input.try_take_newest() {
                 Taken::Item { item, skipped } => (self.accept(item, skipped, &mut last_rgb)?, true),
-                Taken::Closed if self.stop.load(Relaxed) || self.last.is_some() => {
+                Taken::Closed => {
                     // Upstream finished and everything queued has been written.
                     return Ok(());
                 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{bounded, never, select, tick, unbounded, Receiver};
+use crossbeam_channel::{bounded, never, select, tick, Receiver};
 
-use crate::control::{self, Command, Event};
+use crate::control::{self, Command, Control, Event, Work};
 use crate::profile::{
     LoadedProfile, ModelConfig, OutputKind, Pacing, Profile, SourceKind, TransformKind,
 };
@@ -36,6 +36,10 @@ pub struct RunOptions {
     pub stdin_commands: bool,
     pub status: StatusMode,
     pub opener: Arc<dyn Opener>,
+    /// The control channel, when the caller set it up first (`sdcam run` does, before loading
+    /// the profile, so that a stop signal during start-up is not lost); `None` installs the
+    /// signal handlers when the run starts.
+    pub control: Option<Control>,
 }
 
 impl RunOptions {
@@ -48,6 +52,7 @@ impl RunOptions {
                 interval: Duration::from_secs(5),
             },
             opener: Arc::new(DeviceOpener),
+            control: None,
         }
     }
 }
@@ -83,6 +88,8 @@ struct PendingBuild {
     old_model: ModelConfig,
     /// The first build of the run: failing it ends the run.
     initial: bool,
+    /// The change that started it (`set model.lora`), logged as applied once installed.
+    what: String,
 }
 
 fn spawn_build(p: &Profile) -> Receiver<Result<Box<dyn Transform>>> {
@@ -114,6 +121,7 @@ impl Session {
         let old = self.current.profile.clone();
         let new = &mut next.profile;
         let mut failed = Vec::new();
+        let (mut loading, mut deferred) = (false, false);
         if new.source != old.source {
             if let Err(e) = self.relay.set_source(new.source.clone()) {
                 failed.push(format!("source kept: {e:#}"));
@@ -137,14 +145,22 @@ impl Session {
                 Some(p) if !p.initial => (p.old_transform, p.old_model),
                 _ => (old.transform, old.model.clone()),
             };
+            if let Some(p) = &self.pending {
+                if !p.initial {
+                    tracing::info!("{}: superseded by {what}", p.what);
+                }
+            }
             self.pending = Some(PendingBuild {
                 rx: spawn_build(new),
                 old_transform,
                 old_model,
                 initial: false,
+                what: what.to_string(),
             });
+            loading = true;
         } else if self.pending.is_some() {
             // The transform that is loading picks these settings up when it is ready.
+            deferred = true;
         } else if new.prompt != old.prompt
             || new.negative_prompt != old.negative_prompt
             || new.stream != old.stream
@@ -168,9 +184,15 @@ impl Session {
         if new.prompts != old.prompts {
             self.playlist_pos = 0;
         }
-        if failed.is_empty() {
+        if loading {
+            // Not applied yet: `finish_build` says so once the new transform is installed.
+            tracing::info!("{what}: loading; applied when the new transform is ready");
+        } else if deferred {
+            tracing::info!("{what}: takes effect when the transform that is loading is ready");
+        } else if failed.is_empty() {
             tracing::info!("{what}: applied");
-        } else {
+        }
+        if !failed.is_empty() {
             for f in &failed {
                 tracing::error!("{what}: {f}");
             }
@@ -190,15 +212,64 @@ impl Session {
             self.relay.replace_transform(t)
         });
         match installed {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if !p.initial {
+                    tracing::info!("{}: applied", p.what);
+                }
+                Ok(())
+            }
             Err(e) if p.initial => Err(e.context("building the transform")),
             Err(e) => {
-                tracing::error!("transform kept (the new one failed to build): {e:#}");
+                tracing::error!(
+                    "{}: transform kept (the new one failed to build): {e:#}",
+                    p.what
+                );
                 self.current.profile.transform = p.old_transform;
                 self.current.profile.model = p.old_model;
                 Ok(())
             }
         }
+    }
+
+    /// Advances the prompt playlist by `n` positions and applies the prompt there once.
+    fn next(&mut self, n: usize) -> Result<()> {
+        let list = &self.current.profile.prompts;
+        if list.is_empty() {
+            anyhow::bail!("the profile has no `prompts` playlist");
+        }
+        self.playlist_pos = (self.playlist_pos + n % list.len()) % list.len();
+        let p = list[self.playlist_pos].clone();
+        let next = self
+            .current
+            .with_value("prompt", toml::Value::String(p.clone()), "<next>")
+            .map_err(|e| anyhow::anyhow!("{e}; nothing changed"))?;
+        self.apply(next, &format!("prompt {p:?}"));
+        Ok(())
+    }
+
+    /// Does a batch of queued events ([`control::coalesce`]); returns false when the run should
+    /// stop. A stop asked for meanwhile (a signal while a change was applied) preempts the
+    /// rest of the batch.
+    fn handle_batch(&mut self, batch: Vec<Event>, stop: &std::sync::atomic::AtomicBool) -> bool {
+        for work in control::coalesce(batch) {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            let go_on = match work {
+                Work::Stop => false,
+                Work::Next(n) => {
+                    if let Err(e) = self.next(n) {
+                        tracing::error!("{e:#}");
+                    }
+                    true
+                }
+                Work::Event(ev) => self.handle(ev),
+            };
+            if !go_on {
+                return false;
+            }
+        }
+        !stop.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Handles one event; returns false when the run should stop.
@@ -247,17 +318,7 @@ impl Session {
                 .reload(None)
                 .map(|n| self.apply(n, "reload"))
                 .map_err(|e| e.context("reload failed; the running settings stay")),
-            Command::Next => {
-                let list = &self.current.profile.prompts;
-                if list.is_empty() {
-                    Err(anyhow::anyhow!("the profile has no `prompts` playlist"))
-                } else {
-                    self.playlist_pos = (self.playlist_pos + 1) % list.len();
-                    let p = list[self.playlist_pos].clone();
-                    edit(self.current.with_value("prompt", text(&p), "<next>"))
-                        .map(|n| self.apply(n, &format!("prompt {p:?}")))
-                }
-            }
+            Command::Next => self.next(1),
             Command::Pause => {
                 self.relay.set_paused(true);
                 tracing::info!("paused: the output holds the current frame");
@@ -291,6 +352,11 @@ impl Session {
 
 /// Runs the relay until the source ends, `max_frames` are written, or a stop is requested.
 pub fn run(opts: RunOptions) -> Result<Snapshot> {
+    // Signals first: a stop during start-up waits in the channel and ends the run cleanly.
+    let control = match opts.control {
+        Some(c) => c,
+        None => Control::with_signals().context("installing signal handlers")?,
+    };
     let lp = opts.profile;
     let p = &lp.profile;
     let every = every_frame(p);
@@ -305,7 +371,7 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     tracing::info!("source: {}", source.describe());
     // The relay starts streaming (placeholder frames) before the transform is built, so a
     // virtual camera is up while a model loads.
-    let relay = Relay::start(RelayStart {
+    let mut relay = Relay::start(RelayStart {
         source,
         source_cfg: p.source.clone(),
         transform: None,
@@ -316,6 +382,8 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         max_frames: opts.max_frames,
         opener: opts.opener.clone(),
     })?;
+    // A stop signal makes a wait for a slow stage (an apply) give up at once.
+    relay.set_cancel(control.stop.clone());
     tracing::info!(
         "building the {:?} transform ({})",
         p.transform,
@@ -326,10 +394,14 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         old_transform: p.transform,
         old_model: p.model.clone(),
         initial: true,
+        what: "start".into(),
     };
 
-    let (events_tx, mut events) = unbounded();
-    control::spawn_signals(events_tx.clone()).context("installing signal handlers")?;
+    let Control {
+        tx: events_tx,
+        rx: mut events,
+        stop,
+    } = control;
     if opts.stdin_commands && !reads_stdin(p) {
         control::spawn_stdin(events_tx.clone()).context("reading stdin")?;
     }
@@ -349,7 +421,11 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     loop {
         select! {
             recv(events) -> ev => match ev {
-                Ok(ev) => if !session.handle(ev) { break },
+                // Everything queued is handled as one batch: a stop in it preempts the rest.
+                Ok(ev) => {
+                    let batch = std::iter::once(ev).chain(events.try_iter()).collect();
+                    if !session.handle_batch(batch, &stop) { break }
+                },
                 Err(_) => events = crossbeam_channel::never(),
             },
             recv(session.pending.as_ref().map_or(&never(), |p| &p.rx)) -> r => {

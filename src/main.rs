@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sdcam::app::{self, RunOptions, StatusMode};
+use sdcam::control::Control;
 use sdcam::profile::{self, LoadedProfile};
 
 mod bench_unet;
@@ -286,8 +287,7 @@ fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn real_main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn real_main(cli: Cli, control: Option<Control>) -> anyhow::Result<()> {
     match cli.command {
         Some(Cmd::Devices) => print_out(sdcam::devices::report().trim_end()),
         Some(Cmd::CheckProfile { files }) => {
@@ -315,14 +315,14 @@ fn real_main() -> anyhow::Result<()> {
         Some(Cmd::BenchRelay(b)) => bench_relay(&b),
         Some(Cmd::Bench(b)) => bench_pipeline(&b),
         Some(Cmd::BenchUnet(b)) => bench_unet::run(&b),
-        Some(Cmd::Run(a)) => run(&a),
+        Some(Cmd::Run(a)) => run(&a, control),
         Some(Cmd::Dev(DevCmd::WriteRandomHub {
             cache,
             repos,
             seed,
             overwrite,
         })) => write_random_hub(&cache, &repos, seed, overwrite),
-        None => run(&cli.run),
+        None => run(&cli.run, control),
     }
 }
 
@@ -388,7 +388,15 @@ fn bench_pipeline(b: &PipelineBenchArgs) -> anyhow::Result<()> {
     }
 }
 
-fn run(a: &RunArgs) -> anyhow::Result<()> {
+/// The longest `--status-interval` (a day).
+const MAX_STATUS_INTERVAL: f64 = 86_400.0;
+
+fn run(a: &RunArgs, control: Option<Control>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.status_interval.is_finite() && (0.0..=MAX_STATUS_INTERVAL).contains(&a.status_interval),
+        "--status-interval {} is out of range (0 to {MAX_STATUS_INTERVAL} seconds)",
+        a.status_interval
+    );
     let lp = load_profile(a)?;
     if lp.path.is_none() && a.source.is_none() {
         tracing::info!("no --profile: using the built-in defaults (test pattern source)");
@@ -396,6 +404,7 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
     let mut opts = RunOptions::new(lp);
     opts.max_frames = a.frames;
     opts.stdin_commands = !a.no_stdin;
+    opts.control = control;
     opts.status = if a.status_interval > 0.0 {
         StatusMode::Auto {
             interval: std::time::Duration::from_secs_f64(a.status_interval),
@@ -408,6 +417,21 @@ fn run(a: &RunArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A run catches its stop signals before anything else (logging, the profile, devices, the
+    // model): a SIGTERM in the first milliseconds waits in the control channel and stops the
+    // run cleanly instead of killing the process by the default action. Other commands keep
+    // the default actions (Ctrl-C ends `sdcam bench` at once).
+    let control = match &cli.command {
+        Some(Cmd::Run(_)) | None => match Control::with_signals() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("sdcam: error: installing signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Some(_) => None,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -417,7 +441,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    match real_main() {
+    match real_main(cli, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sdcam: error: {e:#}");

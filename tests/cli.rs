@@ -1460,3 +1460,175 @@ fn diffusion_live_prompt_and_model_switch_keep_streaming() {
     assert!(f.status.success(), "{}", f.stderr);
     assert!(!f.stderr.contains("transform failed"), "{}", f.stderr);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. Stop signals during start-up and behind queued work; "applied" only once it is
+// ---------------------------------------------------------------------------------------------
+
+/// Whether the process has a handler for SIGTERM installed (`SigCgt` in /proc), or `None` once
+/// it has gone.
+fn catches_sigterm(pid: i32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())?;
+    Some(mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+/// Polls until sdcam catches SIGTERM; fails the test if that takes seconds.
+fn wait_for_handlers(p: &mut Proc) {
+    let t0 = Instant::now();
+    loop {
+        match catches_sigterm(p.pid()) {
+            Some(true) => return,
+            None => p.fail("sdcam went away before installing its signal handlers"),
+            Some(false) if t0.elapsed() > WAIT => p.fail("SIGTERM is never caught"),
+            Some(false) => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// SIGTERM in the first milliseconds: the handlers are installed before anything slow (here
+/// the output, a FIFO whose open blocks until a reader comes), the stop waits in the control
+/// channel and the run ends cleanly with exit 0 instead of dying by the default action; and a
+/// SIGTERM at a range of delays after start-up also stops cleanly.
+#[test]
+fn sigterm_during_start_up_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("out.y4m");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut p = Proc::spawn(&mut endless_pattern(&fifo), true);
+    // Caught while sdcam is still blocked opening its output.
+    wait_for_handlers(&mut p);
+    p.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = std::fs::File::open(&fifo).and_then(|mut f| f.read_to_end(&mut all));
+        all
+    });
+    let f = p.finish(DEADLINE);
+    let _ = reader.join();
+    assert!(f.status.success(), "exit {}:\n{}", f.status, f.stderr);
+    assert!(
+        f.stderr.contains("stopping: draining queues"),
+        "{}",
+        f.stderr
+    );
+
+    for delay_ms in [0, 1, 3, 6, 10, 20, 35, 50] {
+        let out = dir.path().join(format!("early-{delay_ms}.y4m"));
+        let mut p = Proc::spawn(&mut endless_pattern(&out), true);
+        wait_for_handlers(&mut p);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        p.signal(libc::SIGTERM);
+        let f = p.finish(DEADLINE);
+        assert!(
+            f.status.success(),
+            "SIGTERM {delay_ms} ms after start-up: exit {}:\n{}",
+            f.status,
+            f.stderr
+        );
+        assert!(f.elapsed < Duration::from_secs(5), "{:?}", f.elapsed);
+    }
+}
+
+/// A burst of `next` and `reload` queued behind a running diffusion pipeline, then SIGTERM: the
+/// `next`s advance the playlist once by their number, the reloads coalesce, and the stop
+/// preempts whatever is still queued.
+#[test]
+fn a_burst_of_next_and_reload_coalesces_and_sigterm_preempts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("burst.y4m");
+    let mut cmd = sdcam();
+    cmd.args([
+        "--profile",
+        "profiles/demo.toml",
+        "--output",
+        &s(&out),
+        "--set",
+        "output.width=160",
+        "--set",
+        "output.height=120",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+    ]);
+    let mut p = Proc::spawn(&mut cmd, true);
+    p.wait_for("transform: diffusion");
+    p.wait_written(5);
+    let mut burst = String::new();
+    for _ in 0..30 {
+        burst.push_str("next\n");
+    }
+    for _ in 0..30 {
+        burst.push_str("reload\n");
+    }
+    p.send(burst.trim_end());
+    // The burst is handled (in a batch or two), then the stop.
+    p.wait_for("reload: applied");
+    std::thread::sleep(Duration::from_millis(300));
+    let err = p.stderr();
+    let applies = err.matches(": applied").count();
+    assert!(applies <= 6, "{applies} applies for a burst of 60:\n{err}");
+    // 30 positions on a playlist of 3 is where it started (+1 per batch split at most).
+    let mut more = String::new();
+    for _ in 0..40 {
+        more.push_str("next\nreload\n");
+    }
+    p.send(more.trim_end());
+    p.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "exit {}:\n{}", f.status, f.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    let applied_after = f.stderr.matches(": applied").count() - applies;
+    assert!(
+        applied_after < 40,
+        "{applied_after} queued changes applied after the stop:\n{}",
+        f.stderr
+    );
+}
+
+/// A LoRA that fails to load is never reported as applied: the change says it is loading, and
+/// then that the running transform stays.
+#[test]
+fn a_failing_lora_is_not_reported_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lora.y4m");
+    let mut cmd = sdcam();
+    cmd.args([
+        "--profile",
+        "profiles/demo.toml",
+        "--output",
+        &s(&out),
+        "--set",
+        "output.width=160",
+        "--set",
+        "output.height=120",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+    ]);
+    let mut p = Proc::spawn(&mut cmd, true);
+    p.wait_for("transform: diffusion");
+    // A change that loads and succeeds says so once it is installed.
+    p.send("set model.tiny_vae \"\"");
+    p.wait_for("set model.tiny_vae: loading; applied when the new transform is ready");
+    p.wait_for("set model.tiny_vae: applied");
+    p.send("set model.lora [{ id = \"/nonexistent/lora.safetensors\" }]");
+    let err = p.wait_for("set model.lora: transform kept (the new one failed to build)");
+    assert!(
+        err.contains("set model.lora: loading; applied when the new transform is ready"),
+        "{err}"
+    );
+    assert!(!err.contains("set model.lora: applied"), "{err}");
+    p.send("quit");
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "{}", f.stderr);
+}

@@ -214,6 +214,7 @@ fn next(source: &mut ScreenSource) -> Frame {
     match source.next_frame().expect("capture a frame") {
         Captured::Frame(frame) => frame,
         Captured::End => panic!("a screen source never ends"),
+        Captured::Interrupted => panic!("nothing wakes this source"),
     }
 }
 

@@ -8,8 +8,10 @@
 
 use std::io::BufRead;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{unbounded, Receiver, Sender};
 
 /// A parsed control command.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,8 +195,105 @@ pub fn read_commands(mut input: impl BufRead, events: &Sender<Event>) -> bool {
     }
 }
 
-/// Turns SIGHUP/SIGUSR1/SIGUSR2/SIGINT/SIGTERM into events. A second SIGINT/SIGTERM exits at once.
-pub fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
+/// The control channel of a run, set up before anything slow (the first thing `sdcam run`
+/// does): from then on signals are caught, and their events wait in the channel until the run
+/// loop reads them, so a SIGTERM during start-up stops the run cleanly instead of killing it.
+pub struct Control {
+    pub tx: Sender<Event>,
+    pub rx: Receiver<Event>,
+    /// Set as soon as a stop is asked for (before its event is read), so that waits in the run
+    /// loop (an acknowledgement from a slow stage) can give up at once.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Control {
+    /// A channel without signal handlers (tests, embedding).
+    pub fn new() -> Self {
+        let (tx, rx) = unbounded();
+        Control {
+            tx,
+            rx,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A channel fed by the signal handlers, installed now.
+    pub fn with_signals() -> std::io::Result<Self> {
+        let c = Control::new();
+        spawn_signals(c.tx.clone(), c.stop.clone())?;
+        Ok(c)
+    }
+
+    /// Whether a stop was asked for.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Relaxed)
+    }
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control::new()
+    }
+}
+
+/// One piece of work for the run loop, after [`coalesce`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Work {
+    /// Stop now: nothing else in the batch is done.
+    Stop,
+    /// Advance the prompt playlist by this many positions, applying once.
+    Next(usize),
+    /// Any other event, in order.
+    Event(Event),
+}
+
+/// Turns a batch of queued events into the work to do: a stop (signal or `quit`) anywhere in
+/// the batch preempts everything else; a run of reloads is one reload; a run of `next` is one
+/// `Next(n)` (n positions, applied once); a run of prompt (or negative prompt) changes keeps
+/// only the last one; a run of `stats` prints once. Everything else keeps its order.
+pub fn coalesce(batch: impl IntoIterator<Item = Event>) -> Vec<Work> {
+    let batch: Vec<Event> = batch.into_iter().collect();
+    if batch
+        .iter()
+        .any(|e| matches!(e, Event::Stop | Event::Command(Command::Quit)))
+    {
+        return vec![Work::Stop];
+    }
+    let mut out: Vec<Work> = Vec::new();
+    for ev in batch {
+        let merged = match (out.last_mut(), &ev) {
+            (Some(Work::Next(n)), Event::Command(Command::Next)) => {
+                *n += 1;
+                true
+            }
+            (Some(Work::Event(Event::Command(last))), Event::Command(c)) => {
+                let same = matches!(
+                    (&*last, c),
+                    (Command::Reload, Command::Reload)
+                        | (Command::Stats, Command::Stats)
+                        | (Command::Prompt(_), Command::Prompt(_))
+                        | (Command::Negative(_), Command::Negative(_))
+                );
+                if same {
+                    *last = c.clone();
+                }
+                same
+            }
+            _ => false,
+        };
+        if !merged {
+            out.push(match ev {
+                Event::Command(Command::Next) => Work::Next(1),
+                ev => Work::Event(ev),
+            });
+        }
+    }
+    out
+}
+
+/// Turns SIGHUP/SIGUSR1/SIGUSR2/SIGINT/SIGTERM into events; a stop also sets `stop` at once.
+/// A second SIGINT/SIGTERM exits at once.
+pub fn spawn_signals(events: Sender<Event>, stop: Arc<AtomicBool>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2])?;
@@ -213,6 +312,7 @@ pub fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
                     }
                     _ => {
                         stopping = true;
+                        stop.store(true, Relaxed);
                         Event::Stop
                     }
                 };
@@ -227,6 +327,62 @@ pub fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cmd(c: Command) -> Event {
+        Event::Command(c)
+    }
+
+    /// A stop anywhere in a batch preempts the queued work; runs of reloads, `next`, prompts and
+    /// `stats` collapse (N `next` advance N positions once); other events keep their order.
+    #[test]
+    fn coalesce_lets_stop_preempt_and_merges_repeats() {
+        let mut burst: Vec<Event> = (0..20)
+            .flat_map(|_| [cmd(Command::Reload), cmd(Command::Next)])
+            .collect();
+        burst.push(Event::Stop);
+        burst.push(cmd(Command::Reload));
+        assert_eq!(coalesce(burst), vec![Work::Stop]);
+        assert_eq!(
+            coalesce([cmd(Command::Prompt("a".into())), cmd(Command::Quit)]),
+            vec![Work::Stop]
+        );
+        let batch = vec![
+            cmd(Command::Reload),
+            cmd(Command::Reload),
+            cmd(Command::Reload),
+            cmd(Command::Next),
+            cmd(Command::Next),
+            cmd(Command::Next),
+            cmd(Command::Prompt("a".into())),
+            cmd(Command::Prompt("b".into())),
+            cmd(Command::Set {
+                key: "delta".into(),
+                value: "0.5".into(),
+            }),
+            cmd(Command::Stats),
+            cmd(Command::Stats),
+            Event::InputClosed,
+            cmd(Command::Next),
+            cmd(Command::Reload),
+        ];
+        assert_eq!(
+            coalesce(batch),
+            vec![
+                Work::Event(cmd(Command::Reload)),
+                Work::Next(3),
+                Work::Event(cmd(Command::Prompt("b".into()))),
+                Work::Event(cmd(Command::Set {
+                    key: "delta".into(),
+                    value: "0.5".into(),
+                })),
+                Work::Event(cmd(Command::Stats)),
+                Work::Event(Event::InputClosed),
+                Work::Next(1),
+                Work::Event(cmd(Command::Reload)),
+            ]
+        );
+        assert_eq!(coalesce(Vec::new()), Vec::new());
+    }
 
     /// The empty prompt is allowed live as in a profile.
     #[test]

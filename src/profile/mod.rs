@@ -133,29 +133,88 @@ pub const MIN_FPS: f64 = 0.1;
 /// The fastest frame rate a source or output may have.
 pub const MAX_FPS: f64 = 240.0;
 
+/// The range (inclusive) of every numeric key, where the code that uses it works: a frame period
+/// must be a usable `Duration` and short enough that stop and source changes stay prompt; sizes
+/// bound the frame allocations; X11 coordinates are 16-bit; the schedule tables, the latent batch
+/// (`len(t_index_list) × frame_buffer_size` rows) and the blend stay bounded. NaN, infinities,
+/// negative and huge values are refused alike. [`validate`] enforces it for profile files, `set`
+/// and command-line overrides with the same message (`V is out of range (LO to HI)`);
+/// `t_index_list` entries must also lie below `num_inference_steps`.
+pub const RANGES: &[(&str, f64, f64)] = &[
+    ("source.width", 16.0, 7680.0),
+    ("source.height", 16.0, 4320.0),
+    ("source.fps", MIN_FPS, MAX_FPS),
+    ("source.region.x", 0.0, 32767.0),
+    ("source.region.y", 0.0, 32767.0),
+    ("source.region.width", 1.0, 32767.0),
+    ("source.region.height", 1.0, 32767.0),
+    ("output.width", 16.0, 7680.0),
+    ("output.height", 16.0, 4320.0),
+    ("output.fps", MIN_FPS, MAX_FPS),
+    ("output.every", 1.0, 100_000.0),
+    ("model.lora.scale", -10.0, 10.0),
+    ("stream.width", 64.0, 2048.0),
+    ("stream.height", 64.0, 2048.0),
+    ("stream.t_index_list", 0.0, 999.0),
+    ("stream.num_inference_steps", 1.0, 1000.0),
+    ("stream.frame_buffer_size", 1.0, 16.0),
+    ("stream.guidance_scale", 0.0, 30.0),
+    ("stream.delta", 0.0, 10.0),
+    // Any TOML integer that is not negative.
+    ("stream.seed", 0.0, i64::MAX as f64),
+    ("stream.similarity_threshold", 0.001, 0.999),
+    ("stream.max_skip_frame", 0.0, 1000.0),
+    ("stream.prompt_blend_frames", 0.0, 600.0),
+];
+
+/// The range [`RANGES`] gives `key` (`model.lora[2].scale` is `model.lora.scale`).
+pub fn range_of(key: &str) -> Option<(f64, f64)> {
+    let base: String = {
+        let mut out = String::new();
+        let mut skip = false;
+        for c in key.chars() {
+            match c {
+                '[' => skip = true,
+                ']' => skip = false,
+                _ if !skip => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    };
+    RANGES
+        .iter()
+        .find(|(k, _, _)| *k == base)
+        .map(|&(_, lo, hi)| (lo, hi))
+}
+
+/// The message for a value outside its key's range, or `None` when it is inside.
+fn out_of_range(key: &str, v: f64) -> Option<String> {
+    let (lo, hi) = range_of(key).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+    if v.is_finite() && (lo..=hi).contains(&v) {
+        return None;
+    }
+    let unit = if key.ends_with(".fps") {
+        " frames per second"
+    } else {
+        ""
+    };
+    Some(format!("{v} is out of range ({lo} to {hi}{unit})"))
+}
+
 /// Validates value ranges and cross-key rules; returns (key, message) pairs.
 pub fn validate(p: &Profile) -> Vec<(String, String)> {
     let mut errs = Vec::new();
     let mut err = |k: &str, m: String| errs.push((k.to_string(), m));
-    let size = |k: &str, v: u32, lo: u32, hi: u32, err: &mut dyn FnMut(&str, String)| {
-        if !(lo..=hi).contains(&v) {
-            err(k, format!("{v} is out of range ({lo} to {hi})"));
-        }
-    };
-    // A frame period must be a usable `Duration` and short enough that stop and source changes
-    // (which wait for the current period) stay prompt: 0.1 fps (10 s) is the slowest rate.
-    let rate = |k: &str, v: f64, err: &mut dyn FnMut(&str, String)| {
-        if !(v.is_finite() && (MIN_FPS..=MAX_FPS).contains(&v)) {
-            err(
-                k,
-                format!("{v} is out of range ({MIN_FPS} to {MAX_FPS} frames per second)"),
-            );
+    let num = |k: &str, v: f64, err: &mut dyn FnMut(&str, String)| {
+        if let Some(m) = out_of_range(k, v) {
+            err(k, m);
         }
     };
     let s = &p.source;
-    size("source.width", s.width, 16, 7680, &mut err);
-    size("source.height", s.height, 16, 4320, &mut err);
-    rate("source.fps", s.fps, &mut err);
+    num("source.width", s.width.into(), &mut err);
+    num("source.height", s.height.into(), &mut err);
+    num("source.fps", s.fps, &mut err);
     if s.kind == SourceKind::File && s.path.as_deref().unwrap_or("").is_empty() {
         err(
             "source.path",
@@ -169,17 +228,15 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
         );
     }
     if let Some(r) = &s.region {
-        if r.width == 0 || r.height == 0 || r.x < 0 || r.y < 0 {
-            err(
-                "source.region",
-                "region needs x, y >= 0 and a non-empty width and height".into(),
-            );
-        }
+        num("source.region.x", r.x.into(), &mut err);
+        num("source.region.y", r.y.into(), &mut err);
+        num("source.region.width", r.width.into(), &mut err);
+        num("source.region.height", r.height.into(), &mut err);
     }
     let o = &p.output;
-    size("output.width", o.width, 16, 7680, &mut err);
-    size("output.height", o.height, 16, 4320, &mut err);
-    rate("output.fps", o.fps, &mut err);
+    num("output.width", o.width.into(), &mut err);
+    num("output.height", o.height.into(), &mut err);
+    num("output.fps", o.fps, &mut err);
     if o.kind == OutputKind::V4l2loopback {
         if o.width % 2 != 0 {
             err(
@@ -203,21 +260,20 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
     if matches!(o.kind, OutputKind::Y4m | OutputKind::Png) && o.path.trim().is_empty() {
         err("output.path", "a file output needs a path".into());
     }
-    if o.every == 0 {
-        err("output.every", "must be at least 1".into());
-    }
+    num("output.every", o.every as f64, &mut err);
     let st = &p.stream;
     for (k, v) in [("stream.width", st.width), ("stream.height", st.height)] {
-        if !(64..=2048).contains(&v) || v % 8 != 0 {
-            err(k, format!("{v} must be a multiple of 8 from 64 to 2048"));
+        if let Some(m) = out_of_range(k, v.into()) {
+            err(k, m);
+        } else if v % 8 != 0 {
+            err(k, format!("{v} must be a multiple of 8 (from 64 to 2048)"));
         }
     }
-    if !(1..=1000).contains(&st.num_inference_steps) {
-        err(
-            "stream.num_inference_steps",
-            format!("{} is out of range (1 to 1000)", st.num_inference_steps),
-        );
-    }
+    num(
+        "stream.num_inference_steps",
+        st.num_inference_steps.into(),
+        &mut err,
+    );
     if st.t_index_list.is_empty() {
         err(
             "stream.t_index_list",
@@ -245,39 +301,25 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
             ),
         );
     }
-    if !(1..=16).contains(&st.frame_buffer_size) {
-        err(
-            "stream.frame_buffer_size",
-            format!("{} is out of range (1 to 16)", st.frame_buffer_size),
-        );
-    }
-    if !(st.guidance_scale.is_finite() && (0.0..=30.0).contains(&st.guidance_scale)) {
-        err(
-            "stream.guidance_scale",
-            format!("{} is out of range (0 to 30)", st.guidance_scale),
-        );
-    }
-    if !(st.delta.is_finite() && (0.0..=10.0).contains(&st.delta)) {
-        err(
-            "stream.delta",
-            format!("{} is out of range (0 to 10)", st.delta),
-        );
-    }
-    if !(st.similarity_threshold > 0.0 && st.similarity_threshold < 1.0) {
-        err(
-            "stream.similarity_threshold",
-            format!(
-                "{} must be between 0 and 1 (exclusive), e.g. 0.98",
-                st.similarity_threshold
-            ),
-        );
-    }
-    if st.prompt_blend_frames > 600 {
-        err(
-            "stream.prompt_blend_frames",
-            format!("{} is out of range (0 to 600)", st.prompt_blend_frames),
-        );
-    }
+    num(
+        "stream.frame_buffer_size",
+        st.frame_buffer_size.into(),
+        &mut err,
+    );
+    num("stream.guidance_scale", st.guidance_scale, &mut err);
+    num("stream.delta", st.delta, &mut err);
+    num("stream.seed", st.seed as f64, &mut err);
+    num(
+        "stream.similarity_threshold",
+        st.similarity_threshold,
+        &mut err,
+    );
+    num("stream.max_skip_frame", st.max_skip_frame.into(), &mut err);
+    num(
+        "stream.prompt_blend_frames",
+        st.prompt_blend_frames.into(),
+        &mut err,
+    );
     if p.transform == TransformKind::Diffusion && p.model.id.trim().is_empty() {
         err(
             "model.id",
@@ -285,12 +327,7 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
         );
     }
     for (i, l) in p.model.lora.iter().enumerate() {
-        if !(l.scale.is_finite() && (-10.0..=10.0).contains(&l.scale)) {
-            err(
-                &format!("model.lora[{i}].scale"),
-                format!("{} is out of range (-10 to 10)", l.scale),
-            );
-        }
+        num(&format!("model.lora[{i}].scale"), l.scale, &mut err);
     }
     errs
 }
@@ -729,6 +766,226 @@ mod tests {
                 let _ = lp.with_set(key, v);
             }
         }
+    }
+
+    /// Every numeric key of the schema, with the values just outside its range (and NaN,
+    /// infinities) refused, and its bounds accepted, both in a profile file (with file, line and
+    /// key) and through `set`, with the same message.
+    #[test]
+    fn every_numeric_key_is_range_checked_in_profiles_and_set_alike() {
+        // The table covers every numeric key of the schema (new keys must be added to RANGES).
+        let defaults = toml::Value::try_from(Profile::default()).unwrap();
+        for key in known_keys() {
+            let mut v = &defaults;
+            for part in key.split('.') {
+                v = v.get(part).unwrap_or(&toml::Value::Boolean(false));
+            }
+            let numeric = match v {
+                toml::Value::Integer(_) | toml::Value::Float(_) => true,
+                toml::Value::Array(a) => a.iter().any(|x| x.is_integer() || x.is_float()),
+                _ => false,
+            };
+            if numeric {
+                assert!(range_of(&key).is_some(), "{key} has no range in RANGES");
+            }
+        }
+        for k in ["source.region.x", "model.lora[0].scale"] {
+            assert!(range_of(k).is_some(), "{k}");
+        }
+        let floats = [
+            "source.fps",
+            "output.fps",
+            "model.lora.scale",
+            "stream.guidance_scale",
+            "stream.delta",
+            "stream.similarity_threshold",
+        ];
+        for &(key, lo, hi) in RANGES {
+            let float = floats.contains(&key);
+            let fmt = |v: f64| {
+                if float {
+                    format!("{v:?}")
+                } else {
+                    format!("{}", v as i64)
+                }
+            };
+            let step = if float { 0.0005 } else { 1.0 };
+            let mut cases: Vec<(String, bool)> = vec![(fmt(lo), true), (fmt(lo - step), false)];
+            if key != "stream.seed" {
+                cases.push((fmt(hi), true));
+                cases.push((fmt(hi + step), false));
+            } else {
+                cases.push((i64::MAX.to_string(), true));
+            }
+            if float {
+                for v in ["nan", "inf", "-inf", "1e300"] {
+                    cases.push((v.to_string(), false));
+                }
+            }
+            for (v, ok) in cases {
+                // (table, key in the table, value as written, extra keys, the `set` key and
+                // value, the key errors name)
+                let (table, field) = key.rsplit_once('.').unwrap();
+                let (table, line, set_key, set_val, named) = match key {
+                    "source.region.x"
+                    | "source.region.y"
+                    | "source.region.width"
+                    | "source.region.height" => {
+                        let mut r = [
+                            ("x", "0".to_string()),
+                            ("y", "0".to_string()),
+                            ("width", "64".to_string()),
+                            ("height", "64".to_string()),
+                        ];
+                        for f in r.iter_mut() {
+                            if f.0 == field {
+                                f.1 = v.clone();
+                            }
+                        }
+                        let inline = format!(
+                            "{{ {} }}",
+                            r.iter()
+                                .map(|(k, v)| format!("{k} = {v}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        (
+                            "source",
+                            format!("region = {inline}"),
+                            "source.region".to_string(),
+                            inline,
+                            key.to_string(),
+                        )
+                    }
+                    "model.lora.scale" => {
+                        let inline = format!("[{{ id = \"l.safetensors\", scale = {v} }}]");
+                        (
+                            "model",
+                            format!("lora = {inline}"),
+                            "model.lora".to_string(),
+                            inline,
+                            "model.lora[0].scale".to_string(),
+                        )
+                    }
+                    "stream.t_index_list" => (
+                        table,
+                        format!("num_inference_steps = 1000\nt_index_list = [{v}]"),
+                        key.to_string(),
+                        format!("[{v}]"),
+                        key.to_string(),
+                    ),
+                    "stream.num_inference_steps" => (
+                        table,
+                        format!("t_index_list = [0]\n{field} = {v}"),
+                        key.to_string(),
+                        v.clone(),
+                        key.to_string(),
+                    ),
+                    _ => (
+                        table,
+                        format!("{field} = {v}"),
+                        key.to_string(),
+                        v.clone(),
+                        key.to_string(),
+                    ),
+                };
+                let text = format!("[{table}]\n{line}\n");
+                let from_file = parse(&text, "n.toml");
+                // `set` starts from a profile that already holds the context keys.
+                let base = match key {
+                    "stream.t_index_list" => LoadedProfile::default()
+                        .with_set("num_inference_steps", "1000")
+                        .unwrap(),
+                    "stream.num_inference_steps" => LoadedProfile::default()
+                        .with_set("t_index_list", "[0]")
+                        .unwrap(),
+                    _ => LoadedProfile::default(),
+                };
+                let from_set = base.with_set(&set_key, &set_val);
+                if ok {
+                    assert!(from_file.is_ok(), "{key} = {v}: {:?}", from_file.err());
+                    assert!(from_set.is_ok(), "set {key} {v}: {:?}", from_set.err());
+                    continue;
+                }
+                let fe = from_file.expect_err(&format!("{key} = {v} accepted in a profile"));
+                let se = from_set.expect_err(&format!("set {key} {v} accepted"));
+                let fp = fe
+                    .problems
+                    .iter()
+                    .find(|p| p.key == named)
+                    .unwrap_or_else(|| panic!("{key} = {v}: {fe}"));
+                let sp = se
+                    .problems
+                    .iter()
+                    .find(|p| p.key == named)
+                    .unwrap_or_else(|| panic!("set {key} {v}: {se}"));
+                assert!(fp.at.is_some(), "{key} = {v}: no position: {fe}");
+                assert!(fe.to_string().starts_with("n.toml:"), "{fe}");
+                assert!(se.to_string().starts_with("<set>: key `"), "{se}");
+                if fp.message.contains("out of range") || sp.message.contains("out of range") {
+                    assert_eq!(fp.message, sp.message, "{key} = {v}");
+                }
+            }
+        }
+    }
+
+    /// Seeded random values for every key through `set` (bounded: 4000 edits): nothing panics,
+    /// and whatever is accepted is usable by the code that consumes it (frame periods as
+    /// `Duration`s, the pacing of sources, the cheap transforms, the pre-processing sizes).
+    #[test]
+    fn random_values_through_set_never_panic_and_accepted_ones_work() {
+        use rand::{Rng, SeedableRng};
+        let keys = known_keys();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5e7);
+        let lp = LoadedProfile::default();
+        let mut accepted = 0;
+        for _ in 0..4000 {
+            let key = &keys[rng.random_range(0..keys.len())];
+            let v = match rng.random_range(0..9) {
+                0 => format!("{}", rng.random::<i64>()),
+                1 => format!("{}", rng.random_range(-3i64..3000)),
+                2 => format!(
+                    "{:e}",
+                    rng.random::<f64>() * 10f64.powi(rng.random_range(-30..30))
+                ),
+                3 => ["nan", "inf", "-inf", "-0.0", "1e-20", "0"][rng.random_range(0..6)].into(),
+                4 => format!("{}", rng.random_range(-2.0..300.0)),
+                5 => format!(
+                    "[{}]",
+                    (0..rng.random_range(0..20))
+                        .map(|_| rng.random_range(-2i64..1200).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                6 => format!(
+                    "{{ x = {}, y = {}, width = {}, height = {} }}",
+                    rng.random_range(-5i64..40000),
+                    rng.random_range(-5i64..40000),
+                    rng.random_range(-5i64..40000),
+                    rng.random_range(-5i64..40000)
+                ),
+                7 => format!(
+                    "[{{ id = \"x\", scale = {} }}]",
+                    rng.random_range(-20.0..20.0)
+                ),
+                _ => "\"text\"".into(),
+            };
+            let Ok(next) = lp.with_set(key, &v) else {
+                continue;
+            };
+            accepted += 1;
+            let p = &next.profile;
+            for fps in [p.source.fps, p.output.fps] {
+                let _ = std::time::Duration::from_secs_f64(1.0 / fps);
+                let _ = crate::source::pattern::Pacer::new(fps);
+            }
+            let _ = crate::relay::PreprocessConfig::from_profile(p);
+            if p.transform != TransformKind::Diffusion {
+                let mut t = crate::transform::build(p).unwrap();
+                t.apply(p).unwrap();
+            }
+        }
+        assert!(accepted > 100, "{accepted}");
     }
 
     #[test]

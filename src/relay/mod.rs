@@ -28,7 +28,7 @@ use crate::convert::{Fit, Postprocess, Preprocess};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::profile::{OutputConfig, Profile, SourceConfig};
 use crate::sink::{self, Sink};
-use crate::source::{self, Captured, Source};
+use crate::source::{self, Captured, Source, Wake};
 use crate::transform::Transform;
 use crate::Result;
 use queue::{Consumer, Producer, Pushed, Taken};
@@ -111,6 +111,10 @@ pub struct RelayStart {
 /// A running relay.
 pub struct Relay {
     stop: Arc<AtomicBool>,
+    /// Interrupts the capture stage's wait for a frame (stop, source change).
+    wake: Wake,
+    /// Set from outside (a stop signal) to give up waiting for an acknowledgement.
+    cancel: Option<Arc<AtomicBool>>,
     paused: Arc<AtomicBool>,
     stats: Arc<Stats>,
     capture_ctl: Sender<CaptureMsg>,
@@ -122,17 +126,42 @@ pub struct Relay {
 
 /// How long to wait for a stage to acknowledge a reconfiguration.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest the output waits between looks at the stop flag, and its longest period while
+/// draining after a stop.
+const STOP_SLICE: Duration = Duration::from_millis(100);
 /// How often a lost live source is reopened.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// How long a stopping transform stage waits for the capture stage to end.
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
-/// Sends a request carrying an acknowledgement channel and waits for the stage's answer.
-fn ask<T>(send: impl FnOnce(Ack<T>) -> bool, what: &str) -> Result<T> {
+/// How often a wait for an acknowledgement looks at the stop flags.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
+
+/// Sends a request carrying an acknowledgement channel and waits for the stage's answer; gives
+/// up within [`CANCEL_POLL`] once `cancelled` says so (a stop must not wait behind a slow stage).
+fn ask<T>(
+    send: impl FnOnce(Ack<T>) -> bool,
+    what: &str,
+    cancelled: impl Fn() -> bool,
+) -> Result<T> {
     let (ack, done) = bounded(1);
     anyhow::ensure!(send(ack), "{what}: the relay has stopped");
-    done.recv_timeout(ACK_TIMEOUT)
-        .with_context(|| format!("{what}: no answer from the relay"))?
+    let deadline = Instant::now() + ACK_TIMEOUT;
+    loop {
+        match done.recv_timeout(CANCEL_POLL) {
+            Ok(r) => return r,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+                if Instant::now() < deadline && !cancelled() => {}
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if cancelled() => {
+                anyhow::bail!("{what}: interrupted by a stop")
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::from(e).context(format!("{what}: no answer from the relay"))
+                )
+            }
+        }
+    }
 }
 
 impl Relay {
@@ -146,8 +175,10 @@ impl Relay {
         let (transform_ctl, transform_rx) = bounded(4);
         let (output_ctl, output_rx) = bounded(4);
         let (finished_tx, finished) = bounded(3);
+        let wake = Wake::new();
         let mut source = s.source;
         source.set_realtime(!s.every_frame);
+        source.set_wake(wake.clone());
 
         let mut threads = Vec::new();
         let capture = Capture {
@@ -162,6 +193,7 @@ impl Relay {
             opener: s.opener.clone(),
             every_frame: s.every_frame,
             limit: s.max_frames.filter(|_| s.every_frame),
+            wake: wake.clone(),
         };
         let done = finished_tx.clone();
         threads.push((
@@ -229,6 +261,8 @@ impl Relay {
         ));
         Ok(Relay {
             stop,
+            wake,
+            cancel: None,
             paused,
             stats,
             capture_ctl,
@@ -236,6 +270,19 @@ impl Relay {
             output_ctl,
             finished,
             threads,
+        })
+    }
+
+    /// A flag that, once set (by a stop signal), makes every wait for a stage's acknowledgement
+    /// give up at once, so a stop is not held behind a slow reconfiguration.
+    pub fn set_cancel(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    /// Waits for a stage's answer unless the relay stops or the cancel flag is set.
+    fn ask<T>(&self, send: impl FnOnce(Ack<T>) -> bool, what: &str) -> Result<T> {
+        ask(send, what, || {
+            self.stop.load(Relaxed) || self.cancel.as_ref().is_some_and(|c| c.load(Relaxed))
         })
     }
 
@@ -254,8 +301,13 @@ impl Relay {
 
     /// Switches to another source; on failure the current one keeps running.
     pub fn set_source(&self, cfg: SourceConfig) -> Result<()> {
-        ask(
-            |a| self.capture_ctl.send(CaptureMsg::Source(cfg, a)).is_ok(),
+        self.ask(
+            |a| {
+                let sent = self.capture_ctl.send(CaptureMsg::Source(cfg, a)).is_ok();
+                // The capture stage may be waiting a whole source period for a frame.
+                self.wake.wake();
+                sent
+            },
             "switching source",
         )
     }
@@ -270,7 +322,7 @@ impl Relay {
     /// Passes changed settings to the running transform; on failure it keeps its old settings.
     pub fn apply_transform(&self, profile: &Profile) -> Result<()> {
         let p = Box::new(profile.clone());
-        ask(
+        self.ask(
             |a| self.transform_ctl.send(TransformMsg::Apply(p, a)).is_ok(),
             "updating the transform",
         )
@@ -278,7 +330,7 @@ impl Relay {
 
     /// Replaces the transform (e.g. another kind or model); the output keeps streaming meanwhile.
     pub fn replace_transform(&self, t: Box<dyn Transform>) -> Result<()> {
-        ask(
+        self.ask(
             |a| self.transform_ctl.send(TransformMsg::Replace(t, a)).is_ok(),
             "replacing the transform",
         )
@@ -286,7 +338,7 @@ impl Relay {
 
     /// Switches the output (size, rate, device); on failure the old output is restored.
     pub fn set_output(&self, cfg: OutputConfig) -> Result<()> {
-        ask(
+        self.ask(
             |a| self.output_ctl.send(OutputMsg::Output(cfg, a)).is_ok(),
             "switching output",
         )
@@ -294,7 +346,7 @@ impl Relay {
 
     /// Saves the next written frame as PNG; returns the path once written.
     pub fn snapshot(&self, path: PathBuf) -> Result<PathBuf> {
-        ask(
+        self.ask(
             |a| self.output_ctl.send(OutputMsg::Snapshot(path, a)).is_ok(),
             "snapshot",
         )
@@ -303,6 +355,7 @@ impl Relay {
     /// Asks all stages to stop; queued frames are still drained to the sink.
     pub fn request_stop(&self) {
         self.stop.store(true, Relaxed);
+        self.wake.wake();
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -368,12 +421,14 @@ struct Capture {
     every_frame: bool,
     /// Every-frame mode: end the stream after this many frames.
     limit: Option<u64>,
+    wake: Wake,
 }
 
 impl Capture {
     fn open(&self, cfg: &SourceConfig) -> Result<Box<dyn Source>> {
         let mut s = self.opener.source(cfg)?;
         s.set_realtime(!self.every_frame);
+        s.set_wake(self.wake.clone());
         Ok(s)
     }
 
@@ -445,6 +500,8 @@ impl Capture {
             };
             let frame = match source.next_frame() {
                 Ok(Captured::Frame(f)) => f,
+                // Woken (stop, source change): look at the flag and the messages again.
+                Ok(Captured::Interrupted) => continue,
                 Ok(Captured::End) => {
                     tracing::info!("source ended: {}", source.describe());
                     break;
@@ -965,11 +1022,26 @@ impl Output {
                 if now >= next_tick {
                     break;
                 }
-                if let Ok(msg) = self.ctl.recv_timeout(next_tick - now) {
-                    self.handle(msg, &mut last_rgb);
+                // A stop cuts a long wait short (an output at 0.1 fps would hold the drain
+                // for 10 s); the wait is sliced so that the stop flag is seen.
+                if self.stop.load(Relaxed) && next_tick - now > STOP_SLICE {
+                    next_tick = now + STOP_SLICE;
+                }
+                let slice = (next_tick - now).min(STOP_SLICE);
+                match self.ctl.recv_timeout(slice) {
+                    Ok(msg) => self.handle(msg, &mut last_rgb),
+                    // The control side is gone (join): wait without spinning.
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep(slice)
+                    }
+                    Err(_) => {}
                 }
             }
-            let period = Duration::from_secs_f64(1.0 / self.cfg.fps);
+            let mut period = Duration::from_secs_f64(1.0 / self.cfg.fps);
+            if self.stop.load(Relaxed) {
+                // Draining after a stop: at least 10 writes a second.
+                period = period.min(STOP_SLICE);
+            }
             next_tick += period;
             if Instant::now() > next_tick + period {
                 next_tick = Instant::now() + period; // fell behind: no burst

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::{CameraFormat, CameraOptions, Captured, Source};
+use super::{CameraFormat, CameraOptions, Captured, Source, Wake};
 use crate::devices::{
     self, format_fps, fourcc_to_string, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
     PixFormat, V4l2Device, VideoDevice, BUF_TYPE_CAPTURE,
@@ -22,8 +22,20 @@ use crate::Result;
 
 /// Capture buffers requested from the driver.
 const CAPTURE_BUFFERS: u32 = 4;
-/// How long `next_frame` waits for the camera before reporting it stalled or gone.
+/// How long `next_frame` waits for the camera before reporting it stalled or gone (or three
+/// frame periods of a slow camera, if longer).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest single poll for a frame: a stop or source change ([`Wake`]) is seen this soon.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+/// How long to wait for a frame from a camera running at `fps`.
+fn frame_timeout(fps: f64) -> Duration {
+    if fps.is_finite() && fps >= 0.01 {
+        FRAME_TIMEOUT.max(Duration::from_secs_f64(3.0 / fps))
+    } else {
+        FRAME_TIMEOUT
+    }
+}
 /// Consecutive bad (error-flagged or empty) buffers tolerated before giving up.
 const MAX_BAD_BUFFERS: u32 = 30;
 
@@ -320,6 +332,7 @@ pub struct CameraSource {
     bytesperline: u32,
     fps: f64,
     seq: u64,
+    wake: Wake,
 }
 
 impl CameraSource {
@@ -469,6 +482,7 @@ impl CameraSource {
             bytesperline: got.bytesperline,
             fps,
             seq: 0,
+            wake: Wake::new(),
         };
         tracing::info!("{}", source.describe());
         Ok(source)
@@ -518,14 +532,28 @@ impl CameraSource {
 impl Source for CameraSource {
     fn next_frame(&mut self) -> Result<Captured> {
         let mut bad = 0;
+        let started = Instant::now();
+        let timeout = frame_timeout(self.fps);
         loop {
-            let d = self.queue.dequeue(FRAME_TIMEOUT).with_context(|| {
-                format!(
-                    "capturing from camera {} ({}): unplugged or stalled?",
-                    self.path.display(),
-                    self.card
-                )
-            })?;
+            // Poll in short slices so that a wake (stop, source change) is seen promptly.
+            let d = match self.queue.dequeue(POLL_SLICE) {
+                Ok(d) => d,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::TimedOut && started.elapsed() < timeout =>
+                {
+                    if self.wake.take() {
+                        return Ok(Captured::Interrupted);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e).context(format!(
+                        "capturing from camera {} ({}): unplugged or stalled?",
+                        self.path.display(),
+                        self.card
+                    )))
+                }
+            };
             let data = if d.flags & v4l::v4l_sys::V4L2_BUF_FLAG_ERROR != 0 {
                 None
             } else {
@@ -580,6 +608,10 @@ impl Source for CameraSource {
 
     fn is_live(&self) -> bool {
         true
+    }
+
+    fn set_wake(&mut self, wake: Wake) {
+        self.wake = wake;
     }
 }
 

@@ -91,7 +91,9 @@ impl Source for ImageSource {
         if !self.looping && self.seq > 0 {
             return Ok(Captured::End);
         }
-        self.pacer.wait();
+        if !self.pacer.wait() {
+            return Ok(Captured::Interrupted);
+        }
         let mut f = self.frame.clone();
         f.seq = self.seq;
         f.captured_at = std::time::Instant::now();
@@ -107,6 +109,10 @@ impl Source for ImageSource {
             self.frame.height,
             self.fps
         )
+    }
+
+    fn set_wake(&mut self, wake: super::Wake) {
+        self.pacer.set_wake(wake);
     }
 
     fn fps(&self) -> f64 {

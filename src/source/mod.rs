@@ -9,8 +9,59 @@ pub mod pattern;
 pub mod screen;
 pub mod y4m;
 
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
 use crate::frame::Frame;
 use crate::Result;
+
+/// Wakes a source that waits for its next frame (a pacing sleep, a camera poll), so that a stop
+/// or a source change does not wait one source period (10 s at 0.1 fps). A wake is kept until
+/// a wait consumes it, so one sent just before the wait starts is not lost.
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Arc<(Mutex<bool>, Condvar)>);
+
+impl Wake {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Interrupts the current wait, or the next one if none is running.
+    pub fn wake(&self) {
+        let (pending, cv) = &*self.0;
+        *pending.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Takes a pending wake without waiting.
+    pub fn take(&self) -> bool {
+        std::mem::take(&mut *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Sleeps until `deadline` unless woken first; returns true when woken (the wake is used up).
+    pub fn sleep_until(&self, deadline: Instant) -> bool {
+        let (pending, cv) = &*self.0;
+        let mut woken = pending.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if std::mem::take(&mut *woken) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            woken = cv
+                .wait_timeout(woken, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// [`Wake::sleep_until`] for a duration.
+    pub fn sleep(&self, d: Duration) -> bool {
+        self.sleep_until(Instant::now() + d)
+    }
+}
 
 /// What [`Source::next_frame`] returned.
 #[derive(Debug)]
@@ -19,6 +70,9 @@ pub enum Captured {
     Frame(Frame),
     /// The source has no more frames (end of file); the relay stops when the queue drains.
     End,
+    /// The wait for the next frame was interrupted by [`Wake::wake`]: nothing was captured; look
+    /// at the stop flag and control messages, then ask again.
+    Interrupted,
 }
 
 /// A producer of frames. Live sources (camera, screen, pattern) pace themselves: `next_frame`
@@ -37,6 +91,9 @@ pub trait Source: Send {
     }
     /// For file sources: pace frames at [`Source::fps`] as a camera would. Live sources ignore it.
     fn set_realtime(&mut self, _realtime: bool) {}
+    /// The [`Wake`] that interrupts this source's waits ([`Captured::Interrupted`]). Sources
+    /// that never wait long ignore it.
+    fn set_wake(&mut self, _wake: Wake) {}
 }
 
 /// Preferred pixel format to negotiate with a camera.

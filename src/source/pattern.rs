@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Captured, Source};
+use super::{Captured, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::Result;
 
@@ -39,29 +39,43 @@ const DIGITS: [[u8; 5]; 10] = [
 pub struct Pacer {
     period: Duration,
     next: Option<Instant>,
+    wake: Wake,
 }
 
 impl Pacer {
+    /// Any rate works: NaN, zero and negative rates are taken as 0.001 fps, huge ones as no wait
+    /// (the profile keeps rates within `profile::MIN_FPS..=MAX_FPS`; a Y4M header may not).
     pub fn new(fps: f64) -> Self {
+        let fps = if fps.is_nan() { 0.001 } else { fps.max(0.001) };
         Pacer {
-            period: Duration::from_secs_f64(1.0 / fps.max(0.001)),
+            period: Duration::from_secs_f64(1.0 / fps),
             next: None,
+            wake: Wake::new(),
         }
     }
 
-    /// Sleeps until the next frame time. If we are more than one period late, the schedule
-    /// restarts from now instead of bursting to catch up.
-    pub fn wait(&mut self) {
+    /// The [`Wake`] that interrupts [`Pacer::wait`].
+    pub fn set_wake(&mut self, wake: Wake) {
+        self.wake = wake;
+    }
+
+    /// Sleeps until the next frame time; returns false when woken first (the frame is still
+    /// due: the next call waits for the rest of the period). If we are more than one period
+    /// late, the schedule restarts from now instead of bursting to catch up.
+    pub fn wait(&mut self) -> bool {
         let now = Instant::now();
         let due = *self.next.get_or_insert(now);
         if due > now {
-            std::thread::sleep(due - now);
+            if self.wake.sleep_until(due) {
+                return false;
+            }
             self.next = Some(due + self.period);
         } else if now - due > self.period {
             self.next = Some(now + self.period);
         } else {
             self.next = Some(due + self.period);
         }
+        true
     }
 }
 
@@ -153,7 +167,9 @@ impl PatternSource {
 
 impl Source for PatternSource {
     fn next_frame(&mut self) -> Result<Captured> {
-        self.pacer.wait();
+        if !self.pacer.wait() {
+            return Ok(Captured::Interrupted);
+        }
         let data = render(self.width, self.height, self.n);
         let mut f = Frame::new(
             self.width,
@@ -176,6 +192,10 @@ impl Source for PatternSource {
 
     fn fps(&self) -> f64 {
         self.fps
+    }
+
+    fn set_wake(&mut self, wake: Wake) {
+        self.pacer.set_wake(wake);
     }
 }
 
@@ -212,5 +232,36 @@ mod tests {
         }
         let el = t0.elapsed();
         assert!(el >= Duration::from_millis(45), "{el:?}");
+    }
+
+    /// A wake interrupts a source's pacing sleep at once (a stop at 0.1 fps does not wait
+    /// 10 s), a wake sent before the wait is not lost, and the interrupted frame is still due.
+    #[test]
+    fn a_wake_interrupts_the_pacing_of_a_slow_source() {
+        let wake = Wake::new();
+        let mut src = PatternSource::new(32, 16, 0.1);
+        src.set_wake(wake.clone());
+        assert!(matches!(src.next_frame().unwrap(), Captured::Frame(_)));
+        let w = wake.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            w.wake();
+        });
+        let t0 = Instant::now();
+        assert!(matches!(src.next_frame().unwrap(), Captured::Interrupted));
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        t.join().unwrap();
+        wake.wake();
+        let t0 = Instant::now();
+        assert!(matches!(src.next_frame().unwrap(), Captured::Interrupted));
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        // Weird rates never panic.
+        for fps in [f64::NAN, 0.0, -1.0, f64::INFINITY, 1e300, 1e-300] {
+            let mut p = Pacer::new(fps);
+            p.set_wake(wake.clone());
+            wake.wake();
+            p.wait();
+            p.wait();
+        }
     }
 }

@@ -22,7 +22,7 @@ use x11rb::protocol::xproto::{self, ConnectionExt as _, ImageFormat, ImageOrder,
 use x11rb::rust_connection::RustConnection;
 use x11rb::x11_utils::TryParse;
 
-use super::{Captured, ScreenOptions, Source};
+use super::{Captured, ScreenOptions, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::Result;
 
@@ -58,6 +58,7 @@ pub struct ScreenSource {
     fps: f64,
     period: Duration,
     next_due: Option<Instant>,
+    wake: Wake,
     seq: u64,
 }
 
@@ -128,6 +129,7 @@ impl ScreenSource {
             fps: opts.fps,
             period: Duration::from_secs_f64(1.0 / opts.fps),
             next_due: None,
+            wake: Wake::new(),
             seq: 0,
         };
         match method {
@@ -270,8 +272,8 @@ impl Source for ScreenSource {
     fn next_frame(&mut self) -> Result<Captured> {
         if let Some(due) = self.next_due {
             let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
+            if due > now && self.wake.sleep_until(due) {
+                return Ok(Captured::Interrupted);
             }
         }
         let captured_at = Instant::now();
@@ -310,6 +312,10 @@ impl Source for ScreenSource {
 
     fn is_live(&self) -> bool {
         true
+    }
+
+    fn set_wake(&mut self, wake: Wake) {
+        self.wake = wake;
     }
 }
 

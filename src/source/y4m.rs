@@ -361,7 +361,9 @@ impl Source for Y4mSource {
                 .collect();
         }
         if self.realtime {
-            self.pacer.wait();
+            // The frame is read: a wake (stop, source change) cuts the wait short and the
+            // frame goes out early rather than being lost.
+            let _ = self.pacer.wait();
         }
         let f = self.frame_from_planes(data)?;
         self.seq += 1;
@@ -392,6 +394,10 @@ impl Source for Y4mSource {
 
     fn set_realtime(&mut self, realtime: bool) {
         self.realtime = realtime;
+    }
+
+    fn set_wake(&mut self, wake: super::Wake) {
+        self.pacer.set_wake(wake);
     }
 }
 

@@ -83,12 +83,13 @@ fn device_label(device: &candle_core::Device) -> String {
     }
 }
 
-/// The stream settings of a profile.
+/// The stream settings of a profile (the size from [`crate::profile::geometry::resolve`]).
 pub fn stream_params(p: &Profile) -> StreamParams {
     let s = &p.stream;
+    let size = crate::profile::geometry::resolve(p);
     StreamParams {
-        width: s.width as usize,
-        height: s.height as usize,
+        width: size.width as usize,
+        height: size.height as usize,
         mode: s.mode,
         t_index_list: s.t_index_list.iter().map(|&i| i as usize).collect(),
         num_inference_steps: s.num_inference_steps as usize,
@@ -347,8 +348,8 @@ mod tests {
 
     fn profile(t: &[u32], cfg: CfgType) -> Profile {
         let mut p = Profile::default();
-        p.stream.width = 32;
-        p.stream.height = 24;
+        p.stream.width = crate::profile::StreamDim::Px(32);
+        p.stream.height = crate::profile::StreamDim::Px(24);
         p.stream.t_index_list = t.to_vec();
         p.stream.cfg_type = cfg;
         p.stream.guidance_scale = 1.5;

@@ -138,6 +138,8 @@ pub struct DiffusionTransform {
     /// The last output, re-sent when the similarity filter skips a frame.
     last: Option<Frame>,
     skipped: u64,
+    /// Scales a frame pre-processed for another stream size (a size change in flight).
+    resizer: crate::convert::RgbResizer,
 }
 
 impl DiffusionTransform {
@@ -167,6 +169,7 @@ impl DiffusionTransform {
             pending: Vec::new(),
             last: None,
             skipped: 0,
+            resizer: crate::convert::RgbResizer::new(),
         })
     }
 
@@ -237,20 +240,31 @@ impl Transform for DiffusionTransform {
     }
 
     fn process_into(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<()> {
-        let p = self.stream.params();
-        if input.format != PixelFormat::Rgb24
-            || input.width as usize != p.width
-            || input.height as usize != p.height
-        {
-            anyhow::bail!(
-                "diffusion expects {}x{} RGB frames, got {}x{} {}",
-                p.width,
-                p.height,
-                input.width,
-                input.height,
-                input.format
-            );
+        let (w, h) = {
+            let p = self.stream.params();
+            (p.width as u32, p.height as u32)
+        };
+        if input.format != PixelFormat::Rgb24 {
+            anyhow::bail!("diffusion expects RGB frames, got {}", input.format);
         }
+        let resized;
+        let input = if (input.width, input.height) != (w, h) {
+            // Pre-processed for the previous stream size: a size change (`set stream.width`, or
+            // the output's with an auto stream size) reaches the capture and the transform a
+            // frame apart. Scaled rather than lost, so the change never shows as an error.
+            tracing::debug!(
+                "diffusion: a {}x{} frame scaled to the stream's {w}x{h}",
+                input.width,
+                input.height
+            );
+            resized = self
+                .resizer
+                .resize(input, w, h, crate::convert::Fit::Stretch, false)?;
+            &resized
+        } else {
+            input
+        };
+        let p = self.stream.params();
         if p.mode == StreamMode::Img2img {
             if let (Some(filter), Some(last)) = (self.filter.as_mut(), self.last.as_ref()) {
                 let (device, dtype) = self.stream.device_dtype();

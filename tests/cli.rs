@@ -1447,6 +1447,9 @@ fn live_output_size_change_resizes_an_auto_stream_through_the_pipeline() {
     p.wait_for_n("stream prepared again", 2);
     p.send("get output.fit");
     p.wait_for("output.fit = \"crop\" (running: stretch");
+    p.send("set stream.height auto");
+    p.wait_for_n("stream 128x64 (auto: 2:1 output at ~64² pixels", 2);
+    p.wait_for_n("stream prepared again", 3);
     p.wait_written(w0 + 10);
     p.send("quit");
     let f = p.finish(DEADLINE);

@@ -9,6 +9,7 @@ use anyhow::Context;
 use crossbeam_channel::{bounded, never, select, tick, Receiver};
 
 use crate::control::{self, Command, Control, Event, Work};
+use crate::profile::geometry::{self, StreamSize};
 use crate::profile::{
     LoadedProfile, ModelConfig, OutputKind, Pacing, Profile, SourceKind, TransformKind,
 };
@@ -110,15 +111,50 @@ fn spawn_build(p: &Profile) -> Receiver<Result<Box<dyn Transform>>> {
 
 struct Session {
     relay: Relay,
+    /// The profile as written (stream sizes may be `"auto"`).
     current: LoadedProfile,
+    /// What the stages run: `current` resolved by [`geometry::running`] (sizes in pixels).
+    running: Profile,
+    /// How the running stream size came about (for the log and `get`).
+    stream_size: StreamSize,
+    /// The pre-processing the capture stage has.
+    pre: PreprocessConfig,
     playlist_pos: usize,
     pending: Option<PendingBuild>,
 }
 
 impl Session {
-    /// Applies a new profile stage by stage; a stage that fails keeps its old settings.
+    /// Makes `run` the running profile, logging the stream size when it changes.
+    fn set_running(&mut self, run: Profile, size: StreamSize) {
+        if size != self.stream_size {
+            tracing::info!("stream {size}");
+        }
+        self.running = run;
+        self.stream_size = size;
+    }
+
+    /// Sends the running profile's pre-processing to the capture stage. A new size waits while
+    /// a transform is loading (`loading`): the transform that runs meanwhile was prepared for
+    /// the old one; [`Session::finish_build`] sends it once the new transform is in.
+    fn sync_preprocess(&mut self, loading: bool) -> Result<()> {
+        let pre = PreprocessConfig::from_profile(&self.running);
+        if pre == self.pre
+            || (loading && (pre.width, pre.height) != (self.pre.width, self.pre.height))
+        {
+            return Ok(());
+        }
+        self.relay.set_preprocess(pre)?;
+        self.pre = pre;
+        Ok(())
+    }
+
+    /// Applies a new profile stage by stage; a stage that fails keeps its old settings. The
+    /// stages get the profile resolved ([`geometry::running`]): with an auto stream size, an
+    /// output size change prepares the stream again at the output's new aspect ratio.
     fn apply(&mut self, mut next: LoadedProfile, what: &str) {
         let old = self.current.profile.clone();
+        let old_run = self.running.clone();
+        let old_size = self.stream_size.clone();
         let new = &mut next.profile;
         let mut failed = Vec::new();
         let (mut loading, mut deferred) = (false, false);
@@ -128,13 +164,13 @@ impl Session {
                 new.source = old.source.clone();
             }
         }
-        let pre = PreprocessConfig::from_profile(new);
-        if pre != PreprocessConfig::from_profile(&old) {
-            if let Err(e) = self.relay.set_preprocess(pre) {
-                failed.push(format!("pre-processing kept: {e:#}"));
-            }
+        let rebuild = new.transform != old.transform || new.model != old.model;
+        let (new_run, size) = geometry::running(new);
+        self.set_running(new_run.clone(), size);
+        if let Err(e) = self.sync_preprocess(rebuild || self.pending.is_some()) {
+            failed.push(format!("pre-processing kept: {e:#}"));
         }
-        if new.transform != old.transform || new.model != old.model {
+        if rebuild {
             // Built in the background; a newer change supersedes one still loading.
             tracing::info!(
                 "{what}: building the {:?} transform in the background; the output keeps the \
@@ -151,7 +187,7 @@ impl Session {
                 }
             }
             self.pending = Some(PendingBuild {
-                rx: spawn_build(new),
+                rx: spawn_build(&new_run),
                 old_transform,
                 old_model,
                 initial: false,
@@ -161,28 +197,56 @@ impl Session {
         } else if self.pending.is_some() {
             // The transform that is loading picks these settings up when it is ready.
             deferred = true;
-        } else if new.prompt != old.prompt
-            || new.negative_prompt != old.negative_prompt
-            || new.stream != old.stream
+        } else if new_run.prompt != old_run.prompt
+            || new_run.negative_prompt != old_run.negative_prompt
+            || new_run.stream != old_run.stream
         {
-            if let Err(e) = self.relay.apply_transform(new) {
+            if let Err(e) = self.relay.apply_transform(&new_run) {
                 failed.push(format!("transform settings kept: {e:#}"));
                 new.prompt = old.prompt.clone();
                 new.negative_prompt = old.negative_prompt.clone();
                 new.stream = old.stream.clone();
+                if new_run.stream.width != old_run.stream.width
+                    || new_run.stream.height != old_run.stream.height
+                {
+                    // The new size may have come from the output's (auto stream size): the
+                    // output stays with the stream it was sized for.
+                    new.output = old.output.clone();
+                }
             }
         }
-        if new.output != old.output {
+        let run_now = geometry::running(new).0;
+        if run_now.output != old_run.output {
             if every_frame(new) != every_frame(&old) {
                 tracing::warn!("output.pacing changes take effect when sdcam is restarted");
             }
-            if let Err(e) = self.relay.set_output(new.output.clone()) {
+            if let Err(e) = self.relay.set_output(run_now.output.clone()) {
                 failed.push(format!("output kept: {e:#}"));
                 new.output = old.output.clone();
             }
         }
+        // A stage that kept its settings may leave the stream sized for settings that did not
+        // apply (an output that failed to open): bring the others back in line.
+        let (final_run, size) = geometry::running(new);
+        if final_run != self.running {
+            let stream_changed = final_run.stream != self.running.stream;
+            self.set_running(final_run, size);
+            if let Err(e) = self.sync_preprocess(self.pending.is_some()) {
+                failed.push(format!("pre-processing kept: {e:#}"));
+            }
+            if stream_changed && self.pending.is_none() {
+                if let Err(e) = self.relay.apply_transform(&self.running) {
+                    failed.push(format!("transform settings kept: {e:#}"));
+                }
+            }
+        }
         if new.prompts != old.prompts {
             self.playlist_pos = 0;
+        }
+        if let Some(w) = geometry::unused_output_fit(new, &self.stream_size) {
+            if geometry::unused_output_fit(&old, &old_size).is_none() {
+                tracing::warn!("{w}");
+            }
         }
         if loading {
             // Not applied yet: `finish_build` says so once the new transform is installed.
@@ -206,13 +270,19 @@ impl Session {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
+        // Resolved again: the model's config may have just been downloaded (its native size).
+        let (run, size) = geometry::running(&self.current.profile);
         let installed = r.and_then(|mut t| {
-            // Settings changed while it loaded (prompt, stream keys) apply now.
-            t.apply(&self.current.profile)?;
+            // Settings changed while it loaded (prompt, stream keys, size) apply now.
+            t.apply(&run)?;
             self.relay.replace_transform(t)
         });
         match installed {
             Ok(()) => {
+                self.set_running(run, size);
+                if let Err(e) = self.sync_preprocess(false) {
+                    tracing::error!("pre-processing kept: {e:#}");
+                }
                 if !p.initial {
                     tracing::info!("{}: applied", p.what);
                 }
@@ -226,6 +296,15 @@ impl Session {
                 );
                 self.current.profile.transform = p.old_transform;
                 self.current.profile.model = p.old_model;
+                let (run, size) = geometry::running(&self.current.profile);
+                self.set_running(run, size);
+                // The running transform gets what changed while the other one loaded.
+                if let Err(e) = self.relay.apply_transform(&self.running) {
+                    tracing::error!("transform settings kept: {e:#}");
+                }
+                if let Err(e) = self.sync_preprocess(false) {
+                    tracing::error!("pre-processing kept: {e:#}");
+                }
                 Ok(())
             }
         }
@@ -272,6 +351,21 @@ impl Session {
         !stop.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// For `get`: what runs, where it differs from what is written (an auto stream size, the
+    /// output fit it implies).
+    fn running_note(&self, key: &str) -> String {
+        match crate::profile::resolve_key(key).as_deref() {
+            Ok("stream.width" | "stream.height") => format!(" (running: {})", self.stream_size),
+            Ok("output.fit") if self.running.output.fit != self.current.profile.output.fit => {
+                format!(
+                    " (running: stretch, the stream has the output's aspect: {})",
+                    self.stream_size
+                )
+            }
+            _ => String::new(),
+        }
+    }
+
     /// Handles one event; returns false when the run should stop.
     fn handle(&mut self, ev: Event) -> bool {
         let cmd = match ev {
@@ -306,7 +400,7 @@ impl Session {
             Command::Get(key) => self
                 .current
                 .get(&key)
-                .map(|v| eprintln!("{v}"))
+                .map(|v| eprintln!("{v}{}", self.running_note(&key)))
                 .map_err(|e| anyhow::anyhow!(e)),
             Command::Profile(path) => self
                 .current
@@ -360,6 +454,12 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     let lp = opts.profile;
     let p = &lp.profile;
     let every = every_frame(p);
+    // The stages run the profile with its stream size resolved, once, here.
+    let (running, stream_size) = geometry::running(p);
+    tracing::info!("stream {stream_size}");
+    if let Some(w) = geometry::unused_output_fit(p, &stream_size) {
+        tracing::warn!("{w}");
+    }
     // The output opens first, so a virtual camera starts streaming (placeholder frames) before
     // anything slow happens.
     let sink = opts.opener.sink(&p.output).context("opening the output")?;
@@ -376,8 +476,8 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         source_cfg: p.source.clone(),
         transform: None,
         sink,
-        output_cfg: p.output.clone(),
-        preprocess: PreprocessConfig::from_profile(p),
+        output_cfg: running.output.clone(),
+        preprocess: PreprocessConfig::from_profile(&running),
         every_frame: every,
         max_frames: opts.max_frames,
         opener: opts.opener.clone(),
@@ -390,7 +490,7 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         if every { "every frame" } else { "real time" }
     );
     let pending = PendingBuild {
-        rx: spawn_build(p),
+        rx: spawn_build(&running),
         old_transform: p.transform,
         old_model: p.model.clone(),
         initial: true,
@@ -410,8 +510,11 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     let tty = std::io::stderr().is_terminal();
     let ticker = tick(Duration::from_secs(1));
     let mut session = Session {
+        pre: PreprocessConfig::from_profile(&running),
         relay,
         current: lp,
+        running,
+        stream_size,
         playlist_pos: 0,
         pending: Some(pending),
     };

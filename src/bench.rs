@@ -195,7 +195,16 @@ pub fn run(
     profile: &Profile,
     opts: &BenchOptions,
 ) -> Result<BenchReport> {
-    let base = pipeline::stream_params(profile);
+    // The bench always runs the pipeline: an auto stream size follows the model's native size.
+    let diffusion = Profile {
+        transform: crate::profile::TransformKind::Diffusion,
+        ..profile.clone()
+    };
+    tracing::info!(
+        "bench: stream {}",
+        crate::profile::geometry::resolve(&diffusion)
+    );
+    let base = pipeline::stream_params(&diffusion);
     let mut rows = Vec::new();
     tracing::info!("bench: profile settings");
     rows.push(measure(

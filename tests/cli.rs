@@ -1632,3 +1632,136 @@ fn a_failing_lora_is_not_reported_applied() {
     let f = p.finish(DEADLINE);
     assert!(f.status.success(), "{}", f.stderr);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Geometry: the default (auto) stream size fits the source once
+// ---------------------------------------------------------------------------------------------
+
+/// Frames whose luma says the row (60 → 180 down the picture) and whose U says the column
+/// (108 → 148 across), inside the RGB gamut so the round trip through RGB keeps both.
+fn ruler_y4m(path: &Path, w: usize, h: usize) {
+    let (cw, ch) = (w / 2, h / 2);
+    let mut f = vec![128u8; Y4m::frame_len(w, h)];
+    for y in 0..h {
+        for x in 0..w {
+            f[y * w + x] = (60.0 + 120.0 * (y as f64 + 0.5) / h as f64).round() as u8;
+        }
+    }
+    for cy in 0..ch {
+        for cx in 0..cw {
+            f[w * h + cy * cw + cx] = (108.0 + 40.0 * (cx as f64 + 0.5) / cw as f64).round() as u8;
+        }
+    }
+    // Four frames: a file source of at most two (the queue's depth) can end before the
+    // transform is built, and the run then stops with nothing written.
+    write_y4m(path, w, h, &[f.clone(), f.clone(), f.clone(), f]);
+}
+
+/// What the first frame shows of a [`ruler_y4m`] source: the fraction of its height (luma span
+/// down the middle column) and of its width (U span along the middle row), read 4 pixels in
+/// from the picture's edges, and the first and last columns of the picture (not a bar).
+fn ruler_view(y: &Y4m) -> (f64, f64, usize, usize) {
+    let [luma, u, _] = y.planes(0);
+    let (w, h, cw) = (y.width, y.height, y.width.div_ceil(2));
+    let cols: Vec<usize> = (0..w).filter(|&x| luma[h / 2 * w + x] > 40).collect();
+    let (x0, x1) = (cols[0], *cols.last().unwrap());
+    let l = |r: usize| luma[r * w + (x0 + x1) / 2] as f64;
+    let fy = (l(h - 5) - l(4)) / 120.0 * h as f64 / (h - 9) as f64;
+    let crow = h / 4;
+    let uu = |c: usize| u[crow * cw + c] as f64;
+    let (c0, c1) = (x0 / 2 + 2, x1 / 2 - 2);
+    let fx = (uu(c1) - uu(c0)) / 40.0 * (x1 - x0 + 1) as f64 / (2 * (c1 - c0)) as f64;
+    (fy, fx, x0, x1)
+}
+
+#[test]
+fn default_stream_size_fits_a_4_3_source_once_into_a_16_9_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("four3.y4m");
+    ruler_y4m(&input, 160, 120);
+    let run = |fit: &str| {
+        let out = dir.path().join(format!("{fit}.y4m"));
+        let f = run_ok(sdcam().args([
+            "--source",
+            &s(&input),
+            "--output",
+            &s(&out),
+            "--transform",
+            "identity",
+            "--no-stdin",
+            "--set",
+            "source.loop=false",
+            "--set",
+            &format!("source.fit={fit:?}"),
+            "--set",
+            "output.width=320",
+            "--set",
+            "output.height=180",
+        ]));
+        (Y4m::read(&out), f.stderr)
+    };
+    // crop: the 4:3 picture is cut once, to 16:9 (~75 % of its height, all of its width), not
+    // twice through a 512² square (56 % of the height, 75 % of the width: 42 % of the picture).
+    let (y, log) = run("crop");
+    assert!(
+        log.contains("stream 320x184 (auto: 16:9 output at the output's pixel count)"),
+        "{log}"
+    );
+    let (fy, fx, x0, x1) = ruler_view(&y);
+    assert!((0.72..0.82).contains(&fy), "visible height {fy:.3}\n{log}");
+    assert!(fx > 0.93, "visible width {fx:.3}\n{log}");
+    assert_eq!((x0, x1), (0, 319), "no bars");
+    // letterbox: all of the source, with bars left and right (240 of 320 columns).
+    let (y, log) = run("letterbox");
+    let (fy, fx, x0, x1) = ruler_view(&y);
+    assert!(fy > 0.95 && fx > 0.93, "visible {fy:.3} x {fx:.3}\n{log}");
+    assert!(
+        (35..45).contains(&x0) && (275..285).contains(&x1),
+        "{x0}..{x1}\n{log}"
+    );
+}
+
+#[test]
+fn live_output_size_change_resizes_an_auto_stream_through_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("live.y4m");
+    let mut p = Proc::spawn(
+        sdcam().args([
+            "--profile",
+            "profiles/demo.toml",
+            "--output",
+            &s(&out),
+            "--set",
+            "stream.width=\"auto\"",
+            "--set",
+            "stream.height=\"auto\"",
+            "--set",
+            "output.width=128",
+            "--set",
+            "output.height=96",
+        ]),
+        true,
+    );
+    // The tiny model's native size is 64² (sample_size 8 × 8): a 4:3 output gets 88x64.
+    p.wait_for("stream 88x64 (auto: 4:3 output at ~64² pixels, the model's native size)");
+    p.wait_for("transform: diffusion");
+    let w0 = p.wait_written(3);
+    p.send("get stream.width");
+    p.wait_for("stream.width = \"auto\" (running: 88x64 (auto: 4:3 output");
+    p.send("set output.width 192");
+    p.wait_for("stream 128x64 (auto: 2:1 output");
+    p.wait_for("stream prepared again");
+    p.send("set stream.height 96");
+    p.wait_for("stream 192x96 (width auto: 2:1 output, height 96 given)");
+    p.wait_for_n("stream prepared again", 2);
+    p.send("get output.fit");
+    p.wait_for("output.fit = \"crop\" (running: stretch");
+    p.send("set stream.height auto");
+    p.wait_for_n("stream 128x64 (auto: 2:1 output at ~64² pixels", 2);
+    p.wait_for_n("stream prepared again", 3);
+    p.wait_written(w0 + 10);
+    p.send("quit");
+    let f = p.finish(DEADLINE);
+    assert!(f.status.success(), "{}", f.stderr);
+    assert!(!f.stderr.contains("transform failed"), "{}", f.stderr);
+}

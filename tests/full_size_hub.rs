@@ -13,10 +13,11 @@
 //! the cache, runs this test with `SDCAM_FULL_SIZE_CACHE` and streams both profiles through the
 //! `sdcam` binary.
 //!
-//! What is compared is the stream core with the profile's settings at 256² (the profile says
-//! 512²), started from a zero latent buffer (`warm_start = false`, as the reference starts) and
-//! with the reference's pre-sampled noise (`Noise::from_file`): the similarity filter, which
-//! skips frames at random, sits outside the core and is not involved.
+//! What is compared is the stream core with the profile's settings at 256² (the profiles'
+//! own size is auto: 680×384 for their 16:9 output), started from a zero latent buffer
+//! (`warm_start = false`, as the reference starts) and with the reference's pre-sampled noise
+//! (`Noise::from_file`): the similarity filter, which skips frames at random, sits outside the
+//! core and is not involved.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

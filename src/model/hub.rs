@@ -696,6 +696,20 @@ pub fn resolve_lora(
     src.get(name)
 }
 
+/// A file of a local model folder or of a repo's cached snapshot, never touching the network:
+/// `None` when it is not on this machine (yet).
+pub fn local_file(
+    spec: &str,
+    revision: Option<&str>,
+    opts: &HubOptions,
+    file: &str,
+) -> Option<PathBuf> {
+    match open_source(spec, revision, opts).ok()? {
+        Source::Local(root) => Some(root.join(file)).filter(|p| p.is_file()),
+        Source::Hub(h) => h.cached(file),
+    }
+}
+
 /// Cache directory a repo id maps to (for messages and tooling).
 pub fn cache_repo_dir(opts: &HubOptions, repo_id: &str) -> PathBuf {
     opts.cache_dir

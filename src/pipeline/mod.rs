@@ -83,12 +83,13 @@ fn device_label(device: &candle_core::Device) -> String {
     }
 }
 
-/// The stream settings of a profile.
+/// The stream settings of a profile (the size from [`crate::profile::geometry::resolve`]).
 pub fn stream_params(p: &Profile) -> StreamParams {
     let s = &p.stream;
+    let size = crate::profile::geometry::resolve(p);
     StreamParams {
-        width: s.width as usize,
-        height: s.height as usize,
+        width: size.width as usize,
+        height: size.height as usize,
         mode: s.mode,
         t_index_list: s.t_index_list.iter().map(|&i| i as usize).collect(),
         num_inference_steps: s.num_inference_steps as usize,
@@ -187,6 +188,8 @@ pub struct DiffusionTransform {
     last: Option<Frame>,
     skipped: u64,
     discarded: u64,
+    /// Scales a frame pre-processed for another stream size (a size change in flight).
+    resizer: crate::convert::RgbResizer,
 }
 
 impl DiffusionTransform {
@@ -222,6 +225,7 @@ impl DiffusionTransform {
             last: None,
             skipped: 0,
             discarded: 0,
+            resizer: crate::convert::RgbResizer::new(),
         })
     }
 
@@ -382,21 +386,32 @@ impl Transform for DiffusionTransform {
     }
 
     fn process_into(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<()> {
-        let p = self.stream.params();
-        if input.format != PixelFormat::Rgb24
-            || input.width as usize != p.width
-            || input.height as usize != p.height
-        {
-            anyhow::bail!(
-                "diffusion expects {}x{} RGB frames, got {}x{} {}",
-                p.width,
-                p.height,
-                input.width,
-                input.height,
-                input.format
-            );
+        let (w, h) = {
+            let p = self.stream.params();
+            (p.width as u32, p.height as u32)
+        };
+        if input.format != PixelFormat::Rgb24 {
+            anyhow::bail!("diffusion expects RGB frames, got {}", input.format);
         }
         out.append(&mut self.ready);
+        let resized;
+        let input = if (input.width, input.height) != (w, h) {
+            // Pre-processed for the previous stream size: a size change (`set stream.width`, or
+            // the output's with an auto stream size) reaches the capture and the transform a
+            // frame apart. Scaled rather than lost, so the change never shows as an error.
+            tracing::debug!(
+                "diffusion: a {}x{} frame scaled to the stream's {w}x{h}",
+                input.width,
+                input.height
+            );
+            resized = self
+                .resizer
+                .resize(input, w, h, crate::convert::Fit::Stretch, false)?;
+            &resized
+        } else {
+            input
+        };
+        let p = self.stream.params();
         if p.mode == StreamMode::Img2img {
             if let Some(filter) = self.filter.as_mut() {
                 let (device, dtype) = self.stream.device_dtype();
@@ -549,8 +564,8 @@ mod tests {
 
     fn profile(t: &[u32], cfg: CfgType) -> Profile {
         let mut p = Profile::default();
-        p.stream.width = 32;
-        p.stream.height = 24;
+        p.stream.width = crate::profile::StreamDim::Px(32);
+        p.stream.height = crate::profile::StreamDim::Px(24);
         p.stream.t_index_list = t.to_vec();
         p.stream.cfg_type = cfg;
         p.stream.guidance_scale = 1.5;

@@ -3,6 +3,7 @@
 //! A profile is a TOML file with the schema in [`schema`]. Every key has a default, so a two-line
 //! profile works. Errors name the file, the line and column (from toml's spans) and the key.
 
+pub mod geometry;
 pub mod schema;
 
 use std::fmt;
@@ -263,10 +264,15 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
     num("output.every", o.every as f64, &mut err);
     let st = &p.stream;
     for (k, v) in [("stream.width", st.width), ("stream.height", st.height)] {
-        if let Some(m) = out_of_range(k, v.into()) {
-            err(k, m);
-        } else if v % 8 != 0 {
-            err(k, format!("{v} must be a multiple of 8 (from 64 to 2048)"));
+        if let Some(v) = v.px() {
+            if let Some(m) = out_of_range(k, v.into()) {
+                err(k, format!("{m}, or \"auto\""));
+            } else if v % 8 != 0 {
+                err(
+                    k,
+                    format!("{v} must be a multiple of 8 (from 64 to 2048), or \"auto\""),
+                );
+            }
         }
     }
     num(
@@ -1099,6 +1105,55 @@ mod tests {
         assert!(e
             .to_string()
             .contains("p.toml:2:18: key `stream.guidance_scale`: 99 is out of range"));
+    }
+
+    #[test]
+    fn stream_sizes_are_auto_by_default_and_bad_ones_are_located() {
+        let (p, _) = parse("[stream]\nwidth = \"auto\"\nheight = 384\n", "p.toml").unwrap();
+        assert_eq!(
+            (p.stream.width, p.stream.height),
+            (StreamDim::Auto, StreamDim::Px(384))
+        );
+        assert_eq!(StreamConfig::default().width, StreamDim::Auto);
+        for (value, want) in [
+            (
+                "\"autp\"",
+                "invalid value: string \"autp\", expected a size in pixels",
+            ),
+            ("\"Auto\"", "or \"auto\""),
+            ("-8", "invalid value: integer `-8`"),
+            ("0", "0 is out of range (64 to 2048), or \"auto\""),
+            ("100", "100 must be a multiple of 8"),
+            ("4096", "4096 is out of range (64 to 2048)"),
+        ] {
+            let e = err(&format!(
+                "prompt = \"x\"\n[stream]\nheight = 384\nwidth = {value}\n"
+            ));
+            let s = e.to_string();
+            assert!(
+                s.starts_with("p.toml:4:9: key `stream.width`: ") && s.contains(want),
+                "{value}: {s}"
+            );
+        }
+        // Live: `set stream.width auto` and back; `get` shows what is written.
+        let lp = LoadedProfile::default()
+            .with_set("stream.width", "640")
+            .unwrap();
+        assert_eq!(lp.profile.stream.width, StreamDim::Px(640));
+        assert_eq!(lp.get("stream.width").unwrap(), "stream.width = 640");
+        let lp = lp.with_set("stream.width", "auto").unwrap();
+        assert_eq!(lp.profile.stream.width, StreamDim::Auto);
+        assert_eq!(lp.get("stream.height").unwrap(), "stream.height = \"auto\"");
+        let e = lp.with_set("stream.width", "aut").unwrap_err().to_string();
+        assert!(
+            e.contains("<set>: key `stream.width`") && e.contains("\"auto\""),
+            "{e}"
+        );
+        let e = lp.with_set("stream.height", "12").unwrap_err().to_string();
+        assert!(
+            e.contains("key `stream.height`: 12 is out of range (64 to 2048)"),
+            "{e}"
+        );
     }
 
     #[test]

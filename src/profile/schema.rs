@@ -109,7 +109,11 @@ pub struct SourceConfig {
     pub looping: bool,
     /// Flip left-right before the transform (a selfie view).
     pub mirror: bool,
-    /// How the source is fitted to the model size: `crop`, `letterbox` or `stretch`.
+    /// How the source picture is fitted to the stream's aspect ratio, the one place where the
+    /// picture is cut or padded: `crop` (fill, cut the overflow equally on both sides), `letterbox`
+    /// (all of it, black bars) or `stretch` (all of it, distorted). With the default
+    /// `stream.width`/`height = "auto"` the stream has the output's aspect, so this decides how
+    /// the source fills the output.
     pub fit: Fit,
 }
 
@@ -178,7 +182,10 @@ pub struct OutputConfig {
     pub width: u32,
     pub height: u32,
     pub fps: f64,
-    /// How the model's picture is fitted to the output size: `crop`, `letterbox` or `stretch`.
+    /// How the stream's picture is fitted to the output size when their aspect ratios differ
+    /// (`crop`, `letterbox` or `stretch`): only with an explicit `stream.width`/`height` of
+    /// another aspect. With an `"auto"` stream size the stream already has the output's aspect
+    /// and is only scaled.
     pub fit: Fit,
     /// png: write every Nth frame.
     pub every: u64,
@@ -283,13 +290,83 @@ pub enum StreamMode {
     Txt2img,
 }
 
+/// One side of the stream size: pixels (a multiple of 8 from 64 to 2048) or `"auto"` (the
+/// output's aspect ratio at about the model's native pixel count; see [`super::geometry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamDim {
+    #[default]
+    Auto,
+    Px(u32),
+}
+
+impl StreamDim {
+    /// The pixels, when given explicitly.
+    pub fn px(self) -> Option<u32> {
+        match self {
+            StreamDim::Auto => None,
+            StreamDim::Px(v) => Some(v),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamDim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamDim::Auto => f.write_str("auto"),
+            StreamDim::Px(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+impl Serialize for StreamDim {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            StreamDim::Auto => s.serialize_str("auto"),
+            StreamDim::Px(v) => s.serialize_u32(*v),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StreamDim {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StreamDim;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size in pixels (a multiple of 8 from 64 to 2048) or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StreamDim, E> {
+                u32::try_from(v)
+                    .map(StreamDim::Px)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<StreamDim, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StreamDim, E> {
+                if v == "auto" {
+                    Ok(StreamDim::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// StreamDiffusion settings (paper arXiv 2312.12491).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StreamConfig {
-    /// Model input/output size, multiples of 8.
-    pub width: u32,
-    pub height: u32,
+    /// Model input/output size: pixels (multiples of 8 from 64 to 2048) or `"auto"` (default):
+    /// the output's aspect ratio at about the model's native pixel count (680×384 for a 16:9
+    /// output and a 512² model), so the source is fitted (`source.fit`) once and the output
+    /// stage only scales. One side given and the other `"auto"` keeps the output's aspect.
+    pub width: StreamDim,
+    pub height: StreamDim,
     pub mode: StreamMode,
     /// Indices into the LCM timesteps, one denoising step each (e.g. `[35]` for sd-turbo, `[32, 45]`).
     pub t_index_list: Vec<u32>,
@@ -321,8 +398,8 @@ pub struct StreamConfig {
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
-            width: 512,
-            height: 512,
+            width: StreamDim::Auto,
+            height: StreamDim::Auto,
             mode: StreamMode::Img2img,
             t_index_list: vec![35],
             num_inference_steps: 50,

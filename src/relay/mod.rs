@@ -44,10 +44,12 @@ pub struct PreprocessConfig {
 }
 
 impl PreprocessConfig {
+    /// The stream size ([`crate::profile::geometry::resolve`]), `source.fit` and the mirror.
     pub fn from_profile(p: &Profile) -> Self {
+        let size = crate::profile::geometry::resolve(p);
         PreprocessConfig {
-            width: p.stream.width,
-            height: p.stream.height,
+            width: size.width,
+            height: size.height,
             fit: p.source.fit,
             mirror: p.source.mirror,
         }

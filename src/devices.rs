@@ -18,6 +18,9 @@ use anyhow::Context as _;
 use v4l::v4l2::vidioc;
 use v4l::v4l_sys as sys;
 
+pub mod writer;
+pub use writer::WriterEvidence;
+
 /// `driver` field reported by VIDIOC_QUERYCAP for v4l2loopback devices.
 pub const LOOPBACK_DRIVER: &str = "v4l2 loopback";
 /// Single-planar video capture buffer type.
@@ -649,6 +652,32 @@ impl V4l2Device {
         }
     }
 
+    /// VIDIOC_G_CTRL: the value of control `id`.
+    pub fn get_control(&self, id: u32) -> io::Result<i32> {
+        // SAFETY: POD struct; matches VIDIOC_G_CTRL.
+        unsafe {
+            let mut raw: sys::v4l2_control = std::mem::zeroed();
+            raw.id = id;
+            self.ioctl(vidioc::VIDIOC_G_CTRL, &mut raw)?;
+            Ok(raw.value)
+        }
+    }
+
+    /// read(2) on the (non-blocking) node: EAGAIN is an [`io::ErrorKind::WouldBlock`] error.
+    pub fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: reads at most buf.len() bytes into a live, writable buffer.
+            let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
     /// VIDIOC_STREAMON.
     pub fn stream_on(&self, buf_type: u32) -> io::Result<()> {
         let mut t = buf_type as libc::c_int;
@@ -971,25 +1000,34 @@ impl Drop for MmapQueue {
     }
 }
 
-/// Whether a loopback device is being written to (a non-destructive guess).
+/// Whether a loopback device is being written to (see [`writer`] for how sdcam finds out).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoopbackState {
     /// Output only (exclusive_caps=1 and no writer yet).
     Free,
-    /// Capture only (exclusive_caps=1 and a writer is streaming), or S_FMT reported EBUSY.
-    InUse,
-    /// Both capture and output advertised (exclusive_caps=0): cannot tell without writing.
-    Unknown,
+    /// Another writer is there; how sdcam knows.
+    InUse(WriterEvidence),
+    /// Both directions advertised (exclusive_caps=0), no other sdcam and no frames arriving: no
+    /// writer seen (one that has not written yet cannot be seen).
+    NoWriterSeen,
+    /// The probes cannot tell; why.
+    Unknown(&'static str),
 }
 
 impl LoopbackState {
-    /// From a loopback node's effective capabilities.
+    /// From a loopback node's effective capabilities alone.
     pub fn from_caps(can_capture: bool, can_output: bool) -> Self {
-        match (can_capture, can_output) {
-            (true, false) => LoopbackState::InUse,
-            (false, true) => LoopbackState::Free,
-            _ => LoopbackState::Unknown,
-        }
+        writer::decide(&writer::WriterProbe {
+            can_capture,
+            can_output,
+            lock: writer::LockProbe::Unavailable,
+            frames: writer::FrameProbe::NotProbed,
+        })
+    }
+
+    /// Whether another writer was found.
+    pub fn in_use(&self) -> bool {
+        matches!(self, LoopbackState::InUse(_))
     }
 }
 
@@ -1095,9 +1133,14 @@ pub fn video_paths() -> Vec<PathBuf> {
     paths
 }
 
-/// Probes one node: QUERYCAP, and for cameras (if `with_formats`) the capture formats.
+/// Probes one node: QUERYCAP, and for cameras (if `with_formats`) the capture formats, for
+/// loopback devices (if `with_formats`) whether another writer is there ([`writer::probe`]).
 /// Non-destructive: no format is set and nothing is streamed.
 pub fn probe(path: &Path, with_formats: bool) -> VideoDevice {
+    probe_node(path, with_formats, with_formats)
+}
+
+fn probe_node(path: &Path, with_formats: bool, with_writer: bool) -> VideoDevice {
     let failed = |e: &io::Error| VideoDevice {
         path: path.to_path_buf(),
         error: Some(ProbeError::from_io(e)),
@@ -1118,12 +1161,26 @@ pub fn probe(path: &Path, with_formats: bool) -> VideoDevice {
             Err(e) => tracing::debug!("{}: enumerating formats: {e}", path.display()),
         }
     }
+    if with_writer && info.is_loopback {
+        let found = writer::probe(&dev, &caps, false);
+        tracing::debug!("{}: writer probe {found:?}", path.display());
+        info.loopback_state = Some(writer::decide(&found));
+    }
     info
 }
 
 /// Probes every `/dev/video*` node (capabilities only, no formats): cheap, for device lookup.
 pub fn probe_all_caps() -> Vec<VideoDevice> {
     video_paths().iter().map(|p| probe(p, false)).collect()
+}
+
+/// Probes every `/dev/video*` node's capabilities, and for loopback devices whether another
+/// writer is there (for picking a free virtual camera by label).
+pub fn probe_all_loopback_writers() -> Vec<VideoDevice> {
+    video_paths()
+        .iter()
+        .map(|p| probe_node(p, false, true))
+        .collect()
 }
 
 /// Probes every `/dev/video*` node, with the formats of cameras.
@@ -1186,9 +1243,13 @@ pub fn render_report(devices: &[VideoDevice], env: &V4l2Env) -> String {
     }
     for d in &loopbacks {
         let state = match d.loopback_state {
-            Some(LoopbackState::Free) => "free",
-            Some(LoopbackState::InUse) => "in use by a writer",
-            _ => "free or in use (exclusive_caps=0: cannot tell)",
+            Some(LoopbackState::Free) => "free".to_string(),
+            Some(LoopbackState::InUse(why)) => format!("in use by a writer ({})", why.describe()),
+            Some(LoopbackState::NoWriterSeen) => {
+                "free (exclusive_caps=0: no other sdcam, no frames arriving)".to_string()
+            }
+            Some(LoopbackState::Unknown(why)) => format!("free or in use ({why})"),
+            None => "free or in use (not probed)".to_string(),
         };
         let _ = writeln!(
             out,
@@ -1399,7 +1460,7 @@ mod tests {
             card: "other".into(),
             can_capture: true,
             can_output: false,
-            loopback_state: Some(LoopbackState::InUse),
+            loopback_state: Some(LoopbackState::InUse(WriterEvidence::CaptureOnly)),
             ..loopback.clone()
         };
         let denied = VideoDevice {
@@ -1414,7 +1475,32 @@ mod tests {
             v4l2_in_kernel: true,
             loopback_loaded: true,
         };
-        let text = render_report(&[camera(), denied, loopback, busy], &env);
+        let writing = VideoDevice {
+            path: "/dev/video12".into(),
+            card: "ec0".into(),
+            can_capture: true,
+            loopback_state: Some(LoopbackState::InUse(WriterEvidence::FramesArriving)),
+            ..loopback.clone()
+        };
+        let quiet = VideoDevice {
+            path: "/dev/video13".into(),
+            card: "ec0-quiet".into(),
+            can_capture: true,
+            loopback_state: Some(LoopbackState::NoWriterSeen),
+            ..loopback.clone()
+        };
+        let text = render_report(&[camera(), denied, loopback, busy, writing, quiet], &env);
+        assert!(
+            text.contains(
+                "/dev/video12  card label \"ec0\": in use by a writer (frames from another \
+                 program keep arriving)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("/dev/video13  card label \"ec0-quiet\": free (exclusive_caps=0"),
+            "{text}"
+        );
         assert!(
             text.contains("/dev/video0  HD Webcam (uvcvideo, usb-0000:00:14.0-1)"),
             "{text}"
@@ -1426,7 +1512,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("/dev/video11  card label \"other\": in use by a writer"),
+            text.contains(
+                "/dev/video11  card label \"other\": in use by a writer (it only offers capture now)"
+            ),
             "{text}"
         );
         assert!(text.contains("/dev/video3: Permission denied"), "{text}");

@@ -5,6 +5,17 @@
 //! first buffer is queued: with `exclusive_caps=1` the device only turns into a capture device for
 //! readers once a writer streams. The device lookup, the format arithmetic and the read-back check
 //! are pure functions, tested without a device; the ioctls live in [`crate::devices`].
+//!
+//! **One writer.** v4l2loopback itself accepts a second writer and interleaves both writers'
+//! frames. Before it sets a format, the sink takes sdcam's lock on the device node and refuses a
+//! device that another writer uses ("… is in use by another writer (…)"), whatever the module
+//! options: another sdcam (its lock), a writer streaming with `exclusive_caps=1` (capture only),
+//! a writer whose frames keep arriving with `exclusive_caps=0` (ffmpeg, OBS: a non-blocking read
+//! probe), and on 0.13.x a writer the driver refuses the output buffers for (REQBUFS: EBUSY).
+//! Left undetectable with `exclusive_caps=0`: a non-sdcam writer that has opened the device but
+//! not written a frame yet (or pauses longer than the probe's window of four frame periods,
+//! 0.3–2 s), and any non-sdcam writer while the driver's `sustain_framerate` control is on; see
+//! [`crate::devices::writer`] for the driver code each signal relies on.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,8 +24,8 @@ use anyhow::{bail, Context as _};
 
 use super::{LoopbackFormat, LoopbackOptions, Sink};
 use crate::devices::{
-    self, format_fps, fourcc_to_string, modprobe_hint, FourCc, MmapQueue, PixFormat, V4l2Device,
-    V4l2Env, VideoDevice, BUF_TYPE_OUTPUT,
+    self, format_fps, fourcc_to_string, modprobe_hint, writer, FourCc, LoopbackState, MmapQueue,
+    PixFormat, V4l2Device, V4l2Env, VideoDevice, WriterEvidence, BUF_TYPE_OUTPUT,
 };
 use crate::frame::{Frame, PixelFormat};
 use crate::Result;
@@ -142,14 +153,29 @@ pub fn check_loopback(dev: &VideoDevice) -> Result<(), String> {
             dev.driver, dev.card
         ));
     }
+    let state = dev
+        .loopback_state
+        .unwrap_or_else(|| LoopbackState::from_caps(dev.can_capture, dev.can_output));
+    if let LoopbackState::InUse(why) = state {
+        return Err(in_use_message(&dev.path, &dev.card, why));
+    }
     if !dev.can_output {
         return Err(format!(
-            "{path} (\"{}\") is in use by another writer (it only offers capture now); close the \
-             other program writing to it, or load the module with devices=2 for a second device",
+            "{path} (\"{}\") offers no video output; give the loopback device (see `sdcam devices`)",
             dev.card
         ));
     }
     Ok(())
+}
+
+/// The error for a loopback device that another writer uses: how sdcam knows, and what to do.
+pub fn in_use_message(path: &Path, card: &str, why: WriterEvidence) -> String {
+    format!(
+        "{} (\"{card}\") is in use by another writer ({}); close the other program writing to \
+         it, or load the module with devices=2 for a second device",
+        path.display(),
+        why.describe()
+    )
 }
 
 /// Finds the loopback device with card label `label` among probed devices; the error says
@@ -163,7 +189,8 @@ pub fn find_loopback(
         .iter()
         .filter(|d| d.error.is_none() && d.is_loopback && d.card.trim() == label.trim())
         .collect();
-    if let Some(d) = labelled.iter().find(|d| d.can_output) {
+    let usable = |d: &&&VideoDevice| d.can_output && !d.loopback_state.is_some_and(|s| s.in_use());
+    if let Some(d) = labelled.iter().find(usable) {
         return Ok(d.path.clone());
     }
     if let Some(d) = labelled.first() {
@@ -239,8 +266,12 @@ impl LoopbackSink {
             Some(path) => path.clone(),
             None => {
                 let label = opts.label.as_deref().unwrap_or(DEFAULT_LABEL);
-                find_loopback(&devices::probe_all_caps(), label, &V4l2Env::detect())
-                    .map_err(anyhow::Error::msg)?
+                find_loopback(
+                    &devices::probe_all_loopback_writers(),
+                    label,
+                    &V4l2Env::detect(),
+                )
+                .map_err(anyhow::Error::msg)?
             }
         };
         let dev = V4l2Device::open(&path).map_err(|e| {
@@ -252,7 +283,14 @@ impl LoopbackSink {
         let caps = dev
             .query_caps()
             .with_context(|| format!("{}: VIDIOC_QUERYCAP (not a V4L2 device?)", path.display()))?;
-        check_loopback(&VideoDevice::from_caps(path.clone(), &caps)).map_err(anyhow::Error::msg)?;
+        // Another writer? The lock taken here is sdcam's claim while `dev` stays open.
+        let mut info = VideoDevice::from_caps(path.clone(), &caps);
+        if info.is_loopback {
+            let found = writer::probe(&dev, &caps, true);
+            tracing::debug!("{}: writer probe {found:?}", path.display());
+            info.loopback_state = Some(writer::decide(&found));
+        }
+        check_loopback(&info).map_err(anyhow::Error::msg)?;
 
         let mut request = PixFormat::new(layout.width, layout.height, layout.fourcc);
         request.bytesperline = layout.bytesperline;
@@ -291,7 +329,21 @@ impl LoopbackSink {
             ),
         }
 
-        let queue = MmapQueue::new(dev, BUF_TYPE_OUTPUT, OUTPUT_BUFFERS)?;
+        let queue = MmapQueue::new(dev, BUF_TYPE_OUTPUT, OUTPUT_BUFFERS).map_err(|e| {
+            let busy = e
+                .root_cause()
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY));
+            if busy {
+                e.context(in_use_message(
+                    &path,
+                    &caps.card,
+                    WriterEvidence::OutputBusy,
+                ))
+            } else {
+                e
+            }
+        })?;
         for index in 0..queue.len() {
             let len = queue.buffer(index).len();
             if len < layout.sizeimage as usize {
@@ -552,6 +604,72 @@ mod tests {
             find_loopback(&list, "sdcam", &LOADED),
             Ok(PathBuf::from("/dev/video11"))
         );
+    }
+
+    /// A loopback device with exclusive_caps=0 (both directions) in a given probe state.
+    fn shared(path: &str, card: &str, state: LoopbackState) -> VideoDevice {
+        VideoDevice {
+            can_capture: true,
+            can_output: true,
+            loopback_state: Some(state),
+            ..loopback(path, card, true)
+        }
+    }
+
+    #[test]
+    fn exclusive_caps_0_writers_are_reported() {
+        for why in [
+            WriterEvidence::SdcamLock,
+            WriterEvidence::FramesArriving,
+            WriterEvidence::OutputBusy,
+        ] {
+            let busy = shared("/dev/video10", "sdcam", LoopbackState::InUse(why));
+            let err = find_loopback(std::slice::from_ref(&busy), "sdcam", &LOADED).unwrap_err();
+            assert_eq!(
+                err,
+                format!(
+                    "/dev/video10 (\"sdcam\") is in use by another writer ({}); close the other \
+                     program writing to it, or load the module with devices=2 for a second device",
+                    why.describe()
+                )
+            );
+            assert_eq!(check_loopback(&busy).unwrap_err(), err);
+        }
+        // No writer seen, or the probes cannot tell: the device is used.
+        for state in [
+            LoopbackState::NoWriterSeen,
+            LoopbackState::Unknown("exclusive_caps=0: cannot tell"),
+        ] {
+            let d = shared("/dev/video10", "sdcam", state);
+            assert!(check_loopback(&d).is_ok(), "{state:?}");
+            assert_eq!(
+                find_loopback(&[d], "sdcam", &LOADED),
+                Ok(PathBuf::from("/dev/video10"))
+            );
+        }
+        // A free one with the same label wins over one another program writes to.
+        let list = vec![
+            shared(
+                "/dev/video10",
+                "sdcam",
+                LoopbackState::InUse(WriterEvidence::FramesArriving),
+            ),
+            shared("/dev/video11", "sdcam", LoopbackState::NoWriterSeen),
+        ];
+        assert_eq!(
+            find_loopback(&list, "sdcam", &LOADED),
+            Ok(PathBuf::from("/dev/video11"))
+        );
+    }
+
+    #[test]
+    fn in_use_wording_names_the_evidence() {
+        let text = |why| in_use_message(Path::new("/dev/video10"), "sdcam", why);
+        assert!(text(WriterEvidence::CaptureOnly).contains("(it only offers capture now)"));
+        assert!(text(WriterEvidence::SdcamLock).contains("(another sdcam is writing to it)"));
+        assert!(text(WriterEvidence::FramesArriving)
+            .contains("(frames from another program keep arriving)"));
+        assert!(text(WriterEvidence::OutputBusy).contains("EBUSY"));
     }
 
     #[test]

@@ -361,6 +361,94 @@ stop_sdcam
 grep -q "transform failed" "$SDCAM_LOG" && fail "the pipeline reported errors: $(grep 'transform failed' "$SDCAM_LOG" | head -1)"
 pass
 
+# ---- third case: v4l2loopback reloaded with exclusive_caps=0 (the module's default) ----
+# The device then always offers capture and output, so "in use" must come from sdcam's own lock
+# (another sdcam) or from frames arriving (another program). The first writer shows a flat white
+# camera tinted green; the refused second sdcam would write white tinted magenta, so any frame a
+# client gets from the second writer shows up as a U/V average above neutral.
+# all_first NAME N: grab N frames while a second writer tries; every one must be the first
+# writer's (green: U and V averages below 120)
+all_first() {
+  grab "$1" "$2"
+  # per-frame stats from the PNGs (the live grab's stats file can miss frames at the end)
+  ffmpeg -hide_banner -nostdin -loglevel info -i "$OUT/$1-%02d.png" -vf "signalstats,metadata=mode=print" \
+    -f null - >/tmp/allstats.txt 2>&1 || { cat /tmp/allstats.txt; fail "$1: ffmpeg could not read the grabbed frames"; }
+  _bad=$(awk -F= '/signalstats.UAVG=/{u=$2} /signalstats.VAVG=/{n++; if (u >= 120 || $2 >= 120) b++} END{printf "%d/%d", b, n}' /tmp/allstats.txt)
+  log "$1: frames not from the first writer: $_bad"
+  [ "${_bad%/*}" = 0 ] && [ "${_bad#*/}" = "$2" ] || fail "$1: $_bad grabbed frames came from the second writer (or frames missing)"
+}
+# second_writer NAME: a second sdcam (white y4m, magenta tint, 3 s of frames if it got the device)
+# must fail with "in use by another writer" while a client grabs only the first writer's frames
+second_writer() {
+  $SDCAM --profile $PROFILE --source /tmp/white.y4m --prompt "a deep blue ocean" --no-stdin \
+    --frames $((FPS * 3)) >/tmp/second.log 2>&1 &
+  _second=$!
+  all_first "$1" $((FPS * 2))
+  wait $_second && { cat /tmp/second.log; fail "a second sdcam writing to the busy loopback succeeded"; }
+  grep -q "in use by another writer" /tmp/second.log || { cat /tmp/second.log; fail "the second writer's error does not say the device is in use"; }
+  SECOND_ERR=$(grep -o "in use by another writer ([^)]*)" /tmp/second.log | head -1)
+  log "second writer: $SECOND_ERR"
+}
+devices_in_use() {
+  $SDCAM devices >/tmp/dev3.txt 2>&1
+  grep -q 'card label "sdcam": in use' /tmp/dev3.txt || { cat /tmp/dev3.txt; fail "sdcam devices does not report the loopback in use"; }
+  DEV_STATE=$(sed -n 's/.*card label "sdcam": //p' /tmp/dev3.txt)
+}
+
+begin ec0-start
+T_EC0=$(now)
+rmmod v4l2loopback || fail "rmmod v4l2loopback"
+insmod $KO/v4l2loopback.ko devices=1 video_nr=10 card_label=sdcam exclusive_caps=0 max_buffers=2 \
+  || fail "insmod v4l2loopback exclusive_caps=0"
+wait_for 5 test -e $LB || fail "$LB did not appear"
+v4l2-ctl -d $LB -D 2>/dev/null | grep -A3 "Device Caps" | grep -q "Video Output" || fail "exclusive_caps=0: no output capability"
+sed -e "s/^width = 640$/width = $W/" -e "s/^height = 360$/height = $H/" -e "s/^fps = 15$/fps = $FPS/" \
+  /mnt/host/vivid-tint.toml > $PROFILE
+ffmpeg -hide_banner -nostdin -loglevel error -f lavfi -i "color=c=white:s=${W}x${H}" -frames:v 1 \
+  -pix_fmt yuv420p -f yuv4mpegpipe /tmp/white.y4m || fail "cannot make the white y4m"
+v4l2-ctl -d $CAM -c test_pattern=$WHITE || fail "cannot select vivid's white test pattern"
+start_sdcam
+grab k 2; uv_is low k green
+pass "sdcam writes (green) with both capabilities advertised"
+
+begin ec0-second-writer
+devices_in_use
+second_writer m
+alive || fail "the running sdcam died when a second one tried the device"
+stream_check 15
+pass "devices: $DEV_STATE; second sdcam: $SECOND_ERR; all grabbed frames from the first"
+
+begin ec0-foreign-writer
+# another program (ffmpeg, write() I/O, no sdcam lock) is the first writer: only the frames tell
+stop_sdcam
+ffmpeg -hide_banner -nostdin -loglevel error -re -f lavfi -i "color=c=green:s=${W}x${H}:r=$FPS" \
+  -pix_fmt yuyv422 -f v4l2 $LB >/tmp/ffwriter.log 2>&1 &
+FFW=$!
+sleep 1
+kill -0 $FFW 2>/dev/null || { cat /tmp/ffwriter.log; fail "the ffmpeg writer did not start"; }
+grab n 2; uv_is low n "green (ffmpeg)"
+devices_in_use
+second_writer o
+kill -0 $FFW 2>/dev/null || fail "the ffmpeg writer died"
+pass "devices: $DEV_STATE; second sdcam: $SECOND_ERR; all grabbed frames from ffmpeg"
+
+begin ec0-writer-gone
+# a viewer keeps the device open while the other writer leaves: the driver keeps its old frames
+# (stale state), which must not be taken for a writer: sdcam starts and the viewer gets its frames
+watch_start
+sleep 1
+kill $FFW; wait $FFW 2>/dev/null
+T_GONE=$(now)
+start_sdcam
+STARTED=$(since "$T_GONE")
+grep -q "in use" "$SDCAM_LOG" && fail "sdcam took the old frames for another writer"
+watch_frames "sdcam's start after the other writer left"
+[ "$WATCHED" -ge $((FPS * 2)) ] || fail "the viewer got $WATCHED frames in 3 s from the new sdcam"
+grab q 2; uv_is low q green
+stop_sdcam
+v4l2-ctl -d $CAM -c test_pattern=0
+pass "sdcam writing ${STARTED} s after the other writer left; viewer got $WATCHED frames in 3 s; exclusive_caps=0 case took $(since "$T_EC0") s"
+
 dmesg > $OUT/dmesg.txt
 grep -q -E "WARNING|BUG|Oops" $OUT/dmesg.txt && log "note: the kernel log has warnings (dmesg.txt)"
 log "all checks passed in $(since "$T0") s"

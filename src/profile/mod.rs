@@ -40,14 +40,52 @@ impl fmt::Display for ProfileError {
             if let Some((line, col)) = p.at {
                 write!(f, ":{line}:{col}")?;
             }
+            let message = elide_long_words(&p.message);
             if p.key.is_empty() {
-                write!(f, ": {}", p.message)?;
+                write!(f, ": {message}")?;
             } else {
-                write!(f, ": key `{}`: {}", p.key, p.message)?;
+                write!(f, ": key `{}`: {message}", p.key)?;
             }
         }
         Ok(())
     }
+}
+
+/// The longest run of non-space characters an error message shows whole: a value of a
+/// megabyte quoted back by the parser is cut to its start and end.
+const MAX_WORD: usize = 80;
+
+/// Shortens every run of non-space characters longer than [`MAX_WORD`] in `message` to its
+/// first 48 and last 8 characters around `…(N more bytes)…`.
+fn elide_long_words(message: &str) -> std::borrow::Cow<'_, str> {
+    if !message
+        .split(char::is_whitespace)
+        .any(|w| w.chars().count() > MAX_WORD)
+    {
+        return message.into();
+    }
+    let mut out = String::new();
+    let mut rest = message;
+    while !rest.is_empty() {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        if word.chars().count() > MAX_WORD {
+            let head: String = word.chars().take(48).collect();
+            let last: String = {
+                let mut l: Vec<char> = word.chars().rev().take(8).collect();
+                l.reverse();
+                l.into_iter().collect()
+            };
+            let cut = word.len() - head.len() - last.len();
+            out.push_str(&format!("{head}…({cut} more bytes)…{last}"));
+        } else {
+            out.push_str(word);
+        }
+        let space = tail.len() - tail.trim_start().len();
+        out.push_str(&tail[..space]);
+        rest = &tail[space..];
+    }
+    out.into()
 }
 
 /// A profile as loaded: the validated settings, the raw table (for `set`), and where it came from.
@@ -1154,6 +1192,30 @@ mod tests {
             e.contains("key `stream.height`: 12 is out of range (64 to 2048)"),
             "{e}"
         );
+    }
+
+    /// A megabyte value quoted back by the parser (a wrong type, an unknown variant) is not
+    /// echoed whole: the error stays a readable line that still names file, line and key.
+    #[test]
+    fn errors_never_echo_a_huge_value() {
+        let huge = "y".repeat(900_000);
+        for text in [
+            format!("transform = \"{huge}\"\n"),
+            format!("[stream]\nwidth = \"{huge}\"\n"),
+            format!("[output]\nkind = \"{huge}\"\n"),
+        ] {
+            let e = err(&text).to_string();
+            assert!(e.len() < 1000, "{} bytes: {}", e.len(), &e[..200]);
+            assert!(e.starts_with("p.toml:") && e.contains("more bytes"), "{e}");
+        }
+        assert_eq!(elide_long_words("short words stay"), "short words stay");
+        let w = format!("`{}`,", "z".repeat(200));
+        let cut = elide_long_words(&w);
+        assert!(
+            cut.starts_with("`zzz") && cut.ends_with("zzzzzz`,"),
+            "{cut}"
+        );
+        assert!(cut.contains("(147 more bytes)"), "{cut}");
     }
 
     #[test]

@@ -756,6 +756,42 @@ fn every_input_frame_of_a_short_file_is_written_once() {
     }
 }
 
+/// A still image with `source.loop = false` is one frame: it is written once (two denoising
+/// steps keep it in the batch until the end-of-stream flush).
+#[test]
+fn a_still_image_without_loop_is_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("still.png");
+    write_png(&img, 80, 60, [200, 120, 40]);
+    let out = dir.path().join("still.y4m");
+    let f = run_ok(sdcam().args([
+        "--profile",
+        "profiles/demo.toml",
+        "--source",
+        &s(&img),
+        "--output",
+        &s(&out),
+        "--no-stdin",
+        "--set",
+        "source.loop=false",
+        "--set",
+        "output.width=64",
+        "--set",
+        "output.height=64",
+        "--set",
+        "stream.width=64",
+        "--set",
+        "stream.height=64",
+    ]));
+    assert_eq!(Y4m::read(&out).frames.len(), 1, "{}", f.stderr);
+    assert!(
+        f.stderr
+            .contains("1 frames written (0 repeated, 0 placeholders), 1 captured, 0 dropped"),
+        "{}",
+        f.stderr
+    );
+}
+
 /// With a file sink, `pacing = "auto"` transforms every frame whatever the source, and
 /// `--frames N` counts transformed frames: the demo's pattern → file run writes only
 /// pipeline output, no placeholders and no repeats.

@@ -1454,16 +1454,14 @@ fn bench_prints_stage_table_and_comparisons() {
 // and a model that cannot load (the running one stays)
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn diffusion_live_prompt_and_model_switch_keep_streaming() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("live.y4m");
+/// The demo profile (tiny diffusion model) live on stdin at a small size, writing `out`.
+fn demo_live(out: &Path) -> Command {
     let mut cmd = sdcam();
     cmd.args([
         "--profile",
         "profiles/demo.toml",
         "--output",
-        &s(&out),
+        &s(out),
         "--set",
         "output.width=160",
         "--set",
@@ -1473,6 +1471,14 @@ fn diffusion_live_prompt_and_model_switch_keep_streaming() {
         "--set",
         "stream.height=64",
     ]);
+    cmd
+}
+
+#[test]
+fn diffusion_live_prompt_and_model_switch_keep_streaming() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("live.y4m");
+    let mut cmd = demo_live(&out);
     let mut p = Proc::spawn(&mut cmd, true);
     p.wait_for("transform: diffusion");
     let w0 = p.wait_written(10);
@@ -1579,21 +1585,7 @@ fn sigterm_during_start_up_stops_cleanly() {
 fn a_burst_of_next_and_reload_coalesces_and_sigterm_preempts_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("burst.y4m");
-    let mut cmd = sdcam();
-    cmd.args([
-        "--profile",
-        "profiles/demo.toml",
-        "--output",
-        &s(&out),
-        "--set",
-        "output.width=160",
-        "--set",
-        "output.height=120",
-        "--set",
-        "stream.width=64",
-        "--set",
-        "stream.height=64",
-    ]);
+    let mut cmd = demo_live(&out);
     let mut p = Proc::spawn(&mut cmd, true);
     p.wait_for("transform: diffusion");
     p.wait_written(5);
@@ -1636,21 +1628,7 @@ fn a_burst_of_next_and_reload_coalesces_and_sigterm_preempts_it() {
 fn a_failing_lora_is_not_reported_applied() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("lora.y4m");
-    let mut cmd = sdcam();
-    cmd.args([
-        "--profile",
-        "profiles/demo.toml",
-        "--output",
-        &s(&out),
-        "--set",
-        "output.width=160",
-        "--set",
-        "output.height=120",
-        "--set",
-        "stream.width=64",
-        "--set",
-        "stream.height=64",
-    ]);
+    let mut cmd = demo_live(&out);
     let mut p = Proc::spawn(&mut cmd, true);
     p.wait_for("transform: diffusion");
     // A change that loads and succeeds says so once it is installed.

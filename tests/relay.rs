@@ -518,35 +518,67 @@ impl Transform for Lag {
     }
 }
 
-fn every_frame_relay(count: u64, transform: Option<Box<dyn Transform>>) -> (Relay, Recorder) {
-    let rec = Recorder::default();
-    let relay = Relay::start(RelayStart {
-        source: Box::new(Counter {
-            n: 0,
-            count,
-            fps: 0.0,
-            live: false,
-        }),
+/// A relay over 8×8 frames from `source` into `sink` (output `output`, pre-processing 8×8).
+fn rig(
+    source: Counter,
+    transform: Option<Box<dyn Transform>>,
+    sink: Box<dyn Sink>,
+    output: OutputConfig,
+    every_frame: bool,
+    max_frames: Option<u64>,
+    opener: Arc<dyn Opener>,
+) -> Relay {
+    Relay::start(RelayStart {
+        source: Box::new(source),
         source_cfg: SourceConfig::default(),
         transform,
-        sink: Box::new(rec.clone()),
-        output_cfg: OutputConfig {
-            kind: OutputKind::Null,
-            width: 8,
-            height: 8,
-            ..Default::default()
-        },
+        sink,
+        output_cfg: output,
         preprocess: PreprocessConfig {
             width: 8,
             height: 8,
             fit: Default::default(),
             mirror: false,
         },
-        every_frame: true,
-        max_frames: None,
-        opener: Arc::new(NoOpener),
+        every_frame,
+        max_frames,
+        opener,
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// An 8×8 null output at `fps`.
+fn null_output(fps: f64) -> OutputConfig {
+    OutputConfig {
+        kind: OutputKind::Null,
+        width: 8,
+        height: 8,
+        fps,
+        ..Default::default()
+    }
+}
+
+/// An unpaced file-like source of `count` frames.
+fn file_like(count: u64) -> Counter {
+    Counter {
+        n: 0,
+        count,
+        fps: 0.0,
+        live: false,
+    }
+}
+
+fn every_frame_relay(count: u64, transform: Option<Box<dyn Transform>>) -> (Relay, Recorder) {
+    let rec = Recorder::default();
+    let relay = rig(
+        file_like(count),
+        transform,
+        Box::new(rec.clone()),
+        null_output(30.0),
+        true,
+        None,
+        Arc::new(NoOpener),
+    );
     (relay, rec)
 }
 
@@ -588,33 +620,15 @@ fn every_frame_mode_flushes_a_replaced_transform_and_counts_captured_frames() {
     assert_eq!(snap.written, 200);
 
     let rec = Recorder::default();
-    let relay = Relay::start(RelayStart {
-        source: Box::new(Counter {
-            n: 0,
-            count: u64::MAX,
-            fps: 0.0,
-            live: false,
-        }),
-        source_cfg: SourceConfig::default(),
-        transform: Some(Lag::boxed(3)),
-        sink: Box::new(rec.clone()),
-        output_cfg: OutputConfig {
-            kind: OutputKind::Null,
-            width: 8,
-            height: 8,
-            ..Default::default()
-        },
-        preprocess: PreprocessConfig {
-            width: 8,
-            height: 8,
-            fit: Default::default(),
-            mirror: false,
-        },
-        every_frame: true,
-        max_frames: Some(7),
-        opener: Arc::new(NoOpener),
-    })
-    .unwrap();
+    let relay = rig(
+        file_like(u64::MAX),
+        Some(Lag::boxed(3)),
+        Box::new(rec.clone()),
+        null_output(30.0),
+        true,
+        Some(7),
+        Arc::new(NoOpener),
+    );
     let snap = relay.join().unwrap();
     let seqs: Vec<u64> = rec.frames.lock().unwrap().iter().map(|f| f.0).collect();
     assert_eq!(seqs, (0..7).collect::<Vec<_>>());
@@ -626,34 +640,21 @@ fn every_frame_mode_flushes_a_replaced_transform_and_counts_captured_frames() {
 #[test]
 fn real_time_accounts_for_every_captured_frame() {
     let rec = Recorder::default();
-    let relay = Relay::start(RelayStart {
-        source: Box::new(Counter {
-            n: 0,
-            count: u64::MAX,
-            fps: 500.0,
-            live: true,
-        }),
-        source_cfg: SourceConfig::default(),
-        transform: Some(Lag::boxed(2)),
-        sink: Box::new(rec.clone()),
-        output_cfg: OutputConfig {
-            kind: OutputKind::Null,
-            width: 8,
-            height: 8,
-            fps: 1000.0,
-            ..Default::default()
-        },
-        preprocess: PreprocessConfig {
-            width: 8,
-            height: 8,
-            fit: Default::default(),
-            mirror: false,
-        },
-        every_frame: false,
-        max_frames: None,
-        opener: Arc::new(NoOpener),
-    })
-    .unwrap();
+    let source = Counter {
+        n: 0,
+        count: u64::MAX,
+        fps: 500.0,
+        live: true,
+    };
+    let relay = rig(
+        source,
+        Some(Lag::boxed(2)),
+        Box::new(rec.clone()),
+        null_output(1000.0),
+        false,
+        None,
+        Arc::new(NoOpener),
+    );
     std::thread::sleep(Duration::from_millis(300));
     relay.request_stop();
     let snap = relay.join().unwrap();
@@ -701,28 +702,21 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
         height: 8,
         ..Default::default()
     };
-    let relay = Relay::start(RelayStart {
-        source: Box::new(Counter {
-            n: 0,
-            count: 50,
-            fps: 200.0,
-            live: false,
-        }),
-        source_cfg: SourceConfig::default(),
-        transform: Some(Lag::boxed(0)),
-        sink: Box::new(FailingFinish),
-        output_cfg: cfg.clone(),
-        preprocess: PreprocessConfig {
-            width: 8,
-            height: 8,
-            fit: Default::default(),
-            mirror: false,
-        },
-        every_frame: true,
-        max_frames: None,
-        opener: Arc::new(RecorderOpener(rec.clone())),
-    })
-    .unwrap();
+    let source = Counter {
+        n: 0,
+        count: 50,
+        fps: 200.0,
+        live: false,
+    };
+    let relay = rig(
+        source,
+        Some(Lag::boxed(0)),
+        Box::new(FailingFinish),
+        cfg.clone(),
+        true,
+        None,
+        Arc::new(RecorderOpener(rec.clone())),
+    );
     std::thread::sleep(Duration::from_millis(50));
     relay
         .set_output(OutputConfig {

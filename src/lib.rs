@@ -10,6 +10,7 @@ pub mod control;
 pub mod convert;
 pub mod devices;
 pub mod frame;
+pub mod fuzzing;
 pub mod model;
 pub mod pipeline;
 pub mod profile;

@@ -143,31 +143,44 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Turns lines of `input` into events until EOF or a read error. A line that is not UTF-8 or
 /// longer than [`MAX_LINE`] is reported as invalid and reading goes on. Returns false when the
 /// receiver is gone.
-pub fn read_commands(mut input: impl BufRead, events: &Sender<Event>) -> bool {
+pub fn read_commands(input: impl BufRead, events: &Sender<Event>) -> bool {
+    read_commands_limited(input, events, MAX_LINE)
+}
+
+/// [`read_commands`] with the line limit `max_line` (at least 1) as a parameter, so that
+/// [`crate::fuzzing::command`] reaches the over-long-line path with short inputs.
+pub(crate) fn read_commands_limited(
+    mut input: impl BufRead,
+    events: &Sender<Event>,
+    max_line: usize,
+) -> bool {
+    let max_line = max_line.max(1);
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = match std::io::Read::take(&mut input, MAX_LINE as u64 + 1)
+        let n = match std::io::Read::take(&mut input, max_line as u64 + 1)
             .read_until(b'\n', &mut buf)
         {
             Ok(0) | Err(_) => return true,
             Ok(n) => n,
         };
-        let ev = if n > MAX_LINE && buf.last() != Some(&b'\n') {
+        let ev = if n > max_line && buf.last() != Some(&b'\n') {
             // Skip the rest of the over-long line.
             let mut rest = Vec::new();
             while let Ok(k) =
-                std::io::Read::take(&mut input, MAX_LINE as u64).read_until(b'\n', &mut rest)
+                std::io::Read::take(&mut input, max_line as u64).read_until(b'\n', &mut rest)
             {
                 if k == 0 || rest.last() == Some(&b'\n') {
                     break;
                 }
                 rest.clear();
             }
-            Event::Invalid(format!(
-                "a command line longer than {} KiB, ignored",
-                MAX_LINE / 1024
-            ))
+            let limit = if max_line % 1024 == 0 {
+                format!("{} KiB", max_line / 1024)
+            } else {
+                format!("{max_line} bytes")
+            };
+            Event::Invalid(format!("a command line longer than {limit}, ignored"))
         } else {
             while matches!(buf.last(), Some(b'\n' | b'\r')) {
                 buf.pop();

@@ -18,13 +18,14 @@ pub use resize::{Fit, RgbResizer};
 /// out grey. (Still images go through `source::image::decode_image`, which also handles
 /// orientation; this path stays on zune-jpeg directly for speed.)
 pub fn decode_jpeg(bytes: &[u8]) -> Result<(u32, u32, Vec<u8>)> {
+    use zune_jpeg::zune_core::bytestream::ZCursor;
     use zune_jpeg::zune_core::colorspace::ColorSpace;
     use zune_jpeg::zune_core::options::DecoderOptions;
     let opts = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(65535)
         .set_max_height(65535);
-    let mut dec = zune_jpeg::JpegDecoder::new_with_options(bytes, opts);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), opts);
     dec.decode_headers()
         .map_err(|e| anyhow::anyhow!("JPEG header: {e:?}"))?;
     let (w, h) = dec.dimensions().context("JPEG has no image header")?;

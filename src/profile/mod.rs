@@ -567,8 +567,16 @@ impl LoadedProfile {
 
     /// Reads and validates a profile file (a regular file of at most [`MAX_PROFILE_BYTES`]).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = read_profile_text(path)?;
-        let (mut profile, mut raw) = parse(&text, &path.display().to_string())?;
+        let bytes = read_profile_bytes(path)?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// A profile from the bytes of the file `path` (which is not read): the size cap, the UTF-8
+    /// check, parsing, validation and `./` paths made relative to `path`'s folder, as
+    /// [`LoadedProfile::load`] does (also used by [`crate::fuzzing::profile`]).
+    pub(crate) fn from_bytes(bytes: &[u8], path: &Path) -> anyhow::Result<Self> {
+        let text = profile_text(bytes, path)?;
+        let (mut profile, mut raw) = parse(text, &path.display().to_string())?;
         if let Some(dir) = path.parent() {
             if resolve_relative_paths(&mut raw, dir) {
                 profile = toml::Value::Table(raw.clone())
@@ -681,10 +689,10 @@ impl LoadedProfile {
 /// The largest profile file read (real ones are a few KiB).
 pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
 
-/// The text of a profile file: refuses what is not a regular file (`/dev/zero`, a FIFO that
-/// would block the control loop, a directory) and files over [`MAX_PROFILE_BYTES`] before
-/// reading; names the file in every error.
-fn read_profile_text(path: &Path) -> anyhow::Result<String> {
+/// The bytes of a profile file: refuses what is not a regular file (`/dev/zero`, a FIFO that
+/// would block the control loop, a directory) before reading, and reads at most one byte more
+/// than [`MAX_PROFILE_BYTES`] (refused by [`profile_text`]); names the file in every error.
+fn read_profile_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
     use std::io::Read as _;
     let meta = std::fs::metadata(path)
         .with_context(|| format!("cannot read profile {}", path.display()))?;
@@ -700,6 +708,12 @@ fn read_profile_text(path: &Path) -> anyhow::Result<String> {
     file.take(MAX_PROFILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("cannot read profile {}", path.display()))?;
+    Ok(bytes)
+}
+
+/// The text of the profile file `path` from its bytes: refuses more than
+/// [`MAX_PROFILE_BYTES`] and what is not UTF-8, naming the file.
+fn profile_text<'a>(bytes: &'a [u8], path: &Path) -> anyhow::Result<&'a str> {
     if bytes.len() as u64 > MAX_PROFILE_BYTES {
         anyhow::bail!(
             "profile {} is larger than {} KiB: not a profile",
@@ -707,11 +721,11 @@ fn read_profile_text(path: &Path) -> anyhow::Result<String> {
             MAX_PROFILE_BYTES / 1024
         );
     }
-    String::from_utf8(bytes).map_err(|e| {
+    std::str::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
             "profile {} is not UTF-8 text (invalid byte at offset {})",
             path.display(),
-            e.utf8_error().valid_up_to()
+            e.valid_up_to()
         )
     })
 }

@@ -261,8 +261,9 @@ impl Y4mSource {
         Self::from_reader(input, reader, looping)
     }
 
-    /// Reads the header from `reader`, which delivers the bytes of `input`.
-    fn from_reader(
+    /// Reads the header from `reader`, which delivers the bytes of `input` (also used by
+    /// [`crate::fuzzing::y4m`] on in-memory bytes).
+    pub(crate) fn from_reader(
         input: Y4mInput,
         mut reader: Box<dyn BufRead + Send>,
         looping: bool,

@@ -51,7 +51,7 @@ pub fn y4m(data: &[u8]) {
     for _ in 0..MAX_FRAMES {
         let f = match src.next_frame() {
             Ok(Captured::Frame(f)) => f,
-            Ok(Captured::End) | Err(_) => break,
+            Ok(Captured::End | Captured::Interrupted) | Err(_) => break,
         };
         frame_bytes += h.frame_len();
         assert!(

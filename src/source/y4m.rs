@@ -349,10 +349,20 @@ impl Source for Y4mSource {
                 marker.chars().take(16).collect::<String>()
             );
         }
-        let mut data = vec![0u8; self.header.frame_len()];
-        self.reader
-            .read_exact(&mut data)
-            .context("Y4M stream ended in the middle of a frame")?;
+        // Grown as the bytes arrive (not allocated whole from the header's size first), so a
+        // short stream with a huge header costs only what it holds.
+        let len = self.header.frame_len();
+        let mut data = Vec::with_capacity(len.min(1 << 20));
+        (&mut *self.reader)
+            .take(len as u64)
+            .read_to_end(&mut data)
+            .context("reading a Y4M frame")?;
+        if data.len() < len {
+            bail!(
+                "Y4M stream ended in the middle of a frame ({} of {len} bytes)",
+                data.len()
+            );
+        }
         if self.header.bit_depth > 8 {
             // Little-endian samples of `bit_depth` bits → their top 8 bits.
             let shift = self.header.bit_depth - 8;
@@ -602,5 +612,24 @@ mod tests {
         src.next_frame().unwrap();
         let e = src.next_frame().unwrap_err().to_string();
         assert!(e.contains("middle of a frame"), "{e}");
+    }
+
+    /// A tiny stream whose header claims the largest frame sdcam accepts ends with a clear
+    /// error about the missing bytes (and the frame buffer grows only as bytes arrive).
+    #[test]
+    fn a_huge_header_over_a_few_bytes_is_a_short_frame() {
+        let mut bytes = b"YUV4MPEG2 W8192 H8192 F30:1 C444p16\nFRAME\n".to_vec();
+        bytes.extend_from_slice(&[7u8; 100]);
+        let mut src = Y4mSource::from_reader(
+            Y4mInput::Stdin,
+            Box::new(std::io::Cursor::new(bytes)),
+            false,
+        )
+        .unwrap();
+        let e = format!("{:#}", src.next_frame().unwrap_err());
+        assert!(
+            e.contains("middle of a frame (100 of 402653184 bytes)"),
+            "{e}"
+        );
     }
 }

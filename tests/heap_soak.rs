@@ -1,0 +1,112 @@
+//! Live heap bytes of the diffusion transform across prompt changes and frames (issue 11, "Memory
+//! over time"): a counting global allocator measures what is allocated and not freed. After a
+//! warm-up, many more prompt changes and frames must leave the live heap where it was, so that
+//! a cache, history or per-frame tensor that grows without bound fails here rather than in a
+//! two-hour soak (`scripts/soak.sh`, which measures the process's RSS).
+//!
+//! The only test in this binary on purpose: the allocator counts every thread of the process.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+
+use sdcam::frame::{ColorRange, Frame, PixelFormat};
+use sdcam::profile::LoadedProfile;
+use sdcam::transform::{self, Transform};
+
+struct Counting;
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as i64, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as i64, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as i64, Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const W: u32 = 64;
+const H: u32 = 64;
+
+fn frame(n: u64) -> Frame {
+    let data = sdcam::source::pattern::render(W, H, n);
+    Frame::new(W, H, PixelFormat::Rgb24, ColorRange::Full, data).unwrap()
+}
+
+/// One soak round: a new prompt (a string never seen before), then three frames.
+fn round(t: &mut Box<dyn Transform>, base: &LoadedProfile, n: u64) {
+    let mut p = base.profile.clone();
+    p.prompt = format!("{}, take {n}", base.profile.prompt);
+    p.negative_prompt = format!("{}, take {n}", base.profile.negative_prompt);
+    t.apply(&p).unwrap();
+    for i in 0..3 {
+        let mut out = Vec::new();
+        t.process_into(&frame(3 * n + i), &mut out).unwrap();
+    }
+}
+
+#[test]
+fn prompt_changes_and_frames_do_not_grow_the_live_heap() {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/demo.toml");
+    // The demo profile's pipeline (tiny model, 2 steps, self-negative R-CFG, similarity
+    // filter) at a small stream size, to keep the test quick.
+    let base = LoadedProfile::load(&demo)
+        .unwrap()
+        .with_set("stream.width", &W.to_string())
+        .unwrap()
+        .with_set("stream.height", &H.to_string())
+        .unwrap();
+    let mut t = transform::build(&base.profile).unwrap();
+    for n in 0..5 {
+        round(&mut t, &base, n);
+    }
+    let before = LIVE.load(Relaxed);
+    const ROUNDS: u64 = 30;
+    for n in 5..5 + ROUNDS {
+        round(&mut t, &base, n);
+    }
+    let after = LIVE.load(Relaxed);
+    let growth = after - before;
+    eprintln!(
+        "live heap {:.1} MB before, {:.1} MB after {ROUNDS} prompt changes and {} frames: \
+         {growth:+} bytes",
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        3 * ROUNDS
+    );
+    // Per-round state that is kept by design (the last output frame, the filter's last frame)
+    // is replaced, not added to; allow a little slack for lazily created thread-locals.
+    assert!(
+        growth < 64 * 1024,
+        "the live heap grew by {growth} bytes over {ROUNDS} rounds ({} per round)",
+        growth / ROUNDS as i64
+    );
+}

@@ -16,16 +16,18 @@
 # Environment:
 #   SDCAM        binary (default target/release/sdcam, built with `cargo build --release`
 #                when missing)
-#   OUT          output folder (default out/soak-YYYYmmdd-HHMMSS): rss.csv, sdcam.log, summary.txt
+#   OUT          output folder (default out/soak-YYYYmmdd-HHMMSS): rss.csv, heap.csv, sdcam.log,
+#                summary.txt
 #   FPS          source/output frame rate (default 0.5: the tiny model idles between frames, so
 #                the soak uses little CPU; the stats show how many frames were transformed)
 #   PROMPT_EVERY seconds between prompt changes (default 20)
-#   STATS_EVERY  seconds between `stats` commands (default 600)
+#   STATS_EVERY  seconds between `stats` commands (default 60; their live-heap line goes to
+#                heap.csv)
 #   WARMUP_PCT   per cent of the run left out of the slope (default 10)
-#   MAX_SLOPE    verdict threshold in MB/hour (default 5; the growth reported in issue 11 was
-#                about 45 MB/hour). RSS swings by up to 100 MB within each frame (the U-Net's
+#   MAX_SLOPE    verdict threshold in MiB/hour (default 5; the growth reported in issue 11 was
+#                about 45 MB/hour). RSS swings by up to 100 MiB within each frame (the U-Net's
 #                temporaries, which mimalloc returns to the OS between frames), so the slope of
-#                2 hours of samples every 5 s has a standard error of about 1-2 MB/hour; it is
+#                2 hours of samples every 5 s has a standard error of about 1-2 MiB/hour; it is
 #                printed next to the slope.
 #   EXTRA_ARGS   more sdcam arguments, e.g. "--set stream.prompt_blend_frames=5"
 #
@@ -47,7 +49,7 @@ main() {
     OUT=${OUT:-out/soak-$(date -u +%Y%m%d-%H%M%S)}
     FPS=${FPS:-0.5}
     PROMPT_EVERY=${PROMPT_EVERY:-20}
-    STATS_EVERY=${STATS_EVERY:-600}
+    STATS_EVERY=${STATS_EVERY:-60}
     WARMUP_PCT=${WARMUP_PCT:-10}
     MAX_SLOPE=${MAX_SLOPE:-5}
     EXTRA_ARGS=${EXTRA_ARGS:-}
@@ -145,52 +147,75 @@ main() {
     transformed=$(grep -E '^transformed ' "$log" | tail -1 | awk '{print $2}')
     done_line=$(grep -E 'INFO done:' "$log" | tail -1 | sed 's/.*INFO //')
 
-    awk -F, -v warm="$WARMUP_PCT" -v max="$MAX_SLOPE" -v win="$((SAMPLE * 60))" \
-        -v applied="$applied" -v transformed="${transformed:-?}" -v done_line="$done_line" '
-    # Least-squares slope of y against x over points 1..n, in y units per x unit, and its standard
-    # error.
+    # Live heap bytes, from the `stats` outputs of a binary that counts them (src/alloc.rs).
+    heapcsv=$OUT/heap.csv
+    echo "seconds,live_mib,peak_mib" >"$heapcsv"
+    awk '/^uptime / {u = $2} /^heap live / {p = $5; sub(/^\(/, "", p); print u "," $3 "," p}' \
+        "$log" >>"$heapcsv"
+
+    # Least-squares slope of y against x over points 1..n, and its standard error (fit_se).
+    local fit='
     function fit(x, y, n,    i, sx, sy, sxx, sxy, b, a, e, ss) {
+        sx = sy = sxx = sxy = ss = 0
         for (i = 1; i <= n; i++) { sx += x[i]; sy += y[i]; sxx += x[i] * x[i]; sxy += x[i] * y[i] }
         b = (n * sxy - sx * sy) / (n * sxx - sx * sx)
         a = (sy - b * sx) / n
         for (i = 1; i <= n; i++) { e = y[i] - a - b * x[i]; ss += e * e }
         fit_se = (n > 2) ? sqrt(ss / (n - 2) / (sxx - sx * sx / n)) : 0
         return b
-    }
-    NR == 1 { next }
-    { t[++n] = $1; r[n] = $2; h[n] = $3 }
-    END {
-        if (n < 3) { print "too few samples (" n ") for a slope"; exit }
-        t0 = t[n] * warm / 100
-        for (i = 1; i <= n; i++) if (t[i] >= t0) {
-            m++; x[m] = t[i] / 3600; y[m] = r[i] / 1024
-            if (!first) first = i
-            last = i
-            # Per-window maxima and minima: RSS swings by up to 100 MB within a frame (the U-Net'"'"'s
-            # temporaries); a leak lifts both envelopes.
-            w = int((t[i] - t0) / win) + 1
-            if (w > nw) { nw = w; wx[w] = t[i] / 3600; wy[w] = 0; wl[w] = 1e12 }
-            if (r[i] / 1024 > wy[w]) wy[w] = r[i] / 1024
-            if (r[i] / 1024 < wl[w]) wl[w] = r[i] / 1024
-        }
-        slope = fit(x, y, m); se = fit_se
-        printf "soak: %d s run, %d RSS samples (%d after the %d%% warm-up)\n", t[n], n, m, warm
-        printf "RSS at start %.1f MB, after warm-up (%d s) %.1f MB, at end %.1f MB, peak (VmHWM) %.1f MB\n",
-            r[1] / 1024, t[first], r[first] / 1024, r[last] / 1024, h[last] / 1024
-        printf "RSS slope after warm-up: %+.2f MB/hour (± %.2f standard error; %+.3f MB/min)\n",
-            slope, se, slope / 60
-        if (nw >= 3) {
-            k = 0
-            for (i = 1; i <= nw; i++) if (wy[i] > 0) { k++; ex[k] = wx[i]; ey[k] = wy[i]; el[k] = wl[i] }
-            printf "slope of the per-%d-s RSS maxima: %+.2f MB/hour (± %.2f), minima: ", win,
-                fit(ex, ey, k), fit_se
-            printf "%+.2f MB/hour (± %.2f), %d windows\n", fit(ex, el, k), fit_se, k
-        }
-        printf "prompt changes applied: %s, frames transformed: %s\n", applied, transformed
-        if (done_line != "") print done_line
-        verdict = (slope <= max) ? "PASS" : "FAIL"
-        printf "verdict: %s (RSS slope %+.2f MB/hour, threshold %s MB/hour)\n", verdict, slope, max
-    }' "$csv" | tee "$summary"
+    }'
+    {
+        awk -F, -v warm="$WARMUP_PCT" -v max="$MAX_SLOPE" -v win="$((SAMPLE * 60))" "$fit"'
+        NR == 1 { next }
+        { t[++n] = $1; r[n] = $2 / 1024; h[n] = $3 / 1024 }
+        END {
+            if (n < 3) { print "too few RSS samples (" n ") for a slope"; exit }
+            t0 = t[n] * warm / 100
+            for (i = 1; i <= n; i++) if (t[i] >= t0) {
+                m++; x[m] = t[i] / 3600; y[m] = r[i]
+                if (!first) first = i
+                last = i
+                # Per-window maxima and minima: RSS swings by up to 100 MiB within a frame (the
+                # U-Net temporaries); a leak lifts both envelopes.
+                w = int((t[i] - t0) / win) + 1
+                if (w > nw) { nw = w; wx[w] = t[i] / 3600; wy[w] = 0; wl[w] = 1e12 }
+                if (r[i] > wy[w]) wy[w] = r[i]
+                if (r[i] < wl[w]) wl[w] = r[i]
+            }
+            slope = fit(x, y, m); se = fit_se
+            printf "soak: %d s run, %d RSS samples (%d after the %d%% warm-up)\n", t[n], n, m, warm
+            printf "RSS at start %.1f MiB, after warm-up (%d s) %.1f MiB, at end %.1f MiB, " \
+                "peak (VmHWM) %.1f MiB\n", r[1], t[first], r[first], r[last], h[last]
+            printf "RSS slope after warm-up: %+.2f MiB/hour (± %.2f standard error; %+.3f MiB/min)\n",
+                slope, se, slope / 60
+            if (nw >= 3) {
+                for (i = 1; i <= nw; i++) { ex[i] = wx[i]; ey[i] = wy[i]; el[i] = wl[i] }
+                printf "slope of the per-%d-s RSS maxima: %+.2f MiB/hour (± %.2f), ", win,
+                    fit(ex, ey, nw), fit_se
+                printf "minima: %+.2f MiB/hour (± %.2f), %d windows\n", fit(ex, el, nw), fit_se, nw
+            }
+            verdict = (slope <= max) ? "PASS" : "FAIL"
+            printf "verdict: %s (RSS slope %+.2f MiB/hour, threshold %s MiB/hour)\n", verdict,
+                slope, max
+        }' "$csv"
+        awk -F, -v warm="$WARMUP_PCT" "$fit"'
+        NR == 1 { next }
+        { t[++n] = $1; l[n] = $2; p[n] = $3 }
+        END {
+            if (n == 0) { print "live heap: not reported (a binary without src/alloc.rs)"; exit }
+            t0 = t[n] * warm / 100
+            for (i = 1; i <= n; i++) if (t[i] >= t0) {
+                m++; x[m] = t[i] / 3600; y[m] = l[i]
+                if (!first) first = i
+            }
+            printf "live heap after warm-up (%d s) %.2f MiB, at end %.2f MiB, peak %.2f MiB", t[first],
+                l[first], l[n], p[n]
+            if (m >= 3) printf "; slope %+.3f MiB/hour (± %.3f, %d stats)", fit(x, y, m), fit_se, m
+            printf "\n"
+        }' "$heapcsv"
+        echo "prompt changes applied: $applied, frames transformed: ${transformed:-?}"
+        [[ -n $done_line ]] && echo "$done_line"
+    } | tee "$summary"
 
     if ((died)); then
         echo "verdict: FAIL (sdcam died or did not stop cleanly, exit status $rc)" | tee -a "$summary"

@@ -6,52 +6,20 @@
 //!
 //! The only test in this binary on purpose: the allocator counts every thread of the process.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::System;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
+use sdcam::alloc::{heap_bytes, Counting};
 use sdcam::frame::{ColorRange, Frame, PixelFormat};
 use sdcam::profile::LoadedProfile;
 use sdcam::transform::{self, Transform};
 
-struct Counting;
-
-static LIVE: AtomicI64 = AtomicI64::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as i64, Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as i64, Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as i64, Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Relaxed);
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: Counting<System> = Counting(System);
+
+fn live() -> i64 {
+    heap_bytes().expect("the counting allocator is installed").0 as i64
+}
 
 const W: u32 = 64;
 const H: u32 = 64;
@@ -88,12 +56,12 @@ fn prompt_changes_and_frames_do_not_grow_the_live_heap() {
     for n in 0..5 {
         round(&mut t, &base, n);
     }
-    let before = LIVE.load(Relaxed);
+    let before = live();
     const ROUNDS: u64 = 30;
     for n in 5..5 + ROUNDS {
         round(&mut t, &base, n);
     }
-    let after = LIVE.load(Relaxed);
+    let after = live();
     let growth = after - before;
     eprintln!(
         "live heap {:.1} MB before, {:.1} MB after {ROUNDS} prompt changes and {} frames: \

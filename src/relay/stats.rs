@@ -119,6 +119,7 @@ impl Stats {
             source_errors: self.source_errors.load(Relaxed),
             timings: *self.timings.lock().unwrap_or_else(|e| e.into_inner()),
             uptime: self.started.elapsed(),
+            heap: crate::alloc::heap_bytes(),
         }
     }
 }
@@ -139,6 +140,8 @@ pub struct Snapshot {
     pub source_errors: u64,
     pub timings: Timings,
     pub uptime: Duration,
+    /// Live and peak heap bytes, where the binary counts them ([`crate::alloc`]).
+    pub heap: Option<(u64, u64)>,
 }
 
 impl Snapshot {
@@ -207,6 +210,15 @@ impl fmt::Display for Snapshot {
                 f,
                 "{name:<13} {:.2} ms avg, {:.2} ms max",
                 tm.avg_ms, tm.max_ms
+            )?;
+        }
+        if let Some((live, peak)) = self.heap {
+            const MIB: f64 = 1024.0 * 1024.0;
+            writeln!(
+                f,
+                "heap live     {:.2} MiB ({:.2} MiB peak; RSS also holds freed memory the allocator keeps)",
+                live as f64 / MIB,
+                peak as f64 / MIB
             )?;
         }
         Ok(())

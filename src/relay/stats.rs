@@ -254,4 +254,18 @@ mod tests {
         let line = c.status_line(Some(&b));
         assert!(line.contains("model 3.0 fps (skip 40%)"), "{line}");
     }
+
+    #[test]
+    fn stats_show_the_live_heap_where_it_is_counted() {
+        let mut s = Stats::default().snapshot();
+        // Library tests run on the plain system allocator: nothing counted, no line.
+        assert_eq!(s.heap, None);
+        assert!(!s.to_string().contains("heap"));
+        s.heap = Some((3 << 20, 10 << 20));
+        assert!(
+            s.to_string()
+                .contains("heap live     3.00 MiB (10.00 MiB peak;"),
+            "{s}"
+        );
+    }
 }

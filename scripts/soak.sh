@@ -25,19 +25,110 @@
 #                heap.csv)
 #   WARMUP_PCT   per cent of the run left out of the slope (default 10)
 #   MAX_SLOPE    verdict threshold in MiB/hour (default 5; the growth reported in issue 11 was
-#                about 45 MB/hour). RSS swings by up to 100 MiB within each frame (the U-Net's
-#                temporaries, which mimalloc returns to the OS between frames), so the slope of
-#                2 hours of samples every 5 s has a standard error of about 1-2 MiB/hour; it is
-#                printed next to the slope.
+#                about 45 MB/hour) for the slope of the per-window RSS maxima (see below)
 #   EXTRA_ARGS   more sdcam arguments, e.g. "--set stream.prompt_blend_frames=5"
 #
 # rss.csv has one row per sample: seconds since start, VmRSS, VmHWM (peak), RssAnon, RssFile
-# (kB, from /proc/PID/status). The slope is a least-squares fit of VmRSS against time over the
-# samples after the warm-up. Exit status: 0 = sdcam ran the whole time, stopped cleanly and the
-# slope is under MAX_SLOPE; 1 = slope over MAX_SLOPE; 2 = sdcam died, failed or did not stop.
+# (kB, from /proc/PID/status). Printed: the least-squares slope of VmRSS against time over the
+# samples after the warm-up, with its standard error, and the slopes of the RSS maxima and minima
+# of each window of 60 samples. RSS swings by up to 100 MiB within each frame (the U-Net's
+# temporaries, which mimalloc returns to the OS about a second after they are freed), so the
+# plain slope also follows the share of time spent inside frames, i.e. how busy the machine is;
+# the verdict uses the maxima (the peak of a frame, which a leak lifts and machine load does
+# not). The live heap (`heap live` in `stats`) is the leak test proper: it is flat when nothing
+# leaks, whatever the allocator keeps. Exit status: 0 = sdcam ran the whole time, stopped
+# cleanly and the slope of the maxima is under MAX_SLOPE; 1 = over MAX_SLOPE; 2 = sdcam died,
+# failed or did not stop.
+#
+# `bash scripts/soak.sh --report OUT [SAMPLE_S]` prints the summary of a soak folder, also while
+# that soak is still running.
 # Run it at low priority on a shared machine: `nice -n 10 bash scripts/soak.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WARMUP_PCT=${WARMUP_PCT:-10}
+MAX_SLOPE=${MAX_SLOPE:-5}
+
+# Prints the summary of a soak's folder (rss.csv, sdcam.log), finished or still running.
+report() {
+    local OUT=$1 SAMPLE=${2:-5} csv=$1/rss.csv log=$1/sdcam.log
+    local applied transformed done_line heapcsv
+    applied=$(grep -c 'prompt ".*": applied' "$log" || true)
+    transformed=$(grep -E '^transformed ' "$log" | tail -1 | awk '{print $2}' || true)
+    done_line=$(grep -E 'INFO done:' "$log" | tail -1 | sed 's/.*INFO //' || true)
+
+    # Live heap bytes, from the `stats` outputs of a binary that counts them (src/alloc.rs).
+    heapcsv=$OUT/heap.csv
+    echo "seconds,live_mib,peak_mib" >"$heapcsv"
+    awk '/^uptime / {u = $2} /^heap live / {p = $5; sub(/^\(/, "", p); print u "," $3 "," p}' \
+        "$log" >>"$heapcsv"
+
+    # Least-squares slope of y against x over points 1..n, and its standard error (fit_se).
+    local fit='
+    function fit(x, y, n,    i, sx, sy, sxx, sxy, b, a, e, ss) {
+        sx = sy = sxx = sxy = ss = 0
+        for (i = 1; i <= n; i++) { sx += x[i]; sy += y[i]; sxx += x[i] * x[i]; sxy += x[i] * y[i] }
+        b = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+        a = (sy - b * sx) / n
+        for (i = 1; i <= n; i++) { e = y[i] - a - b * x[i]; ss += e * e }
+        fit_se = (n > 2) ? sqrt(ss / (n - 2) / (sxx - sx * sx / n)) : 0
+        return b
+    }'
+    {
+        awk -F, -v warm="$WARMUP_PCT" -v max="$MAX_SLOPE" -v win="$((SAMPLE * 60))" "$fit"'
+        NR == 1 { next }
+        { t[++n] = $1; r[n] = $2 / 1024; h[n] = $3 / 1024 }
+        END {
+            if (n < 3) { print "too few RSS samples (" n ") for a slope"; exit }
+            t0 = t[n] * warm / 100
+            for (i = 1; i <= n; i++) if (t[i] >= t0) {
+                m++; x[m] = t[i] / 3600; y[m] = r[i]
+                if (!first) first = i
+                last = i
+                # Per-window maxima and minima: RSS swings by up to 100 MiB within a frame (the
+                # U-Net temporaries); a leak lifts both envelopes.
+                w = int((t[i] - t0) / win) + 1
+                if (w > nw) { nw = w; wx[w] = t[i] / 3600; wy[w] = 0; wl[w] = 1e12 }
+                if (r[i] > wy[w]) wy[w] = r[i]
+                if (r[i] < wl[w]) wl[w] = r[i]
+            }
+            slope = fit(x, y, m); se = fit_se
+            printf "soak: %d s run, %d RSS samples (%d after the %d%% warm-up)\n", t[n], n, m, warm
+            printf "RSS at start %.1f MiB, after warm-up (%d s) %.1f MiB, at end %.1f MiB, " \
+                "peak (VmHWM) %.1f MiB\n", r[1], t[first], r[first], r[last], h[last]
+            printf "RSS slope after warm-up: %+.2f MiB/hour (± %.2f standard error; %+.3f MiB/min)\n",
+                slope, se, slope / 60
+            if (nw < 3) {
+                print "verdict: none (fewer than 3 windows of " win " s after the warm-up)"
+                exit
+            }
+            for (i = 1; i <= nw; i++) { ex[i] = wx[i]; ey[i] = wy[i]; el[i] = wl[i] }
+            lo = fit(ex, el, nw); lo_se = fit_se
+            hi = fit(ex, ey, nw); hi_se = fit_se
+            printf "slope of the per-%d-s RSS maxima: %+.2f MiB/hour (± %.2f), ", win, hi, hi_se
+            printf "minima: %+.2f MiB/hour (± %.2f), %d windows\n", lo, lo_se, nw
+            verdict = (hi <= max) ? "PASS" : "FAIL"
+            printf "verdict: %s (slope of the RSS maxima %+.2f MiB/hour, threshold %s MiB/hour)\n",
+                verdict, hi, max
+        }' "$csv"
+        awk -F, -v warm="$WARMUP_PCT" "$fit"'
+        NR == 1 { next }
+        { t[++n] = $1; l[n] = $2; p[n] = $3 }
+        END {
+            if (n == 0) { print "live heap: not reported (a binary without src/alloc.rs)"; exit }
+            t0 = t[n] * warm / 100
+            for (i = 1; i <= n; i++) if (t[i] >= t0) {
+                m++; x[m] = t[i] / 3600; y[m] = l[i]
+                if (!first) first = i
+            }
+            printf "live heap after warm-up (%d s) %.2f MiB, at end %.2f MiB, peak %.2f MiB", t[first],
+                l[first], l[n], p[n]
+            if (m >= 3) printf "; slope %+.3f MiB/hour (± %.3f, %d stats)", fit(x, y, m), fit_se, m
+            printf "\n"
+        }' "$heapcsv"
+        echo "prompt changes applied: $applied, frames transformed: ${transformed:-?}"
+        [[ -n $done_line ]] && echo "$done_line"
+    }
+}
 
 # The whole script is one function, read by bash before it runs: editing this file while a soak
 # is running does not disturb it.
@@ -50,8 +141,6 @@ main() {
     FPS=${FPS:-0.5}
     PROMPT_EVERY=${PROMPT_EVERY:-20}
     STATS_EVERY=${STATS_EVERY:-60}
-    WARMUP_PCT=${WARMUP_PCT:-10}
-    MAX_SLOPE=${MAX_SLOPE:-5}
     EXTRA_ARGS=${EXTRA_ARGS:-}
 
     if [[ ! -x $SDCAM ]]; then
@@ -143,79 +232,7 @@ main() {
     exec 3>&-
     rm -f "$fifo"
 
-    applied=$(grep -c 'prompt ".*": applied' "$log" || true)
-    transformed=$(grep -E '^transformed ' "$log" | tail -1 | awk '{print $2}')
-    done_line=$(grep -E 'INFO done:' "$log" | tail -1 | sed 's/.*INFO //')
-
-    # Live heap bytes, from the `stats` outputs of a binary that counts them (src/alloc.rs).
-    heapcsv=$OUT/heap.csv
-    echo "seconds,live_mib,peak_mib" >"$heapcsv"
-    awk '/^uptime / {u = $2} /^heap live / {p = $5; sub(/^\(/, "", p); print u "," $3 "," p}' \
-        "$log" >>"$heapcsv"
-
-    # Least-squares slope of y against x over points 1..n, and its standard error (fit_se).
-    local fit='
-    function fit(x, y, n,    i, sx, sy, sxx, sxy, b, a, e, ss) {
-        sx = sy = sxx = sxy = ss = 0
-        for (i = 1; i <= n; i++) { sx += x[i]; sy += y[i]; sxx += x[i] * x[i]; sxy += x[i] * y[i] }
-        b = (n * sxy - sx * sy) / (n * sxx - sx * sx)
-        a = (sy - b * sx) / n
-        for (i = 1; i <= n; i++) { e = y[i] - a - b * x[i]; ss += e * e }
-        fit_se = (n > 2) ? sqrt(ss / (n - 2) / (sxx - sx * sx / n)) : 0
-        return b
-    }'
-    {
-        awk -F, -v warm="$WARMUP_PCT" -v max="$MAX_SLOPE" -v win="$((SAMPLE * 60))" "$fit"'
-        NR == 1 { next }
-        { t[++n] = $1; r[n] = $2 / 1024; h[n] = $3 / 1024 }
-        END {
-            if (n < 3) { print "too few RSS samples (" n ") for a slope"; exit }
-            t0 = t[n] * warm / 100
-            for (i = 1; i <= n; i++) if (t[i] >= t0) {
-                m++; x[m] = t[i] / 3600; y[m] = r[i]
-                if (!first) first = i
-                last = i
-                # Per-window maxima and minima: RSS swings by up to 100 MiB within a frame (the
-                # U-Net temporaries); a leak lifts both envelopes.
-                w = int((t[i] - t0) / win) + 1
-                if (w > nw) { nw = w; wx[w] = t[i] / 3600; wy[w] = 0; wl[w] = 1e12 }
-                if (r[i] > wy[w]) wy[w] = r[i]
-                if (r[i] < wl[w]) wl[w] = r[i]
-            }
-            slope = fit(x, y, m); se = fit_se
-            printf "soak: %d s run, %d RSS samples (%d after the %d%% warm-up)\n", t[n], n, m, warm
-            printf "RSS at start %.1f MiB, after warm-up (%d s) %.1f MiB, at end %.1f MiB, " \
-                "peak (VmHWM) %.1f MiB\n", r[1], t[first], r[first], r[last], h[last]
-            printf "RSS slope after warm-up: %+.2f MiB/hour (± %.2f standard error; %+.3f MiB/min)\n",
-                slope, se, slope / 60
-            if (nw >= 3) {
-                for (i = 1; i <= nw; i++) { ex[i] = wx[i]; ey[i] = wy[i]; el[i] = wl[i] }
-                printf "slope of the per-%d-s RSS maxima: %+.2f MiB/hour (± %.2f), ", win,
-                    fit(ex, ey, nw), fit_se
-                printf "minima: %+.2f MiB/hour (± %.2f), %d windows\n", fit(ex, el, nw), fit_se, nw
-            }
-            verdict = (slope <= max) ? "PASS" : "FAIL"
-            printf "verdict: %s (RSS slope %+.2f MiB/hour, threshold %s MiB/hour)\n", verdict,
-                slope, max
-        }' "$csv"
-        awk -F, -v warm="$WARMUP_PCT" "$fit"'
-        NR == 1 { next }
-        { t[++n] = $1; l[n] = $2; p[n] = $3 }
-        END {
-            if (n == 0) { print "live heap: not reported (a binary without src/alloc.rs)"; exit }
-            t0 = t[n] * warm / 100
-            for (i = 1; i <= n; i++) if (t[i] >= t0) {
-                m++; x[m] = t[i] / 3600; y[m] = l[i]
-                if (!first) first = i
-            }
-            printf "live heap after warm-up (%d s) %.2f MiB, at end %.2f MiB, peak %.2f MiB", t[first],
-                l[first], l[n], p[n]
-            if (m >= 3) printf "; slope %+.3f MiB/hour (± %.3f, %d stats)", fit(x, y, m), fit_se, m
-            printf "\n"
-        }' "$heapcsv"
-        echo "prompt changes applied: $applied, frames transformed: ${transformed:-?}"
-        [[ -n $done_line ]] && echo "$done_line"
-    } | tee "$summary"
+    report "$OUT" "$SAMPLE" | tee "$summary"
 
     if ((died)); then
         echo "verdict: FAIL (sdcam died or did not stop cleanly, exit status $rc)" | tee -a "$summary"
@@ -224,4 +241,8 @@ main() {
     grep -q '^verdict: PASS' "$summary" || exit 1
 }
 
-main "$@"
+if [[ ${1:-} == --report ]]; then
+    report "$2" "${3:-5}"
+else
+    main "$@"
+fi

@@ -27,6 +27,10 @@
 #   MAX_SLOPE    verdict threshold in MiB/hour (default 5; the growth reported in issue 11 was
 #                about 45 MB/hour) for the slope of the per-window RSS maxima (see below)
 #   EXTRA_ARGS   more sdcam arguments, e.g. "--set stream.prompt_blend_frames=5"
+#   MIMALLOC_PURGE_DELAY=-1 (passed through to sdcam's allocator) keeps freed pages instead of
+#                returning them to the OS: RSS then stays at the allocator's high-water mark
+#                without the per-frame swings, so any growth (leak or fragmentation) shows
+#                plainly in a shorter run; sdcam itself runs with the default (1000 ms).
 #
 # rss.csv has one row per sample: seconds since start, VmRSS, VmHWM (peak), RssAnon, RssFile
 # (kB, from /proc/PID/status). Printed: the least-squares slope of VmRSS against time over the

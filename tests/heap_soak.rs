@@ -29,11 +29,13 @@ fn frame(n: u64) -> Frame {
     Frame::new(W, H, PixelFormat::Rgb24, ColorRange::Full, data).unwrap()
 }
 
-/// One soak round: a new prompt (a string never seen before), then three frames.
+/// One soak round: a new prompt (a string never seen before), applied at once or, every other
+/// round, blended over two frames, then three frames.
 fn round(t: &mut Box<dyn Transform>, base: &LoadedProfile, n: u64) {
     let mut p = base.profile.clone();
     p.prompt = format!("{}, take {n}", base.profile.prompt);
     p.negative_prompt = format!("{}, take {n}", base.profile.negative_prompt);
+    p.stream.prompt_blend_frames = if n % 2 == 0 { 0 } else { 2 };
     t.apply(&p).unwrap();
     for i in 0..3 {
         let mut out = Vec::new();

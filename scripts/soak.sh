@@ -41,8 +41,8 @@
 # the verdict uses the maxima (the peak of a frame, which a leak lifts and machine load does
 # not). The live heap (`heap live` in `stats`) is the leak test proper: it is flat when nothing
 # leaks, whatever the allocator keeps. Exit status: 0 = sdcam ran the whole time, stopped
-# cleanly and the slope of the maxima is under MAX_SLOPE; 1 = over MAX_SLOPE; 2 = sdcam died,
-# failed or did not stop.
+# cleanly and the slope of the maxima is under MAX_SLOPE; 1 = over MAX_SLOPE (or a run too short
+# for 3 windows); 2 = sdcam died, failed or did not stop.
 #
 # `bash scripts/soak.sh --report OUT [SAMPLE_S]` prints the summary of a soak folder, also while
 # that soak is still running.
@@ -130,12 +130,12 @@ report() {
             printf "\n"
         }' "$heapcsv"
         echo "prompt changes applied: $applied, frames transformed: ${transformed:-?}"
-        [[ -n $done_line ]] && echo "$done_line"
+        if [[ -n $done_line ]]; then echo "$done_line"; fi
     }
 }
 
-# The whole script is one function, read by bash before it runs: editing this file while a soak
-# is running does not disturb it.
+# The whole run is one function, read by bash before it runs: editing this file while a soak is
+# running does not disturb it.
 main() {
     DURATION=${1:-7200}
     SAMPLE=${2:-5}
@@ -245,8 +245,12 @@ main() {
     grep -q '^verdict: PASS' "$summary" || exit 1
 }
 
+# One compound command, parsed whole before it runs, that ends in `exit`: bash reads nothing more
+# of this file once a soak has started.
 if [[ ${1:-} == --report ]]; then
     report "$2" "${3:-5}"
+    exit
 else
     main "$@"
+    exit
 fi

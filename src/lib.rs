@@ -4,6 +4,7 @@
 //! [`convert`] holds pixel-format conversion and resizing, [`profile`] the TOML settings, and
 //! [`control`] the live control channel (stdin commands and signals).
 
+pub mod alloc;
 pub mod app;
 pub mod bench;
 pub mod control;

@@ -13,8 +13,10 @@ mod bench_unet;
 
 /// mimalloc instead of glibc malloc: candle's CPU kernels allocate large temporaries per call,
 /// and glibc returns them to the OS and page-faults them back in (about 30% of U-Net time).
+/// Wrapped to count live heap bytes (`stats`, `scripts/soak.sh`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sdcam::alloc::Counting<mimalloc::MiMalloc> =
+    sdcam::alloc::Counting(mimalloc::MiMalloc);
 
 #[derive(Parser, Debug)]
 #[command(

@@ -177,20 +177,21 @@ impl Session {
                  current one until it is ready",
                 new.transform
             );
+            // A build that supersedes the first one is the first one: nothing runs yet to
+            // fall back on, so its failure ends the run (else the relay would wait forever).
+            let initial = self.pending.as_ref().is_some_and(|p| p.initial);
+            if let Some(p) = self.pending.as_ref().filter(|p| !p.initial) {
+                tracing::info!("{}: superseded by {what}", p.what);
+            }
             let (old_transform, old_model) = match self.pending.take() {
                 Some(p) if !p.initial => (p.old_transform, p.old_model),
                 _ => (old.transform, old.model.clone()),
             };
-            if let Some(p) = &self.pending {
-                if !p.initial {
-                    tracing::info!("{}: superseded by {what}", p.what);
-                }
-            }
             self.pending = Some(PendingBuild {
                 rx: spawn_build(&new_run),
                 old_transform,
                 old_model,
-                initial: false,
+                initial,
                 what: what.to_string(),
             });
             loading = true;

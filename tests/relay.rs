@@ -568,10 +568,18 @@ fn file_like(count: u64) -> Counter {
     }
 }
 
-fn every_frame_relay(count: u64, transform: Option<Box<dyn Transform>>) -> (Relay, Recorder) {
+/// An every-frame relay over `count` frames at `fps` (0 = as fast as the relay takes them).
+fn every_frame_relay(
+    count: u64,
+    fps: f64,
+    transform: Option<Box<dyn Transform>>,
+) -> (Relay, Recorder) {
     let rec = Recorder::default();
     let relay = rig(
-        file_like(count),
+        Counter {
+            fps,
+            ..file_like(count)
+        },
         transform,
         Box::new(rec.clone()),
         null_output(30.0),
@@ -587,7 +595,7 @@ fn every_frame_relay(count: u64, transform: Option<Box<dyn Transform>>) -> (Rela
 #[test]
 fn every_frame_mode_writes_frames_of_a_source_that_ended_before_the_transform() {
     for count in [1, 2] {
-        let (relay, rec) = every_frame_relay(count, None);
+        let (relay, rec) = every_frame_relay(count, 0.0, None);
         let t0 = Instant::now();
         while relay.stats().snapshot().captured < count {
             assert!(t0.elapsed() < Duration::from_secs(10), "capture stalled");
@@ -607,7 +615,8 @@ fn every_frame_mode_writes_frames_of_a_source_that_ended_before_the_transform() 
 /// `--frames` (max_frames) ends the stream after that many captured frames, all written.
 #[test]
 fn every_frame_mode_flushes_a_replaced_transform_and_counts_captured_frames() {
-    let (relay, rec) = every_frame_relay(200, Some(Lag::boxed(2)));
+    // Paced (1 ms a frame), so that the replace comes mid-stream.
+    let (relay, rec) = every_frame_relay(200, 1000.0, Some(Lag::boxed(2)));
     let t0 = Instant::now();
     while relay.stats().snapshot().written < 5 {
         assert!(t0.elapsed() < Duration::from_secs(10), "nothing written");

@@ -310,6 +310,13 @@ impl DiffusionTransform {
                     f.captured_at = front.captured_at;
                     f
                 }
+                (SlotKind::Repeat, _, None) => {
+                    // Repeats a frame whose call failed before any output existed: nothing
+                    // to repeat, counted as lost (else it would block every later output).
+                    self.slots.pop_front();
+                    self.discarded += 1;
+                    continue;
+                }
                 _ => break,
             };
             self.slots.pop_front();
@@ -474,7 +481,12 @@ impl Transform for DiffusionTransform {
     }
 
     fn held(&self) -> u64 {
-        self.slots.len() as u64
+        if self.every_frame {
+            self.slots.len() as u64
+        } else {
+            // Real time returns one output per frame given to the model (warm-up included).
+            self.pending.len() as u64
+        }
     }
 
     fn skipped(&self) -> u64 {
@@ -499,17 +511,16 @@ impl Transform for DiffusionTransform {
                 make_noise(p)?,
             )?;
             if self.every_frame {
-                // Every frame taken is output: the old stream finishes its frames first.
+                // Every frame taken is output: the old stream finishes its frames first (what
+                // it returned before an error is kept too).
                 let mut done = std::mem::take(&mut self.ready);
-                self.flush(&mut done)?;
+                let r = self.flush(&mut done);
                 self.ready = done;
+                r?;
             } else {
-                // Real time: the frames in the old batch are dropped with it (and counted).
-                self.discarded += self
-                    .slots
-                    .iter()
-                    .filter(|s| s.kind == SlotKind::Model)
-                    .count() as u64;
+                // Real time: each call returned an output per frame it took (the warm-up ones
+                // too), so only the frames collected for the next call are lost.
+                self.discarded += self.pending.len() as u64;
                 self.slots.clear();
                 self.pending.clear();
             }
@@ -812,23 +823,51 @@ mod tests {
         assert_ne!(out[5].data, out[3].data);
     }
 
-    /// Real time: outputs come at once (the warm-up ones too, so the first picture is early),
-    /// and a stream prepared again counts the frames it held as discarded.
+    /// Real time: outputs come at once (the warm-up ones too, so the first picture is early):
+    /// one output per frame given to the model, so only a frame still collected for the next
+    /// call is held, and a stream prepared again counts just that one as discarded.
     #[test]
     fn real_time_counts_the_frames_a_new_stream_drops() {
         let m = model();
-        let p = profile(&[10, 20, 30], CfgType::None);
+        let mut p = profile(&[10, 20, 30], CfgType::None);
+        p.stream.frame_buffer_size = 2;
         let mut t = DiffusionTransform::with_model(m, &p).unwrap();
         let mut out = Vec::new();
-        for i in 0..4 {
+        for i in 0..5 {
             t.process_into(&frame(i), &mut out).unwrap();
         }
-        assert_eq!(out.len(), 4, "real time returns one output per call");
-        assert_eq!(t.held(), 2, "k − 1 frames are still in the batch");
+        assert_eq!(
+            out.len(),
+            4,
+            "real time returns an output per frame of each call"
+        );
+        assert_eq!(t.held(), 1, "the fifth frame waits for its pair");
         let mut q = p.clone();
         q.stream.t_index_list = vec![20, 30];
         t.apply(&q).unwrap();
-        assert_eq!((t.held(), t.discarded()), (0, 2));
+        assert_eq!((t.held(), t.discarded()), (0, 1));
+    }
+
+    /// Every-frame mode: a frame the similarity filter skips right after a frame whose call
+    /// failed has nothing to repeat; it is counted as lost and later frames still come out.
+    #[test]
+    fn a_repeat_of_a_failed_frame_does_not_block_later_outputs() {
+        let m = model();
+        let mut p = profile(&[35], CfgType::None);
+        p.stream.frame_buffer_size = 2;
+        let mut t = DiffusionTransform::with_model(m, &p).unwrap();
+        t.set_every_frame(true);
+        // The state a failed first call leaves: its frames are forgotten, the frame the filter
+        // skipped after them (a Repeat) remains, and no output exists yet.
+        t.slots.push_back(Slot::of(SlotKind::Repeat, &frame(5)));
+        assert!(t.last.is_none());
+        let mut out = Vec::new();
+        for i in [20u64, 40] {
+            t.process_into(&frame(i), &mut out).unwrap();
+        }
+        t.flush(&mut out).unwrap();
+        assert_eq!((t.held(), t.discarded()), (0, 1));
+        assert_eq!(out.len(), 2, "outputs after the failure never came out");
     }
 
     #[test]

@@ -672,8 +672,12 @@ impl TransformStage {
         let mut outs = Vec::new();
         if let Err(e) = t.flush(&mut outs) {
             self.stats.transform_errors.fetch_add(1, Relaxed);
-            self.stats.output_dropped.fetch_add(t.held(), Relaxed);
             tracing::error!("finishing the last frames failed: {e:#}");
+        }
+        let held = t.held();
+        if held > 0 {
+            tracing::error!("{held} frames could not be finished (counted as dropped)");
+            self.stats.output_dropped.fetch_add(held, Relaxed);
         }
         if !outs.is_empty() {
             tracing::debug!("flushed {} frames at the end of the stream", outs.len());
@@ -683,8 +687,20 @@ impl TransformStage {
         self.send(outs)
     }
 
+    /// The output stage is gone: the frames still held or queued are counted as dropped.
+    fn abandon(&mut self) -> Result<()> {
+        if let Some(t) = self.transform.as_ref() {
+            self.stats.output_dropped.fetch_add(t.held(), Relaxed);
+        }
+        self.drop_queued();
+        Ok(())
+    }
+
     fn run(mut self) -> Result<()> {
         let mut consecutive_errors = 0u32;
+        // After `join` drops the control side, its channel is always "ready": wait on nothing.
+        let no_ctl = crossbeam_channel::never();
+        let mut ctl_open = true;
         loop {
             if self.transform.is_none() {
                 // Still loading: leave frames queued (every-frame mode must not lose any; in real
@@ -697,7 +713,7 @@ impl TransformStage {
                 match self.ctl.recv_timeout(Duration::from_millis(100)) {
                     Ok(msg) => {
                         if let Flow::Closed = self.handle(msg) {
-                            return Ok(());
+                            return self.abandon();
                         }
                     }
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -718,17 +734,21 @@ impl TransformStage {
                 // Every frame: a pause holds the frames back instead of dropping them.
                 if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(50)) {
                     if let Flow::Closed = self.handle(msg) {
-                        return Ok(());
+                        return self.abandon();
                     }
                 }
                 continue;
             }
+            let ctl = if ctl_open { &self.ctl } else { &no_ctl };
             let frame = select! {
-                recv(self.ctl) -> msg => {
-                    if let Ok(msg) = msg {
-                        if let Flow::Closed = self.handle(msg) {
-                            return Ok(());
+                recv(ctl) -> msg => {
+                    match msg {
+                        Ok(msg) => {
+                            if let Flow::Closed = self.handle(msg) {
+                                return self.abandon();
+                            }
                         }
+                        Err(_) => ctl_open = false,
                     }
                     continue;
                 }
@@ -753,7 +773,16 @@ impl TransformStage {
                     _ => frame,
                 }
             };
-            if self.paused.load(Relaxed) {
+            if self.every_frame {
+                // Paused while this frame arrived: hold it until resumed (or stopped).
+                while self.paused.load(Relaxed) && !self.stop.load(Relaxed) {
+                    if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(50)) {
+                        if let Flow::Closed = self.handle(msg) {
+                            return self.abandon();
+                        }
+                    }
+                }
+            } else if self.paused.load(Relaxed) {
                 // The output holds its picture; the frame is not transformed.
                 self.stats.input_dropped.fetch_add(1, Relaxed);
                 continue;
@@ -787,7 +816,7 @@ impl TransformStage {
                 }
             }
             if let Flow::Closed = self.send(outs) {
-                return Ok(());
+                return self.abandon();
             }
         }
         Ok(())

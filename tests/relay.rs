@@ -420,34 +420,21 @@ fn yuv_sink_gets_converted_frames() {
 fn relay_streams_placeholders_until_the_transform_arrives() {
     for every_frame in [false, true] {
         let rec = Recorder::default();
-        let relay = Relay::start(RelayStart {
-            source: Box::new(Counter {
-                n: 0,
-                count: 30,
-                fps: 100.0,
-                live: !every_frame,
-            }),
-            source_cfg: SourceConfig::default(),
-            transform: None,
-            sink: Box::new(rec.clone()),
-            output_cfg: OutputConfig {
-                kind: OutputKind::Null,
-                width: 8,
-                height: 8,
-                fps: 100.0,
-                ..Default::default()
-            },
-            preprocess: PreprocessConfig {
-                width: 8,
-                height: 8,
-                fit: Default::default(),
-                mirror: false,
-            },
+        let source = Counter {
+            n: 0,
+            count: 30,
+            fps: 100.0,
+            live: !every_frame,
+        };
+        let relay = rig(
+            source,
+            None,
+            Box::new(rec.clone()),
+            null_output(100.0),
             every_frame,
-            max_frames: None,
-            opener: Arc::new(NoOpener),
-        })
-        .unwrap();
+            None,
+            Arc::new(NoOpener),
+        );
         // A model "loading" for 150 ms.
         std::thread::sleep(Duration::from_millis(150));
         let early = relay.stats().snapshot();

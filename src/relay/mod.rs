@@ -730,15 +730,6 @@ impl TransformStage {
                 self.finish();
                 break;
             }
-            if self.every_frame && self.paused.load(Relaxed) && !self.stop.load(Relaxed) {
-                // Every frame: a pause holds the frames back instead of dropping them.
-                if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(50)) {
-                    if let Flow::Closed = self.handle(msg) {
-                        return self.abandon();
-                    }
-                }
-                continue;
-            }
             let ctl = if ctl_open { &self.ctl } else { &no_ctl };
             let frame = select! {
                 recv(ctl) -> msg => {
@@ -774,7 +765,8 @@ impl TransformStage {
                 }
             };
             if self.every_frame {
-                // Paused while this frame arrived: hold it until resumed (or stopped).
+                // Every frame: a pause holds the frame (and so the queue behind it) back until
+                // resumed or stopped, instead of dropping it.
                 while self.paused.load(Relaxed) && !self.stop.load(Relaxed) {
                     if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(50)) {
                         if let Flow::Closed = self.handle(msg) {

@@ -99,7 +99,7 @@ fn spawn_build(p: &Profile) -> Receiver<Result<Box<dyn Transform>>> {
     let spawned = std::thread::Builder::new()
         .name("sdcam-load".into())
         .spawn(move || {
-            let _ = tx.send(transform::build(&p));
+            let _ = tx.send(transform::build(&crate::config::transform_options(&p)));
         });
     if let Err(e) = spawned {
         let (tx, rx2) = bounded(1);
@@ -202,7 +202,10 @@ impl Session {
             || new_run.negative_prompt != old_run.negative_prompt
             || new_run.stream != old_run.stream
         {
-            if let Err(e) = self.relay.apply_transform(&new_run) {
+            if let Err(e) = self
+                .relay
+                .apply_transform(&crate::config::transform_options(&new_run))
+            {
                 failed.push(format!("transform settings kept: {e:#}"));
                 new.prompt = old.prompt.clone();
                 new.negative_prompt = old.negative_prompt.clone();
@@ -236,7 +239,10 @@ impl Session {
                 failed.push(format!("pre-processing kept: {e:#}"));
             }
             if stream_changed && self.pending.is_none() {
-                if let Err(e) = self.relay.apply_transform(&self.running) {
+                if let Err(e) = self
+                    .relay
+                    .apply_transform(&crate::config::transform_options(&self.running))
+                {
                     failed.push(format!("transform settings kept: {e:#}"));
                 }
             }
@@ -275,7 +281,7 @@ impl Session {
         let (run, size) = geometry::running(&self.current.profile);
         let installed = r.and_then(|mut t| {
             // Settings changed while it loaded (prompt, stream keys, size) apply now.
-            t.apply(&run)?;
+            t.apply(&crate::config::transform_options(&run))?;
             self.relay.replace_transform(t)
         });
         match installed {
@@ -300,7 +306,10 @@ impl Session {
                 let (run, size) = geometry::running(&self.current.profile);
                 self.set_running(run, size);
                 // The running transform gets what changed while the other one loaded.
-                if let Err(e) = self.relay.apply_transform(&self.running) {
+                if let Err(e) = self
+                    .relay
+                    .apply_transform(&crate::config::transform_options(&self.running))
+                {
                     tracing::error!("transform settings kept: {e:#}");
                 }
                 if let Err(e) = self.sync_preprocess(false) {

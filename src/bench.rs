@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::model::sd::StableDiffusion;
 use crate::pipeline::stream::{images_from_rgb, rgb_from_images};
-use crate::pipeline::{self, Noise, StreamDiffusion, StreamParams};
+use crate::pipeline::{Noise, StreamDiffusion, StreamParams};
 use crate::profile::{CfgType, Profile, StreamMode};
 
 /// What to run.
@@ -94,7 +94,7 @@ fn measure(
     let mut stream = StreamDiffusion::prepare(
         model.clone(),
         params.clone(),
-        pipeline::live_params(profile),
+        crate::config::live_params(profile),
         &profile.prompt,
         &profile.negative_prompt,
         Noise::seeded(profile.stream.seed),
@@ -204,7 +204,7 @@ pub fn run(
         "bench: stream {}",
         crate::profile::geometry::resolve(&diffusion)
     );
-    let base = pipeline::stream_params(&diffusion);
+    let base = crate::config::stream_params(&diffusion);
     let mut rows = Vec::new();
     tracing::info!("bench: profile settings");
     rows.push(measure(

@@ -7,6 +7,7 @@
 pub mod alloc;
 pub mod app;
 pub mod bench;
+pub mod config;
 pub mod control;
 pub mod convert;
 pub mod devices;

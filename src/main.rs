@@ -373,7 +373,9 @@ fn bench_pipeline(b: &PipelineBenchArgs) -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let p = &lp.profile;
-    let model = std::sync::Arc::new(sdcam::pipeline::load_model(&p.model)?);
+    let model = std::sync::Arc::new(sdcam::transform::diffusion::load_model(
+        &sdcam::config::model_options(&p.model),
+    )?);
     let report = sdcam::bench::run(
         model,
         p,

@@ -24,11 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use sdcam::config;
 use sdcam::model::hub::HubOptions;
 use sdcam::model::rel_err;
 use sdcam::model::sd::StableDiffusion;
 use sdcam::pipeline::stream::images_from_rgb;
-use sdcam::pipeline::{self, Noise, StreamDiffusion};
+use sdcam::pipeline::{Noise, StreamDiffusion};
 use sdcam::profile::LoadedProfile;
 use serde_json::Value;
 
@@ -75,7 +76,7 @@ fn check_profile(name: &str, cache: &Path) -> Vec<f32> {
         "HF_HUB_CACHE" => Some(cache_dir.clone()),
         _ => None,
     });
-    let spec = pipeline::model_spec(&p.model, DType::F32);
+    let spec = config::model_options(&p.model).spec(DType::F32);
     let t0 = std::time::Instant::now();
     let model = StableDiffusion::load(&spec, &Device::Cpu, &opts)
         .unwrap_or_else(|e| panic!("{name}: loading {}: {e:#}", spec.id));
@@ -89,14 +90,14 @@ fn check_profile(name: &str, cache: &Path) -> Vec<f32> {
         "the cache is marked as random weights"
     );
 
-    let mut params = pipeline::stream_params(p);
+    let mut params = config::stream_params(p);
     params.width = SIZE;
     params.height = SIZE;
     params.warm_start = false;
     let mut stream = StreamDiffusion::prepare(
         Arc::new(model),
         params,
-        pipeline::live_params(p),
+        config::live_params(p),
         &p.prompt,
         &p.negative_prompt,
         Noise::from_file(&golden).unwrap(),

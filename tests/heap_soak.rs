@@ -36,7 +36,7 @@ fn round(t: &mut Box<dyn Transform>, base: &LoadedProfile, n: u64) {
     p.prompt = format!("{}, take {n}", base.profile.prompt);
     p.negative_prompt = format!("{}, take {n}", base.profile.negative_prompt);
     p.stream.prompt_blend_frames = if n % 2 == 0 { 0 } else { 2 };
-    t.apply(&p).unwrap();
+    t.apply(&sdcam::config::transform_options(&p)).unwrap();
     for i in 0..3 {
         let mut out = Vec::new();
         t.process_into(&frame(3 * n + i), &mut out).unwrap();
@@ -54,7 +54,7 @@ fn prompt_changes_and_frames_do_not_grow_the_live_heap() {
         .unwrap()
         .with_set("stream.height", &H.to_string())
         .unwrap();
-    let mut t = transform::build(&base.profile).unwrap();
+    let mut t = transform::build(&sdcam::config::transform_options(&base.profile)).unwrap();
     for n in 0..5 {
         round(&mut t, &base, n);
     }

@@ -62,7 +62,7 @@ impl Transform for Slow {
         self.seen.lock().unwrap().push(input.seq);
         Ok(input.clone())
     }
-    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+    fn apply(&mut self, _options: &sdcam::transform::TransformOptions) -> Result<()> {
         anyhow::ensure!(!self.fail_apply, "refused");
         Ok(())
     }
@@ -301,7 +301,9 @@ fn failed_reconfiguration_keeps_the_stage_running() {
         ..Default::default()
     };
     assert!(relay.set_output(y4m).is_err());
-    assert!(relay.apply_transform(&Profile::default()).is_err());
+    assert!(relay
+        .apply_transform(&sdcam::config::transform_options(&Profile::default()))
+        .is_err());
     let before = rec.frames.lock().unwrap().len();
     std::thread::sleep(Duration::from_millis(300));
     // ...and frames keep flowing from the old source through the old transform to the old sink.
@@ -500,7 +502,7 @@ impl Transform for Lag {
     fn held(&self) -> u64 {
         self.held.len() as u64
     }
-    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+    fn apply(&mut self, _options: &sdcam::transform::TransformOptions) -> Result<()> {
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ impl Transform for Slow {
         std::thread::sleep(self.delay);
         Ok(input.clone())
     }
-    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+    fn apply(&mut self, _options: &sdcam::transform::TransformOptions) -> Result<()> {
         Ok(())
     }
 }
@@ -117,7 +117,9 @@ fn a_stop_signal_cancels_the_wait_for_a_slow_transform() {
         c.store(true, Relaxed);
     });
     let t0 = Instant::now();
-    let e = relay.apply_transform(&Profile::default()).unwrap_err();
+    let e = relay
+        .apply_transform(&sdcam::config::transform_options(&Profile::default()))
+        .unwrap_err();
     let took = t0.elapsed();
     signal.join().unwrap();
     assert!(format!("{e:#}").contains("interrupted by a stop"), "{e:#}");

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod clip;
 pub mod config;
 pub mod conv;
+pub mod device;
 pub mod download;
 pub mod hub;
 pub mod lora;
@@ -43,7 +44,7 @@ pub mod testing {
     use anyhow::{bail, Result};
     use candle_core::{DType, Device};
 
-    use crate::profile::{DeviceName, DtypeName};
+    use super::device::{DeviceName, DtypeName};
 
     /// `tests/fixtures` of this checkout, or of `$SDCAM_REPO` where a test binary runs away from
     /// the tree it was built in (a GPU machine, `scripts/cuda/check.sh`).
@@ -78,7 +79,10 @@ pub mod testing {
             Ok("bf16") => DtypeName::Bf16,
             Ok(other) => bail!("SDCAM_TEST_DTYPE={other}: expected f32, f16 or bf16"),
         };
-        Ok((super::sd::device_for(device)?, super::sd::dtype_for(dtype)))
+        Ok((
+            super::device::device_for(device)?,
+            super::device::dtype_for(dtype),
+        ))
     }
 
     /// The tolerance for max |Δ| / max |ref| when a test's f32 tolerance is `f32_tol`: the same

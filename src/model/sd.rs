@@ -99,92 +99,6 @@ pub const RANDOM_PREFIX: &str = "random:";
 /// A file in a model folder that marks its weights as random (made by the fixture script).
 pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
 
-/// The candle device for a profile's `model.device`, with the reason for the choice (for the
-/// log). `auto`: CUDA device 0 when this build has CUDA and the device opens, else Metal device 0
-/// when it has Metal and the device opens, else the CPU. An explicit `cuda`/`metal` that cannot
-/// be had is an error saying what to do.
-pub fn select_device(name: crate::profile::DeviceName) -> Result<(Device, String)> {
-    use crate::profile::DeviceName;
-    match name {
-        DeviceName::Auto => {
-            let mut why = Vec::new();
-            if candle_core::utils::cuda_is_available() {
-                match Device::new_cuda(0) {
-                    Ok(d) => return Ok((d, "auto: CUDA device 0 opened".into())),
-                    Err(e) => why.push(format!("CUDA device 0 did not open ({e})")),
-                }
-            } else {
-                why.push("built without CUDA".to_string());
-            }
-            if candle_core::utils::metal_is_available() {
-                match Device::new_metal(0) {
-                    Ok(d) => return Ok((d, "auto: Metal device 0 opened".into())),
-                    Err(e) => why.push(format!("Metal device 0 did not open ({e})")),
-                }
-            } else {
-                why.push("built without Metal".to_string());
-            }
-            Ok((Device::Cpu, format!("auto: {}", why.join(", "))))
-        }
-        explicit => Ok((device_for(explicit)?, "set in the profile".into())),
-    }
-}
-
-/// The candle dtype for a profile's `model.dtype` on `device`, with the reason: `auto` is f16
-/// on a GPU (half the memory and traffic, what StreamDiffusion runs in) and f32 on the CPU
-/// (candle's CPU kernels are fastest and exact in f32).
-pub fn select_dtype(name: crate::profile::DtypeName, device: &Device) -> (DType, &'static str) {
-    use crate::profile::DtypeName;
-    match name {
-        DtypeName::Auto if device.is_cpu() => (DType::F32, "auto: f32 on the CPU"),
-        DtypeName::Auto => (DType::F16, "auto: f16 on a GPU"),
-        explicit => (dtype_for(explicit), "set in the profile"),
-    }
-}
-
-/// The candle device for an explicit `model.device` (`auto` is [`select_device`]'s).
-pub fn device_for(name: crate::profile::DeviceName) -> Result<Device> {
-    use crate::profile::DeviceName;
-    match name {
-        DeviceName::Auto => Ok(select_device(name)?.0),
-        DeviceName::Cpu => Ok(Device::Cpu),
-        DeviceName::Cuda => {
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "model.device = \"cuda\" but this sdcam was built without CUDA; rebuild with \
-                     `cargo build --release --features cuda`, or set model.device = \"auto\" or \
-                     \"cpu\""
-                );
-            }
-            Device::new_cuda(0).context(
-                "opening CUDA device 0 (is an NVIDIA GPU with its driver there? `nvidia-smi` \
-                 should list it; else set model.device = \"auto\" or \"cpu\")",
-            )
-        }
-        DeviceName::Metal => {
-            if !candle_core::utils::metal_is_available() {
-                bail!(
-                    "model.device = \"metal\" but this sdcam was built without Metal; rebuild \
-                     with `cargo build --release --features metal`, or set model.device = \
-                     \"auto\" or \"cpu\""
-                );
-            }
-            Device::new_metal(0).context("opening Metal device 0")
-        }
-    }
-}
-
-/// The candle dtype for an explicit `model.dtype` (`auto` means f32 here: the CPU's choice;
-/// use [`select_dtype`] where the device is known).
-pub fn dtype_for(name: crate::profile::DtypeName) -> DType {
-    use crate::profile::DtypeName;
-    match name {
-        DtypeName::Auto | DtypeName::F32 => DType::F32,
-        DtypeName::F16 => DType::F16,
-        DtypeName::Bf16 => DType::BF16,
-    }
-}
-
 /// Loads a component's weights: memory-mapped when nothing is fused into them, else read into
 /// memory and fused with every LoRA that has modules for `target`.
 fn component_vb(
@@ -505,31 +419,6 @@ mod tests {
         let v = golden("vae_sd15");
         let z = sd.vae.encode(&v["enc0.image"]).unwrap();
         assert!(rel_err(&z, &v["enc0.mean_scaled"]).unwrap() <= tol(1e-4));
-    }
-
-    #[test]
-    fn auto_device_and_dtype_choose_themselves_and_say_why() {
-        use crate::profile::{DeviceName, DtypeName};
-        let (device, why) = select_device(DeviceName::Auto).unwrap();
-        if !candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available() {
-            assert!(device.is_cpu());
-            assert!(
-                why.contains("built without CUDA") && why.contains("built without Metal"),
-                "{why}"
-            );
-        }
-        assert_eq!(select_dtype(DtypeName::Auto, &Device::Cpu).0, DType::F32);
-        assert_eq!(select_dtype(DtypeName::F16, &Device::Cpu).0, DType::F16);
-        let (cpu, why) = select_device(DeviceName::Cpu).unwrap();
-        assert!(cpu.is_cpu() && why.contains("profile"));
-        if !candle_core::utils::cuda_is_available() {
-            // An explicit cuda without the feature keeps its clear error.
-            let msg = format!("{:#}", select_device(DeviceName::Cuda).unwrap_err());
-            assert!(
-                msg.contains("--features cuda") && msg.contains("auto"),
-                "{msg}"
-            );
-        }
     }
 
     #[test]

@@ -18,9 +18,31 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::scheduler::{step_batch, StreamTensors};
 use crate::model::sd::StableDiffusion;
 use crate::model::unet::{Conditioning, ForwardOptions, FrameRefs, PromptKv, SelfAttnMode};
-use crate::profile::{CfgType, StreamMode};
+use serde::{Deserialize, Serialize};
 
 use super::noise::Noise;
+
+/// Residual classifier-free guidance (R-CFG, StreamDiffusion §3.3): how the negative
+/// (unconditional) noise estimate is obtained. `none`: no guidance; `full`: a second U-Net pass on
+/// the negative prompt per frame; `self`: the virtual residual noise from the previous step
+/// (Stream Batch's own estimates); `initialize`: one negative pass at the first step, then self.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CfgType {
+    None,
+    Full,
+    #[serde(rename = "self")]
+    SelfNeg,
+    Initialize,
+}
+
+/// What the stream denoises from: the camera frame (`img2img`) or noise alone (`txt2img`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    Img2img,
+    Txt2img,
+}
 
 /// Everything that shapes a prepared stream (a change means preparing again).
 #[derive(Debug, Clone, PartialEq)]

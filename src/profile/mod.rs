@@ -1039,8 +1039,8 @@ mod tests {
             }
             let _ = crate::relay::PreprocessConfig::from_profile(p);
             if p.transform != TransformKind::Diffusion {
-                let mut t = crate::transform::build(p).unwrap();
-                t.apply(p).unwrap();
+                let mut t = crate::transform::build(&crate::config::transform_options(p)).unwrap();
+                t.apply(&crate::config::transform_options(p)).unwrap();
             }
         }
         assert!(accepted > 100, "{accepted}");

@@ -5,6 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::convert::Fit;
+pub use crate::model::device::{DeviceName, DtypeName};
+pub use crate::pipeline::stream::{CfgType, StreamMode};
+pub use crate::transform::TransformKind;
 
 /// A whole profile. Top-level keys hold the prompt; tables hold the stages.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -41,15 +44,6 @@ impl Default for Profile {
             stream: StreamConfig::default(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransformKind {
-    Diffusion,
-    Identity,
-    Tint,
-    Posterize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -225,27 +219,6 @@ fn one() -> f64 {
     1.0
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceName {
-    /// CUDA when built with `cuda` and a GPU opens, else Metal when built with `metal`, else the
-    /// CPU (`model::sd::select_device`).
-    Auto,
-    Cpu,
-    Cuda,
-    Metal,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DtypeName {
-    /// f16 on a GPU, f32 on the CPU (`model::sd::select_dtype`).
-    Auto,
-    F32,
-    F16,
-    Bf16,
-}
-
 /// The diffusion model (used by `transform = "diffusion"`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -271,23 +244,6 @@ impl Default for ModelConfig {
             dtype: DtypeName::Auto,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CfgType {
-    None,
-    Full,
-    #[serde(rename = "self")]
-    SelfNeg,
-    Initialize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StreamMode {
-    Img2img,
-    Txt2img,
 }
 
 /// One side of the stream size: pixels (a multiple of 8 from 64 to 2048) or `"auto"` (the

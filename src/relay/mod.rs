@@ -29,7 +29,7 @@ use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::profile::{OutputConfig, Profile, SourceConfig};
 use crate::sink::{self, Sink};
 use crate::source::{self, Captured, Source, Wake};
-use crate::transform::Transform;
+use crate::transform::{Transform, TransformOptions};
 use crate::Result;
 use queue::{Consumer, Producer, Pushed, Taken};
 pub use stats::{Snapshot, Stage, Stats};
@@ -83,7 +83,7 @@ enum CaptureMsg {
 }
 
 enum TransformMsg {
-    Apply(Box<Profile>, Ack),
+    Apply(Box<TransformOptions>, Ack),
     Replace(Box<dyn Transform>, Ack),
 }
 
@@ -322,8 +322,8 @@ impl Relay {
     }
 
     /// Passes changed settings to the running transform; on failure it keeps its old settings.
-    pub fn apply_transform(&self, profile: &Profile) -> Result<()> {
-        let p = Box::new(profile.clone());
+    pub fn apply_transform(&self, options: &TransformOptions) -> Result<()> {
+        let p = Box::new(options.clone());
         self.ask(
             |a| self.transform_ctl.send(TransformMsg::Apply(p, a)).is_ok(),
             "updating the transform",

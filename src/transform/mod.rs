@@ -1,11 +1,50 @@
-//! The transform stage's seam: what turns each pre-processed RGB frame into the output picture.
+//! The transform stage: what turns each pre-processed RGB frame into the output picture.
 //!
-//! The diffusion pipeline ([`crate::pipeline::DiffusionTransform`]) implements [`Transform`];
-//! cheap built-ins (`identity`, `tint`, `posterize`) serve tests and model-free runs.
+//! [`diffusion::DiffusionTransform`] (the StreamDiffusion stream core as a transform) implements
+//! [`Transform`]; cheap built-ins (`identity`, `tint`, `posterize`) serve tests and model-free runs.
+//! The stage takes [`TransformOptions`] (built from a profile by `crate::config`), not the profile.
+
+pub mod diffusion;
 
 use crate::frame::{Frame, PixelFormat};
-use crate::profile::{Profile, TransformKind};
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::{FilterSettings, LiveParams, StreamParams};
 use crate::Result;
+
+/// Which transform the relay runs (`transform` in a profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransformKind {
+    Diffusion,
+    Identity,
+    Tint,
+    Posterize,
+}
+
+/// What a transform is built from and what [`Transform::apply`] changes live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformOptions {
+    /// Which transform.
+    pub kind: TransformKind,
+    /// The prompt (diffusion) or the text whose hash picks the colour (tint).
+    pub prompt: String,
+    /// The negative prompt (R-CFG `full`/`initialize`/`self`).
+    pub negative_prompt: String,
+    /// The model a diffusion transform loads (ignored by the others).
+    pub model: diffusion::ModelOptions,
+    /// Settings that shape the stream (a change prepares it again).
+    pub stream: StreamParams,
+    /// Settings that change without preparing again (`guidance_scale` also sets the tint's
+    /// strength).
+    pub live: LiveParams,
+    /// The similarity filter, `None` when off.
+    pub filter: Option<FilterSettings>,
+    /// A noise file (`.safetensors`/`.npy`) instead of seeded noise.
+    pub noise_file: Option<String>,
+    /// Frames over which a prompt change blends in (0 = at once).
+    pub prompt_blend_frames: u32,
+}
 
 /// A frame transform running on the relay's transform thread.
 pub trait Transform: Send {
@@ -44,20 +83,32 @@ pub trait Transform: Send {
     fn discarded(&self) -> u64 {
         0
     }
-    /// Applies changed live settings (prompt, stream settings). On error the transform must keep
-    /// running with its previous settings.
-    fn apply(&mut self, profile: &Profile) -> Result<()>;
+    /// The frame size this transform takes, `(width, height)` in pixels, or `None` for any
+    /// size. The relay pre-processes captured frames to this size: the transform owns the
+    /// stream size, so capture follows what is actually running.
+    fn input_size(&self) -> Option<(u32, u32)> {
+        None
+    }
+    /// Applies changed live settings (prompt, stream settings).
+    ///
+    /// # Errors
+    /// The new settings do not fit; the transform then keeps running with its previous settings
+    /// (and its previous [`Transform::input_size`]).
+    fn apply(&mut self, options: &TransformOptions) -> Result<()>;
 }
 
-/// Builds the transform a profile asks for.
-pub fn build(profile: &Profile) -> Result<Box<dyn Transform>> {
-    let mut t: Box<dyn Transform> = match profile.transform {
+/// Builds the transform the options ask for (loading the model for `diffusion`).
+///
+/// # Errors
+/// The model does not load or the stream does not prepare ([`diffusion::load_model`]).
+pub fn build(options: &TransformOptions) -> Result<Box<dyn Transform>> {
+    let mut t: Box<dyn Transform> = match options.kind {
         TransformKind::Identity => Box::new(Identity),
         TransformKind::Tint => Box::new(Tint::default()),
         TransformKind::Posterize => Box::new(Posterize),
-        TransformKind::Diffusion => Box::new(crate::pipeline::DiffusionTransform::load(profile)?),
+        TransformKind::Diffusion => Box::new(diffusion::DiffusionTransform::load(options)?),
     };
-    t.apply(profile)?;
+    t.apply(options)?;
     Ok(t)
 }
 
@@ -72,7 +123,7 @@ impl Transform for Identity {
     fn process(&mut self, input: &Frame) -> Result<Frame> {
         Ok(input.clone())
     }
-    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+    fn apply(&mut self, _options: &TransformOptions) -> Result<()> {
         Ok(())
     }
 }
@@ -125,10 +176,10 @@ impl Transform for Tint {
         }
         Ok(input.with_data(input.width, input.height, PixelFormat::Rgb24, out))
     }
-    fn apply(&mut self, profile: &Profile) -> Result<()> {
-        self.rgb = prompt_colour(&profile.prompt);
-        self.strength = ((profile.stream.guidance_scale / 3.0).clamp(0.0, 1.0) * 256.0) as u32;
-        self.prompt = profile.prompt.clone();
+    fn apply(&mut self, options: &TransformOptions) -> Result<()> {
+        self.rgb = prompt_colour(&options.prompt);
+        self.strength = ((options.live.guidance_scale / 3.0).clamp(0.0, 1.0) * 256.0) as u32;
+        self.prompt = options.prompt.clone();
         Ok(())
     }
 }
@@ -145,7 +196,7 @@ impl Transform for Posterize {
         let out = input.data.iter().map(|&v| (v & 0xC0) | 0x20).collect();
         Ok(input.with_data(input.width, input.height, input.format, out))
     }
-    fn apply(&mut self, _profile: &Profile) -> Result<()> {
+    fn apply(&mut self, _options: &TransformOptions) -> Result<()> {
         Ok(())
     }
 }
@@ -153,6 +204,8 @@ impl Transform for Posterize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::transform_options as opts;
+    use crate::profile::Profile;
 
     #[test]
     fn tint_follows_prompt_and_strength() {
@@ -160,15 +213,15 @@ mod tests {
             prompt: "a red fox".into(),
             ..Default::default()
         };
-        let mut t = build(&p).unwrap();
+        let mut t = build(&opts(&p)).unwrap();
         let grey = Frame::solid_rgb(4, 4, [128, 128, 128]);
         let a = t.process(&grey).unwrap();
         p.prompt = "a blue whale".into();
-        t.apply(&p).unwrap();
+        t.apply(&opts(&p)).unwrap();
         let b = t.process(&grey).unwrap();
         assert_ne!(a.data, b.data, "a prompt change must change the picture");
         p.stream.guidance_scale = 0.0;
-        t.apply(&p).unwrap();
+        t.apply(&opts(&p)).unwrap();
         assert_eq!(t.process(&grey).unwrap().data, grey.data);
         assert_ne!(prompt_colour("x"), prompt_colour("y"));
     }
@@ -180,10 +233,10 @@ mod tests {
             ..Default::default()
         };
         let f = Frame::solid_rgb(2, 2, [1, 100, 250]);
-        assert_eq!(build(&p).unwrap().process(&f).unwrap().data, f.data);
+        assert_eq!(build(&opts(&p)).unwrap().process(&f).unwrap().data, f.data);
         p.transform = TransformKind::Posterize;
         assert_eq!(
-            build(&p).unwrap().process(&f).unwrap().rgb_at(0, 0),
+            build(&opts(&p)).unwrap().process(&f).unwrap().rgb_at(0, 0),
             [0x20, 0x60, 0xE0]
         );
     }
@@ -195,7 +248,7 @@ mod tests {
             ..Default::default()
         };
         p.model.id = "/nonexistent/sdcam-model".into();
-        let e = format!("{:#}", build(&p).err().unwrap());
+        let e = format!("{:#}", build(&opts(&p)).err().unwrap());
         assert!(e.contains("/nonexistent/sdcam-model"), "{e}");
     }
 }

@@ -1,0 +1,81 @@
+//! The one configuration boundary: a validated [`Profile`] turned into the typed options each
+//! stage takes. Only this module (and the live-control session that owns the running profile)
+//! reads the TOML schema; the stages below it — transform, stream core, model — see only their
+//! own option structs, so a schema change touches this file and the schema, not the stages.
+//!
+//! (The same shape as ripgrep's flags → `HiArgs`: parse once, convert once, build the workers
+//! from the converted options.)
+
+use crate::pipeline::{FilterSettings, LiveParams, StreamParams};
+use crate::profile::{geometry, ModelConfig, Profile};
+use crate::transform::diffusion::ModelOptions;
+use crate::transform::TransformOptions;
+
+/// The model section of a profile as the diffusion transform loads it (`""` tiny VAE = the
+/// model's full VAE).
+pub fn model_options(m: &ModelConfig) -> ModelOptions {
+    ModelOptions {
+        id: m.id.clone(),
+        revision: m.revision.clone(),
+        tiny_vae: (!m.tiny_vae.is_empty()).then(|| m.tiny_vae.clone()),
+        loras: m
+            .lora
+            .iter()
+            .map(|l| (l.id.clone(), l.scale as f32))
+            .collect(),
+        device: m.device,
+        dtype: m.dtype,
+    }
+}
+
+/// The stream settings of a profile that need a new stream when they change (the size from
+/// [`geometry::resolve`]).
+pub fn stream_params(p: &Profile) -> StreamParams {
+    let s = &p.stream;
+    let size = geometry::resolve(p);
+    StreamParams {
+        width: size.width as usize,
+        height: size.height as usize,
+        mode: s.mode,
+        t_index_list: s.t_index_list.iter().map(|&i| i as usize).collect(),
+        num_inference_steps: s.num_inference_steps as usize,
+        frame_buffer_size: s.frame_buffer_size as usize,
+        use_denoising_batch: s.use_denoising_batch,
+        do_add_noise: s.do_add_noise,
+        cfg_type: s.cfg_type,
+        seed: s.seed,
+        warm_start: s.warm_start,
+    }
+}
+
+/// The stream settings that change without preparing again.
+pub fn live_params(p: &Profile) -> LiveParams {
+    LiveParams {
+        guidance_scale: p.stream.guidance_scale,
+        delta: p.stream.delta,
+        cross_frame_attention: p.stream.cross_frame_attention,
+    }
+}
+
+/// The similarity filter's settings, `None` when it is off.
+pub fn filter_settings(p: &Profile) -> Option<FilterSettings> {
+    p.stream.similarity_filter.then_some(FilterSettings {
+        threshold: p.stream.similarity_threshold,
+        max_skip_frame: p.stream.max_skip_frame,
+    })
+}
+
+/// Everything the transform stage takes from a profile.
+pub fn transform_options(p: &Profile) -> TransformOptions {
+    TransformOptions {
+        kind: p.transform,
+        prompt: p.prompt.clone(),
+        negative_prompt: p.negative_prompt.clone(),
+        model: model_options(&p.model),
+        stream: stream_params(p),
+        live: live_params(p),
+        filter: filter_settings(p),
+        noise_file: p.stream.noise_file.clone(),
+        prompt_blend_frames: p.stream.prompt_blend_frames,
+    }
+}

@@ -715,7 +715,7 @@ mod tests {
         let input = |i: usize| frame(i as u64 * 17 + 3);
         let run = |p: &Profile, frames: &[Frame]| -> Vec<Frame> {
             let mut t =
-                DiffusionTransform::with_model(m.clone(), &config::transform_options(&p)).unwrap();
+                DiffusionTransform::with_model(m.clone(), &config::transform_options(p)).unwrap();
             t.set_every_frame(true);
             let mut out = Vec::new();
             for f in frames {

@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh --test
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
-CI="${CI:-}" cargo test --locked "$@"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+CI="${CI:-}" cargo test --locked --workspace "$@"
 # The same component and stream goldens in f16 (half-precision tolerance,
 # sdcam::model::testing): the dtype a GPU runs in, exercised on the CPU.
-SDCAM_TEST_DTYPE=f16 cargo test --locked --lib --test stream_golden "$@" -- model:: stream_
+SDCAM_TEST_DTYPE=f16 cargo test --locked -p sdcam-core -p sdcam --lib --test stream_golden "$@" -- model:: stream_
 # Real devices: a qemu VM with vivid and v4l2loopback, sdcam in between, ffmpeg/v4l2-ctl as
 # clients (tests/vm/README.md). Needs apt and about 2 minutes; SDCAM_SKIP_VM=1 skips it.
 if [[ "${SDCAM_SKIP_VM:-}" != 1 ]]; then

@@ -13,13 +13,13 @@ pub mod convert;
 pub mod devices;
 pub mod frame;
 pub mod fuzzing;
-pub mod model;
-pub mod pipeline;
 pub mod profile;
 pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod transform;
+
+pub use sdcam_core::{model, pipeline};
 
 /// The crate's error type: `anyhow` with context chains.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

@@ -4,7 +4,7 @@
 # each binary embeds candle's CUDA kernels, ~60 MB uncompressed, over the device tool's 64 MiB
 # carry limit together):
 #   sdcam                    the program (`sdcam bench --set model.device="cuda" ...`)
-#   sdcam-lib-tests          the library's unit tests (component goldens)
+#   sdcam-core-lib-tests     the model/stream core's unit tests (component goldens)
 #   stream_golden            the stream-pipeline golden test
 # scripts/cuda/check.sh runs them there with SDCAM_TEST_DEVICE=cuda.
 #
@@ -21,7 +21,7 @@ TARGET_DIR="${SDCAM_CUDA_TARGET:-target/cuda}"
 
 cargo build --release --locked --features cuda --target-dir "$TARGET_DIR" --bin sdcam
 tests_json="$(cargo test --release --locked --features cuda --target-dir "$TARGET_DIR" \
-    --lib --test stream_golden --no-run --message-format json 2>/dev/null)"
+    -p sdcam-core -p sdcam --lib --test stream_golden --no-run --message-format json 2>/dev/null)"
 executables="$(printf '%s\n' "$tests_json" | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -34,7 +34,7 @@ mkdir -p "$out"
 strip -o "$out/sdcam" "$TARGET_DIR/release/sdcam"
 while read -r kind name exe; do
     case "$kind" in
-        lib) strip -o "$out/sdcam-lib-tests" "$exe" ;;
+        lib) [[ $name == sdcam_core ]] && strip -o "$out/sdcam-core-lib-tests" "$exe" ;;
         test) strip -o "$out/$name" "$exe" ;;
     esac
 done <<<"$executables"

@@ -17,7 +17,7 @@ mkdir -p "$out"
 [[ -f "$packed/sdcam.xz" ]] || { echo "error: $packed/sdcam.xz missing: run scripts/cuda/build.sh on the build machine and carry $packed" >&2; exit 2; }
 cat "$packed/BUILD_INFO"
 carry="$(mktemp -d)"
-for f in sdcam sdcam-lib-tests stream_golden; do
+for f in sdcam sdcam-core-lib-tests stream_golden; do
     python3 -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)' "$packed/$f.xz" "$carry/$f"
@@ -56,7 +56,7 @@ dtypes=(f32 f16 bf16)
 ((quick)) && dtypes=(f16)
 for dt in "${dtypes[@]}"; do
     echo "== goldens on cuda, $dt"
-    SDCAM_TEST_DTYPE=$dt "$carry/sdcam-lib-tests" model:: --test-threads 1 2>&1 |
+    SDCAM_TEST_DTYPE=$dt "$carry/sdcam-core-lib-tests" model:: --test-threads 1 2>&1 |
         tee "$out/lib-tests-$dt.log" | grep -E "^test |test result|panicked|rel err" || true
     grep -q "test result: ok" "$out/lib-tests-$dt.log" || status=1
     SDCAM_TEST_DTYPE=$dt "$carry/stream_golden" --nocapture 2>&1 | tee "$out/stream-golden-$dt.log" |

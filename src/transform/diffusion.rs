@@ -539,10 +539,13 @@ mod tests {
     use super::*;
     use crate::config;
     use crate::model::rel_err;
-    use crate::model::testutil::fixture;
     use crate::pipeline::CfgType;
     use crate::profile::{ModelConfig, Profile};
     use candle_core::{DType, Device, Tensor};
+
+    fn fixture(rel: &str) -> std::path::PathBuf {
+        crate::model::testing::fixtures_dir().join(rel)
+    }
 
     fn model() -> Arc<StableDiffusion> {
         let mut m = ModelConfig {

@@ -60,7 +60,12 @@ impl std::fmt::Display for Arch {
 /// (copies of the hub files; provenance in that folder's README).
 macro_rules! hub_file {
     ($repo:literal, $path:literal) => {
-        include_str!(concat!("../../tests/data/hub-configs/", $repo, "/", $path))
+        include_str!(concat!(
+            "../../../../tests/data/hub-configs/",
+            $repo,
+            "/",
+            $path
+        ))
     };
 }
 
@@ -99,8 +104,8 @@ const SD15_MODEL_INDEX: &str = hub_file!("runwayml--stable-diffusion-v1-5", "mod
 const TAESD: &str = hub_file!("madebyollin--taesd", "config.json");
 
 /// The real CLIP BPE vocabulary (shared by both architectures; only the padding differs).
-const CLIP_VOCAB: &str = include_str!("../../tests/fixtures/tokenizer/clip/vocab.json");
-const CLIP_MERGES: &str = include_str!("../../tests/fixtures/tokenizer/clip/merges.txt");
+const CLIP_VOCAB: &str = include_str!("../../../../tests/fixtures/tokenizer/clip/vocab.json");
+const CLIP_MERGES: &str = include_str!("../../../../tests/fixtures/tokenizer/clip/merges.txt");
 
 fn parse<T: ComponentConfig>(arch: Arch, what: &str, json: &str) -> T {
     config::parse(json, &format!("embedded {} {what}", arch.repo()))

@@ -51,7 +51,7 @@ pub mod testing {
     pub fn fixtures_dir() -> PathBuf {
         std::env::var_os("SDCAM_REPO")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|| PathBuf::from(crate::REPO_DIR))
             .join("tests/fixtures")
     }
 

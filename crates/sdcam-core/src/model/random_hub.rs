@@ -84,13 +84,19 @@ macro_rules! hub_file {
     ($repo:literal, $path:literal) => {
         (
             $path,
-            include_bytes!(concat!("../../tests/data/hub-configs/", $repo, "/", $path)).as_slice(),
+            include_bytes!(concat!(
+                "../../../../tests/data/hub-configs/",
+                $repo,
+                "/",
+                $path
+            ))
+            .as_slice(),
         )
     };
 }
 
-const CLIP_VOCAB: &[u8] = include_bytes!("../../tests/fixtures/tokenizer/clip/vocab.json");
-const CLIP_MERGES: &[u8] = include_bytes!("../../tests/fixtures/tokenizer/clip/merges.txt");
+const CLIP_VOCAB: &[u8] = include_bytes!("../../../../tests/fixtures/tokenizer/clip/vocab.json");
+const CLIP_MERGES: &[u8] = include_bytes!("../../../../tests/fixtures/tokenizer/clip/merges.txt");
 
 /// The real small files of a repository, by path.
 fn text_files(repo: &str) -> Result<Vec<(&'static str, &'static [u8])>> {

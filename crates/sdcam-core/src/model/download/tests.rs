@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 // The real file lists.
 
 fn hub_configs() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/hub-configs")
+    PathBuf::from(crate::REPO_DIR).join("tests/data/hub-configs")
 }
 
 /// Parses a `FILES.txt`: `path [size [unit]] [(comment)]`; sizes in bytes or as the hub pages

@@ -313,13 +313,11 @@ mod tests {
     fn check(model_dir: &str, golden_name: &str) {
         let dir = fixture(model_dir).join("text_encoder");
         let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("model.safetensors")],
-                target().1,
-                &target().0,
-            )
-        }
+        let vb = crate::model::hub::load_var_builder(
+            &[dir.join("model.safetensors")],
+            target().1,
+            &target().0,
+        )
         .unwrap();
         let model = ClipTextModel::new(vb, &cfg).unwrap();
         let g = golden(golden_name);
@@ -350,13 +348,11 @@ mod tests {
     fn clip_skip_zero_is_forward() {
         let dir = fixture("models/tiny-sd15").join("text_encoder");
         let cfg = ClipTextConfig::from_file(dir.join("config.json")).unwrap();
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("model.safetensors")],
-                target().1,
-                &target().0,
-            )
-        }
+        let vb = crate::model::hub::load_var_builder(
+            &[dir.join("model.safetensors")],
+            target().1,
+            &target().0,
+        )
         .unwrap();
         let model = ClipTextModel::new(vb, &cfg).unwrap();
         let ids = golden("text_sd15")["input_ids"].clone();

@@ -365,13 +365,11 @@ mod tests {
     fn load() -> AutoencoderTiny {
         let dir = fixture("models/tiny-taesd");
         let cfg = AutoencoderTinyConfig::from_file(dir.join("config.json")).unwrap();
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("diffusion_pytorch_model.safetensors")],
-                target().1,
-                &target().0,
-            )
-        }
+        let vb = crate::model::hub::load_var_builder(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            target().1,
+            &target().0,
+        )
         .unwrap();
         AutoencoderTiny::new(vb, &cfg).unwrap()
     }

@@ -487,13 +487,11 @@ mod tests {
     fn load() -> AutoencoderKL {
         let dir = fixture("models/tiny-sd15").join("vae");
         let cfg = AutoencoderKLConfig::from_file(dir.join("config.json")).unwrap();
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(
-                &[dir.join("diffusion_pytorch_model.safetensors")],
-                target().1,
-                &target().0,
-            )
-        }
+        let vb = crate::model::hub::load_var_builder(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            target().1,
+            &target().0,
+        )
         .unwrap();
         AutoencoderKL::new(vb, &cfg).unwrap()
     }

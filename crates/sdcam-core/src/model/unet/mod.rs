@@ -764,9 +764,8 @@ pub fn load_from_dir(
     use anyhow::Context;
     let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
     let weights = dir.join("diffusion_pytorch_model.safetensors");
-    // SAFETY: the file is memory-mapped read-only; sdcam does not modify model files while
-    // they are loaded.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+    let vb =
+        crate::model::hub::load_var_builder(std::slice::from_ref(&weights), DType::F32, device)?;
     UNet2DConditionModel::new(vb, &cfg).with_context(|| format!("loading {}", weights.display()))
 }
 
@@ -781,9 +780,7 @@ mod tests {
         let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
         let cfg = UNetConfig::from_json(&text).unwrap();
         let weights = dir.join("diffusion_pytorch_model.safetensors");
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(&[weights], target().1, &target().0).unwrap()
-        };
+        let vb = crate::model::hub::load_var_builder(&[weights], target().1, &target().0).unwrap();
         UNet2DConditionModel::new(vb, &cfg).unwrap()
     }
 

@@ -1,6 +1,9 @@
 //! File selection on the real hub file lists (`tests/data/hub-configs/*/FILES.txt`), and the
 //! download against an in-process fake hub on 127.0.0.1 (std `TcpListener`: it must be able to
 //! drop a connection mid-body, which a ready-made test server does not offer).
+//!
+//! Over 700 lines because it is tables of cases over the real file lists plus one fake-hub
+//! harness; splitting it would scatter the cases from the harness they share.
 
 use super::*;
 use crate::model::sd::{ModelSpec, StableDiffusion};

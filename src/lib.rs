@@ -19,6 +19,7 @@ pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod transform;
+pub mod y4m;
 
 /// The crate's error type: `anyhow` with context chains.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

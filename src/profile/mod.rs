@@ -1035,7 +1035,7 @@ mod tests {
             let p = &next.profile;
             for fps in [p.source.fps, p.output.fps] {
                 let _ = std::time::Duration::from_secs_f64(1.0 / fps);
-                let _ = crate::source::pattern::Pacer::new(fps);
+                let _ = crate::source::pacer::Pacer::new(fps);
             }
             let _ = crate::relay::PreprocessConfig::from_profile(p);
             if p.transform != TransformKind::Diffusion {

@@ -11,7 +11,7 @@
 //! refused with an error naming the depth.
 
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use x11rb::connection::{Connection, RequestConnection};
@@ -22,6 +22,7 @@ use x11rb::protocol::xproto::{self, ConnectionExt as _, ImageFormat, ImageOrder,
 use x11rb::rust_connection::RustConnection;
 use x11rb::x11_utils::TryParse;
 
+use super::pacer::Pacer;
 use super::{Captured, ScreenOptions, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::Result;
@@ -56,9 +57,7 @@ pub struct ScreenSource {
     /// `Auto` falls back to `GetImage` if an SHM grab fails later; `Shm` reports the error.
     method: CaptureMethod,
     fps: f64,
-    period: Duration,
-    next_due: Option<Instant>,
-    wake: Wake,
+    pacer: Pacer,
     seq: u64,
 }
 
@@ -127,9 +126,7 @@ impl ScreenSource {
             shm: None,
             method,
             fps: opts.fps,
-            period: Duration::from_secs_f64(1.0 / opts.fps),
-            next_due: None,
-            wake: Wake::new(),
+            pacer: Pacer::new(opts.fps),
             seq: 0,
         };
         match method {
@@ -270,15 +267,11 @@ impl Drop for ScreenSource {
 
 impl Source for ScreenSource {
     fn next_frame(&mut self) -> Result<Captured> {
-        if let Some(due) = self.next_due {
-            let now = Instant::now();
-            if due > now && self.wake.sleep_until(due) {
-                return Ok(Captured::Interrupted);
-            }
+        if !self.pacer.wait() {
+            return Ok(Captured::Interrupted);
         }
         let captured_at = Instant::now();
         let data = self.grab()?;
-        self.next_due = Some(next_due(self.next_due, captured_at, self.period));
         let seq = self.seq;
         self.seq += 1;
         Ok(Captured::Frame(Frame {
@@ -315,7 +308,7 @@ impl Source for ScreenSource {
     }
 
     fn set_wake(&mut self, wake: Wake) {
-        self.wake = wake;
+        self.pacer.set_wake(wake);
     }
 }
 
@@ -334,18 +327,6 @@ where
     C: RequestConnection + ?Sized,
 {
     cookie?.check()
-}
-
-/// When the frame after one grabbed at `grabbed_at` is due. Frames stay on the grid started by
-/// the first one (no drift); if a grab ran late past a whole period, the grid restarts from the
-/// grab rather than bursting to catch up.
-fn next_due(due: Option<Instant>, grabbed_at: Instant, period: Duration) -> Instant {
-    let next = due.unwrap_or(grabbed_at) + period;
-    if next < grabbed_at {
-        grabbed_at + period
-    } else {
-        next
-    }
 }
 
 /// The display to connect to: the explicit name, else `$DISPLAY`.
@@ -789,18 +770,6 @@ mod tests {
         let err = resolve_display(None, None).unwrap_err();
         assert!(err.to_string().contains("$DISPLAY is not set"), "{err}");
         assert!(resolve_display(Some(" "), None).is_err());
-    }
-
-    #[test]
-    fn pacing_keeps_the_grid_and_does_not_burst() {
-        let t0 = Instant::now();
-        let p = Duration::from_millis(10);
-        // First frame starts the grid.
-        assert_eq!(next_due(None, t0, p), t0 + p);
-        // Slightly late: stay on the grid (no drift).
-        assert_eq!(next_due(Some(t0 + p), t0 + p * 3 / 2, p), t0 + p * 2);
-        // Late by more than a period: restart from the grab instead of bursting.
-        assert_eq!(next_due(Some(t0 + p), t0 + p * 5, p), t0 + p * 6);
     }
 
     #[test]

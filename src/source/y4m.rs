@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use super::pattern::Pacer;
+use super::pacer::Pacer;
 use super::{Captured, Source};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::y4m::{Y4mChroma, Y4mHeader};

@@ -41,18 +41,60 @@ pub enum PixelFormat {
 }
 
 impl PixelFormat {
-    /// Bytes a frame of this format and size occupies (`None` for compressed formats).
+    /// Bytes a frame of this format and size occupies (`None` for compressed formats): the
+    /// length of its tightly packed [`PlaneLayout`].
     pub fn frame_len(self, width: u32, height: u32) -> Option<usize> {
-        let (w, h) = (width as usize, height as usize);
+        self.layout(width as usize, height as usize)
+            .map(|l| l.len())
+    }
+
+    /// The byte layout of a tightly packed `width × height` frame (pixels; `None` for
+    /// compressed formats). The one place that knows where each plane of a raw frame lies:
+    /// 4:2:0 chroma is half the size rounded up in both directions, a YUYV line covers
+    /// whole pixel pairs (an odd width is padded by one pixel).
+    pub fn layout(self, width: usize, height: usize) -> Option<PlaneLayout> {
+        self.layout_with_stride(width, height, 0)
+    }
+
+    /// Like [`PixelFormat::layout`], with the first plane's lines `stride` bytes apart as a
+    /// V4L2 driver's `bytesperline` gives them (0: tightly packed; a stride shorter than a
+    /// line is taken as packed too, callers check it). The other planes follow V4L2's rule
+    /// for single-buffer formats: NV12's UV plane has the luma stride, I420's U and V planes
+    /// half of it. Rows keep their tight `row_bytes`; only the distance between rows grows.
+    pub fn layout_with_stride(
+        self,
+        width: usize,
+        height: usize,
+        stride: usize,
+    ) -> Option<PlaneLayout> {
+        let (w, h) = (width, height);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        Some(match self {
-            PixelFormat::Rgb24 => w * h * 3,
-            PixelFormat::Bgrx32 => w * h * 4,
-            PixelFormat::Yuyv => w.div_ceil(2) * 4 * h,
-            PixelFormat::Nv12 => w * h + cw * 2 * ch,
-            PixelFormat::I420 => w * h + 2 * cw * ch,
+        // (bytes of pixel data in a row, rows, stride divisor relative to the first plane)
+        let rows: &[(usize, usize, usize)] = match self {
+            PixelFormat::Rgb24 => &[(w * 3, h, 1)],
+            PixelFormat::Bgrx32 => &[(w * 4, h, 1)],
+            PixelFormat::Yuyv => &[(cw * 4, h, 1)],
+            PixelFormat::Nv12 => &[(w, h, 1), (cw * 2, ch, 1)],
+            PixelFormat::I420 => &[(w, h, 1), (cw, ch, 2), (cw, ch, 2)],
             PixelFormat::Mjpeg => return None,
-        })
+        };
+        let packed = stride <= rows[0].0;
+        let mut layout = PlaneLayout {
+            planes: [Plane::default(); 3],
+            count: rows.len(),
+        };
+        let mut offset = 0;
+        for (plane, &(row_bytes, rows, div)) in layout.planes.iter_mut().zip(rows) {
+            let stride = if packed { row_bytes } else { stride / div };
+            *plane = Plane {
+                offset,
+                row_bytes,
+                stride,
+                rows,
+            };
+            offset += stride * rows;
+        }
+        Some(layout)
     }
 
     /// Short lower-case name used in profiles and logs.
@@ -71,6 +113,73 @@ impl PixelFormat {
 impl std::fmt::Display for PixelFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// One plane of a raw frame inside the frame's bytes (all in bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Plane {
+    /// Where the plane's first row starts.
+    pub offset: usize,
+    /// Bytes of pixel data in a row (what a tightly packed frame keeps of it).
+    pub row_bytes: usize,
+    /// Distance from one row's start to the next (`row_bytes` when tightly packed).
+    pub stride: usize,
+    /// Number of rows.
+    pub rows: usize,
+}
+
+impl Plane {
+    /// Where the plane's last row of pixel data ends (`offset` for an empty plane).
+    pub fn data_end(&self) -> usize {
+        match self.rows {
+            0 => self.offset,
+            n => self.offset + self.stride * (n - 1) + self.row_bytes,
+        }
+    }
+
+    /// Byte range of row `r` (its pixel data only, without stride padding).
+    pub fn row(&self, r: usize) -> std::ops::Range<usize> {
+        let start = self.offset + r * self.stride;
+        start..start + self.row_bytes
+    }
+}
+
+/// Where the planes of a raw frame lie: one plane for packed formats (RGB24, BGRX, YUYV), two
+/// for NV12 (Y, interleaved UV), three for I420 (Y, U, V). Built by [`PixelFormat::layout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaneLayout {
+    planes: [Plane; 3],
+    count: usize,
+}
+
+impl PlaneLayout {
+    /// The planes in memory order.
+    pub fn planes(&self) -> &[Plane] {
+        &self.planes[..self.count]
+    }
+
+    /// Plane `i` (0: Y or the packed pixels; 1, 2: chroma). Panics past [`PlaneLayout::planes`].
+    pub fn plane(&self, i: usize) -> Plane {
+        self.planes()[i]
+    }
+
+    /// Bytes of the whole frame, stride padding included (the tight frame length when packed).
+    pub fn len(&self) -> usize {
+        self.planes()
+            .last()
+            .map_or(0, |p| p.offset + p.stride * p.rows)
+    }
+
+    /// Whether the frame has no bytes (a zero width or height).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes a buffer needs to hold every row's pixel data: [`PlaneLayout::len`] less the
+    /// padding after the last row.
+    pub fn data_end(&self) -> usize {
+        self.planes().last().map_or(0, Plane::data_end)
     }
 }
 
@@ -183,6 +292,46 @@ mod tests {
         assert_eq!(PixelFormat::I420.frame_len(4, 2), Some(8 + 2 + 2));
         assert_eq!(PixelFormat::Nv12.frame_len(3, 3), Some(9 + 8));
         assert_eq!(PixelFormat::Mjpeg.frame_len(4, 4), None);
+    }
+
+    #[test]
+    fn plane_layouts_round_odd_sizes_up() {
+        let l = PixelFormat::I420.layout(5, 3).unwrap();
+        let at = |p: Plane| (p.offset, p.row_bytes, p.stride, p.rows);
+        assert_eq!(l.planes().len(), 3);
+        assert_eq!(at(l.plane(0)), (0, 5, 5, 3));
+        assert_eq!(at(l.plane(1)), (15, 3, 3, 2));
+        assert_eq!(at(l.plane(2)), (21, 3, 3, 2));
+        assert_eq!((l.len(), l.data_end()), (27, 27));
+        let l = PixelFormat::Nv12.layout(3, 3).unwrap();
+        assert_eq!(at(l.plane(1)), (9, 4, 4, 2));
+        assert_eq!(l.len(), 17);
+        let l = PixelFormat::Yuyv.layout(3, 2).unwrap();
+        assert_eq!((l.planes().len(), at(l.plane(0))), (1, (0, 8, 8, 2)));
+        assert_eq!(PixelFormat::Rgb24.layout(2, 2).unwrap().len(), 12);
+        assert_eq!(PixelFormat::Bgrx32.layout(2, 2).unwrap().len(), 16);
+        assert!(PixelFormat::Mjpeg.layout(2, 2).is_none());
+        assert!(PixelFormat::I420.layout(0, 4).unwrap().is_empty());
+    }
+
+    #[test]
+    fn strided_layouts_follow_v4l2() {
+        // I420 4x2 with 8-byte luma lines: chroma lines are 4 bytes apart.
+        let l = PixelFormat::I420.layout_with_stride(4, 2, 8).unwrap();
+        let at = |p: Plane| (p.offset, p.row_bytes, p.stride, p.rows);
+        assert_eq!(at(l.plane(0)), (0, 4, 8, 2));
+        assert_eq!(at(l.plane(1)), (16, 2, 4, 1));
+        assert_eq!(at(l.plane(2)), (20, 2, 4, 1));
+        assert_eq!((l.len(), l.data_end()), (24, 22));
+        assert_eq!(l.plane(0).row(1), 8..12);
+        // NV12: the UV plane has the luma stride.
+        let l = PixelFormat::Nv12.layout_with_stride(2, 2, 4).unwrap();
+        assert_eq!(at(l.plane(1)), (8, 2, 4, 1));
+        // A stride of 0 (or one no longer than a line) is the packed layout.
+        assert_eq!(
+            PixelFormat::Yuyv.layout_with_stride(2, 2, 0),
+            PixelFormat::Yuyv.layout(2, 2)
+        );
     }
 
     #[test]

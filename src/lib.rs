@@ -18,6 +18,7 @@ pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod transform;
+pub mod y4m;
 
 pub use sdcam_core::{model, pipeline};
 

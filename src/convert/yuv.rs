@@ -4,7 +4,14 @@
 //! `Y = ((66R + 129G + 25B + 128) >> 8) + 16`, `R = (298(Y−16) + 409(V−128) + 128) >> 8`, etc.
 //! Chroma is subsampled by averaging the covered pixels' U and V.
 
-use crate::frame::ColorRange;
+use crate::frame::{ColorRange, PixelFormat, PlaneLayout};
+
+/// The plane layout of a raw (uncompressed) format, which always has one.
+fn raw_layout(format: PixelFormat, width: usize, height: usize) -> PlaneLayout {
+    format
+        .layout(width, height)
+        .unwrap_or_else(|| unreachable!("{format} is a raw format"))
+}
 
 #[inline(always)]
 fn clamp8(v: i32) -> u8 {
@@ -90,7 +97,7 @@ pub fn yuyv_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, d
 
 #[inline(always)]
 fn yuyv_to_rgb_in(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
-    let src_stride = width.div_ceil(2) * 4;
+    let src_stride = raw_layout(PixelFormat::Yuyv, width, height).plane(0).stride;
     for row in 0..height {
         let s = &src[row * src_stride..(row + 1) * src_stride];
         let d = &mut dst[row * width * 3..(row + 1) * width * 3];
@@ -155,7 +162,7 @@ impl Forward {
 
 /// RGB24 → packed YUYV; chroma of each pixel pair is the average of the two pixels' chroma.
 pub fn rgb_to_yuyv(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
-    let dst_stride = width.div_ceil(2) * 4;
+    let dst_stride = raw_layout(PixelFormat::Yuyv, width, height).plane(0).stride;
     let k = Forward::new(range);
     let pair = |p0: &[u8], p1: &[u8], quad: &mut [u8]| {
         let (r0, g0, b0) = (p0[0] as i32, p0[1] as i32, p0[2] as i32);
@@ -217,8 +224,8 @@ fn yuv420_rows(
 
 /// I420 (Y plane, U plane, V plane; chroma at half size rounded up) → RGB24.
 pub fn i420_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
-    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
-    let (u0, v0) = (width * height, width * height + cw * ch);
+    let l = raw_layout(PixelFormat::I420, width, height);
+    let (u0, v0, cw) = (l.plane(1).offset, l.plane(2).offset, l.plane(1).stride);
     yuv420_to_rgb(src, width, height, range, dst, |cx, cy| {
         (u0 + cy * cw + cx, v0 + cy * cw + cx)
     });
@@ -226,10 +233,10 @@ pub fn i420_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, d
 
 /// NV12 (Y plane, then interleaved U V at half size) → RGB24.
 pub fn nv12_to_rgb(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
-    let cw = width.div_ceil(2);
-    let uv0 = width * height;
+    let uv = raw_layout(PixelFormat::Nv12, width, height).plane(1);
+    let (uv0, uv_stride) = (uv.offset, uv.stride);
     yuv420_to_rgb(src, width, height, range, dst, |cx, cy| {
-        let i = uv0 + (cy * cw + cx) * 2;
+        let i = uv0 + cy * uv_stride + cx * 2;
         (i, i + 1)
     });
 }
@@ -265,10 +272,10 @@ fn rgb_to_luma_plane(src: &[u8], range: ColorRange, dst: &mut [u8]) {
 
 /// RGB24 → I420; chroma is the average of each 2×2 block.
 pub fn rgb_to_i420(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
-    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
-    let (ysz, csz) = (width * height, cw * ch);
+    let l = raw_layout(PixelFormat::I420, width, height);
+    let (ysz, cw, ch) = (l.plane(1).offset, l.plane(1).stride, l.plane(1).rows);
     let (yp, rest) = dst.split_at_mut(ysz);
-    let (up, vp) = rest.split_at_mut(csz);
+    let (up, vp) = rest.split_at_mut(l.plane(2).offset - ysz);
     rgb_to_luma_plane(&src[..ysz * 3], range, yp);
     for cy in 0..ch {
         for cx in 0..cw {
@@ -281,8 +288,8 @@ pub fn rgb_to_i420(src: &[u8], width: usize, height: usize, range: ColorRange, d
 
 /// RGB24 → NV12; chroma is the average of each 2×2 block.
 pub fn rgb_to_nv12(src: &[u8], width: usize, height: usize, range: ColorRange, dst: &mut [u8]) {
-    let (cw, ch) = (width.div_ceil(2), height.div_ceil(2));
-    let ysz = width * height;
+    let uv = raw_layout(PixelFormat::Nv12, width, height).plane(1);
+    let (ysz, cw, ch) = (uv.offset, uv.row_bytes / 2, uv.rows);
     let (yp, uvp) = dst.split_at_mut(ysz);
     rgb_to_luma_plane(&src[..ysz * 3], range, yp);
     for cy in 0..ch {

@@ -302,7 +302,7 @@ fn random_values_through_set_never_panic_and_accepted_ones_work() {
         let p = &next.profile;
         for fps in [p.source.fps, p.output.fps] {
             let _ = std::time::Duration::from_secs_f64(1.0 / fps);
-            let _ = crate::source::pattern::Pacer::new(fps);
+            let _ = crate::source::pacer::Pacer::new(fps);
         }
         let _ = crate::relay::PreprocessConfig::from_profile(p);
         if p.transform != TransformKind::Diffusion {

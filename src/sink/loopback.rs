@@ -80,10 +80,11 @@ pub fn output_layout(
             "output height {height} is odd; using {even_h} (I420 needs an even height)"
         ));
     }
-    let (bytesperline, sizeimage) = match format {
-        LoopbackFormat::Yuyv => (even_w * 2, even_w * 2 * even_h),
-        LoopbackFormat::I420 => (even_w, even_w * even_h * 3 / 2),
-    };
+    let layout = pixel
+        .layout(even_w as usize, even_h as usize)
+        .with_context(|| format!("{pixel} has no raw layout"))?;
+    // Within u32: the size is at most 8192x8192 (checked above).
+    let (bytesperline, sizeimage) = (layout.plane(0).row_bytes as u32, layout.len() as u32);
     Ok((
         OutputLayout {
             width: even_w,

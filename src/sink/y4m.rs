@@ -9,7 +9,8 @@ use anyhow::Context;
 
 use super::Sink;
 use crate::frame::{ColorRange, Frame, PixelFormat};
-use crate::source::y4m::Y4mHeader;
+use crate::source::y4m::fps_fraction;
+use crate::y4m::Y4mHeader;
 use crate::Result;
 
 /// Writes I420 frames as a YUV4MPEG2 stream.
@@ -70,9 +71,9 @@ impl Sink for Y4mSink {
             frame.height
         );
         if !self.header_written {
-            let line =
-                Y4mHeader::header_line(self.size.0, self.size.1, self.fps, ColorRange::Limited);
-            self.out.write_all(line.as_bytes())?;
+            let (w, h) = self.size;
+            let header = Y4mHeader::i420(w, h, fps_fraction(self.fps), ColorRange::Limited);
+            self.out.write_all(header.line().as_bytes())?;
             self.header_written = true;
         }
         let len = PixelFormat::I420

@@ -235,17 +235,6 @@ pub fn find_camera(devices: &[VideoDevice], name: &str) -> Result<PathBuf> {
     bail!(msg)
 }
 
-/// Bytes per line of a tightly packed raw frame (Y plane for NV12).
-fn packed_line(format: PixelFormat, width: u32) -> usize {
-    let w = width as usize;
-    match format {
-        PixelFormat::Yuyv => w.div_ceil(2) * 4,
-        PixelFormat::Rgb24 => w * 3,
-        PixelFormat::Bgrx32 => w * 4,
-        PixelFormat::Nv12 | PixelFormat::I420 | PixelFormat::Mjpeg => w,
-    }
-}
-
 /// Copies a raw frame out of a driver buffer whose lines are `bytesperline` apart (0: packed),
 /// dropping the line padding. `data` must hold the whole frame (else an error).
 pub fn unpad_frame(
@@ -255,10 +244,11 @@ pub fn unpad_frame(
     height: u32,
     bytesperline: u32,
 ) -> Result<Vec<u8>> {
-    let Some(len) = format.frame_len(width, height) else {
+    let (w, h) = (width as usize, height as usize);
+    let Some(packed) = format.layout(w, h) else {
         bail!("{format} is not a raw format");
     };
-    let line = packed_line(format, width);
+    let (len, line) = (packed.len(), packed.plane(0).row_bytes);
     let stride = if bytesperline == 0 {
         line
     } else {
@@ -267,31 +257,11 @@ pub fn unpad_frame(
     if stride < line {
         bail!("driver line length {stride} is shorter than a {width}-pixel {format} line ({line})");
     }
-    let h = height as usize;
-    // Rows of each plane: (bytes per row to keep, number of rows).
-    let planes: &[(usize, usize)] = match format {
-        PixelFormat::Nv12 => &[(line, h), (width.div_ceil(2) as usize * 2, h.div_ceil(2))],
-        PixelFormat::I420 => &[
-            (line, h),
-            (width.div_ceil(2) as usize, h.div_ceil(2)),
-            (width.div_ceil(2) as usize, h.div_ceil(2)),
-        ],
-        _ => &[(line, h)],
-    };
-    // V4L2 strides: the chroma plane of NV12 has the luma stride; I420 chroma has half of it.
-    let strides: Vec<usize> = match format {
-        PixelFormat::I420 => vec![stride, stride / 2, stride / 2],
-        _ => vec![stride; planes.len()],
+    let Some(layout) = format.layout_with_stride(w, h, stride) else {
+        bail!("{format} is not a raw format");
     };
     // Bytes up to the end of the last row kept.
-    let mut needed = 0;
-    let mut offset = 0;
-    for (&(keep, rows), &s) in planes.iter().zip(&strides) {
-        if rows > 0 {
-            needed = offset + s * (rows - 1) + keep;
-        }
-        offset += s * rows;
-    }
+    let needed = layout.data_end();
     if stride == line {
         if data.len() < len {
             bail!(
@@ -309,13 +279,10 @@ pub fn unpad_frame(
         );
     }
     let mut out = Vec::with_capacity(len);
-    let mut offset = 0;
-    for (&(keep, rows), &s) in planes.iter().zip(&strides) {
-        for r in 0..rows {
-            let start = offset + r * s;
-            out.extend_from_slice(&data[start..start + keep]);
+    for plane in layout.planes() {
+        for r in 0..plane.rows {
+            out.extend_from_slice(&data[plane.row(r)]);
         }
-        offset += s * rows;
     }
     Ok(out)
 }

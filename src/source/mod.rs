@@ -5,6 +5,7 @@
 
 pub mod camera;
 pub mod image;
+pub mod pacer;
 pub mod pattern;
 pub mod screen;
 pub mod y4m;

@@ -3,8 +3,7 @@
 //! It needs no hardware, so it is the default source and the one the offline demo and the
 //! end-to-end tests use. Rendering is deterministic: frame `n` always looks the same.
 
-use std::time::{Duration, Instant};
-
+use super::pacer::Pacer;
 use super::{Captured, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::Result;
@@ -33,51 +32,6 @@ const DIGITS: [[u8; 5]; 10] = [
     [0b111, 0b101, 0b111, 0b101, 0b111],
     [0b111, 0b101, 0b111, 0b001, 0b111],
 ];
-
-/// Paces a live source: `wait` sleeps until the next frame is due, without drift or bursts.
-#[derive(Debug)]
-pub struct Pacer {
-    period: Duration,
-    next: Option<Instant>,
-    wake: Wake,
-}
-
-impl Pacer {
-    /// Any rate works: NaN, zero and negative rates are taken as 0.001 fps, huge ones as no wait
-    /// (the profile keeps rates within `profile::MIN_FPS..=MAX_FPS`; a Y4M header may not).
-    pub fn new(fps: f64) -> Self {
-        let fps = if fps.is_nan() { 0.001 } else { fps.max(0.001) };
-        Pacer {
-            period: Duration::from_secs_f64(1.0 / fps),
-            next: None,
-            wake: Wake::new(),
-        }
-    }
-
-    /// The [`Wake`] that interrupts [`Pacer::wait`].
-    pub fn set_wake(&mut self, wake: Wake) {
-        self.wake = wake;
-    }
-
-    /// Sleeps until the next frame time; returns false when woken first (the frame is still
-    /// due: the next call waits for the rest of the period). If we are more than one period
-    /// late, the schedule restarts from now instead of bursting to catch up.
-    pub fn wait(&mut self) -> bool {
-        let now = Instant::now();
-        let due = *self.next.get_or_insert(now);
-        if due > now {
-            if self.wake.sleep_until(due) {
-                return false;
-            }
-            self.next = Some(due + self.period);
-        } else if now - due > self.period {
-            self.next = Some(now + self.period);
-        } else {
-            self.next = Some(due + self.period);
-        }
-        true
-    }
-}
 
 /// Renders pattern frame `n` at `width`×`height` as RGB24.
 pub fn render(width: u32, height: u32, n: u64) -> Vec<u8> {
@@ -201,6 +155,8 @@ impl Source for PatternSource {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     #[test]
@@ -221,17 +177,6 @@ mod tests {
         assert_eq!(at(0, 0), [0, 0, 0]);
         // Digit 7's top stroke: first glyph starts at (scale, scale) = (2, 2).
         assert_eq!(at(2, 2), [255, 255, 255]);
-    }
-
-    #[test]
-    fn pacer_keeps_rate() {
-        let mut p = Pacer::new(200.0);
-        let t0 = Instant::now();
-        for _ in 0..11 {
-            p.wait();
-        }
-        let el = t0.elapsed();
-        assert!(el >= Duration::from_millis(45), "{el:?}");
     }
 
     /// A wake interrupts a source's pacing sleep at once (a stop at 0.1 fps does not wait

@@ -4,8 +4,8 @@
 //! Supports 4:2:0 (C420, C420jpeg, C420mpeg2, C420paldv), 4:4:4 (C444) and greyscale (Cmono),
 //! in 8 bits or 9–16 bits a sample (`C420p10`, `C444p12`, `Cmono16`, …: reduced to 8 bits);
 //! `XCOLORRANGE=FULL` selects full-range samples (limited range otherwise). The header is
-//! untrusted: sizes above [`crate::frame::MAX_PIXELS`] are refused before anything is allocated. [`Y4mHeader`] is shared
-//! with the Y4M sink.
+//! untrusted: sizes above [`crate::frame::MAX_PIXELS`] are refused before anything is allocated.
+//! The header itself is parsed by [`crate::y4m`], shared with the Y4M sink.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -13,182 +13,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use super::pattern::Pacer;
+use super::pacer::Pacer;
 use super::{Captured, Source};
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::y4m::{Y4mChroma, Y4mHeader};
 use crate::Result;
-
-/// Chroma layout of a Y4M stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Y4mChroma {
-    C420,
-    C444,
-    Mono,
-}
-
-/// A parsed `YUV4MPEG2` stream header.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Y4mHeader {
-    pub width: u32,
-    pub height: u32,
-    /// Frame rate as a fraction (numerator, denominator).
-    pub rate: (u32, u32),
-    pub chroma: Y4mChroma,
-    /// Bits per sample: 8, or 9–16 for the high-bit-depth tags (`C420p10`, `Cmono16`, …; two
-    /// little-endian bytes a sample, reduced to 8 bits on reading).
-    pub bit_depth: u8,
-    pub range: ColorRange,
-}
-
-/// A numeric header field: `what` names it in errors (e.g. `W (width)`).
-fn header_number(what: &str, val: &str) -> Result<u32> {
-    val.parse::<u32>().map_err(|_| {
-        anyhow::anyhow!(
-            "Y4M header field {what} = {:?} is not a whole number",
-            clip(val)
-        )
-    })
-}
-
-/// At most 32 characters of untrusted text, for messages.
-fn clip(s: &str) -> String {
-    let mut out: String = s.chars().take(32).collect();
-    if out.len() < s.len() {
-        out.push('…');
-    }
-    out
-}
-
-/// `C…` tag value → chroma layout and bit depth (`420jpeg`, `444`, `mono`, `420p10`, `mono16`).
-fn parse_chroma(val: &str) -> Result<(Y4mChroma, u8)> {
-    let (chroma, rest) = if let Some(r) = val.strip_prefix("420") {
-        (Y4mChroma::C420, r)
-    } else if let Some(r) = val.strip_prefix("444") {
-        if r.starts_with("alpha") {
-            bail!("Y4M chroma C{val} (with alpha) is not supported (use -pix_fmt yuv420p with ffmpeg)");
-        }
-        (Y4mChroma::C444, r)
-    } else if let Some(r) = val.strip_prefix("mono") {
-        (Y4mChroma::Mono, r)
-    } else {
-        bail!(
-            "Y4M chroma C{} is not supported (use -pix_fmt yuv420p with ffmpeg)",
-            clip(val)
-        )
-    };
-    let depth = match rest {
-        "" | "jpeg" | "mpeg2" | "paldv" if chroma == Y4mChroma::C420 => 8,
-        "" => 8,
-        r => {
-            let digits = r.strip_prefix('p').unwrap_or(r);
-            match digits.parse::<u8>() {
-                Ok(d) if (9..=16).contains(&d) => d,
-                _ => bail!(
-                    "Y4M chroma C{} is not supported (8-bit, or 9 to 16 bits as C420p10, \
-                     C444p12, Cmono16; use -pix_fmt yuv420p with ffmpeg)",
-                    clip(val)
-                ),
-            }
-        }
-    };
-    Ok((chroma, depth))
-}
-
-impl Y4mHeader {
-    /// Parses the header line (without the trailing newline). The picture must be within
-    /// [`crate::frame::MAX_PIXELS`].
-    pub fn parse(line: &str) -> Result<Self> {
-        if line.ends_with('\r') {
-            bail!(
-                "Y4M header ends in CR LF: the stream was converted as text (a Windows pipe or \
-                 a line-ending conversion) and its frames are damaged too; write it again as \
-                 raw bytes"
-            );
-        }
-        let mut parts = line.split(' ');
-        if parts.next() != Some("YUV4MPEG2") {
-            bail!("not a Y4M stream (missing YUV4MPEG2 signature)");
-        }
-        let (mut w, mut h, mut rate) = (None, None, (30, 1));
-        let (mut chroma, mut bit_depth, mut range) = (Y4mChroma::C420, 8, ColorRange::Limited);
-        for p in parts.filter(|p| !p.is_empty()) {
-            let mut chars = p.chars();
-            let tag = chars.next().unwrap_or(' ');
-            let val = chars.as_str();
-            match tag {
-                'W' => w = Some(header_number("W (width)", val)?),
-                'H' => h = Some(header_number("H (height)", val)?),
-                'F' => {
-                    let (n, d) = val.split_once(':').with_context(|| {
-                        format!(
-                            "Y4M header field F (frame rate) = {:?} is not N:D",
-                            clip(val)
-                        )
-                    })?;
-                    rate = (
-                        header_number("F (frame rate numerator)", n)?,
-                        header_number("F (frame rate denominator)", d)?,
-                    );
-                    if rate.0 == 0 || rate.1 == 0 {
-                        bail!("Y4M frame rate {val} is not positive");
-                    }
-                }
-                'I' if val != "p" && val != "?" => {
-                    bail!(
-                        "interlaced Y4M (I{}) is not supported; deinterlace first (ffmpeg -vf yadif)",
-                        clip(val)
-                    )
-                }
-                'C' => (chroma, bit_depth) = parse_chroma(val)?,
-                'X' if val == "COLORRANGE=FULL" => range = ColorRange::Full,
-                _ => {}
-            }
-        }
-        let (width, height) = match (w, h) {
-            (Some(w), Some(h)) if w > 0 && h > 0 => (w, h),
-            _ => bail!("Y4M header lacks a valid W/H size"),
-        };
-        crate::frame::check_pixel_limit(width as u64, height as u64, "Y4M stream")?;
-        Ok(Y4mHeader {
-            width,
-            height,
-            rate,
-            chroma,
-            bit_depth,
-            range,
-        })
-    }
-
-    /// Samples of one frame (all planes).
-    fn samples(&self) -> usize {
-        let (w, h) = (self.width as usize, self.height as usize);
-        match self.chroma {
-            Y4mChroma::C420 => w * h + 2 * w.div_ceil(2) * h.div_ceil(2),
-            Y4mChroma::C444 => w * h * 3,
-            Y4mChroma::Mono => w * h,
-        }
-    }
-
-    /// Bytes of one frame's pixel data as stored (two bytes a sample above 8 bits). Bounded by
-    /// the pixel limit checked in [`Y4mHeader::parse`].
-    pub fn frame_len(&self) -> usize {
-        self.samples() * if self.bit_depth > 8 { 2 } else { 1 }
-    }
-
-    pub fn fps(&self) -> f64 {
-        self.rate.0 as f64 / self.rate.1 as f64
-    }
-
-    /// The header line for a 4:2:0 stream of the given size and rate.
-    pub fn header_line(width: u32, height: u32, fps: f64, range: ColorRange) -> String {
-        let (n, d) = fps_fraction(fps);
-        let range = match range {
-            ColorRange::Limited => "LIMITED",
-            ColorRange::Full => "FULL",
-        };
-        format!("YUV4MPEG2 W{width} H{height} F{n}:{d} Ip A1:1 C420jpeg XYSCSS=420JPEG XCOLORRANGE={range}\n")
-    }
-}
 
 /// A fraction for a frame rate: integers exactly, NTSC rates as n·1000/1001, else millis.
 pub fn fps_fraction(fps: f64) -> (u32, u32) {
@@ -417,79 +246,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_ffmpeg_headers() {
-        let h =
-            Y4mHeader::parse("YUV4MPEG2 W1280 H720 F30000:1001 Ip A1:1 C420jpeg XYSCSS=420JPEG")
-                .unwrap();
-        assert_eq!((h.width, h.height, h.rate), (1280, 720, (30000, 1001)));
-        assert_eq!((h.chroma, h.range), (Y4mChroma::C420, ColorRange::Limited));
-        assert_eq!(h.frame_len(), 1280 * 720 * 3 / 2);
-        let h = Y4mHeader::parse("YUV4MPEG2 W3 H3 F25:1 C444 XCOLORRANGE=FULL").unwrap();
-        assert_eq!(
-            (h.chroma, h.range, h.frame_len()),
-            (Y4mChroma::C444, ColorRange::Full, 27)
-        );
-    }
-
-    #[test]
-    fn rejects_bad_headers() {
-        for (line, msg) in [
-            ("RIFF", "not a Y4M"),
-            ("YUV4MPEG2 W10", "W/H"),
-            ("YUV4MPEG2 W10 H10 C422", "C422"),
-            ("YUV4MPEG2 W10 H10 It", "interlaced"),
-            ("YUV4MPEG2 W10 H10 F0:1", "not positive"),
-        ] {
-            let e = Y4mHeader::parse(line).unwrap_err().to_string();
-            assert!(e.contains(msg), "{line}: {e}");
-        }
-    }
-
-    #[test]
-    fn hostile_headers_are_refused_by_field_without_panic_or_allocation() {
-        for (line, msg) in [
-            // A tag starting with a multi-byte character (used to panic slicing the string).
-            ("YUV4MPEG2 W10 H10 ÿx", ""),
-            ("YUV4MPEG2 W10 H10 é", ""),
-            // Sizes that overflowed the frame-size arithmetic or allocated exabytes.
-            ("YUV4MPEG2 W4294967295 H4294967295", "limit"),
-            ("YUV4MPEG2 W100000 H100000 C444p16", "limit"),
-            ("YUV4MPEG2 W65536 H1", "limit"),
-            ("YUV4MPEG2 W9000 H9000", "limit"),
-            ("YUV4MPEG2 W99999999999 H10", "W (width)"),
-            ("YUV4MPEG2 W64 H4x8", "H (height) = \"4x8\""),
-            ("YUV4MPEG2 W64 H48 F30", "F (frame rate) = \"30\""),
-            ("YUV4MPEG2 W64 H48 F30:x", "denominator"),
-            ("YUV4MPEG2 W64 H48 C420p7", "C420p7"),
-            ("YUV4MPEG2 W64 H48 C420p99", "C420p99"),
-            ("YUV4MPEG2 W64 H48 C444alpha", "alpha"),
-            ("YUV4MPEG2 W64 H48 F30:1 C420jpeg\r", "CR LF"),
-        ] {
-            match Y4mHeader::parse(line) {
-                Ok(h) => assert!(msg.is_empty(), "{line}: accepted {h:?}"),
-                Err(e) => {
-                    let e = format!("{e:#}");
-                    assert!(!msg.is_empty() && e.contains(msg), "{line}: {e}");
-                }
-            }
-        }
-        // The limit itself is accepted (an 8K frame fits easily).
-        let h = Y4mHeader::parse("YUV4MPEG2 W7680 H4320 F30:1 C420jpeg").unwrap();
-        assert_eq!(h.frame_len(), 7680 * 4320 * 3 / 2);
-    }
-
-    #[test]
     fn high_bit_depth_streams_are_read_as_8_bit() {
-        let h = Y4mHeader::parse("YUV4MPEG2 W2 H2 F25:1 C420p10 XYSCSS=420P10").unwrap();
-        assert_eq!(
-            (h.chroma, h.bit_depth, h.frame_len()),
-            (Y4mChroma::C420, 10, 12)
-        );
-        let h = Y4mHeader::parse("YUV4MPEG2 W2 H2 F25:1 Cmono16").unwrap();
-        assert_eq!(
-            (h.chroma, h.bit_depth, h.frame_len()),
-            (Y4mChroma::Mono, 16, 8)
-        );
         // A 10-bit 4:2:0 frame: Y 940 (white, limited range) → 235; chroma 512 → 128.
         let mut bytes = b"YUV4MPEG2 W2 H2 F25:1 C420p10\nFRAME\n".to_vec();
         for v in [940u16, 940, 64, 64, 512, 512] {
@@ -575,7 +332,7 @@ mod tests {
         assert_eq!(fps_fraction(30.0), (30, 1));
         assert_eq!(fps_fraction(30000.0 / 1001.0), (30000, 1001));
         assert_eq!(fps_fraction(12.5), (12500, 1000));
-        let line = Y4mHeader::header_line(64, 48, 25.0, ColorRange::Limited);
+        let line = Y4mHeader::i420(64, 48, fps_fraction(25.0), ColorRange::Limited).line();
         let h = Y4mHeader::parse(line.trim_end()).unwrap();
         assert_eq!((h.width, h.height, h.rate), (64, 48, (25, 1)));
     }

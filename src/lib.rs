@@ -5,8 +5,7 @@
 //! [`control`] the live control channel (stdin commands and signals).
 
 pub mod alloc;
-pub mod app;
-pub mod bench;
+pub mod cli;
 pub mod control;
 pub mod convert;
 pub mod devices;

@@ -1,12 +1,15 @@
-//! The `run` command: builds the relay from a profile, streams until stopped, and applies live
-//! control (stdin commands, signals) without restarting the relay or dropping the output.
+//! `sdcam run`: turns the flags into a profile, builds the relay from it, streams until stopped,
+//! and hands live control (stdin commands, signals) to the [`Session`] without restarting the
+//! relay or dropping the output.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use clap::Args;
 use crossbeam_channel::{bounded, never, select, tick, Receiver};
+use std::path::PathBuf;
 
 use crate::control::{self, Command, Control, Event, Work};
 use crate::profile::geometry::{self, StreamSize};
@@ -586,4 +589,148 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         },
     );
     Ok(snap)
+}
+
+/// The flags of `sdcam run` (also the flags without a command).
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Profile file (TOML). Without one, the built-in defaults are used.
+    #[arg(short, long)]
+    pub(crate) profile: Option<PathBuf>,
+    /// Source: `pattern`, `camera[:NAME]`, `/dev/videoN`, `screen[:DISPLAY]`, a .y4m/.png/.jpg file, or `-` (Y4M on stdin).
+    #[arg(long)]
+    pub(crate) source: Option<String>,
+    /// Output: `loopback[:LABEL]`, `/dev/videoN`, a .y4m file, `-` (Y4M on stdout), `png:DIR`, or `null`.
+    #[arg(short, long)]
+    pub(crate) output: Option<String>,
+    /// Prompt (overrides the profile's).
+    #[arg(long)]
+    pub(crate) prompt: Option<String>,
+    /// Transform: `diffusion` (the StreamDiffusion pipeline), or `tint`, `posterize`, `identity`.
+    #[arg(long)]
+    pub(crate) transform: Option<String>,
+    /// Stop after writing N frames.
+    #[arg(long, value_name = "N")]
+    pub(crate) frames: Option<u64>,
+    /// Frame rate of the source and the output.
+    #[arg(long)]
+    pub(crate) fps: Option<f64>,
+    /// Any profile key, e.g. `--set stream.guidance_scale=1.5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub(crate) sets: Vec<String>,
+    /// Do not read control commands from stdin.
+    #[arg(long)]
+    pub(crate) no_stdin: bool,
+    /// Seconds between status log lines when stderr is not a terminal (0 = none).
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) status_interval: f64,
+}
+
+fn source_spec(spec: &str) -> Vec<(&'static str, toml::Value)> {
+    let s = |v: &str| toml::Value::String(v.to_string());
+    if spec == "pattern" {
+        vec![("source.kind", s("pattern"))]
+    } else if spec == "screen" {
+        vec![("source.kind", s("screen"))]
+    } else if let Some(d) = spec.strip_prefix("screen:") {
+        vec![("source.kind", s("screen")), ("source.display", s(d))]
+    } else if spec == "camera" {
+        vec![("source.kind", s("camera"))]
+    } else if let Some(d) = spec.strip_prefix("camera:") {
+        vec![("source.kind", s("camera")), ("source.device", s(d))]
+    } else if spec.starts_with("/dev/") {
+        vec![("source.kind", s("camera")), ("source.device", s(spec))]
+    } else {
+        vec![("source.kind", s("file")), ("source.path", s(spec))]
+    }
+}
+
+fn output_spec(spec: &str) -> Vec<(&'static str, toml::Value)> {
+    let s = |v: &str| toml::Value::String(v.to_string());
+    if spec == "null" {
+        vec![("output.kind", s("null"))]
+    } else if spec == "loopback" {
+        vec![("output.kind", s("v4l2loopback"))]
+    } else if let Some(l) = spec.strip_prefix("loopback:") {
+        vec![("output.kind", s("v4l2loopback")), ("output.label", s(l))]
+    } else if spec.starts_with("/dev/") {
+        vec![
+            ("output.kind", s("v4l2loopback")),
+            ("output.device", s(spec)),
+        ]
+    } else if let Some(d) = spec.strip_prefix("png:") {
+        vec![("output.kind", s("png")), ("output.path", s(d))]
+    } else {
+        vec![("output.kind", s("y4m")), ("output.path", s(spec))]
+    }
+}
+
+/// The profile a run uses: the file (or the defaults) with the flags applied as overrides.
+///
+/// # Errors
+/// An unreadable or invalid profile, or a bad `--set`.
+pub fn load_profile(a: &RunArgs) -> anyhow::Result<LoadedProfile> {
+    let mut lp = match &a.profile {
+        Some(p) => LoadedProfile::load(p)?,
+        None => LoadedProfile::default(),
+    };
+    let mut edits: Vec<(String, toml::Value)> = Vec::new();
+    if let Some(s) = &a.source {
+        edits.extend(source_spec(s).into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
+    if let Some(o) = &a.output {
+        edits.extend(output_spec(o).into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
+    if let Some(p) = &a.prompt {
+        edits.push(("prompt".into(), toml::Value::String(p.clone())));
+    }
+    if let Some(t) = &a.transform {
+        edits.push(("transform".into(), toml::Value::String(t.clone())));
+    }
+    if let Some(f) = a.fps {
+        edits.push(("source.fps".into(), toml::Value::Float(f)));
+        edits.push(("output.fps".into(), toml::Value::Float(f)));
+    }
+    for kv in &a.sets {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+        edits.push((k.trim().to_string(), crate::profile::parse_value(v)));
+    }
+    if !edits.is_empty() {
+        lp = lp.with_overrides(&edits)?;
+    }
+    Ok(lp)
+}
+
+/// The longest `--status-interval` (a day).
+const MAX_STATUS_INTERVAL: f64 = 86_400.0;
+
+/// `sdcam run`: checks the flags, loads the profile and streams until stopped.
+///
+/// # Errors
+/// A bad flag or profile, or what [`run`] fails with.
+pub fn run_command(a: &RunArgs, control: Option<Control>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.status_interval.is_finite() && (0.0..=MAX_STATUS_INTERVAL).contains(&a.status_interval),
+        "--status-interval {} is out of range (0 to {MAX_STATUS_INTERVAL} seconds)",
+        a.status_interval
+    );
+    let lp = load_profile(a)?;
+    if lp.path.is_none() && a.source.is_none() {
+        tracing::info!("no --profile: using the built-in defaults (test pattern source)");
+    }
+    let mut opts = RunOptions::new(lp);
+    opts.max_frames = a.frames;
+    opts.stdin_commands = !a.no_stdin;
+    opts.control = control;
+    opts.status = if a.status_interval > 0.0 {
+        StatusMode::Auto {
+            interval: std::time::Duration::from_secs_f64(a.status_interval),
+        }
+    } else {
+        StatusMode::Off
+    };
+    run(opts)?;
+    Ok(())
 }

@@ -460,3 +460,213 @@ impl Session {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The state machine with a probe transform built by an injected builder: a builder that
+    //! fails for `model.id = "/bad"`, and a transform that refuses one stream width.
+
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::frame::Frame;
+    use crate::relay::{DeviceOpener, Opener, RelayStart};
+
+    /// What the probe transforms saw: builds asked for, and the settings last accepted.
+    #[derive(Default)]
+    struct ProbeLog {
+        builds: usize,
+        /// (prompt, stream width) of the last accepted `apply`.
+        applied: Option<(String, u32)>,
+        /// `apply` with this stream width fails (a re-prepare that cannot be done).
+        refuse_width: Option<u32>,
+    }
+
+    struct Probe(Arc<Mutex<ProbeLog>>);
+
+    fn width(p: &Profile) -> u32 {
+        geometry::resolve(p).width
+    }
+
+    impl Transform for Probe {
+        fn name(&self) -> String {
+            "probe".into()
+        }
+        fn process(&mut self, input: &Frame) -> Result<Frame> {
+            Ok(input.clone())
+        }
+        fn apply(&mut self, p: &Profile) -> Result<()> {
+            let mut log = self.0.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            anyhow::ensure!(
+                log.refuse_width != Some(width(p)),
+                "cannot prepare the stream at width {}",
+                width(p)
+            );
+            log.applied = Some((p.prompt.clone(), width(p)));
+            Ok(())
+        }
+    }
+
+    fn builder(log: &Arc<Mutex<ProbeLog>>) -> Builder {
+        let log = log.clone();
+        Arc::new(move |p: &Profile| {
+            log.lock().unwrap().builds += 1;
+            anyhow::ensure!(p.model.id != "/bad", "no model at /bad");
+            let mut t: Box<dyn Transform> = Box::new(Probe(log.clone()));
+            t.apply(p)?;
+            Ok(t)
+        })
+    }
+
+    /// A session on a 64x64 stream (pattern source, null output) whose first build is in.
+    fn session(log: &Arc<Mutex<ProbeLog>>) -> Session {
+        let s = |v: &str| toml::Value::String(v.into());
+        let lp = LoadedProfile::default()
+            .with_values(
+                &[
+                    ("source.kind".into(), s("pattern")),
+                    ("output.kind".into(), s("null")),
+                    ("stream.width".into(), toml::Value::Integer(64)),
+                    ("stream.height".into(), toml::Value::Integer(64)),
+                    ("prompt".into(), s("start")),
+                ],
+                "<test>",
+            )
+            .unwrap();
+        let p = &lp.profile;
+        let (running, _) = geometry::running(p);
+        let opener = Arc::new(DeviceOpener);
+        let relay = Relay::start(RelayStart {
+            source: opener.source(&p.source).unwrap(),
+            source_cfg: p.source.clone(),
+            transform: None,
+            sink: opener.sink(&p.output).unwrap(),
+            output_cfg: running.output.clone(),
+            preprocess: PreprocessConfig::from_profile(&running),
+            every_frame: false,
+            max_frames: None,
+            opener,
+        })
+        .unwrap();
+        let mut s = Session::new(relay, lp, builder(log));
+        settle(&mut s).unwrap();
+        s
+    }
+
+    /// Waits for the background build and hands its result to the session.
+    fn settle(s: &mut Session) -> Result<()> {
+        let r = s
+            .pending_build()
+            .expect("a build is pending")
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the build finished");
+        s.finish_build(r)
+    }
+
+    fn send(s: &mut Session, c: Command) {
+        assert!(s.handle(Event::Command(c)));
+    }
+
+    fn set(s: &mut Session, key: &str, value: &str) {
+        send(
+            s,
+            Command::Set {
+                key: key.into(),
+                value: value.into(),
+            },
+        );
+    }
+
+    fn applied(log: &Arc<Mutex<ProbeLog>>) -> (String, u32) {
+        log.lock().unwrap().applied.clone().unwrap()
+    }
+
+    fn stop(s: Session) {
+        let relay = s.into_relay();
+        relay.request_stop();
+        relay.join().unwrap();
+    }
+
+    #[test]
+    fn a_prompt_reaches_the_running_transform() {
+        let log = Arc::default();
+        let mut s = session(&log);
+        assert_eq!(applied(&log), ("start".into(), 64));
+        send(&mut s, Command::Prompt("a fox".into()));
+        assert_eq!(applied(&log), ("a fox".into(), 64));
+        assert!(s.get("prompt").unwrap().contains("a fox"));
+        stop(s);
+    }
+
+    /// A failed build restores the model everywhere (the raw table too): the next edit does
+    /// not bring the failed model back and start another build.
+    #[test]
+    fn a_failed_build_is_not_brought_back_by_the_next_edit() {
+        let log: Arc<Mutex<ProbeLog>> = Arc::default();
+        let mut s = session(&log);
+        set(&mut s, "model.id", "/bad");
+        assert!(settle(&mut s).is_ok(), "a failed rebuild keeps the run going");
+        assert!(!s.get("model.id").unwrap().contains("/bad"));
+        send(&mut s, Command::Prompt("a fox".into()));
+        assert!(s.pending_build().is_none(), "the prompt started a build");
+        assert_eq!(log.lock().unwrap().builds, 2);
+        assert_eq!(applied(&log), ("a fox".into(), 64));
+        assert!(!s.get("model.id").unwrap().contains("/bad"));
+        stop(s);
+    }
+
+    /// Settings changed while a build loads reach the running transform when the build fails.
+    #[test]
+    fn settings_changed_while_loading_apply_when_the_load_fails() {
+        let log: Arc<Mutex<ProbeLog>> = Arc::default();
+        let mut s = session(&log);
+        set(&mut s, "model.id", "/bad");
+        send(&mut s, Command::Prompt("a fox".into()));
+        set(&mut s, "stream.width", "96");
+        settle(&mut s).unwrap();
+        assert_eq!(applied(&log), ("a fox".into(), 96));
+        assert_eq!(s.pre.width, 96, "capture follows the transform");
+        assert!(s.get("stream.width").unwrap().starts_with("stream.width = 96"));
+        stop(s);
+    }
+
+    /// A size changed while a build loads, which the running transform then refuses when the
+    /// build fails: capture, transform and the profile all stay at the size that runs.
+    #[test]
+    fn a_size_refused_after_a_failed_load_keeps_capture_transform_and_profile_together() {
+        let log: Arc<Mutex<ProbeLog>> = Arc::default();
+        let mut s = session(&log);
+        log.lock().unwrap().refuse_width = Some(96);
+        set(&mut s, "model.id", "/bad");
+        set(&mut s, "stream.width", "96");
+        settle(&mut s).unwrap();
+        assert_eq!(applied(&log).1, 64);
+        assert_eq!(s.pre.width, 64, "capture at the size the transform runs");
+        let got = s.get("stream.width").unwrap();
+        assert!(got.starts_with("stream.width = 64"), "{got}");
+        // And the next edit does not bring the refused size back.
+        send(&mut s, Command::Prompt("a fox".into()));
+        assert_eq!(applied(&log), ("a fox".into(), 64));
+        assert_eq!(s.pre.width, 64);
+        stop(s);
+    }
+
+    /// A stream size the transform cannot prepare is kept out of the profile, so the next edit
+    /// (a prompt) applies instead of failing on the refused size again.
+    #[test]
+    fn a_refused_stream_size_is_not_brought_back_by_the_next_edit() {
+        let log: Arc<Mutex<ProbeLog>> = Arc::default();
+        let mut s = session(&log);
+        log.lock().unwrap().refuse_width = Some(96);
+        set(&mut s, "stream.width", "96");
+        assert_eq!(applied(&log).1, 64);
+        assert_eq!(s.pre.width, 64);
+        send(&mut s, Command::Prompt("a fox".into()));
+        assert_eq!(applied(&log), ("a fox".into(), 64));
+        assert_eq!(s.pre.width, 64, "capture at the size the transform runs");
+        let got = s.get("stream.width").unwrap();
+        assert!(got.starts_with("stream.width = 64"), "{got}");
+        stop(s);
+    }
+}

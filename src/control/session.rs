@@ -12,9 +12,7 @@ use crossbeam_channel::{bounded, Receiver};
 
 use crate::control::{self, Command, Event, Work};
 use crate::profile::geometry::{self, StreamSize};
-use crate::profile::{
-    LoadedProfile, ModelConfig, OutputKind, Pacing, Profile, SourceKind, TransformKind,
-};
+use crate::profile::{LoadedProfile, OutputKind, Pacing, Profile, SourceKind};
 use crate::relay::{PreprocessConfig, Relay};
 use crate::transform::{self, Transform};
 use crate::Result;
@@ -45,13 +43,16 @@ pub fn every_frame(p: &Profile) -> bool {
     }
 }
 
+/// The top-level profile parts the transform runs (the others belong to the source and output).
+const TRANSFORM_PARTS: &[&str] = &["transform", "model", "prompt", "negative_prompt", "stream"];
+
 /// A transform being built on a background thread (a model load can take minutes); the relay
 /// keeps streaming the current transform's output meanwhile.
 struct PendingBuild {
     rx: Receiver<Result<Box<dyn Transform>>>,
-    /// What to restore in the session's profile if the build fails.
-    old_transform: TransformKind,
-    old_model: ModelConfig,
+    /// The profile whose transform parts ([`TRANSFORM_PARTS`]) the running transform runs:
+    /// what the session goes back to if the build fails.
+    runs: LoadedProfile,
     /// The first build of the run: failing it ends the run.
     initial: bool,
     /// The change that started it (`set model.lora`), logged as applied once installed.
@@ -98,8 +99,7 @@ impl Session {
         let (running, stream_size) = geometry::running(&profile.profile);
         let pending = PendingBuild {
             rx: spawn_build(&build, &running),
-            old_transform: profile.profile.transform,
-            old_model: profile.profile.model.clone(),
+            runs: profile.clone(),
             initial: true,
             what: "start".into(),
         };
@@ -165,28 +165,28 @@ impl Session {
         Ok(())
     }
 
-    /// Applies a new profile stage by stage; a stage that fails keeps its old settings. The
-    /// stages get the profile resolved ([`geometry::running`]): with an auto stream size, an
-    /// output size change prepares the stream again at the output's new aspect ratio.
+    /// Applies a new profile stage by stage; a stage that fails keeps its old settings, and
+    /// the session's profile takes that stage's parts back from what runs (raw table included,
+    /// so the next edit does not revive them). The stages get the profile resolved
+    /// ([`geometry::running`]): with an auto stream size, an output size change prepares the
+    /// stream again at the output's new aspect ratio. The capture stage gets a new stream size
+    /// only once the transform took it: the transform owns the stream size.
     fn apply(&mut self, mut next: LoadedProfile, what: &str) {
-        let old = self.current.profile.clone();
+        let old = self.current.clone();
         let old_run = self.running.clone();
         let old_size = self.stream_size.clone();
-        let new = &mut next.profile;
         let mut failed = Vec::new();
         let (mut loading, mut deferred) = (false, false);
-        if new.source != old.source {
-            if let Err(e) = self.relay.set_source(new.source.clone()) {
+        if next.profile.source != old.profile.source {
+            if let Err(e) = self.relay.set_source(next.profile.source.clone()) {
                 failed.push(format!("source kept: {e:#}"));
-                new.source = old.source.clone();
+                next = next.with_parts_of(&old, &["source"]);
             }
         }
-        let rebuild = new.transform != old.transform || new.model != old.model;
+        let new = &next.profile;
+        let rebuild = new.transform != old.profile.transform || new.model != old.profile.model;
         let (new_run, size) = geometry::running(new);
         self.set_running(new_run.clone(), size);
-        if let Err(e) = self.sync_preprocess(rebuild || self.pending.is_some()) {
-            failed.push(format!("pre-processing kept: {e:#}"));
-        }
         if rebuild {
             // Built in the background; a newer change supersedes one still loading.
             tracing::info!(
@@ -200,14 +200,14 @@ impl Session {
             if let Some(p) = self.pending.as_ref().filter(|p| !p.initial) {
                 tracing::info!("{}: superseded by {what}", p.what);
             }
-            let (old_transform, old_model) = match self.pending.take() {
-                Some(p) if !p.initial => (p.old_transform, p.old_model),
-                _ => (old.transform, old.model.clone()),
+            // What the running transform runs: the profile before the first of the builds.
+            let runs = match self.pending.take() {
+                Some(p) if !p.initial => p.runs,
+                _ => old.clone(),
             };
             self.pending = Some(PendingBuild {
                 rx: spawn_build(&self.build, &new_run),
-                old_transform,
-                old_model,
+                runs,
                 initial,
                 what: what.to_string(),
             });
@@ -219,50 +219,50 @@ impl Session {
             || new_run.negative_prompt != old_run.negative_prompt
             || new_run.stream != old_run.stream
         {
-            if let Err(e) = self.relay.apply_transform(&new_run) {
+            if let Err(e) = self.apply_settings(&new_run) {
                 failed.push(format!("transform settings kept: {e:#}"));
-                new.prompt = old.prompt.clone();
-                new.negative_prompt = old.negative_prompt.clone();
-                new.stream = old.stream.clone();
+                let mut parts = vec!["prompt", "negative_prompt", "stream"];
                 if new_run.stream.width != old_run.stream.width
                     || new_run.stream.height != old_run.stream.height
                 {
                     // The new size may have come from the output's (auto stream size): the
                     // output stays with the stream it was sized for.
-                    new.output = old.output.clone();
+                    parts.push("output");
                 }
+                next = next.with_parts_of(&old, &parts);
             }
         }
-        let run_now = geometry::running(new).0;
+        let run_now = geometry::running(&next.profile).0;
         if run_now.output != old_run.output {
-            if every_frame(new) != every_frame(&old) {
+            if every_frame(&next.profile) != every_frame(&old.profile) {
                 tracing::warn!("output.pacing changes take effect when sdcam is restarted");
             }
             if let Err(e) = self.relay.set_output(run_now.output.clone()) {
                 failed.push(format!("output kept: {e:#}"));
-                new.output = old.output.clone();
+                next = next.with_parts_of(&old, &["output"]);
             }
         }
         // A stage that kept its settings may leave the stream sized for settings that did not
         // apply (an output that failed to open): bring the others back in line.
-        let (final_run, size) = geometry::running(new);
+        let (final_run, size) = geometry::running(&next.profile);
         if final_run != self.running {
             let stream_changed = final_run.stream != self.running.stream;
             self.set_running(final_run, size);
-            if let Err(e) = self.sync_preprocess(self.pending.is_some()) {
-                failed.push(format!("pre-processing kept: {e:#}"));
-            }
             if stream_changed && self.pending.is_none() {
-                if let Err(e) = self.relay.apply_transform(&self.running) {
+                if let Err(e) = self.apply_settings(&self.running) {
                     failed.push(format!("transform settings kept: {e:#}"));
                 }
             }
         }
-        if new.prompts != old.prompts {
+        // Last: the capture stage follows the size the transform took.
+        if let Err(e) = self.sync_preprocess(self.pending.is_some()) {
+            failed.push(format!("pre-processing kept: {e:#}"));
+        }
+        if next.profile.prompts != old.profile.prompts {
             self.playlist_pos = 0;
         }
-        if let Some(w) = geometry::unused_output_fit(new, &self.stream_size) {
-            if geometry::unused_output_fit(&old, &old_size).is_none() {
+        if let Some(w) = geometry::unused_output_fit(&next.profile, &self.stream_size) {
+            if geometry::unused_output_fit(&old.profile, &old_size).is_none() {
                 tracing::warn!("{w}");
             }
         }
@@ -274,16 +274,20 @@ impl Session {
         } else if failed.is_empty() {
             tracing::info!("{what}: applied");
         }
-        if !failed.is_empty() {
-            for f in &failed {
-                tracing::error!("{what}: {f}");
-            }
+        for f in &failed {
+            tracing::error!("{what}: {f}");
         }
         self.current = next;
     }
 
-    /// A background build finished: install it (with the latest settings) or restore the
-    /// profile's transform/model keys.
+    /// The one place the running transform gets new settings (prompt, stream keys, size); on
+    /// error it keeps running with its previous ones.
+    fn apply_settings(&self, run: &Profile) -> Result<()> {
+        self.relay.apply_transform(run)
+    }
+
+    /// A background build finished: install it (with the latest settings), or keep the
+    /// running transform and give it the settings that changed while the other one loaded.
     ///
     /// # Errors
     /// Only a failed initial build (nothing runs to fall back on: the run ends).
@@ -315,16 +319,22 @@ impl Session {
                     "{}: transform kept (the new one failed to build): {e:#}",
                     p.what
                 );
-                self.current.profile.transform = p.old_transform;
-                self.current.profile.model = p.old_model;
-                let (run, size) = geometry::running(&self.current.profile);
-                self.set_running(run, size);
-                // The running transform gets what changed while the other one loaded.
-                if let Err(e) = self.relay.apply_transform(&self.running) {
-                    tracing::error!("transform settings kept: {e:#}");
-                }
-                if let Err(e) = self.sync_preprocess(false) {
-                    tracing::error!("pre-processing kept: {e:#}");
+                // What runs: the old transform with the settings it had, everything else as
+                // the session has it. What is wanted: the latest profile with the old
+                // transform and model. Applying one onto the other gives the running
+                // transform what changed while the other one loaded, or keeps (and puts
+                // back) what it refuses.
+                let wanted = self.current.with_parts_of(&p.runs, &["transform", "model"]);
+                self.current = self.current.with_parts_of(&p.runs, TRANSFORM_PARTS);
+                self.running = geometry::running(&self.current.profile).0;
+                if wanted.profile != self.current.profile {
+                    self.apply(wanted, &format!("settings changed while {} loaded", p.what));
+                } else {
+                    let (run, size) = geometry::running(&self.current.profile);
+                    self.set_running(run, size);
+                    if let Err(e) = self.sync_preprocess(false) {
+                        tracing::error!("pre-processing kept: {e:#}");
+                    }
                 }
                 Ok(())
             }
@@ -606,7 +616,10 @@ mod tests {
         let log: Arc<Mutex<ProbeLog>> = Arc::default();
         let mut s = session(&log);
         set(&mut s, "model.id", "/bad");
-        assert!(settle(&mut s).is_ok(), "a failed rebuild keeps the run going");
+        assert!(
+            settle(&mut s).is_ok(),
+            "a failed rebuild keeps the run going"
+        );
         assert!(!s.get("model.id").unwrap().contains("/bad"));
         send(&mut s, Command::Prompt("a fox".into()));
         assert!(s.pending_build().is_none(), "the prompt started a build");
@@ -627,7 +640,10 @@ mod tests {
         settle(&mut s).unwrap();
         assert_eq!(applied(&log), ("a fox".into(), 96));
         assert_eq!(s.pre.width, 96, "capture follows the transform");
-        assert!(s.get("stream.width").unwrap().starts_with("stream.width = 96"));
+        assert!(s
+            .get("stream.width")
+            .unwrap()
+            .starts_with("stream.width = 96"));
         stop(s);
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: [`source`] → [`relay`] (input queue, [`transform`], output pacing) → [`sink`].
 //! [`convert`] holds pixel-format conversion and resizing, [`profile`] the TOML settings, and
-//! [`control`] the live control channel (stdin commands and signals).
+//! [`control`] the live control channel (stdin commands and signals) and the [`control::session`]
+//! that applies it, [`cli`] the commands, and [`term`] the one writer of stderr.
 
 pub mod alloc;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod profile;
 pub mod relay;
 pub mod sink;
 pub mod source;
+pub mod term;
 pub mod transform;
 
 /// The crate's error type: `anyhow` with context chains.

@@ -1,5 +1,6 @@
 //! The `sdcam` command line: the clap definitions and one dispatcher; each command lives in a
-//! module of its own (`run`, `bench`, `bench_unet`, `bench_relay`, `dev`), and `main.rs` only
+//! module of its own (`run`, `bench`, `bench_unet`, `bench_relay`, `dev`; the logging set-up is
+//! in [`crate::term`]), and `main.rs` only
 //! parses and calls [`main`].
 
 pub mod bench;
@@ -7,7 +8,6 @@ pub mod bench_relay;
 pub mod bench_unet;
 pub mod dev;
 pub mod run;
-pub mod term;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -153,7 +153,7 @@ pub fn main(cli: Cli) -> ExitCode {
         },
         Some(_) => None,
     };
-    term::init_logging();
+    crate::term::init_logging();
     match dispatch(cli, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -119,7 +119,10 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     }
     drop(events_tx);
 
-    let tty = std::io::stderr().is_terminal();
+    // The status line shows only on a terminal, drawn with the logs by the one stderr writer.
+    let status_line = (std::io::stderr().is_terminal()
+        && matches!(opts.status, StatusMode::Auto { .. }))
+    .then(crate::term::StatusLine::start);
     let ticker = tick(Duration::from_secs(1));
     let mut session = Session::new(relay, lp, session::default_builder());
     let mut failure = None;
@@ -151,8 +154,8 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
             recv(ticker) -> _ => {
                 if let StatusMode::Auto { interval } = opts.status {
                     let now = session.relay().stats().snapshot();
-                    if tty {
-                        eprint!("\r\x1b[2K{}", now.status_line(Some(&prev)));
+                    if let Some(line) = &status_line {
+                        line.set(now.status_line(Some(&prev)));
                         prev = now;
                     } else if last_log.elapsed() >= interval {
                         tracing::info!("status: {}", now.status_line(Some(&prev)));
@@ -163,9 +166,8 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
             },
         }
     }
-    if tty && matches!(opts.status, StatusMode::Auto { .. }) {
-        eprintln!();
-    }
+    // The last status stays on screen; the logs that follow go below it.
+    drop(status_line);
     tracing::info!("stopping: draining queues");
     let relay = session.into_relay();
     relay.request_stop();

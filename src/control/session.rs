@@ -428,7 +428,7 @@ impl Session {
             .map(|n| self.apply(n, &format!("negative prompt {p:?}"))),
             Command::Set { key, value } => edit(self.current.with_set(&key, &value))
                 .map(|n| self.apply(n, &format!("set {key}"))),
-            Command::Get(key) => self.get(&key).map(|v| eprintln!("{v}")),
+            Command::Get(key) => self.get(&key).map(|v| crate::term::eprintln(&v)),
             Command::Profile(path) => self
                 .current
                 .reload(Some(&path))
@@ -455,11 +455,11 @@ impl Session {
                 .snapshot(path)
                 .map(|p| tracing::info!("snapshot written to {}", p.display())),
             Command::Stats => {
-                eprintln!("{}", self.relay.stats().snapshot());
+                crate::term::eprintln(&self.relay.stats().snapshot().to_string());
                 Ok(())
             }
             Command::Help => {
-                eprintln!("{}", control::HELP);
+                crate::term::eprintln(control::HELP);
                 Ok(())
             }
             Command::Quit => return false,

@@ -139,7 +139,7 @@ fn wait_idle(max_wait: Duration) -> bool {
 /// Zero `--iters` or `--batch`, or a failed U-Net build or call.
 pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
     if a.print_config {
-        return crate::cli::print_out(&a.arch.unet_config_json());
+        return crate::cli::print_out(a.arch.unet_config_json());
     }
     anyhow::ensure!(
         a.iters > 0 && a.batch > 0,

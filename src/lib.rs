@@ -2,11 +2,11 @@
 //!
 //! Data flows one way: [`source`] → [`relay`] (input queue, [`transform`], output pacing) → [`sink`].
 //! [`convert`] holds pixel-format conversion and resizing, [`profile`] the TOML settings, and
-//! [`control`] the live control channel (stdin commands and signals).
+//! [`control`] the live control channel (stdin commands and signals) and the [`control::session`]
+//! that applies it, [`cli`] the commands, and [`term`] the one writer of stderr.
 
 pub mod alloc;
-pub mod app;
-pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod convert;
@@ -17,6 +17,7 @@ pub mod profile;
 pub mod relay;
 pub mod sink;
 pub mod source;
+pub mod term;
 pub mod transform;
 pub mod y4m;
 

@@ -6,6 +6,8 @@
 //! Signals: SIGHUP reloads the profile file, SIGUSR2 advances the prompt playlist, SIGUSR1
 //! prints stats, SIGINT/SIGTERM stop gracefully (a second one exits at once).
 
+pub mod session;
+
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

@@ -654,6 +654,33 @@ impl LoadedProfile {
         })
     }
 
+    /// A copy with the top-level `parts` (`"stream"`, `"output"`, `"prompt"`, …) as `other` has
+    /// them, in the raw table and the settings alike: how a stage that kept its settings puts
+    /// them back, so a later `set` (which starts from the raw table) does not revive the
+    /// refused ones. Parts validate on their own, so the copy needs no new validation.
+    pub fn with_parts_of(&self, other: &LoadedProfile, parts: &[&str]) -> LoadedProfile {
+        let mut next = self.clone();
+        for &part in parts {
+            match other.raw.get(part) {
+                Some(v) => next.raw.insert(part.to_string(), v.clone()),
+                None => next.raw.remove(part),
+            };
+            let (p, o) = (&mut next.profile, &other.profile);
+            match part {
+                "prompt" => p.prompt.clone_from(&o.prompt),
+                "negative_prompt" => p.negative_prompt.clone_from(&o.negative_prompt),
+                "prompts" => p.prompts.clone_from(&o.prompts),
+                "transform" => p.transform = o.transform,
+                "source" => p.source.clone_from(&o.source),
+                "output" => p.output.clone_from(&o.output),
+                "model" => p.model.clone_from(&o.model),
+                "stream" => p.stream.clone_from(&o.stream),
+                other => debug_assert!(false, "with_parts_of: no part {other:?}"),
+            }
+        }
+        next
+    }
+
     /// Applies command-line overrides together and remembers them for reloads.
     pub fn with_overrides(
         &self,

@@ -2,16 +2,82 @@
 //! paper's comparisons (Stream Batch vs sequential at 1/2/4 steps, R-CFG variants) side by side
 //! in one run, as ratios.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
+use clap::Args;
 use serde::Serialize;
+
+use crate::cli::{median, parse_size, print_out};
 
 use crate::model::sd::StableDiffusion;
 use crate::pipeline::stream::{images_from_rgb, rgb_from_images};
 use crate::pipeline::{Noise, StreamDiffusion, StreamParams};
 use crate::profile::{CfgType, Profile, StreamMode};
+
+/// The flags of `sdcam bench`.
+#[derive(Args, Debug)]
+pub struct PipelineBenchArgs {
+    /// Profile whose model and stream settings are measured (default: built-in defaults).
+    #[arg(short, long)]
+    profile: Option<PathBuf>,
+    /// Any profile key, e.g. `--set stream.t_index_list=[32,45]` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Stream size WxH (overrides stream.width/height).
+    #[arg(long)]
+    size: Option<String>,
+    /// Timed frames per configuration.
+    #[arg(long, default_value_t = 3)]
+    frames: usize,
+    /// Untimed frames before timing each configuration.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Only the profile's configuration, without the comparison suite.
+    #[arg(long)]
+    no_compare: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `sdcam bench`: loads the profile's model and prints the report (a table, or JSON).
+///
+/// # Errors
+/// A bad profile, size or `--set`, a model that does not load, or a failed pipeline call.
+pub fn run_command(b: &PipelineBenchArgs) -> Result<()> {
+    let mut sets = b.sets.clone();
+    if let Some(size) = &b.size {
+        let (w, h) = parse_size(size)?;
+        sets.push(format!("stream.width={w}"));
+        sets.push(format!("stream.height={h}"));
+    }
+    let lp = crate::cli::run::load_profile(&crate::cli::run::RunArgs {
+        profile: b.profile.clone(),
+        sets,
+        ..Default::default()
+    })?;
+    let p = &lp.profile;
+    let model = Arc::new(crate::transform::diffusion::load_model(
+        &crate::config::model_options(&p.model),
+    )?);
+    let report = run(
+        model,
+        p,
+        &BenchOptions {
+            frames: b.frames.max(1),
+            warmup: b.warmup,
+            compare: !b.no_compare,
+        },
+    )?;
+    if b.json {
+        print_out(&serde_json::to_string_pretty(&report)?)
+    } else {
+        print_out(report.table().trim_end())
+    }
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -59,19 +125,6 @@ pub struct BenchReport {
     pub threads: usize,
     pub frames: usize,
     pub rows: Vec<BenchRow>,
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn cfg_name(c: CfgType) -> &'static str {

@@ -8,13 +8,16 @@
 
 use std::time::{Duration, Instant};
 
+use crate::model::arch::{random_var_builder, Arch, RandomWeights};
+use crate::model::unet::UNet2DConditionModel;
 use anyhow::Context;
 use candle_core::{DType, Device, Shape, Tensor};
 use clap::Args;
-use sdcam::model::arch::{random_var_builder, Arch, RandomWeights};
-use sdcam::model::unet::UNet2DConditionModel;
 use serde::Serialize;
 
+use crate::cli::median;
+
+/// The flags of `sdcam bench-unet`.
 #[derive(Args, Debug)]
 pub struct BenchUnetArgs {
     /// Architecture: `sd-turbo` or `sd15`.
@@ -130,10 +133,13 @@ fn wait_idle(max_wait: Duration) -> bool {
     }
 }
 
+/// Times the U-Net as the flags say and prints one row per latent size and mode.
+///
+/// # Errors
+/// Zero `--iters` or `--batch`, or a failed U-Net build or call.
 pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
     if a.print_config {
-        println!("{}", a.arch.unet_config_json());
-        return Ok(());
+        return crate::cli::print_out(a.arch.unet_config_json());
     }
     anyhow::ensure!(
         a.iters > 0 && a.batch > 0,
@@ -146,8 +152,8 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
     let unet = UNet2DConditionModel::new(vb, &cfg).context("building the U-Net")?;
     let build_s = t0.elapsed().as_secs_f64();
     let cross = match cfg.cross_attention_dim {
-        sdcam::model::unet::OneOrMany::One(c) => c,
-        sdcam::model::unet::OneOrMany::Many(ref v) => v[0],
+        crate::model::unet::OneOrMany::One(c) => c,
+        crate::model::unet::OneOrMany::Many(ref v) => v[0],
     };
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
@@ -194,7 +200,7 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
                 );
             }
             let mut sorted = times.clone();
-            sorted.sort_by(f64::total_cmp);
+            let median_ms = median(&mut sorted);
             let row = Row {
                 implementation: "sdcam",
                 arch: a.arch.name().to_string(),
@@ -209,7 +215,7 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
                 iters: a.iters,
                 warmup: a.warmup,
                 threads,
-                median_ms: median(&sorted),
+                median_ms,
                 min_ms: sorted[0],
                 mean_ms: times.iter().sum::<f64>() / times.len() as f64,
                 times_ms: times.iter().map(|t| (t * 10.0).round() / 10.0).collect(),
@@ -226,13 +232,4 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn median(sorted: &[f64]) -> f64 {
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
 }

@@ -9,7 +9,7 @@ pub mod app;
 pub mod bench;
 pub mod control;
 pub mod convert;
-pub mod devices;
+pub mod v4l2;
 pub mod frame;
 pub mod fuzzing;
 pub mod model;

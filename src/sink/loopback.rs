@@ -4,7 +4,7 @@
 //! leaves v4l2loopback 0.12.x in a state that breaks the next writer. STREAMON is issued after the
 //! first buffer is queued: with `exclusive_caps=1` the device only turns into a capture device for
 //! readers once a writer streams. The device lookup, the format arithmetic and the read-back check
-//! are pure functions, tested without a device; the ioctls live in [`crate::devices`].
+//! are pure functions, tested without a device; the ioctls live in [`crate::v4l2`].
 //!
 //! **One writer.** v4l2loopback itself accepts a second writer and interleaves both writers'
 //! frames. Before it sets a format, the sink takes sdcam's lock on the device node and refuses a
@@ -15,7 +15,7 @@
 //! Left undetectable with `exclusive_caps=0`: a non-sdcam writer that has opened the device but
 //! not written a frame yet (or pauses longer than the probe's window of four frame periods,
 //! 0.3–2 s), and any non-sdcam writer while the driver's `sustain_framerate` control is on; see
-//! [`crate::devices::writer`] for the driver code each signal relies on.
+//! [`crate::v4l2::writer`] for the driver code each signal relies on.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use super::{LoopbackFormat, LoopbackOptions, Sink};
-use crate::devices::{
+use crate::v4l2::{
     self, format_fps, fourcc_to_string, modprobe_hint, writer, FourCc, LoopbackState, MmapQueue,
     PixFormat, V4l2Device, V4l2Env, VideoDevice, WriterEvidence, BUF_TYPE_OUTPUT,
 };
@@ -267,7 +267,7 @@ impl LoopbackSink {
             None => {
                 let label = opts.label.as_deref().unwrap_or(DEFAULT_LABEL);
                 find_loopback(
-                    &devices::probe_all_loopback_writers(),
+                    &v4l2::probe_all_loopback_writers(),
                     label,
                     &V4l2Env::detect(),
                 )
@@ -275,7 +275,7 @@ impl LoopbackSink {
             }
         };
         let dev = V4l2Device::open(&path).map_err(|e| {
-            let hint = devices::open_hint(&e)
+            let hint = v4l2::open_hint(&e)
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default();
             anyhow::Error::new(e).context(format!("opening loopback {}{hint}", path.display()))
@@ -483,7 +483,7 @@ impl Drop for LoopbackSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::{LoopbackState, ProbeError, LOOPBACK_DRIVER};
+    use crate::v4l2::{LoopbackState, ProbeError, LOOPBACK_DRIVER};
 
     fn loopback(path: &str, card: &str, output: bool) -> VideoDevice {
         VideoDevice {

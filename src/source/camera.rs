@@ -2,7 +2,7 @@
 //! and rate, and streams frames through memory-mapped buffers.
 //!
 //! The format choice is a pure function ([`choose_capture_format`]) so the policy is unit-tested
-//! without a device. Device access goes through [`crate::devices`]; its [`MmapQueue`] is used
+//! without a device. Device access goes through [`crate::v4l2`]; its [`MmapQueue`] is used
 //! instead of `v4l::io::mmap::Stream` because that type panics in `Drop` when STREAMOFF fails with
 //! an error other than ENODEV (USB cameras can report EIO on unplug), and the relay drops and
 //! re-opens the camera every second while it is gone — teardown must never panic.
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::{CameraFormat, CameraOptions, Captured, Source, Wake};
-use crate::devices::{
+use crate::v4l2::{
     self, format_fps, fourcc_to_string, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
     PixFormat, V4l2Device, VideoDevice, BUF_TYPE_CAPTURE,
 };
@@ -342,10 +342,10 @@ impl CameraSource {
         let path = if opts.device.starts_with('/') {
             PathBuf::from(&opts.device)
         } else {
-            find_camera(&devices::probe_all_caps(), &opts.device)?
+            find_camera(&v4l2::probe_all_caps(), &opts.device)?
         };
         let dev = V4l2Device::open(&path).map_err(|e| {
-            let hint = devices::open_hint(&e)
+            let hint = v4l2::open_hint(&e)
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default();
             anyhow::Error::new(e).context(format!("opening camera {}{hint}", path.display()))
@@ -618,7 +618,7 @@ impl Source for CameraSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::{DiscreteSize, StepwiseSizes};
+    use crate::v4l2::{DiscreteSize, StepwiseSizes};
 
     fn want(width: u32, height: u32, fps: f64, format: CameraFormat) -> CameraOptions {
         CameraOptions {
@@ -790,7 +790,7 @@ mod tests {
             path: path.into(),
             driver: driver.into(),
             card: card.into(),
-            is_loopback: driver == devices::LOOPBACK_DRIVER,
+            is_loopback: driver == v4l2::LOOPBACK_DRIVER,
             can_capture: capture,
             ..VideoDevice::default()
         }
@@ -812,7 +812,7 @@ mod tests {
                 false,
             ),
             dev("/dev/video2", "vivid", "vivid", true),
-            dev("/dev/video10", devices::LOOPBACK_DRIVER, "sdcam", true),
+            dev("/dev/video10", v4l2::LOOPBACK_DRIVER, "sdcam", true),
         ];
         assert_eq!(
             find_camera(&list, "integrated").unwrap(),
@@ -837,7 +837,7 @@ mod tests {
     fn camera_lookup_with_no_cameras() {
         let denied = VideoDevice {
             path: "/dev/video0".into(),
-            error: Some(devices::ProbeError {
+            error: Some(v4l2::ProbeError {
                 errno: Some(libc::EACCES),
                 message: "Permission denied (os error 13)".into(),
             }),

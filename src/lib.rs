@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod model;
 pub mod pipeline;
 pub mod profile;
+pub mod rate;
 pub mod relay;
 pub mod sink;
 pub mod source;

@@ -24,10 +24,11 @@ use anyhow::{bail, Context as _};
 
 use super::{LoopbackFormat, LoopbackOptions, Sink};
 use crate::v4l2::{
-    self, format_fps, fourcc_to_string, modprobe_hint, writer, FourCc, LoopbackState, MmapQueue,
+    self, fourcc_to_string, modprobe_hint, writer, FourCc, LoopbackState, MmapQueue,
     PixFormat, V4l2Device, V4l2Env, VideoDevice, WriterEvidence, BUF_TYPE_OUTPUT,
 };
 use crate::frame::{Frame, PixelFormat};
+use crate::rate::format_fps;
 use crate::Result;
 
 /// Card label looked for when neither a device nor a label is given.

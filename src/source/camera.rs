@@ -14,10 +14,11 @@ use anyhow::{bail, Context as _};
 
 use super::{CameraFormat, CameraOptions, Captured, Source, Wake};
 use crate::v4l2::{
-    self, format_fps, fourcc_to_string, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
+    self, fourcc_to_string, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
     PixFormat, V4l2Device, VideoDevice, BUF_TYPE_CAPTURE,
 };
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::rate::format_fps;
 use crate::Result;
 
 /// Capture buffers requested from the driver.

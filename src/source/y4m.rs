@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use super::pattern::Pacer;
 use super::{Captured, Source};
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::rate::fps_fraction;
 use crate::Result;
 
 /// Chroma layout of a Y4M stream.
@@ -188,18 +189,6 @@ impl Y4mHeader {
         };
         format!("YUV4MPEG2 W{width} H{height} F{n}:{d} Ip A1:1 C420jpeg XYSCSS=420JPEG XCOLORRANGE={range}\n")
     }
-}
-
-/// A fraction for a frame rate: integers exactly, NTSC rates as n·1000/1001, else millis.
-pub fn fps_fraction(fps: f64) -> (u32, u32) {
-    if (fps - fps.round()).abs() < 1e-6 {
-        return (fps.round() as u32, 1);
-    }
-    let ntsc = fps * 1001.0 / 1000.0;
-    if (ntsc - ntsc.round()).abs() < 1e-3 {
-        return (ntsc.round() as u32 * 1000, 1001);
-    }
-    ((fps * 1000.0).round() as u32, 1000)
 }
 
 /// Where Y4M bytes come from.

@@ -19,6 +19,7 @@ use v4l::v4l2::vidioc;
 use v4l::v4l_sys as sys;
 
 pub mod writer;
+use crate::rate::{format_fps, fps_to_interval, interval_to_fps};
 pub use writer::WriterEvidence;
 
 /// `driver` field reported by VIDIOC_QUERYCAP for v4l2loopback devices.
@@ -72,37 +73,6 @@ pub fn parse_fourcc(s: &str) -> Option<FourCc> {
     let mut code = [b' '; 4];
     code[..bytes.len()].copy_from_slice(bytes);
     Some(code)
-}
-
-/// Frames per second for a V4L2 frame interval (`numerator/denominator` seconds).
-pub fn interval_to_fps(numerator: u32, denominator: u32) -> Option<f64> {
-    (numerator > 0 && denominator > 0).then(|| f64::from(denominator) / f64::from(numerator))
-}
-
-/// The V4L2 frame interval (numerator, denominator) for a frame rate: `1/30` for 30 fps,
-/// `1001/30000` for 29.97 fps, `1000/12500` for 12.5 fps. Non-positive rates give `1/30`.
-pub fn fps_to_interval(fps: f64) -> (u32, u32) {
-    if !fps.is_finite() || fps <= 0.0 {
-        return (1, 30);
-    }
-    let rounded = fps.round();
-    if (fps - rounded).abs() < 1e-3 && rounded >= 1.0 {
-        return (1, rounded.min(f64::from(u32::MAX)) as u32);
-    }
-    let ntsc = fps * 1.001;
-    if (ntsc - ntsc.round()).abs() < 1e-3 {
-        return (1001, (ntsc.round() * 1000.0) as u32);
-    }
-    (
-        1000,
-        (fps * 1000.0).round().clamp(1.0, f64::from(u32::MAX)) as u32,
-    )
-}
-
-/// Formats a frame rate compactly: `30`, `29.97`, `7.5`.
-pub fn format_fps(fps: f64) -> String {
-    let s = format!("{fps:.2}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Result of VIDIOC_QUERYCAP.
@@ -1335,19 +1305,6 @@ mod tests {
         assert_eq!(parse_fourcc(""), None);
         assert_eq!(parse_fourcc("TOOLONG"), None);
         assert_eq!(parse_fourcc("A B"), None);
-    }
-
-    #[test]
-    fn intervals() {
-        assert_eq!(fps_to_interval(30.0), (1, 30));
-        assert_eq!(fps_to_interval(29.97), (1001, 30000));
-        assert_eq!(fps_to_interval(12.5), (1000, 12500));
-        assert_eq!(fps_to_interval(0.0), (1, 30));
-        assert_eq!(interval_to_fps(1, 30), Some(30.0));
-        assert_eq!(interval_to_fps(0, 30), None);
-        assert_eq!(format_fps(30.0), "30");
-        assert_eq!(format_fps(30000.0 / 1001.0), "29.97");
-        assert_eq!(format_fps(7.5), "7.5");
     }
 
     #[test]

@@ -7,9 +7,9 @@
 pub mod alloc;
 pub mod app;
 pub mod bench;
+pub mod cli;
 pub mod control;
 pub mod convert;
-pub mod v4l2;
 pub mod frame;
 pub mod fuzzing;
 pub mod model;
@@ -20,6 +20,7 @@ pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod transform;
+pub mod v4l2;
 
 /// The crate's error type: `anyhow` with context chains.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

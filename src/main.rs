@@ -291,7 +291,7 @@ fn print_out(text: &str) -> anyhow::Result<()> {
 
 fn real_main(cli: Cli, control: Option<Control>) -> anyhow::Result<()> {
     match cli.command {
-        Some(Cmd::Devices) => print_out(sdcam::v4l2::report().trim_end()),
+        Some(Cmd::Devices) => print_out(sdcam::cli::devices::report().trim_end()),
         Some(Cmd::CheckProfile { files }) => {
             let mut bad = 0;
             for f in &files {

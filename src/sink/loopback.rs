@@ -23,12 +23,12 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use super::{LoopbackFormat, LoopbackOptions, Sink};
-use crate::v4l2::{
-    self, fourcc_to_string, modprobe_hint, writer, FourCc, LoopbackState, MmapQueue,
-    PixFormat, V4l2Device, V4l2Env, VideoDevice, WriterEvidence, BUF_TYPE_OUTPUT,
-};
 use crate::frame::{Frame, PixelFormat};
 use crate::rate::format_fps;
+use crate::v4l2::{
+    self, fourcc_to_string, modprobe_hint, writer, BufType, FourCc, LoopbackState, MmapQueue,
+    PixFormat, V4l2Device, V4l2Env, VideoDevice, WriterEvidence,
+};
 use crate::Result;
 
 /// Card label looked for when neither a device nor a label is given.
@@ -250,8 +250,6 @@ pub struct LoopbackSink {
     card: String,
     layout: OutputLayout,
     fps: f64,
-    /// Buffers not queued to the driver (all of them at first).
-    free: Vec<usize>,
     frames: u64,
 }
 
@@ -298,7 +296,7 @@ impl LoopbackSink {
         request.sizeimage = layout.sizeimage;
         request.colorspace = v4l::v4l_sys::v4l2_colorspace_V4L2_COLORSPACE_SMPTE170M;
         request.quantization = v4l::v4l_sys::v4l2_quantization_V4L2_QUANTIZATION_LIM_RANGE;
-        if let Err(e) = dev.set_format(BUF_TYPE_OUTPUT, &request) {
+        if let Err(e) = dev.set_format(BufType::VideoOutput, &request) {
             let busy = e.raw_os_error() == Some(libc::EBUSY);
             let what = format!(
                 "{}: setting output format {} {}x{}",
@@ -317,11 +315,11 @@ impl LoopbackSink {
             }));
         }
         let got = dev
-            .get_format(BUF_TYPE_OUTPUT)
+            .get_format(BufType::VideoOutput)
             .with_context(|| format!("{}: reading back the output format", path.display()))?;
         check_readback(&layout, &got).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
 
-        match dev.set_frame_rate(BUF_TYPE_OUTPUT, opts.fps) {
+        match dev.set_frame_rate(BufType::VideoOutput, opts.fps) {
             Ok(_) => {}
             Err(e) => tracing::warn!(
                 "loopback {}: cannot set the output rate to {} fps: {e}",
@@ -330,7 +328,7 @@ impl LoopbackSink {
             ),
         }
 
-        let queue = MmapQueue::new(dev, BUF_TYPE_OUTPUT, OUTPUT_BUFFERS).map_err(|e| {
+        let queue = MmapQueue::new(dev, BufType::VideoOutput, OUTPUT_BUFFERS).map_err(|e| {
             let busy = e
                 .root_cause()
                 .downcast_ref::<std::io::Error>()
@@ -346,7 +344,7 @@ impl LoopbackSink {
             }
         })?;
         for index in 0..queue.len() {
-            let len = queue.buffer(index).len();
+            let len = queue.buffer_len(index).unwrap_or(0);
             if len < layout.sizeimage as usize {
                 bail!(
                     "{}: output buffer {index} has {len} bytes, a frame needs {}",
@@ -355,14 +353,12 @@ impl LoopbackSink {
                 );
             }
         }
-        let free = (0..queue.len()).rev().collect();
         let sink = LoopbackSink {
             queue: Some(queue),
             path,
             card: caps.card,
             layout,
             fps: opts.fps,
-            free,
             frames: 0,
         };
         tracing::info!("{}", sink.describe());
@@ -425,24 +421,14 @@ impl Sink for LoopbackSink {
         let Some(queue) = self.queue.as_mut() else {
             bail!("loopback {} is closed", path.display());
         };
-        let index = match self.free.pop() {
-            Some(index) => index,
-            None => {
-                queue
-                    .dequeue(WRITE_TIMEOUT)
-                    .with_context(|| {
-                        format!("loopback {}: waiting for a free buffer", path.display())
-                    })?
-                    .index
-            }
-        };
-        queue.buffer_mut(index)[..len].copy_from_slice(&frame.data[..len]);
-        if let Err(e) = queue.queue(index, len) {
-            self.free.push(index);
-            return Err(
-                anyhow::Error::new(e).context(format!("loopback {}: VIDIOC_QBUF", path.display()))
-            );
-        }
+        // An idle buffer, or the next one the driver is done with; a buffer not queued below
+        // goes back to the queue when `buf` is dropped.
+        let mut buf = queue
+            .dequeue(WRITE_TIMEOUT)
+            .with_context(|| format!("loopback {}: waiting for a free buffer", path.display()))?;
+        buf.data_mut()[..len].copy_from_slice(&frame.data[..len]);
+        buf.queue(len)
+            .with_context(|| format!("loopback {}: VIDIOC_QBUF", path.display()))?;
         if !queue.is_streaming() {
             queue
                 .stream_on()

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::{CameraFormat, CameraOptions, Captured, Source, Wake};
-use crate::v4l2::{
-    self, fourcc_to_string, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
-    PixFormat, V4l2Device, VideoDevice, BUF_TYPE_CAPTURE,
-};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::rate::format_fps;
+use crate::v4l2::{
+    self, fourcc_to_string, BufType, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
+    PixFormat, V4l2Device, VideoDevice,
+};
 use crate::Result;
 
 /// Capture buffers requested from the driver.
@@ -321,6 +321,37 @@ pub fn unpad_frame(
     Ok(out)
 }
 
+/// The frame bytes of a filled capture buffer (`buf`: the whole mapping, of which the driver
+/// says `bytesused` are used; 0: all). `None`: skip this buffer (an MJPEG frame that is empty or
+/// does not start like a JPEG: some cameras deliver such while settling).
+fn extract(
+    buf: &[u8],
+    bytesused: usize,
+    format: PixelFormat,
+    (width, height): (u32, u32),
+    bytesperline: u32,
+) -> Option<Result<Vec<u8>>> {
+    if format == PixelFormat::Mjpeg {
+        let used = bytesused.min(buf.len());
+        if used < 4 || buf[0] != 0xFF || buf[1] != 0xD8 {
+            return None;
+        }
+        return Some(Ok(buf[..used].to_vec()));
+    }
+    let used = if bytesused == 0 {
+        buf.len()
+    } else {
+        bytesused.min(buf.len())
+    };
+    Some(unpad_frame(
+        &buf[..used],
+        format,
+        width,
+        height,
+        bytesperline,
+    ))
+}
+
 /// A V4L2 camera streaming through mmap buffers.
 pub struct CameraSource {
     queue: MmapQueue,
@@ -361,7 +392,10 @@ impl CameraSource {
                 caps.card,
                 caps.driver,
                 caps.effective(),
-                if caps.effective() & v4l::v4l_sys::V4L2_CAP_VIDEO_CAPTURE_MPLANE != 0 {
+                if caps
+                    .flags()
+                    .contains(v4l::capability::Flags::VIDEO_CAPTURE_MPLANE)
+                {
                     "; multi-planar capture is not supported"
                 } else {
                     ""
@@ -377,7 +411,7 @@ impl CameraSource {
         }
 
         let offered = dev
-            .enum_formats(BUF_TYPE_CAPTURE)
+            .enum_formats(BufType::VideoCapture)
             .with_context(|| format!("{}: enumerating formats", path.display()))?;
         let choice = choose_capture_format(&offered, opts).ok_or_else(|| {
             let names: Vec<String> = offered.iter().map(|f| fourcc_to_string(f.fourcc)).collect();
@@ -406,7 +440,7 @@ impl CameraSource {
 
         let got = dev
             .set_format(
-                BUF_TYPE_CAPTURE,
+                BufType::VideoCapture,
                 &PixFormat::new(choice.width, choice.height, choice.fourcc),
             )
             .with_context(|| {
@@ -448,7 +482,7 @@ impl CameraSource {
         let target = choice.fps.unwrap_or(opts.fps);
         let mut fps = None;
         if target > 0.0 {
-            match dev.set_frame_rate(BUF_TYPE_CAPTURE, target) {
+            match dev.set_frame_rate(BufType::VideoCapture, target) {
                 Ok(rate) => fps = rate,
                 Err(e) => tracing::warn!(
                     "camera {}: cannot set {} fps: {e}",
@@ -457,17 +491,13 @@ impl CameraSource {
                 ),
             }
         }
-        if let Ok(Some(rate)) = dev.frame_rate(BUF_TYPE_CAPTURE) {
+        if let Ok(Some(rate)) = dev.frame_rate(BufType::VideoCapture) {
             fps = Some(rate);
         }
         let fps = fps.unwrap_or(if target > 0.0 { target } else { 30.0 });
 
-        let mut queue = MmapQueue::new(dev, BUF_TYPE_CAPTURE, CAPTURE_BUFFERS)?;
-        for index in 0..queue.len() {
-            queue
-                .queue(index, 0)
-                .with_context(|| format!("{}: queueing capture buffer {index}", path.display()))?;
-        }
+        let mut queue = MmapQueue::new(dev, BufType::VideoCapture, CAPTURE_BUFFERS)?;
+        queue.queue_idle()?;
         queue
             .stream_on()
             .with_context(|| format!("{}: VIDIOC_STREAMON", path.display()))?;
@@ -503,31 +533,6 @@ impl CameraSource {
     pub fn pixel_format(&self) -> PixelFormat {
         self.format
     }
-
-    /// Extracts the frame bytes of a dequeued buffer (`None`: skip this buffer).
-    fn extract(&self, index: usize, bytesused: usize) -> Option<Result<Vec<u8>>> {
-        let buf = self.queue.buffer(index);
-        if self.format == PixelFormat::Mjpeg {
-            let used = bytesused.min(buf.len());
-            // Some cameras deliver empty or truncated frames while settling.
-            if used < 4 || buf[0] != 0xFF || buf[1] != 0xD8 {
-                return None;
-            }
-            return Some(Ok(buf[..used].to_vec()));
-        }
-        let used = if bytesused == 0 {
-            buf.len()
-        } else {
-            bytesused.min(buf.len())
-        };
-        Some(unpad_frame(
-            &buf[..used],
-            self.format,
-            self.width,
-            self.height,
-            self.bytesperline,
-        ))
-    }
 }
 
 impl Source for CameraSource {
@@ -537,8 +542,8 @@ impl Source for CameraSource {
         let timeout = frame_timeout(self.fps);
         loop {
             // Poll in short slices so that a wake (stop, source change) is seen promptly.
-            let d = match self.queue.dequeue(POLL_SLICE) {
-                Ok(d) => d,
+            let buf = match self.queue.dequeue(POLL_SLICE) {
+                Ok(buf) => buf,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::TimedOut && started.elapsed() < timeout =>
                 {
@@ -555,22 +560,26 @@ impl Source for CameraSource {
                     )))
                 }
             };
-            let data = if d.flags & v4l::v4l_sys::V4L2_BUF_FLAG_ERROR != 0 {
+            let data = if buf.is_error() {
                 None
             } else {
-                self.extract(d.index, d.bytesused)
+                extract(
+                    buf.data(),
+                    buf.bytesused(),
+                    self.format,
+                    (self.width, self.height),
+                    self.bytesperline,
+                )
             };
+            let (sequence, bytesused) = (buf.sequence(), buf.bytesused());
             // Hand the buffer back before anything else can fail.
-            self.queue
-                .queue(d.index, 0)
+            buf.queue(0)
                 .with_context(|| format!("camera {}: re-queueing buffer", self.path.display()))?;
             let Some(data) = data else {
                 bad += 1;
                 tracing::debug!(
-                    "camera {}: skipping a bad buffer (sequence {}, {} bytes)",
+                    "camera {}: skipping a bad buffer (sequence {sequence}, {bytesused} bytes)",
                     self.path.display(),
-                    d.sequence,
-                    d.bytesused
                 );
                 if bad >= MAX_BAD_BUFFERS {
                     bail!("camera {}: {bad} bad buffers in a row", self.path.display());

@@ -590,6 +590,19 @@ mod tests {
     }
 
     #[test]
+    fn extract_skips_bad_mjpeg_and_unpads_raw() {
+        let jpeg = [0xFF, 0xD8, 1, 2, 3, 0, 0, 0];
+        let got = extract(&jpeg, 5, PixelFormat::Mjpeg, (2, 2), 0);
+        assert_eq!(got.unwrap().unwrap(), vec![0xFF, 0xD8, 1, 2, 3]);
+        assert!(extract(&jpeg, 3, PixelFormat::Mjpeg, (2, 2), 0).is_none());
+        assert!(extract(&[0u8; 8], 8, PixelFormat::Mjpeg, (2, 2), 0).is_none());
+        // bytesused 0: the whole buffer; padding dropped.
+        let padded = [0, 1, 2, 3, 99, 99, 4, 5, 6, 7, 99, 99];
+        let got = extract(&padded, 0, PixelFormat::Yuyv, (2, 2), 6);
+        assert_eq!(got.unwrap().unwrap(), (0..8).collect::<Vec<u8>>());
+    }
+
+    #[test]
     fn opening_a_missing_camera_fails_cleanly() {
         let err = CameraSource::open(&CameraOptions {
             device: "/dev/video-missing-sdcam".into(),

@@ -1,6 +1,6 @@
 //! The `sdcam devices` command: lists cameras (formats, sizes, rates) and v4l2loopback devices
 //! (card labels, free or in use), with hints for what is missing (no V4L2 in the kernel, the
-//! module not loaded, permissions). Probing is [`crate::v4l2::probe`]; this is only the text.
+//! module not loaded, permissions). Probing is [`mod@crate::v4l2::probe`]; this is only the text.
 
 use std::fmt::Write as _;
 

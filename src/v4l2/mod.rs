@@ -5,9 +5,9 @@
 //! - [`device`]: an open node ([`V4l2Device`]) and the ioctls sdcam issues on it;
 //! - [`queue`]: memory-mapped streaming buffers ([`MmapQueue`]) and the guard for a dequeued
 //!   buffer ([`Buffer`]) that hands it back on drop;
-//! - [`format`]: what a device offers and what is set on it, as plain data;
+//! - [`mod@format`]: what a device offers and what is set on it, as plain data;
 //! - [`fourcc`]: four-character codes;
-//! - [`probe`]: which nodes exist and what they are;
+//! - [`mod@probe`]: which nodes exist and what they are;
 //! - [`writer`]: whether another program writes to a v4l2loopback device.
 //!
 //! The `v4l` crate (0.14) provides the kernel structs, the ioctl call, the buffer-type enum and

@@ -10,15 +10,16 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod convert;
-pub mod devices;
 pub mod frame;
 pub mod fuzzing;
 pub mod profile;
+pub mod rate;
 pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod term;
 pub mod transform;
+pub mod v4l2;
 pub mod y4m;
 
 pub use sdcam_core::{model, pipeline};

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod bench_relay;
 pub mod bench_unet;
 pub mod dev;
+pub mod devices;
 pub mod run;
 
 use std::path::PathBuf;
@@ -124,7 +125,7 @@ fn keys() -> anyhow::Result<()> {
 
 fn dispatch(cli: Cli, control: Option<Control>) -> anyhow::Result<()> {
     match cli.command {
-        Some(Cmd::Devices) => print_out(crate::devices::report().trim_end()),
+        Some(Cmd::Devices) => print_out(devices::report().trim_end()),
         Some(Cmd::CheckProfile { files }) => check_profiles(&files),
         Some(Cmd::Keys) => keys(),
         Some(Cmd::BenchRelay(b)) => bench_relay::run(&b),

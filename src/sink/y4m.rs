@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use super::Sink;
 use crate::frame::{ColorRange, Frame, PixelFormat};
-use crate::source::y4m::fps_fraction;
+use crate::rate::fps_fraction;
 use crate::y4m::Y4mHeader;
 use crate::Result;
 

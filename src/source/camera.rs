@@ -1,24 +1,28 @@
 //! V4L2 camera capture: finds the camera (by path or card name), negotiates a pixel format, size
 //! and rate, and streams frames through memory-mapped buffers.
 //!
-//! The format choice is a pure function ([`choose_capture_format`]) so the policy is unit-tested
-//! without a device. Device access goes through [`crate::devices`]; its [`MmapQueue`] is used
-//! instead of `v4l::io::mmap::Stream` because that type panics in `Drop` when STREAMOFF fails with
-//! an error other than ENODEV (USB cameras can report EIO on unplug), and the relay drops and
-//! re-opens the camera every second while it is gone — teardown must never panic.
+//! The format choice is a pure function in [`negotiate`] ([`choose_capture_format`]) so the
+//! policy is unit-tested without a device. Device access goes through [`crate::v4l2`]; its
+//! [`MmapQueue`] is used instead of `v4l::io::mmap::Stream` because that type panics in `Drop`
+//! when STREAMOFF fails with an error other than ENODEV (USB cameras can report EIO on unplug),
+//! and the relay drops and re-opens the camera every second while it is gone — teardown must
+//! never panic. Each dequeued buffer is a [`crate::v4l2::Buffer`] guard, queued again at once.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::{CameraFormat, CameraOptions, Captured, Source, Wake};
-use crate::devices::{
-    self, format_fps, fourcc_to_string, FormatInfo, FourCc, FrameRates, FrameSizes, MmapQueue,
-    PixFormat, V4l2Device, VideoDevice, BUF_TYPE_CAPTURE,
-};
+use super::{CameraOptions, Captured, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::rate::format_fps;
+use crate::v4l2::{
+    self, fourcc_to_string, BufType, FourCc, MmapQueue, PixFormat, V4l2Device, VideoDevice,
+};
 use crate::Result;
+
+pub mod negotiate;
+pub use negotiate::{choose_capture_format, pixel_format_for, Choice, OfferedFormat};
 
 /// Capture buffers requested from the driver.
 const CAPTURE_BUFFERS: u32 = 4;
@@ -38,160 +42,6 @@ fn frame_timeout(fps: f64) -> Duration {
 }
 /// Consecutive bad (error-flagged or empty) buffers tolerated before giving up.
 const MAX_BAD_BUFFERS: u32 = 30;
-
-/// A pixel format a camera offers, with its sizes and rates (what `enum_formats` returns).
-pub type OfferedFormat = FormatInfo;
-
-/// The outcome of format negotiation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Choice {
-    pub fourcc: FourCc,
-    pub width: u32,
-    pub height: u32,
-    /// The rate to request; `None` when the camera does not enumerate rates (ask for the wanted one).
-    pub fps: Option<f64>,
-    /// An explicit format was asked for but not offered; another one was chosen.
-    pub fell_back: bool,
-}
-
-/// The sdcam pixel format for a camera fourcc (YUYV, NV12, RGB3, MJPG/JPEG).
-pub fn pixel_format_for(fourcc: FourCc) -> Option<PixelFormat> {
-    match &fourcc {
-        b"YUYV" => Some(PixelFormat::Yuyv),
-        b"NV12" => Some(PixelFormat::Nv12),
-        b"RGB3" => Some(PixelFormat::Rgb24),
-        b"MJPG" | b"JPEG" => Some(PixelFormat::Mjpeg),
-        _ => None,
-    }
-}
-
-/// Preference among equally good candidates (lower is better).
-fn format_rank(fourcc: FourCc) -> u8 {
-    match &fourcc {
-        b"YUYV" => 0,
-        b"NV12" => 1,
-        b"RGB3" => 2,
-        b"MJPG" => 3,
-        _ => 4,
-    }
-}
-
-fn matches_wanted(fourcc: FourCc, want: CameraFormat) -> bool {
-    match want {
-        CameraFormat::Auto => true,
-        CameraFormat::Yuyv => &fourcc == b"YUYV",
-        CameraFormat::Nv12 => &fourcc == b"NV12",
-        CameraFormat::Rgb => &fourcc == b"RGB3",
-        CameraFormat::Mjpeg => matches!(&fourcc, b"MJPG" | b"JPEG"),
-    }
-}
-
-struct Candidate<'a> {
-    fourcc: FourCc,
-    width: u32,
-    height: u32,
-    rates: &'a FrameRates,
-    compressed: bool,
-}
-
-impl Candidate<'_> {
-    /// Sort key, smallest best:
-    /// 1. exact size: uncompressed reaching the rate, MJPEG reaching it, uncompressed, MJPEG;
-    /// 2. otherwise the closest size, sizes covering the request (both sides >= requested)
-    ///    first, then by area difference; then reaching the rate, uncompressed, format rank.
-    fn key(&self, want: &CameraOptions) -> (u8, bool, u64, bool, bool, u8) {
-        let exact = self.width == want.width && self.height == want.height;
-        let reaches = self.rates.reaches(want.fps);
-        let tier = match (exact, self.compressed, reaches) {
-            (true, false, true) => 0,
-            (true, true, true) => 1,
-            (true, false, false) => 2,
-            (true, true, false) => 3,
-            (false, ..) => 4,
-        };
-        let covers = self.width >= want.width && self.height >= want.height;
-        let area = u64::from(self.width) * u64::from(self.height);
-        let want_area = u64::from(want.width) * u64::from(want.height);
-        (
-            tier,
-            !covers,
-            area.abs_diff(want_area),
-            !reaches,
-            self.compressed,
-            format_rank(self.fourcc),
-        )
-    }
-}
-
-static UNKNOWN_RATES: FrameRates = FrameRates::Unknown;
-
-fn candidates<'a>(offered: &'a [OfferedFormat], want: &CameraOptions) -> Vec<Candidate<'a>> {
-    let mut out = Vec::new();
-    for f in offered {
-        let Some(pixel) = pixel_format_for(f.fourcc) else {
-            continue;
-        };
-        let compressed = pixel == PixelFormat::Mjpeg;
-        match &f.sizes {
-            // Sizes not enumerated: the driver will adjust whatever we ask for.
-            FrameSizes::Discrete(list) if list.is_empty() => out.push(Candidate {
-                fourcc: f.fourcc,
-                width: want.width,
-                height: want.height,
-                rates: &UNKNOWN_RATES,
-                compressed,
-            }),
-            FrameSizes::Discrete(list) => out.extend(list.iter().map(|s| Candidate {
-                fourcc: f.fourcc,
-                width: s.width,
-                height: s.height,
-                rates: &s.rates,
-                compressed,
-            })),
-            FrameSizes::Stepwise(s) => {
-                let (width, height) = s.clamp(want.width, want.height);
-                out.push(Candidate {
-                    fourcc: f.fourcc,
-                    width,
-                    height,
-                    rates: &UNKNOWN_RATES,
-                    compressed,
-                });
-            }
-        }
-    }
-    out
-}
-
-/// Chooses the capture format, size and rate among what the camera offers.
-///
-/// With [`CameraFormat::Auto`]: an uncompressed format at exactly the requested size (that
-/// reaches the requested rate), else MJPEG at that size, else the closest size in any supported
-/// format (sizes at least as large as requested preferred, then by area difference). With an
-/// explicit format: the best size in that format if the camera offers it, else the Auto choice
-/// among the others (`fell_back` set). Stepwise/continuous sizes are clamped into their range.
-/// `None` when the camera offers none of YUYV, MJPG/JPEG, NV12, RGB3.
-pub fn choose_capture_format(offered: &[OfferedFormat], want: &CameraOptions) -> Option<Choice> {
-    let all = candidates(offered, want);
-    let wanted: Vec<&Candidate> = all
-        .iter()
-        .filter(|c| matches_wanted(c.fourcc, want.format))
-        .collect();
-    let fell_back = wanted.is_empty();
-    let pool: Vec<&Candidate> = if fell_back {
-        all.iter().collect()
-    } else {
-        wanted
-    };
-    let best = pool.into_iter().min_by_key(|c| c.key(want))?;
-    Some(Choice {
-        fourcc: best.fourcc,
-        width: best.width,
-        height: best.height,
-        fps: best.rates.pick(want.fps),
-        fell_back: fell_back && want.format != CameraFormat::Auto,
-    })
-}
 
 /// Picks the camera named `name` (case-insensitive substring of the card or driver name) among
 /// probed devices; loopback devices and nodes without video capture are skipped.
@@ -287,6 +137,37 @@ pub fn unpad_frame(
     Ok(out)
 }
 
+/// The frame bytes of a filled capture buffer (`buf`: the whole mapping, of which the driver
+/// says `bytesused` are used; 0: all). `None`: skip this buffer (an MJPEG frame that is empty or
+/// does not start like a JPEG: some cameras deliver such while settling).
+fn extract(
+    buf: &[u8],
+    bytesused: usize,
+    format: PixelFormat,
+    (width, height): (u32, u32),
+    bytesperline: u32,
+) -> Option<Result<Vec<u8>>> {
+    if format == PixelFormat::Mjpeg {
+        let used = bytesused.min(buf.len());
+        if used < 4 || buf[0] != 0xFF || buf[1] != 0xD8 {
+            return None;
+        }
+        return Some(Ok(buf[..used].to_vec()));
+    }
+    let used = if bytesused == 0 {
+        buf.len()
+    } else {
+        bytesused.min(buf.len())
+    };
+    Some(unpad_frame(
+        &buf[..used],
+        format,
+        width,
+        height,
+        bytesperline,
+    ))
+}
+
 /// A V4L2 camera streaming through mmap buffers.
 pub struct CameraSource {
     queue: MmapQueue,
@@ -309,10 +190,10 @@ impl CameraSource {
         let path = if opts.device.starts_with('/') {
             PathBuf::from(&opts.device)
         } else {
-            find_camera(&devices::probe_all_caps(), &opts.device)?
+            find_camera(&v4l2::probe_all_caps(), &opts.device)?
         };
         let dev = V4l2Device::open(&path).map_err(|e| {
-            let hint = devices::open_hint(&e)
+            let hint = v4l2::open_hint(&e)
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default();
             anyhow::Error::new(e).context(format!("opening camera {}{hint}", path.display()))
@@ -327,7 +208,10 @@ impl CameraSource {
                 caps.card,
                 caps.driver,
                 caps.effective(),
-                if caps.effective() & v4l::v4l_sys::V4L2_CAP_VIDEO_CAPTURE_MPLANE != 0 {
+                if caps
+                    .flags()
+                    .contains(v4l::capability::Flags::VIDEO_CAPTURE_MPLANE)
+                {
                     "; multi-planar capture is not supported"
                 } else {
                     ""
@@ -343,7 +227,7 @@ impl CameraSource {
         }
 
         let offered = dev
-            .enum_formats(BUF_TYPE_CAPTURE)
+            .enum_formats(BufType::VideoCapture)
             .with_context(|| format!("{}: enumerating formats", path.display()))?;
         let choice = choose_capture_format(&offered, opts).ok_or_else(|| {
             let names: Vec<String> = offered.iter().map(|f| fourcc_to_string(f.fourcc)).collect();
@@ -372,7 +256,7 @@ impl CameraSource {
 
         let got = dev
             .set_format(
-                BUF_TYPE_CAPTURE,
+                BufType::VideoCapture,
                 &PixFormat::new(choice.width, choice.height, choice.fourcc),
             )
             .with_context(|| {
@@ -414,7 +298,7 @@ impl CameraSource {
         let target = choice.fps.unwrap_or(opts.fps);
         let mut fps = None;
         if target > 0.0 {
-            match dev.set_frame_rate(BUF_TYPE_CAPTURE, target) {
+            match dev.set_frame_rate(BufType::VideoCapture, target) {
                 Ok(rate) => fps = rate,
                 Err(e) => tracing::warn!(
                     "camera {}: cannot set {} fps: {e}",
@@ -423,17 +307,13 @@ impl CameraSource {
                 ),
             }
         }
-        if let Ok(Some(rate)) = dev.frame_rate(BUF_TYPE_CAPTURE) {
+        if let Ok(Some(rate)) = dev.frame_rate(BufType::VideoCapture) {
             fps = Some(rate);
         }
         let fps = fps.unwrap_or(if target > 0.0 { target } else { 30.0 });
 
-        let mut queue = MmapQueue::new(dev, BUF_TYPE_CAPTURE, CAPTURE_BUFFERS)?;
-        for index in 0..queue.len() {
-            queue
-                .queue(index, 0)
-                .with_context(|| format!("{}: queueing capture buffer {index}", path.display()))?;
-        }
+        let mut queue = MmapQueue::new(dev, BufType::VideoCapture, CAPTURE_BUFFERS)?;
+        queue.queue_idle()?;
         queue
             .stream_on()
             .with_context(|| format!("{}: VIDIOC_STREAMON", path.display()))?;
@@ -469,31 +349,6 @@ impl CameraSource {
     pub fn pixel_format(&self) -> PixelFormat {
         self.format
     }
-
-    /// Extracts the frame bytes of a dequeued buffer (`None`: skip this buffer).
-    fn extract(&self, index: usize, bytesused: usize) -> Option<Result<Vec<u8>>> {
-        let buf = self.queue.buffer(index);
-        if self.format == PixelFormat::Mjpeg {
-            let used = bytesused.min(buf.len());
-            // Some cameras deliver empty or truncated frames while settling.
-            if used < 4 || buf[0] != 0xFF || buf[1] != 0xD8 {
-                return None;
-            }
-            return Some(Ok(buf[..used].to_vec()));
-        }
-        let used = if bytesused == 0 {
-            buf.len()
-        } else {
-            bytesused.min(buf.len())
-        };
-        Some(unpad_frame(
-            &buf[..used],
-            self.format,
-            self.width,
-            self.height,
-            self.bytesperline,
-        ))
-    }
 }
 
 impl Source for CameraSource {
@@ -503,8 +358,8 @@ impl Source for CameraSource {
         let timeout = frame_timeout(self.fps);
         loop {
             // Poll in short slices so that a wake (stop, source change) is seen promptly.
-            let d = match self.queue.dequeue(POLL_SLICE) {
-                Ok(d) => d,
+            let buf = match self.queue.dequeue(POLL_SLICE) {
+                Ok(buf) => buf,
                 Err(e)
                     if e.kind() == std::io::ErrorKind::TimedOut && started.elapsed() < timeout =>
                 {
@@ -521,22 +376,26 @@ impl Source for CameraSource {
                     )))
                 }
             };
-            let data = if d.flags & v4l::v4l_sys::V4L2_BUF_FLAG_ERROR != 0 {
+            let data = if buf.is_error() {
                 None
             } else {
-                self.extract(d.index, d.bytesused)
+                extract(
+                    buf.data(),
+                    buf.bytesused(),
+                    self.format,
+                    (self.width, self.height),
+                    self.bytesperline,
+                )
             };
+            let (sequence, bytesused) = (buf.sequence(), buf.bytesused());
             // Hand the buffer back before anything else can fail.
-            self.queue
-                .queue(d.index, 0)
+            buf.queue(0)
                 .with_context(|| format!("camera {}: re-queueing buffer", self.path.display()))?;
             let Some(data) = data else {
                 bad += 1;
                 tracing::debug!(
-                    "camera {}: skipping a bad buffer (sequence {}, {} bytes)",
+                    "camera {}: skipping a bad buffer (sequence {sequence}, {bytesused} bytes)",
                     self.path.display(),
-                    d.sequence,
-                    d.bytesused
                 );
                 if bad >= MAX_BAD_BUFFERS {
                     bail!("camera {}: {bad} bad buffers in a row", self.path.display());
@@ -585,179 +444,14 @@ impl Source for CameraSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::{DiscreteSize, StepwiseSizes};
-
-    fn want(width: u32, height: u32, fps: f64, format: CameraFormat) -> CameraOptions {
-        CameraOptions {
-            device: "/dev/video0".into(),
-            width,
-            height,
-            fps,
-            format,
-        }
-    }
-
-    fn webcam() -> Vec<OfferedFormat> {
-        vec![
-            FormatInfo::discrete(
-                *b"YUYV",
-                vec![
-                    DiscreteSize::new(640, 480, &[30.0, 15.0]),
-                    DiscreteSize::new(1280, 720, &[10.0, 5.0]),
-                ],
-            ),
-            FormatInfo::discrete(
-                *b"MJPG",
-                vec![
-                    DiscreteSize::new(640, 480, &[30.0]),
-                    DiscreteSize::new(1280, 720, &[30.0, 15.0]),
-                    DiscreteSize::new(1920, 1080, &[30.0]),
-                ],
-            ),
-        ]
-    }
-
-    fn pick(offered: &[OfferedFormat], w: &CameraOptions) -> (String, u32, u32, Option<f64>, bool) {
-        let c = choose_capture_format(offered, w).expect("a choice");
-        (
-            fourcc_to_string(c.fourcc),
-            c.width,
-            c.height,
-            c.fps,
-            c.fell_back,
-        )
-    }
-
-    #[test]
-    fn auto_prefers_uncompressed_at_exact_size() {
-        let c = pick(&webcam(), &want(640, 480, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("YUYV".into(), 640, 480, Some(30.0), false));
-    }
-
-    #[test]
-    fn auto_takes_mjpeg_when_uncompressed_is_too_slow() {
-        let c = pick(&webcam(), &want(1280, 720, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("MJPG".into(), 1280, 720, Some(30.0), false));
-        // At 10 fps YUYV is fast enough.
-        let c = pick(&webcam(), &want(1280, 720, 10.0, CameraFormat::Auto));
-        assert_eq!(c, ("YUYV".into(), 1280, 720, Some(10.0), false));
-    }
-
-    #[test]
-    fn auto_closest_size_prefers_larger() {
-        // 512x512: 640x480 is closer in area but too short; 1280x720 covers it.
-        let c = pick(&webcam(), &want(512, 512, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("MJPG".into(), 1280, 720, Some(30.0), false));
-        // 320x240 is smaller than everything: 640x480 YUYV reaches 30 fps.
-        let c = pick(&webcam(), &want(320, 240, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("YUYV".into(), 640, 480, Some(30.0), false));
-        // Bigger than everything: the largest (closest) size.
-        let c = pick(&webcam(), &want(3840, 2160, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("MJPG".into(), 1920, 1080, Some(30.0), false));
-    }
-
-    #[test]
-    fn mjpeg_only_camera() {
-        let offered = vec![
-            FormatInfo::discrete(*b"H264", vec![DiscreteSize::new(1280, 720, &[30.0])]),
-            FormatInfo::discrete(
-                *b"MJPG",
-                vec![
-                    DiscreteSize::new(640, 480, &[30.0]),
-                    DiscreteSize::new(1280, 720, &[30.0]),
-                ],
-            ),
-        ];
-        let c = pick(&offered, &want(640, 480, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("MJPG".into(), 640, 480, Some(30.0), false));
-        let c = pick(&offered, &want(640, 480, 30.0, CameraFormat::Yuyv));
-        assert_eq!(c, ("MJPG".into(), 640, 480, Some(30.0), true));
-    }
-
-    #[test]
-    fn jpeg_fourcc_counts_as_mjpeg() {
-        let offered = vec![FormatInfo::discrete(
-            *b"JPEG",
-            vec![DiscreteSize::new(640, 480, &[])],
-        )];
-        let c = pick(&offered, &want(640, 480, 25.0, CameraFormat::Mjpeg));
-        assert_eq!(c, ("JPEG".into(), 640, 480, None, false));
-    }
-
-    #[test]
-    fn explicit_format_is_used_when_offered() {
-        let c = pick(&webcam(), &want(1280, 720, 30.0, CameraFormat::Yuyv));
-        assert_eq!(c, ("YUYV".into(), 1280, 720, Some(10.0), false));
-        let c = pick(&webcam(), &want(1280, 720, 30.0, CameraFormat::Mjpeg));
-        assert_eq!(c, ("MJPG".into(), 1280, 720, Some(30.0), false));
-    }
-
-    #[test]
-    fn explicit_format_falls_back() {
-        let c = pick(&webcam(), &want(640, 480, 30.0, CameraFormat::Nv12));
-        assert_eq!(c, ("YUYV".into(), 640, 480, Some(30.0), true));
-        let c = pick(&webcam(), &want(1280, 720, 30.0, CameraFormat::Rgb));
-        assert_eq!(c, ("MJPG".into(), 1280, 720, Some(30.0), true));
-    }
-
-    #[test]
-    fn stepwise_sizes_are_clamped() {
-        let offered = vec![FormatInfo {
-            fourcc: *b"YUYV",
-            description: "YUYV 4:2:2".into(),
-            compressed: false,
-            sizes: FrameSizes::Stepwise(StepwiseSizes {
-                min_width: 48,
-                max_width: 1920,
-                step_width: 8,
-                min_height: 32,
-                max_height: 1080,
-                step_height: 2,
-            }),
-        }];
-        let c = pick(&offered, &want(512, 512, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("YUYV".into(), 512, 512, None, false));
-        let c = pick(&offered, &want(4096, 2160, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("YUYV".into(), 1920, 1080, None, false));
-        let c = pick(&offered, &want(641, 479, 30.0, CameraFormat::Auto));
-        assert_eq!(c, ("YUYV".into(), 640, 480, None, false));
-    }
-
-    #[test]
-    fn unsupported_only_gives_none() {
-        let offered = vec![FormatInfo::discrete(
-            *b"H264",
-            vec![DiscreteSize::new(640, 480, &[30.0])],
-        )];
-        assert!(
-            choose_capture_format(&offered, &want(640, 480, 30.0, CameraFormat::Auto)).is_none()
-        );
-        assert!(choose_capture_format(&[], &want(640, 480, 30.0, CameraFormat::Auto)).is_none());
-    }
-
-    #[test]
-    fn nv12_and_rgb_are_ranked_after_yuyv() {
-        let offered = vec![
-            FormatInfo::discrete(*b"RGB3", vec![DiscreteSize::new(640, 480, &[30.0])]),
-            FormatInfo::discrete(*b"NV12", vec![DiscreteSize::new(640, 480, &[30.0])]),
-            FormatInfo::discrete(*b"YUYV", vec![DiscreteSize::new(640, 480, &[30.0])]),
-        ];
-        assert_eq!(
-            pick(&offered, &want(640, 480, 30.0, CameraFormat::Auto)).0,
-            "YUYV"
-        );
-        assert_eq!(
-            pick(&offered[..2], &want(640, 480, 30.0, CameraFormat::Auto)).0,
-            "NV12"
-        );
-    }
+    use crate::source::CameraFormat;
 
     fn dev(path: &str, driver: &str, card: &str, capture: bool) -> VideoDevice {
         VideoDevice {
             path: path.into(),
             driver: driver.into(),
             card: card.into(),
-            is_loopback: driver == devices::LOOPBACK_DRIVER,
+            is_loopback: driver == v4l2::LOOPBACK_DRIVER,
             can_capture: capture,
             ..VideoDevice::default()
         }
@@ -779,7 +473,7 @@ mod tests {
                 false,
             ),
             dev("/dev/video2", "vivid", "vivid", true),
-            dev("/dev/video10", devices::LOOPBACK_DRIVER, "sdcam", true),
+            dev("/dev/video10", v4l2::LOOPBACK_DRIVER, "sdcam", true),
         ];
         assert_eq!(
             find_camera(&list, "integrated").unwrap(),
@@ -804,7 +498,7 @@ mod tests {
     fn camera_lookup_with_no_cameras() {
         let denied = VideoDevice {
             path: "/dev/video0".into(),
-            error: Some(devices::ProbeError {
+            error: Some(v4l2::ProbeError {
                 errno: Some(libc::EACCES),
                 message: "Permission denied (os error 13)".into(),
             }),
@@ -860,6 +554,19 @@ mod tests {
         let rgb: Vec<u8> = (0..12).collect();
         assert_eq!(unpad_frame(&rgb, PixelFormat::Rgb24, 2, 2, 6).unwrap(), rgb);
         assert!(unpad_frame(&rgb, PixelFormat::Mjpeg, 2, 2, 0).is_err());
+    }
+
+    #[test]
+    fn extract_skips_bad_mjpeg_and_unpads_raw() {
+        let jpeg = [0xFF, 0xD8, 1, 2, 3, 0, 0, 0];
+        let got = extract(&jpeg, 5, PixelFormat::Mjpeg, (2, 2), 0);
+        assert_eq!(got.unwrap().unwrap(), vec![0xFF, 0xD8, 1, 2, 3]);
+        assert!(extract(&jpeg, 3, PixelFormat::Mjpeg, (2, 2), 0).is_none());
+        assert!(extract(&[0u8; 8], 8, PixelFormat::Mjpeg, (2, 2), 0).is_none());
+        // bytesused 0: the whole buffer; padding dropped.
+        let padded = [0, 1, 2, 3, 99, 99, 4, 5, 6, 7, 99, 99];
+        let got = extract(&padded, 0, PixelFormat::Yuyv, (2, 2), 6);
+        assert_eq!(got.unwrap().unwrap(), (0..8).collect::<Vec<u8>>());
     }
 
     #[test]

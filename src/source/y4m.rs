@@ -19,18 +19,6 @@ use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::y4m::{Y4mChroma, Y4mHeader};
 use crate::Result;
 
-/// A fraction for a frame rate: integers exactly, NTSC rates as n·1000/1001, else millis.
-pub fn fps_fraction(fps: f64) -> (u32, u32) {
-    if (fps - fps.round()).abs() < 1e-6 {
-        return (fps.round() as u32, 1);
-    }
-    let ntsc = fps * 1001.0 / 1000.0;
-    if (ntsc - ntsc.round()).abs() < 1e-3 {
-        return (ntsc.round() as u32 * 1000, 1001);
-    }
-    ((fps * 1000.0).round() as u32, 1000)
-}
-
 /// Where Y4M bytes come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Y4mInput {
@@ -244,6 +232,7 @@ impl Source for Y4mSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rate::fps_fraction;
 
     #[test]
     fn high_bit_depth_streams_are_read_as_8_bit() {

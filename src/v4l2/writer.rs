@@ -37,12 +37,16 @@
 //! always arrive: reported as "cannot tell"); and on module versions after 0.13, whose `read()`
 //! would claim the capture stream, the frame probe is not run (those versions refuse a second
 //! writer's S_FMT/REQBUFS with EBUSY themselves).
+//!
+//! All of this is v4l2loopback behaviour that the `v4l` crate has no notion of: the lock is
+//! `flock(2)` on the node, and the probes are VIDIOC_G_CTRL, VIDIOC_G_PARM and a non-blocking
+//! `read(2)` through [`V4l2Device`] (see [`super::device`] for why those are hand-written).
 
 use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{Caps, LoopbackState, V4l2Device, BUF_TYPE_OUTPUT};
+use super::device::{BufType, Caps, V4l2Device};
 
 /// v4l2loopback's `sustain_framerate` control (`V4L2_CID_USER_BASE | 0xf000` + 1, 0.12.x–0.13.x).
 pub const CID_SUSTAIN_FRAMERATE: u32 = 0x0098_0900 | 0xf000 | 1;
@@ -50,6 +54,37 @@ pub const CID_SUSTAIN_FRAMERATE: u32 = 0x0098_0900 | 0xf000 | 1;
 const DRAIN_LIMIT: u32 = 16;
 /// The sysfs file holding the loaded module's version (absent on 0.12.x).
 const MODULE_VERSION_FILE: &str = "/sys/module/v4l2loopback/version";
+
+/// Whether a loopback device is being written to (see the module doc for how sdcam finds out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopbackState {
+    /// Output only (exclusive_caps=1 and no writer yet).
+    Free,
+    /// Another writer is there; how sdcam knows.
+    InUse(WriterEvidence),
+    /// Both directions advertised (exclusive_caps=0), no other sdcam and no frames arriving: no
+    /// writer seen (one that has not written yet cannot be seen).
+    NoWriterSeen,
+    /// The probes cannot tell; why.
+    Unknown(&'static str),
+}
+
+impl LoopbackState {
+    /// From a loopback node's effective capabilities alone.
+    pub fn from_caps(can_capture: bool, can_output: bool) -> Self {
+        decide(&WriterProbe {
+            can_capture,
+            can_output,
+            lock: LockProbe::Unavailable,
+            frames: FrameProbe::NotProbed,
+        })
+    }
+
+    /// Whether another writer was found.
+    pub fn in_use(&self) -> bool {
+        matches!(self, LoopbackState::InUse(_))
+    }
+}
 
 /// How sdcam knows that another writer is there (worded to follow "in use by another writer").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +140,13 @@ pub enum FrameProbe {
 /// Everything the probes found on one loopback node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterProbe {
+    /// The node offers single-planar capture now.
     pub can_capture: bool,
+    /// The node offers single-planar output now.
     pub can_output: bool,
+    /// What sdcam's lock showed.
     pub lock: LockProbe,
+    /// What reading the node showed.
     pub frames: FrameProbe,
 }
 
@@ -223,7 +262,7 @@ pub fn probe_frames(dev: &V4l2Device) -> FrameProbe {
     if sustain {
         return FrameProbe::Ambiguous;
     }
-    let window = frame_window(dev.frame_rate(BUF_TYPE_OUTPUT).ok().flatten());
+    let window = frame_window(dev.frame_rate(BufType::VideoOutput).ok().flatten());
     let start = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(20));

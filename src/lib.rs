@@ -18,6 +18,7 @@ pub mod profile;
 pub mod relay;
 pub mod sink;
 pub mod source;
+pub mod stage;
 pub mod transform;
 
 /// The crate's error type: `anyhow` with context chains.

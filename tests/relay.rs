@@ -11,6 +11,7 @@ use sdcam::profile::{OutputConfig, OutputKind, Profile, SourceConfig};
 use sdcam::relay::{Opener, PreprocessConfig, Relay, RelayStart, PLACEHOLDER_RGB};
 use sdcam::sink::Sink;
 use sdcam::source::{Captured, Source};
+use sdcam::stage::{StageInfo, StageResult};
 use sdcam::transform::Transform;
 use sdcam::Result;
 
@@ -23,7 +24,7 @@ struct Counter {
 }
 
 impl Source for Counter {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         if self.n >= self.count {
             return Ok(Captured::End);
         }
@@ -41,8 +42,12 @@ impl Source for Counter {
     fn fps(&self) -> f64 {
         self.fps
     }
-    fn is_live(&self) -> bool {
-        self.live
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: self.live,
+            reconnect_on_loss: self.live,
+            ..StageInfo::default()
+        }
     }
 }
 
@@ -78,7 +83,7 @@ struct Recorder {
 }
 
 impl Sink for Recorder {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
         assert_eq!(frame.format, PixelFormat::Rgb24);
         self.frames
             .lock()
@@ -91,6 +96,9 @@ impl Sink for Recorder {
     }
     fn describe(&self) -> String {
         "recorder".into()
+    }
+    fn info(&self) -> StageInfo {
+        StageInfo::default()
     }
 }
 
@@ -362,7 +370,7 @@ fn yuv_sink_gets_converted_frames() {
     // Post-processing converts to whatever the sink wants, at the output size.
     struct Yuyv(Arc<Mutex<Vec<Frame>>>);
     impl Sink for Yuyv {
-        fn write(&mut self, f: &Frame) -> Result<()> {
+        fn write(&mut self, f: &Frame) -> StageResult<()> {
             self.0.lock().unwrap().push(f.clone());
             Ok(())
         }
@@ -371,6 +379,9 @@ fn yuv_sink_gets_converted_frames() {
         }
         fn describe(&self) -> String {
             "yuyv".into()
+        }
+        fn info(&self) -> StageInfo {
+            StageInfo::default()
         }
     }
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -669,7 +680,7 @@ fn real_time_accounts_for_every_captured_frame() {
 fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
     struct FailingFinish;
     impl Sink for FailingFinish {
-        fn write(&mut self, _frame: &Frame) -> Result<()> {
+        fn write(&mut self, _frame: &Frame) -> StageResult<()> {
             Ok(())
         }
         fn wants(&self) -> PixelFormat {
@@ -677,6 +688,13 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
         }
         fn describe(&self) -> String {
             "full disk".into()
+        }
+        /// A file output: its final flush writes buffered frames.
+        fn info(&self) -> StageInfo {
+            StageInfo {
+                buffers_frames: true,
+                ..StageInfo::default()
+            }
         }
         fn finish(&mut self) -> Result<()> {
             anyhow::bail!("No space left on device")

@@ -28,6 +28,7 @@ use crate::devices::{
     PixFormat, V4l2Device, V4l2Env, VideoDevice, WriterEvidence, BUF_TYPE_OUTPUT,
 };
 use crate::frame::{Frame, PixelFormat};
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::Result;
 
 /// Card label looked for when neither a device nor a label is given.
@@ -393,13 +394,13 @@ impl LoopbackSink {
 }
 
 impl Sink for LoopbackSink {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
         let layout = self.layout;
         if frame.format != layout.format
             || frame.width != layout.width
             || frame.height != layout.height
         {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "loopback {} takes {} {}x{} frames, got {} {}x{}",
                 self.path.display(),
                 layout.format,
@@ -408,21 +409,23 @@ impl Sink for LoopbackSink {
                 frame.format,
                 frame.width,
                 frame.height
-            );
+            )
+            .into());
         }
         let len = layout.sizeimage as usize;
         if frame.data.len() < len {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "{} frame {}x{} has {} bytes, needs {len}",
                 frame.format,
                 frame.width,
                 frame.height,
                 frame.data.len()
-            );
+            )
+            .into());
         }
         let path = &self.path;
         let Some(queue) = self.queue.as_mut() else {
-            bail!("loopback {} is closed", path.display());
+            return Err(anyhow::anyhow!("loopback {} is closed", path.display()).into());
         };
         let index = match self.free.pop() {
             Some(index) => index,
@@ -431,16 +434,17 @@ impl Sink for LoopbackSink {
                     .dequeue(WRITE_TIMEOUT)
                     .with_context(|| {
                         format!("loopback {}: waiting for a free buffer", path.display())
-                    })?
+                    })
+                    .map_err(StageError::DeviceGone)?
                     .index
             }
         };
         queue.buffer_mut(index)[..len].copy_from_slice(&frame.data[..len]);
         if let Err(e) = queue.queue(index, len) {
             self.free.push(index);
-            return Err(
-                anyhow::Error::new(e).context(format!("loopback {}: VIDIOC_QBUF", path.display()))
-            );
+            return Err(StageError::DeviceGone(
+                anyhow::Error::new(e).context(format!("loopback {}: VIDIOC_QBUF", path.display())),
+            ));
         }
         if !queue.is_streaming() {
             queue
@@ -466,6 +470,15 @@ impl Sink for LoopbackSink {
             self.layout.height,
             format_fps(self.fps)
         )
+    }
+
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: true,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn finish(&mut self) -> Result<()> {

@@ -18,6 +18,7 @@ use crate::devices::{
     PixFormat, V4l2Device, VideoDevice, BUF_TYPE_CAPTURE,
 };
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::Result;
 
 /// Capture buffers requested from the driver.
@@ -530,7 +531,7 @@ impl CameraSource {
 }
 
 impl Source for CameraSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         let mut bad = 0;
         let started = Instant::now();
         let timeout = frame_timeout(self.fps);
@@ -547,10 +548,12 @@ impl Source for CameraSource {
                     continue;
                 }
                 Err(e) => {
-                    return Err(anyhow::Error::from(e).context(format!(
-                        "capturing from camera {} ({}): unplugged or stalled?",
-                        self.path.display(),
-                        self.card
+                    return Err(StageError::DeviceGone(anyhow::Error::from(e).context(
+                        format!(
+                            "capturing from camera {} ({}): unplugged or stalled?",
+                            self.path.display(),
+                            self.card
+                        ),
                     )))
                 }
             };
@@ -572,7 +575,10 @@ impl Source for CameraSource {
                     d.bytesused
                 );
                 if bad >= MAX_BAD_BUFFERS {
-                    bail!("camera {}: {bad} bad buffers in a row", self.path.display());
+                    return Err(StageError::DeviceGone(anyhow::anyhow!(
+                        "camera {}: {bad} bad buffers in a row",
+                        self.path.display()
+                    )));
                 }
                 continue;
             };
@@ -606,8 +612,13 @@ impl Source for CameraSource {
         self.fps
     }
 
-    fn is_live(&self) -> bool {
-        true
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: true,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn set_wake(&mut self, wake: Wake) {

@@ -24,6 +24,7 @@ use x11rb::x11_utils::TryParse;
 
 use super::{Captured, ScreenOptions, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 
 /// Hint appended to every "cannot reach the X server" error.
@@ -269,7 +270,7 @@ impl Drop for ScreenSource {
 }
 
 impl Source for ScreenSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         if let Some(due) = self.next_due {
             let now = Instant::now();
             if due > now && self.wake.sleep_until(due) {
@@ -310,8 +311,13 @@ impl Source for ScreenSource {
         self.fps
     }
 
-    fn is_live(&self) -> bool {
-        true
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: false,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn set_wake(&mut self, wake: Wake) {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use super::clock::Clock;
 use super::queue::{Producer, Pushed};
 use super::replace::{open_replacement, Slot};
 use super::{CaptureMsg, Opener, PreprocessConfig, Stage, Stats, RECONNECT_EVERY};
@@ -34,6 +35,8 @@ pub(super) struct Capture {
     /// Every-frame mode: end the stream after this many frames.
     pub(super) limit: Option<u64>,
     pub(super) wake: Wake,
+    /// Times the reconnects of a lost source.
+    pub(super) clock: Arc<dyn Clock>,
 }
 
 impl Capture {
@@ -63,7 +66,7 @@ impl Capture {
     }
 
     pub(super) fn run(mut self) -> Result<()> {
-        let mut last_retry = Instant::now();
+        let mut last_retry = self.clock.now();
         let mut taken = 0u64;
         while !self.stop.load(Relaxed) {
             if self.limit.is_some_and(|n| taken >= n) {
@@ -75,8 +78,8 @@ impl Capture {
             }
             let Some(source) = self.source.as_mut() else {
                 // Lost live source: keep trying to reopen it; the output keeps streaming.
-                if last_retry.elapsed() >= RECONNECT_EVERY {
-                    last_retry = Instant::now();
+                if self.clock.now() - last_retry >= RECONNECT_EVERY {
+                    last_retry = self.clock.now();
                     match self.open(&self.cfg) {
                         Ok(s) => {
                             tracing::info!("source reconnected: {}", s.describe());
@@ -103,7 +106,7 @@ impl Capture {
                     let e = e.into_anyhow();
                     tracing::warn!("source failed, reconnecting every second: {e:#}");
                     self.source = None;
-                    last_retry = Instant::now();
+                    last_retry = self.clock.now();
                     continue;
                 }
                 Err(e) => return Err(e.into_anyhow().context("reading the source")),

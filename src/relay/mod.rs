@@ -16,11 +16,12 @@
 //! [`crate::stage::StageError`].
 //!
 //! This file holds the control side (starting, reconfiguring, stopping and joining the
-//! stages); each stage's thread is a module of its own: [`capture`] (source + pre-process),
-//! [`transform_stage`] and [`output`] (post-process + write), with the live replacement of a
-//! source or sink shared in [`replace`].
+//! stages); each stage's thread is a module of its own: `capture.rs` (source + pre-process),
+//! `transform_stage.rs` and `output.rs` (post-process + write), with the live replacement of a
+//! source or sink shared in `replace.rs`, and the time the stages pace by in [`clock`].
 
 mod capture;
+pub mod clock;
 mod output;
 pub mod queue;
 mod replace;
@@ -44,6 +45,7 @@ use crate::source::{self, Source, Wake};
 use crate::transform::Transform;
 use crate::Result;
 use capture::Capture;
+use clock::{Clock, SystemClock};
 use output::Output;
 pub use output::PLACEHOLDER_RGB;
 pub use stats::{Snapshot, Stage, Stats};
@@ -182,7 +184,20 @@ fn ask<T>(
 }
 
 impl Relay {
+    /// Starts the stages' threads, paced by the real clock.
+    ///
+    /// # Errors
+    /// A thread that cannot be spawned.
     pub fn start(s: RelayStart) -> Result<Relay> {
+        Self::start_with_clock(s, Arc::new(SystemClock))
+    }
+
+    /// [`Relay::start`] paced by `clock` (the output's write ticks, the reconnect interval):
+    /// a [`clock::ManualClock`] makes a test independent of the machine's load.
+    ///
+    /// # Errors
+    /// A thread that cannot be spawned.
+    pub fn start_with_clock(s: RelayStart, clock: Arc<dyn Clock>) -> Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
@@ -211,6 +226,7 @@ impl Relay {
             every_frame: s.every_frame,
             limit: s.max_frames.filter(|_| s.every_frame),
             wake: wake.clone(),
+            clock: clock.clone(),
         };
         let done = finished_tx.clone();
         threads.push((
@@ -260,6 +276,7 @@ impl Relay {
             opener: s.opener,
             every_frame: s.every_frame,
             max_frames: s.max_frames,
+            clock,
             last: None,
             placeholder: None,
             snapshots: Vec::new(),

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{select, Receiver};
 
+use super::clock::Clock;
 use super::queue::{Consumer, Taken};
 use super::replace::{open_replacement, Slot};
 use super::{Ack, Opener, OutputMsg, Stage, Stats, STOP_SLICE};
@@ -35,6 +36,8 @@ pub(super) struct Output {
     pub(super) opener: Arc<dyn Opener>,
     pub(super) every_frame: bool,
     pub(super) max_frames: Option<u64>,
+    /// Paces the writes in real time.
+    pub(super) clock: Arc<dyn Clock>,
     /// The last frame written, already in the sink's format and size.
     pub(super) last: Option<Frame>,
     pub(super) placeholder: Option<Frame>,
@@ -227,11 +230,14 @@ impl Output {
 
     fn run_realtime(&mut self) -> Result<()> {
         let mut last_rgb: Option<Frame> = None;
-        let mut next_tick = Instant::now();
+        let mut next_tick = self.clock.now();
+        // After `join` drops the control side, its channel is always "ready": wait on nothing.
+        let no_ctl = crossbeam_channel::never();
+        let mut ctl_open = true;
         loop {
             // Wait for the tick, serving control messages meanwhile.
             loop {
-                let now = Instant::now();
+                let now = self.clock.now();
                 if now >= next_tick {
                     break;
                 }
@@ -240,14 +246,15 @@ impl Output {
                 if self.stop.load(Relaxed) && next_tick - now > STOP_SLICE {
                     next_tick = now + STOP_SLICE;
                 }
-                let slice = (next_tick - now).min(STOP_SLICE);
-                match self.ctl.recv_timeout(slice) {
-                    Ok(msg) => self.handle(msg, &mut last_rgb),
-                    // The control side is gone (join): wait without spinning.
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                        std::thread::sleep(slice)
-                    }
-                    Err(_) => {}
+                let timer = self.clock.at(next_tick.min(now + STOP_SLICE));
+                let ctl = if ctl_open { &self.ctl } else { &no_ctl };
+                select! {
+                    recv(ctl) -> msg => match msg {
+                        Ok(msg) => self.handle(msg, &mut last_rgb),
+                        // The control side is gone (join): wait for the ticks only.
+                        Err(_) => ctl_open = false,
+                    },
+                    recv(timer) -> _ => {}
                 }
             }
             let mut period = Duration::from_secs_f64(1.0 / self.cfg.fps);
@@ -256,8 +263,9 @@ impl Output {
                 period = period.min(STOP_SLICE);
             }
             next_tick += period;
-            if Instant::now() > next_tick + period {
-                next_tick = Instant::now() + period; // fell behind: no burst
+            let now = self.clock.now();
+            if now > next_tick + period {
+                next_tick = now + period; // fell behind: no burst
             }
             // The frame to write and whether it becomes the one repeated on later ticks. The
             // last frame is moved out and back rather than copied on every tick.

@@ -134,6 +134,33 @@ impl ManualClock {
         self.shared.lock().offset
     }
 
+    /// When the earliest pending timer is due, as virtual time since the clock was made.
+    pub fn next_due(&self) -> Option<Duration> {
+        let st = self.shared.lock();
+        st.timers.iter().map(|t| t.deadline - self.base).min()
+    }
+
+    /// Waits (at most `timeout` of real time) until `n` timers are pending: for a test to let
+    /// the threads it started reach their first wait before it moves time. Returns whether
+    /// they did.
+    pub fn wait_for_timers(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        while st.timers.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// Blocks the calling thread for `d` of this clock's time (for a scripted test stage that
     /// paces itself or takes time to compute).
     pub fn sleep(&self, d: Duration) {
@@ -294,9 +321,7 @@ mod tests {
                 t.lock().unwrap().push(c.elapsed());
             }
         });
-        while clock.shared.lock().timers.is_empty() {
-            std::thread::yield_now();
-        }
+        assert!(clock.wait_for_timers(1, Duration::from_secs(10)));
         clock.advance(Duration::from_millis(30));
         assert_eq!(ticks.lock().unwrap().len(), 3);
         let _driver = clock.drive();

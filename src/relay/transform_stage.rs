@@ -258,11 +258,11 @@ impl TransformStage {
             let result = transform.process_into(&frame, &mut outs);
             let accounted = transform.discarded() != discarded_before;
             self.count();
+            let transformed = result.is_ok();
             match result {
                 Ok(()) => {
                     consecutive_errors = 0;
                     self.stats.time(Stage::Transform, t0.elapsed());
-                    self.stats.transformed.fetch_add(1, Relaxed);
                 }
                 Err(e) => {
                     if !accounted {
@@ -277,7 +277,13 @@ impl TransformStage {
                     consecutive_errors += 1;
                 }
             }
-            if let Flow::Closed = self.send(outs) {
+            let flow = self.send(outs);
+            if transformed {
+                // Counted once its outputs are queued downstream: whoever sees the count (a
+                // test stepping a manual clock) finds them there.
+                self.stats.transformed.fetch_add(1, Relaxed);
+            }
+            if let Flow::Closed = flow {
                 return self.abandon();
             }
         }

@@ -18,6 +18,7 @@ pub mod relay;
 pub mod sink;
 pub mod source;
 pub mod term;
+pub mod stage;
 pub mod transform;
 pub mod v4l2;
 pub mod y4m;

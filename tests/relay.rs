@@ -2,33 +2,43 @@
 //! are counted, the output repeats the last frame when the transform is slow (never stalls),
 //! a placeholder shows before the first frame, every-frame mode loses nothing, a graceful stop
 //! drains the queues, and failed reconfigurations keep the old stage running.
+//!
+//! Tests whose results depend on rates (frames written per second, placeholders while a
+//! transform loads, a stop's duration) run the relay, their source and (where its time matters)
+//! their transform on a [`ManualClock`]: time moves only when the test steps it, so the counts
+//! are the same on an idle machine and on a loaded 2-core CI runner. A stepped test lets the
+//! real-time work catch up between steps ([`advance_settled`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sdcam::frame::{ColorRange, Frame, PixelFormat};
 use sdcam::profile::{OutputConfig, OutputKind, Profile, SourceConfig};
+use sdcam::relay::clock::{Clock, ManualClock};
 use sdcam::relay::{Opener, PreprocessConfig, Relay, RelayStart, PLACEHOLDER_RGB};
 use sdcam::sink::Sink;
 use sdcam::source::{Captured, Source};
+use sdcam::stage::{StageInfo, StageResult};
 use sdcam::transform::Transform;
 use sdcam::Result;
 
-/// Emits `count` frames (seq 0..count) whose red channel is seq % 256, at `fps` (0 = unpaced).
+/// Emits `count` frames (seq 0..count) whose red channel is seq % 256, at `fps` (0 = unpaced),
+/// paced by `clock` (the real clock when `None`).
 struct Counter {
     n: u64,
     count: u64,
     fps: f64,
     live: bool,
+    clock: Option<ManualClock>,
 }
 
 impl Source for Counter {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         if self.n >= self.count {
             return Ok(Captured::End);
         }
         if self.fps > 0.0 {
-            std::thread::sleep(Duration::from_secs_f64(1.0 / self.fps));
+            sleep(&self.clock, Duration::from_secs_f64(1.0 / self.fps));
         }
         let mut f = Frame::solid_rgb(8, 8, [(self.n % 256) as u8, 0, 0]);
         f.seq = self.n;
@@ -41,16 +51,65 @@ impl Source for Counter {
     fn fps(&self) -> f64 {
         self.fps
     }
-    fn is_live(&self) -> bool {
-        self.live
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: self.live,
+            reconnect_on_loss: self.live,
+            ..StageInfo::default()
+        }
     }
 }
 
-/// Passes frames through after sleeping `delay`; records the sequence numbers it saw.
+/// Passes frames through after sleeping `delay` (on `clock`, the real clock when `None`);
+/// records the sequence numbers it saw.
 struct Slow {
     delay: Duration,
     seen: Arc<Mutex<Vec<u64>>>,
     fail_apply: bool,
+    clock: Option<ManualClock>,
+}
+
+/// Sleeps `d` on `clock`, or in real time.
+fn sleep(clock: &Option<ManualClock>, d: Duration) {
+    match clock {
+        Some(c) => c.sleep(d),
+        None => std::thread::sleep(d),
+    }
+}
+
+/// Steps `clock` through `d` one timer at a time; after each step, waits (real time) until the
+/// transform stage has taken every captured frame (transformed, or dropped and counted), so
+/// the next output tick sees what a transform without a clock produced meanwhile.
+/// Waits until the relay's clocked threads (`n` of them: the output, the source, a clocked
+/// transform with a frame) wait on `clock`, so that moving time does not outrun a thread still
+/// starting.
+fn started(clock: &ManualClock, n: usize) {
+    assert!(
+        clock.wait_for_timers(n, Duration::from_secs(10)),
+        "the relay did not start"
+    );
+}
+
+fn advance_settled(clock: &ManualClock, relay: &Relay, d: Duration) {
+    let target = clock.elapsed() + d;
+    loop {
+        let t0 = Instant::now();
+        loop {
+            let s = relay.stats().snapshot();
+            if s.captured == s.transformed + s.input_dropped {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "transform stalled");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        match clock.next_due() {
+            Some(due) if due <= target => {
+                clock.step();
+            }
+            _ => break,
+        }
+    }
+    clock.advance(target.saturating_sub(clock.elapsed()));
 }
 
 impl Transform for Slow {
@@ -58,7 +117,7 @@ impl Transform for Slow {
         "slow".into()
     }
     fn process(&mut self, input: &Frame) -> Result<Frame> {
-        std::thread::sleep(self.delay);
+        sleep(&self.clock, self.delay);
         self.seen.lock().unwrap().push(input.seq);
         Ok(input.clone())
     }
@@ -78,7 +137,7 @@ struct Recorder {
 }
 
 impl Sink for Recorder {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
         assert_eq!(frame.format, PixelFormat::Rgb24);
         self.frames
             .lock()
@@ -91,6 +150,9 @@ impl Sink for Recorder {
     }
     fn describe(&self) -> String {
         "recorder".into()
+    }
+    fn info(&self) -> StageInfo {
+        StageInfo::default()
     }
 }
 
@@ -112,6 +174,10 @@ struct Setup {
     out_fps: f64,
     every_frame: bool,
     max_frames: Option<u64>,
+    /// The clock the relay paces by (the real one when `None`).
+    clock: Option<ManualClock>,
+    /// Whether the transform's delay passes on `clock` too (else in real time).
+    clocked_transform: bool,
 }
 
 fn start(s: Setup) -> (Relay, Recorder, Arc<Mutex<Vec<u64>>>) {
@@ -124,48 +190,65 @@ fn start(s: Setup) -> (Relay, Recorder, Arc<Mutex<Vec<u64>>>) {
         fps: s.out_fps,
         ..Default::default()
     };
-    let relay = Relay::start(RelayStart {
-        source: Box::new(s.source),
-        source_cfg: SourceConfig::default(),
-        transform: Some(Box::new(Slow {
-            delay: s.delay,
-            seen: seen.clone(),
-            fail_apply: true,
-        })),
-        sink: Box::new(rec.clone()),
-        output_cfg,
-        preprocess: PreprocessConfig {
-            width: 8,
-            height: 8,
-            fit: Default::default(),
-            mirror: false,
+    let clock: Arc<dyn Clock> = match &s.clock {
+        Some(c) => Arc::new(c.clone()),
+        None => Arc::new(sdcam::relay::clock::SystemClock),
+    };
+    let relay = Relay::start_with_clock(
+        RelayStart {
+            source: Box::new(s.source),
+            source_cfg: SourceConfig::default(),
+            transform: Some(Box::new(Slow {
+                delay: s.delay,
+                seen: seen.clone(),
+                fail_apply: true,
+                clock: s.clock.clone().filter(|_| s.clocked_transform),
+            })),
+            sink: Box::new(rec.clone()),
+            output_cfg,
+            preprocess: PreprocessConfig {
+                width: 8,
+                height: 8,
+                fit: Default::default(),
+                mirror: false,
+            },
+            every_frame: s.every_frame,
+            max_frames: s.max_frames,
+            opener: Arc::new(NoOpener),
         },
-        every_frame: s.every_frame,
-        max_frames: s.max_frames,
-        opener: Arc::new(NoOpener),
-    })
+        clock,
+    )
     .unwrap();
     (relay, rec, seen)
 }
 
 #[test]
 fn slow_transform_takes_newest_frames_and_output_repeats() {
-    // Camera at 200 fps, transform at ~20 fps, output at 50 fps, for 60 output frames.
+    // Camera at 200 fps, transform at ~20 fps, output at 50 fps, for 60 output frames; all
+    // three on one manual clock.
+    let clock = ManualClock::new();
     let (relay, rec, seen) = start(Setup {
         source: Counter {
             n: 0,
             count: u64::MAX,
             fps: 200.0,
             live: true,
+            clock: Some(clock.clone()),
         },
         delay: Duration::from_millis(50),
         out_fps: 50.0,
         every_frame: false,
         max_frames: Some(60),
+        clock: Some(clock.clone()),
+        clocked_transform: true,
     });
-    let t0 = Instant::now();
-    let snap = relay.join().unwrap();
-    let elapsed = t0.elapsed();
+    let t0 = clock.now();
+    started(&clock, 2);
+    let snap = {
+        let _driver = clock.drive();
+        relay.join().unwrap()
+    };
+    let elapsed = clock.now() - t0;
     assert_eq!(snap.written, 60);
     // Steady output rate: 60 frames at 50 fps ≈ 1.2 s, no stall behind the slow transform.
     assert!(
@@ -196,19 +279,27 @@ fn slow_transform_takes_newest_frames_and_output_repeats() {
 #[test]
 fn placeholder_streams_before_the_first_frame() {
     // The transform takes 300 ms for the first frame; the output must already be streaming.
+    let clock = ManualClock::new();
     let (relay, rec, _) = start(Setup {
         source: Counter {
             n: 0,
             count: u64::MAX,
             fps: 30.0,
             live: true,
+            clock: Some(clock.clone()),
         },
         delay: Duration::from_millis(300),
         out_fps: 50.0,
         every_frame: false,
         max_frames: Some(10),
+        clock: Some(clock.clone()),
+        clocked_transform: true,
     });
-    let snap = relay.join().unwrap();
+    started(&clock, 2);
+    let snap = {
+        let _driver = clock.drive();
+        relay.join().unwrap()
+    };
     assert!(snap.placeholders >= 5, "{snap:?}");
     let frames = rec.frames.lock().unwrap();
     assert_eq!(frames[0].1, PLACEHOLDER_RGB);
@@ -223,11 +314,14 @@ fn every_frame_mode_loses_nothing_and_drains_on_end() {
             count: 40,
             fps: 0.0,
             live: false,
+            clock: None,
         },
         delay: Duration::from_millis(2),
         out_fps: 30.0,
         every_frame: true,
         max_frames: None,
+        clock: None,
+        clocked_transform: false,
     });
     let snap = relay.join().unwrap();
     let frames = rec.frames.lock().unwrap();
@@ -245,26 +339,35 @@ fn every_frame_mode_loses_nothing_and_drains_on_end() {
 
 #[test]
 fn graceful_stop_drains_queued_frames() {
+    let clock = ManualClock::new();
     let (relay, rec, seen) = start(Setup {
         source: Counter {
             n: 0,
             count: u64::MAX,
             fps: 100.0,
             live: true,
+            clock: Some(clock.clone()),
         },
         delay: Duration::from_millis(20),
         out_fps: 100.0,
         every_frame: false,
         max_frames: None,
+        clock: Some(clock.clone()),
+        clocked_transform: true,
     });
-    std::thread::sleep(Duration::from_millis(400));
+    started(&clock, 2);
+    clock.advance(Duration::from_millis(400));
     relay.request_stop();
-    let t0 = Instant::now();
-    let snap = relay.join().unwrap();
+    let t0 = clock.now();
+    let snap = {
+        let _driver = clock.drive();
+        relay.join().unwrap()
+    };
+    let elapsed = || clock.now() - t0;
     assert!(
-        t0.elapsed() < Duration::from_secs(2),
+        elapsed() < Duration::from_secs(2),
         "stop took {:?}",
-        t0.elapsed()
+        elapsed()
     );
     // The last frame the transform produced reached the sink.
     let last_seen = *seen.lock().unwrap().last().unwrap();
@@ -279,19 +382,26 @@ fn graceful_stop_drains_queued_frames() {
 
 #[test]
 fn failed_reconfiguration_keeps_the_stage_running() {
+    let clock = ManualClock::new();
     let (relay, rec, _) = start(Setup {
         source: Counter {
             n: 0,
             count: u64::MAX,
             fps: 100.0,
             live: true,
+            clock: Some(clock.clone()),
         },
         delay: Duration::from_millis(1),
         out_fps: 50.0,
         every_frame: false,
         max_frames: None,
+        clock: Some(clock.clone()),
+        clocked_transform: false,
     });
-    std::thread::sleep(Duration::from_millis(200));
+    started(&clock, 2);
+    advance_settled(&clock, &relay, Duration::from_millis(200));
+    // The capture stage serves the switch between two frames: the clock runs meanwhile.
+    let driver = clock.drive();
     // Source and sink cannot be opened, the transform refuses the settings: all report errors...
     assert!(relay.set_source(SourceConfig::default()).is_err());
     let y4m = OutputConfig {
@@ -304,8 +414,10 @@ fn failed_reconfiguration_keeps_the_stage_running() {
     assert!(relay
         .apply_transform(&sdcam::config::transform_options(&Profile::default()))
         .is_err());
+    drop(driver);
+    advance_settled(&clock, &relay, Duration::ZERO);
     let before = rec.frames.lock().unwrap().len();
-    std::thread::sleep(Duration::from_millis(300));
+    advance_settled(&clock, &relay, Duration::from_millis(300));
     // ...and frames keep flowing from the old source through the old transform to the old sink.
     let frames = rec.frames.lock().unwrap().clone();
     assert!(
@@ -318,28 +430,34 @@ fn failed_reconfiguration_keeps_the_stage_running() {
         "source stopped"
     );
     relay.request_stop();
+    let _driver = clock.drive();
     relay.join().unwrap();
 }
 
 #[test]
 fn pause_holds_the_last_frame() {
+    let clock = ManualClock::new();
     let (relay, rec, _) = start(Setup {
         source: Counter {
             n: 0,
             count: u64::MAX,
             fps: 100.0,
             live: true,
+            clock: Some(clock.clone()),
         },
         delay: Duration::from_millis(1),
         out_fps: 50.0,
         every_frame: false,
         max_frames: None,
+        clock: Some(clock.clone()),
+        clocked_transform: false,
     });
-    std::thread::sleep(Duration::from_millis(200));
+    started(&clock, 2);
+    advance_settled(&clock, &relay, Duration::from_millis(200));
     relay.set_paused(true);
-    std::thread::sleep(Duration::from_millis(100));
+    advance_settled(&clock, &relay, Duration::from_millis(100));
     let n = rec.frames.lock().unwrap().len();
-    std::thread::sleep(Duration::from_millis(300));
+    advance_settled(&clock, &relay, Duration::from_millis(300));
     let frames = rec.frames.lock().unwrap().clone();
     assert!(
         frames.len() >= n + 10,
@@ -350,12 +468,13 @@ fn pause_holds_the_last_frame() {
         "paused output changed"
     );
     relay.set_paused(false);
-    std::thread::sleep(Duration::from_millis(200));
+    advance_settled(&clock, &relay, Duration::from_millis(200));
     assert!(
         rec.frames.lock().unwrap().last().unwrap().0 > frames[n].0,
         "resume did not resume"
     );
     relay.request_stop();
+    let _driver = clock.drive();
     relay.join().unwrap();
 }
 
@@ -364,7 +483,7 @@ fn yuv_sink_gets_converted_frames() {
     // Post-processing converts to whatever the sink wants, at the output size.
     struct Yuyv(Arc<Mutex<Vec<Frame>>>);
     impl Sink for Yuyv {
-        fn write(&mut self, f: &Frame) -> Result<()> {
+        fn write(&mut self, f: &Frame) -> StageResult<()> {
             self.0.lock().unwrap().push(f.clone());
             Ok(())
         }
@@ -374,6 +493,9 @@ fn yuv_sink_gets_converted_frames() {
         fn describe(&self) -> String {
             "yuyv".into()
         }
+        fn info(&self) -> StageInfo {
+            StageInfo::default()
+        }
     }
     let got = Arc::new(Mutex::new(Vec::new()));
     let relay = Relay::start(RelayStart {
@@ -382,12 +504,14 @@ fn yuv_sink_gets_converted_frames() {
             count: 256,
             fps: 0.0,
             live: false,
+            clock: None,
         }),
         source_cfg: SourceConfig::default(),
         transform: Some(Box::new(Slow {
             delay: Duration::ZERO,
             seen: Default::default(),
             fail_apply: false,
+            clock: None,
         })),
         sink: Box::new(Yuyv(got.clone())),
         output_cfg: OutputConfig {
@@ -422,11 +546,13 @@ fn yuv_sink_gets_converted_frames() {
 fn relay_streams_placeholders_until_the_transform_arrives() {
     for every_frame in [false, true] {
         let rec = Recorder::default();
+        let clock = ManualClock::new();
         let source = Counter {
             n: 0,
             count: 30,
             fps: 100.0,
             live: !every_frame,
+            clock: Some(clock.clone()),
         };
         let relay = rig(
             source,
@@ -438,7 +564,8 @@ fn relay_streams_placeholders_until_the_transform_arrives() {
             Arc::new(NoOpener),
         );
         // A model "loading" for 150 ms.
-        std::thread::sleep(Duration::from_millis(150));
+        started(&clock, if every_frame { 1 } else { 2 });
+        clock.advance(Duration::from_millis(150));
         let early = relay.stats().snapshot();
         assert_eq!(early.transformed, 0);
         if !every_frame {
@@ -453,9 +580,13 @@ fn relay_streams_placeholders_until_the_transform_arrives() {
                 delay: Duration::ZERO,
                 seen: seen.clone(),
                 fail_apply: false,
+                clock: None,
             }))
             .unwrap();
-        let snap = relay.join().unwrap();
+        let snap = {
+            let _driver = clock.drive();
+            relay.join().unwrap()
+        };
         assert!(snap.transformed > 0);
         if every_frame {
             // Nothing was lost while the transform was loading.
@@ -507,7 +638,8 @@ impl Transform for Lag {
     }
 }
 
-/// A relay over 8×8 frames from `source` into `sink` (output `output`, pre-processing 8×8).
+/// A relay over 8×8 frames from `source` into `sink` (output `output`, pre-processing 8×8),
+/// paced by the source's clock.
 fn rig(
     source: Counter,
     transform: Option<Box<dyn Transform>>,
@@ -517,22 +649,29 @@ fn rig(
     max_frames: Option<u64>,
     opener: Arc<dyn Opener>,
 ) -> Relay {
-    Relay::start(RelayStart {
-        source: Box::new(source),
-        source_cfg: SourceConfig::default(),
-        transform,
-        sink,
-        output_cfg: output,
-        preprocess: PreprocessConfig {
-            width: 8,
-            height: 8,
-            fit: Default::default(),
-            mirror: false,
+    let clock: Arc<dyn Clock> = match source.clock.clone() {
+        Some(c) => Arc::new(c),
+        None => Arc::new(sdcam::relay::clock::SystemClock),
+    };
+    Relay::start_with_clock(
+        RelayStart {
+            source: Box::new(source),
+            source_cfg: SourceConfig::default(),
+            transform,
+            sink,
+            output_cfg: output,
+            preprocess: PreprocessConfig {
+                width: 8,
+                height: 8,
+                fit: Default::default(),
+                mirror: false,
+            },
+            every_frame,
+            max_frames,
+            opener,
         },
-        every_frame,
-        max_frames,
-        opener,
-    })
+        clock,
+    )
     .unwrap()
 }
 
@@ -554,6 +693,7 @@ fn file_like(count: u64) -> Counter {
         count,
         fps: 0.0,
         live: false,
+        clock: None,
     }
 }
 
@@ -638,11 +778,13 @@ fn every_frame_mode_flushes_a_replaced_transform_and_counts_captured_frames() {
 #[test]
 fn real_time_accounts_for_every_captured_frame() {
     let rec = Recorder::default();
+    let clock = ManualClock::new();
     let source = Counter {
         n: 0,
         count: u64::MAX,
         fps: 500.0,
         live: true,
+        clock: Some(clock.clone()),
     };
     let relay = rig(
         source,
@@ -653,9 +795,13 @@ fn real_time_accounts_for_every_captured_frame() {
         None,
         Arc::new(NoOpener),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    started(&clock, 2);
+    clock.advance(Duration::from_millis(300));
     relay.request_stop();
-    let snap = relay.join().unwrap();
+    let snap = {
+        let _driver = clock.drive();
+        relay.join().unwrap()
+    };
     let fresh = snap.written - snap.repeated - snap.placeholders;
     assert_eq!(
         snap.captured,
@@ -671,7 +817,7 @@ fn real_time_accounts_for_every_captured_frame() {
 fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
     struct FailingFinish;
     impl Sink for FailingFinish {
-        fn write(&mut self, _frame: &Frame) -> Result<()> {
+        fn write(&mut self, _frame: &Frame) -> StageResult<()> {
             Ok(())
         }
         fn wants(&self) -> PixelFormat {
@@ -679,6 +825,13 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
         }
         fn describe(&self) -> String {
             "full disk".into()
+        }
+        /// A file output: its final flush writes buffered frames.
+        fn info(&self) -> StageInfo {
+            StageInfo {
+                buffers_frames: true,
+                ..StageInfo::default()
+            }
         }
         fn finish(&mut self) -> Result<()> {
             anyhow::bail!("No space left on device")
@@ -700,11 +853,13 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
         height: 8,
         ..Default::default()
     };
+    let clock = ManualClock::new();
     let source = Counter {
         n: 0,
         count: 50,
         fps: 200.0,
         live: false,
+        clock: Some(clock.clone()),
     };
     let relay = rig(
         source,
@@ -715,14 +870,18 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
         None,
         Arc::new(RecorderOpener(rec.clone())),
     );
-    std::thread::sleep(Duration::from_millis(50));
+    started(&clock, 1);
+    clock.advance(Duration::from_millis(50));
     relay
         .set_output(OutputConfig {
             path: "other.y4m".into(),
             ..cfg
         })
         .unwrap();
-    let err = format!("{:#}", relay.join().unwrap_err());
+    let err = {
+        let _driver = clock.drive();
+        format!("{:#}", relay.join().unwrap_err())
+    };
     assert!(
         err.contains("previous output") && err.contains("No space"),
         "{err}"

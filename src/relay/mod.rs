@@ -10,10 +10,23 @@
 //! (dropped, unreadable, failed); an output frame lost at a final flush is an error.
 //!
 //! Stages are reconfigured live through control messages; a reconfiguration that fails leaves
-//! the stage running as it was.
+//! the stage running as it was. How a source or sink is treated (reconnected when lost, closed
+//! before another is opened on its device, its final flush counted) is what it says about
+//! itself ([`crate::stage::StageInfo`]), and what a failure means is its
+//! [`crate::stage::StageError`].
+//!
+//! This file holds the control side (starting, reconfiguring, stopping and joining the
+//! stages); each stage's thread is a module of its own: `capture.rs` (source + pre-process),
+//! `transform_stage.rs` and `output.rs` (post-process + write), with the live replacement of a
+//! source or sink shared in `replace.rs`, and the time the stages pace by in [`clock`].
 
+mod capture;
+pub mod clock;
+mod output;
 pub mod queue;
+mod replace;
 pub mod stats;
+mod transform_stage;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -22,17 +35,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::convert::{Fit, Postprocess, Preprocess};
-use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::frame::Frame;
 use crate::profile::{OutputConfig, Profile, SourceConfig};
 use crate::sink::{self, Sink};
-use crate::source::{self, Captured, Source, Wake};
+use crate::source::{self, Source, Wake};
 use crate::transform::{Transform, TransformOptions};
 use crate::Result;
-use queue::{Consumer, Producer, Pushed, Taken};
+use capture::Capture;
+use clock::{Clock, SystemClock};
+use output::Output;
+pub use output::PLACEHOLDER_RGB;
 pub use stats::{Snapshot, Stage, Stats};
+use transform_stage::TransformStage;
 
 /// How frames are fitted on the way into the transform.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -167,7 +184,20 @@ fn ask<T>(
 }
 
 impl Relay {
+    /// Starts the stages' threads, paced by the real clock.
+    ///
+    /// # Errors
+    /// A thread that cannot be spawned.
     pub fn start(s: RelayStart) -> Result<Relay> {
+        Self::start_with_clock(s, Arc::new(SystemClock))
+    }
+
+    /// [`Relay::start`] paced by `clock` (the output's write ticks, the reconnect interval):
+    /// a [`clock::ManualClock`] makes a test independent of the machine's load.
+    ///
+    /// # Errors
+    /// A thread that cannot be spawned.
+    pub fn start_with_clock(s: RelayStart, clock: Arc<dyn Clock>) -> Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Stats::default());
@@ -196,6 +226,7 @@ impl Relay {
             every_frame: s.every_frame,
             limit: s.max_frames.filter(|_| s.every_frame),
             wake: wake.clone(),
+            clock: clock.clone(),
         };
         let done = finished_tx.clone();
         threads.push((
@@ -245,6 +276,7 @@ impl Relay {
             opener: s.opener,
             every_frame: s.every_frame,
             max_frames: s.max_frames,
+            clock,
             last: None,
             placeholder: None,
             snapshots: Vec::new(),
@@ -405,696 +437,6 @@ impl Relay {
         match first_err {
             Some(e) => Err(e),
             None => Ok(stats.snapshot()),
-        }
-    }
-}
-
-/// Capture + pre-process stage.
-struct Capture {
-    source: Option<Box<dyn Source>>,
-    cfg: SourceConfig,
-    pre: PreprocessConfig,
-    prep: Preprocess,
-    out: Producer<Frame>,
-    ctl: Receiver<CaptureMsg>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<Stats>,
-    opener: Arc<dyn Opener>,
-    every_frame: bool,
-    /// Every-frame mode: end the stream after this many frames.
-    limit: Option<u64>,
-    wake: Wake,
-}
-
-impl Capture {
-    fn open(&self, cfg: &SourceConfig) -> Result<Box<dyn Source>> {
-        let mut s = self.opener.source(cfg)?;
-        s.set_realtime(!self.every_frame);
-        s.set_wake(self.wake.clone());
-        Ok(s)
-    }
-
-    fn switch(&mut self, cfg: SourceConfig) -> Result<()> {
-        use crate::profile::SourceKind::Camera;
-        // Open the new source while the old one still runs, so a failure changes nothing. A
-        // camera cannot be opened twice, so camera → camera may need the old one released
-        // first; it is reopened (or reconnected in the background) if the new one fails.
-        let new = match self.open(&cfg) {
-            Ok(s) => s,
-            Err(first) if cfg.kind == Camera && self.cfg.kind == Camera => {
-                self.source = None;
-                match self.open(&cfg) {
-                    Ok(s) => s,
-                    Err(second) => {
-                        // The first try failed only because the old camera was still open; the
-                        // second one, with the camera free, has the real reason.
-                        tracing::debug!("opening the new camera beside the old one: {first:#}");
-                        self.source = self.open(&self.cfg).ok();
-                        return Err(second);
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        tracing::info!("source: {}", new.describe());
-        self.source = Some(new);
-        self.cfg = cfg;
-        Ok(())
-    }
-
-    fn handle(&mut self, msg: CaptureMsg) {
-        match msg {
-            CaptureMsg::Source(cfg, ack) => {
-                let r = self.switch(cfg);
-                let _ = ack.send(r);
-            }
-            CaptureMsg::Preprocess(p) => self.pre = p,
-        }
-    }
-
-    fn run(mut self) -> Result<()> {
-        let mut last_retry = Instant::now();
-        let mut taken = 0u64;
-        while !self.stop.load(Relaxed) {
-            if self.limit.is_some_and(|n| taken >= n) {
-                tracing::info!("captured {taken} frames (--frames), ending the stream");
-                break;
-            }
-            while let Ok(msg) = self.ctl.try_recv() {
-                self.handle(msg);
-            }
-            let Some(source) = self.source.as_mut() else {
-                // Lost live source: keep trying to reopen it; the output keeps streaming.
-                if last_retry.elapsed() >= RECONNECT_EVERY {
-                    last_retry = Instant::now();
-                    match self.open(&self.cfg) {
-                        Ok(s) => {
-                            tracing::info!("source reconnected: {}", s.describe());
-                            self.source = Some(s);
-                        }
-                        Err(e) => tracing::debug!("source still unavailable: {e:#}"),
-                    }
-                }
-                if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(100)) {
-                    self.handle(msg);
-                }
-                continue;
-            };
-            let frame = match source.next_frame() {
-                Ok(Captured::Frame(f)) => f,
-                // Woken (stop, source change): look at the flag and the messages again.
-                Ok(Captured::Interrupted) => continue,
-                Ok(Captured::End) => {
-                    tracing::info!("source ended: {}", source.describe());
-                    break;
-                }
-                Err(e) if source.is_live() => {
-                    self.stats.source_errors.fetch_add(1, Relaxed);
-                    tracing::warn!("source failed, reconnecting every second: {e:#}");
-                    self.source = None;
-                    last_retry = Instant::now();
-                    continue;
-                }
-                Err(e) => return Err(e.context("reading the source")),
-            };
-            self.stats.captured.fetch_add(1, Relaxed);
-            let t0 = Instant::now();
-            let p = self.pre;
-            let rgb = match self.prep.run(&frame, p.width, p.height, p.fit, p.mirror) {
-                Ok(f) => f,
-                Err(e) => {
-                    self.stats.source_errors.fetch_add(1, Relaxed);
-                    tracing::warn!("dropping an unreadable frame: {e:#}");
-                    continue;
-                }
-            };
-            self.stats.time(Stage::Preprocess, t0.elapsed());
-            match self.out.push(rgb) {
-                Pushed::Ok { dropped } => {
-                    self.stats.input_dropped.fetch_add(dropped, Relaxed);
-                    taken += 1;
-                }
-                Pushed::Closed => {
-                    // Downstream is gone (output finished or failed): this frame is lost.
-                    self.stats.input_dropped.fetch_add(1, Relaxed);
-                    break;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The transform stage.
-struct TransformStage {
-    transform: Option<Box<dyn Transform>>,
-    stop: Arc<AtomicBool>,
-    input: Consumer<Frame>,
-    out: Producer<Frame>,
-    ctl: Receiver<TransformMsg>,
-    paused: Arc<AtomicBool>,
-    stats: Arc<Stats>,
-    every_frame: bool,
-    /// The transform's skip count already added to the stats.
-    skipped_seen: u64,
-    /// The transform's discarded-frame count already added to the stats.
-    discarded_seen: u64,
-}
-
-/// Whether the transform stage goes on after passing frames downstream.
-enum Flow {
-    Continue,
-    /// The output stage is gone.
-    Closed,
-}
-
-impl TransformStage {
-    fn handle(&mut self, msg: TransformMsg) -> Flow {
-        match msg {
-            TransformMsg::Apply(p, ack) => {
-                let r = match self.transform.as_mut() {
-                    Some(t) => t.apply(&p),
-                    None => Err(anyhow::anyhow!("the transform is still loading")),
-                };
-                self.count();
-                let _ = ack.send(r);
-                Flow::Continue
-            }
-            TransformMsg::Replace(mut t, ack) => {
-                tracing::info!("transform: {}", t.name());
-                t.set_every_frame(self.every_frame);
-                let mut outs = Vec::new();
-                if let Some(mut old) = self.transform.take() {
-                    if self.every_frame {
-                        // The frames the old transform holds are finished by it.
-                        if let Err(e) = old.flush(&mut outs) {
-                            tracing::error!("finishing the old transform's frames: {e:#}");
-                            self.stats.output_dropped.fetch_add(old.held(), Relaxed);
-                        }
-                    } else {
-                        self.stats.output_dropped.fetch_add(old.held(), Relaxed);
-                    }
-                    self.transform = Some(old);
-                    self.count();
-                }
-                self.skipped_seen = t.skipped();
-                self.discarded_seen = t.discarded();
-                self.transform = Some(t);
-                let _ = ack.send(Ok(()));
-                self.send(outs)
-            }
-        }
-    }
-
-    /// Adds the transform's new skips and discarded frames to the stats.
-    fn count(&mut self) {
-        let Some(t) = self.transform.as_ref() else {
-            return;
-        };
-        let (skipped, discarded) = (t.skipped(), t.discarded());
-        self.stats
-            .model_skipped
-            .fetch_add(skipped.saturating_sub(self.skipped_seen), Relaxed);
-        self.stats
-            .output_dropped
-            .fetch_add(discarded.saturating_sub(self.discarded_seen), Relaxed);
-        self.skipped_seen = skipped;
-        self.discarded_seen = discarded;
-    }
-
-    /// Passes outputs downstream; counts what cannot be delivered.
-    fn send(&mut self, outs: Vec<Frame>) -> Flow {
-        let mut outs = outs.into_iter();
-        while let Some(out) = outs.next() {
-            match self.out.push(out) {
-                Pushed::Ok { dropped } => {
-                    self.stats.output_dropped.fetch_add(dropped, Relaxed);
-                }
-                Pushed::Closed => {
-                    let lost = 1 + outs.len() as u64;
-                    self.stats.output_dropped.fetch_add(lost, Relaxed);
-                    return Flow::Closed;
-                }
-            }
-        }
-        Flow::Continue
-    }
-
-    /// A stop that does not transform what is queued: counts every frame still queued, and
-    /// any the capture stage pushes before it sees the stop, as dropped, until the capture
-    /// stage has ended (so none is lost uncounted), or for at most [`DRAIN_WAIT`].
-    fn drop_queued(&mut self) {
-        let deadline = Instant::now() + DRAIN_WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.input.take_next(left.min(Duration::from_millis(50))) {
-                Taken::Item { skipped, .. } => {
-                    self.stats.input_dropped.fetch_add(skipped + 1, Relaxed);
-                }
-                Taken::Closed => return,
-                Taken::Empty if left.is_zero() => return,
-                Taken::Empty => {}
-            }
-        }
-    }
-
-    /// The end of the input (the source ended or a stop was requested): every frame mode
-    /// finishes the frames the transform holds; real time counts them as dropped.
-    fn finish(&mut self) -> Flow {
-        let Some(t) = self.transform.as_mut() else {
-            return Flow::Continue;
-        };
-        if !self.every_frame {
-            self.stats.output_dropped.fetch_add(t.held(), Relaxed);
-            return Flow::Continue;
-        }
-        let t0 = Instant::now();
-        let mut outs = Vec::new();
-        if let Err(e) = t.flush(&mut outs) {
-            self.stats.transform_errors.fetch_add(1, Relaxed);
-            tracing::error!("finishing the last frames failed: {e:#}");
-        }
-        let held = t.held();
-        if held > 0 {
-            tracing::error!("{held} frames could not be finished (counted as dropped)");
-            self.stats.output_dropped.fetch_add(held, Relaxed);
-        }
-        if !outs.is_empty() {
-            tracing::debug!("flushed {} frames at the end of the stream", outs.len());
-            self.stats.time(Stage::Transform, t0.elapsed());
-        }
-        self.count();
-        self.send(outs)
-    }
-
-    /// The output stage is gone: the frames still held or queued are counted as dropped.
-    fn abandon(&mut self) -> Result<()> {
-        if let Some(t) = self.transform.as_ref() {
-            self.stats.output_dropped.fetch_add(t.held(), Relaxed);
-        }
-        self.drop_queued();
-        Ok(())
-    }
-
-    fn run(mut self) -> Result<()> {
-        let mut consecutive_errors = 0u32;
-        // After `join` drops the control side, its channel is always "ready": wait on nothing.
-        let no_ctl = crossbeam_channel::never();
-        let mut ctl_open = true;
-        loop {
-            if self.transform.is_none() {
-                // Still loading: leave frames queued (every-frame mode must not lose any; in real
-                // time the capture side evicts stale ones) and wait for the transform. Only a
-                // stop request gives up on them (counted as dropped).
-                if self.stop.load(Relaxed) {
-                    self.drop_queued();
-                    break;
-                }
-                match self.ctl.recv_timeout(Duration::from_millis(100)) {
-                    Ok(msg) => {
-                        if let Flow::Closed = self.handle(msg) {
-                            return self.abandon();
-                        }
-                    }
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                        self.drop_queued();
-                        break;
-                    }
-                }
-                continue;
-            }
-            if !self.every_frame && self.stop.load(Relaxed) {
-                // Real time: a stop does not wait for queued frames to be transformed.
-                self.drop_queued();
-                self.finish();
-                break;
-            }
-            let ctl = if ctl_open { &self.ctl } else { &no_ctl };
-            let frame = select! {
-                recv(ctl) -> msg => {
-                    match msg {
-                        Ok(msg) => {
-                            if let Flow::Closed = self.handle(msg) {
-                                return self.abandon();
-                            }
-                        }
-                        Err(_) => ctl_open = false,
-                    }
-                    continue;
-                }
-                recv(self.input.receiver()) -> f => match f {
-                    Ok(f) => f,
-                    Err(_) => {
-                        // Capture ended and the queue is drained.
-                        self.finish();
-                        break;
-                    }
-                },
-            };
-            // Take the newest frame: anything queued behind this one is fresher.
-            let frame = if self.every_frame {
-                frame
-            } else {
-                match self.input.try_take_newest() {
-                    Taken::Item { item, skipped } => {
-                        self.stats.input_dropped.fetch_add(skipped + 1, Relaxed);
-                        item
-                    }
-                    _ => frame,
-                }
-            };
-            if self.every_frame {
-                // Every frame: a pause holds the frame (and so the queue behind it) back until
-                // resumed or stopped, instead of dropping it.
-                while self.paused.load(Relaxed) && !self.stop.load(Relaxed) {
-                    if let Ok(msg) = self.ctl.recv_timeout(Duration::from_millis(50)) {
-                        if let Flow::Closed = self.handle(msg) {
-                            return self.abandon();
-                        }
-                    }
-                }
-            } else if self.paused.load(Relaxed) {
-                // The output holds its picture; the frame is not transformed.
-                self.stats.input_dropped.fetch_add(1, Relaxed);
-                continue;
-            }
-            let Some(transform) = self.transform.as_mut() else {
-                continue;
-            };
-            let t0 = Instant::now();
-            let mut outs = Vec::new();
-            let discarded_before = transform.discarded();
-            let result = transform.process_into(&frame, &mut outs);
-            let accounted = transform.discarded() != discarded_before;
-            self.count();
-            match result {
-                Ok(()) => {
-                    consecutive_errors = 0;
-                    self.stats.time(Stage::Transform, t0.elapsed());
-                    self.stats.transformed.fetch_add(1, Relaxed);
-                }
-                Err(e) => {
-                    if !accounted {
-                        // The frame is lost; a batching transform counts its own losses.
-                        self.stats.output_dropped.fetch_add(1, Relaxed);
-                    }
-                    // Keep showing the last good frame; log the first and then every 100th error.
-                    self.stats.transform_errors.fetch_add(1, Relaxed);
-                    if consecutive_errors % 100 == 0 {
-                        tracing::error!("transform failed (output keeps the last frame): {e:#}");
-                    }
-                    consecutive_errors += 1;
-                }
-            }
-            if let Flow::Closed = self.send(outs) {
-                return self.abandon();
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Post-process + write stage.
-struct Output {
-    sink: Option<Box<dyn Sink>>,
-    cfg: OutputConfig,
-    post: Postprocess,
-    input: Consumer<Frame>,
-    ctl: Receiver<OutputMsg>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<Stats>,
-    opener: Arc<dyn Opener>,
-    every_frame: bool,
-    max_frames: Option<u64>,
-    /// The last frame written, already in the sink's format and size.
-    last: Option<Frame>,
-    placeholder: Option<Frame>,
-    snapshots: Vec<(PathBuf, Ack<PathBuf>)>,
-    /// The first output frames lost when a replaced output was closed: reported at the end.
-    lost: Option<anyhow::Error>,
-}
-
-/// The frame shown before the first transformed frame: flat dark slate, recognisable by tests.
-pub const PLACEHOLDER_RGB: [u8; 3] = [24, 28, 36];
-
-impl Output {
-    fn sink_format(&self) -> PixelFormat {
-        self.sink.as_ref().map_or(PixelFormat::Yuyv, |s| s.wants())
-    }
-
-    fn placeholder(&mut self) -> Result<Frame> {
-        let fmt = self.sink_format();
-        let (w, h) = (self.cfg.width, self.cfg.height);
-        if let Some(p) = &self.placeholder {
-            if (p.width, p.height, p.format) == (w, h, fmt) {
-                return Ok(p.clone());
-            }
-        }
-        let p = crate::convert::from_rgb(
-            &Frame::solid_rgb(w, h, PLACEHOLDER_RGB),
-            fmt,
-            ColorRange::Limited,
-        )?;
-        self.placeholder = Some(p.clone());
-        Ok(p)
-    }
-
-    fn switch(&mut self, cfg: OutputConfig) -> Result<()> {
-        use crate::profile::OutputKind::V4l2loopback;
-        // Open the new output while the old one still runs, so a failure changes nothing. A
-        // loopback device takes one writer, so loopback → loopback may need the old one closed
-        // first; it is reopened if the new one fails.
-        let new = match self.opener.sink(&cfg) {
-            Ok(s) => s,
-            Err(first) if cfg.kind == V4l2loopback && self.cfg.kind == V4l2loopback => {
-                if let Some(old) = self.sink.take() {
-                    self.close_old(old);
-                }
-                match self.opener.sink(&cfg) {
-                    Ok(s) => s,
-                    Err(second) => {
-                        // The first try failed only because sdcam's own writer still held the
-                        // device ("in use by another writer"); the second one, with the device
-                        // free, has the real reason (e.g. a reader holds the old format).
-                        tracing::debug!("opening the new output beside the old one: {first:#}");
-                        self.sink = self.opener.sink(&self.cfg).ok();
-                        return Err(second);
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        };
-        if let Some(old) = self.sink.take() {
-            self.close_old(old);
-        }
-        tracing::info!("output: {}", new.describe());
-        self.sink = Some(new);
-        self.cfg = cfg;
-        self.last = None;
-        Ok(())
-    }
-
-    /// Closes an output that a live switch replaced. Its final flush failing loses frames that
-    /// were counted as written: the run goes on with the new output but ends with an error.
-    fn close_old(&mut self, mut old: Box<dyn Sink>) {
-        if self.cfg.kind == crate::profile::OutputKind::V4l2loopback {
-            // A virtual camera buffers nothing: closing it loses no frame.
-            if let Err(e) = old.finish() {
-                tracing::warn!("closing the old output: {e:#}");
-            }
-            return;
-        }
-        if let Err(e) = old.finish() {
-            let e = e.context(format!(
-                "closing the previous output {} (its last buffered frames are lost)",
-                old.describe()
-            ));
-            tracing::error!("{e:#}");
-            self.lost.get_or_insert(e);
-        }
-    }
-
-    fn handle(&mut self, msg: OutputMsg, last_rgb: &mut Option<Frame>) {
-        match msg {
-            OutputMsg::Output(cfg, ack) => {
-                let r = self.switch(cfg);
-                if let Some(rgb) = last_rgb.as_ref() {
-                    // Show the current picture at the new size right away.
-                    self.last = self.post_process(rgb).ok();
-                }
-                let _ = ack.send(r);
-            }
-            OutputMsg::Snapshot(path, ack) => self.snapshots.push((path, ack)),
-        }
-    }
-
-    fn post_process(&mut self, rgb: &Frame) -> Result<Frame> {
-        let t0 = Instant::now();
-        let fmt = self.sink_format();
-        let f = self
-            .post
-            .run(rgb, self.cfg.width, self.cfg.height, self.cfg.fit, fmt)?;
-        self.stats.time(Stage::Postprocess, t0.elapsed());
-        Ok(f)
-    }
-
-    /// Writes one frame; returns false when the relay should stop.
-    fn write(&mut self, frame: &Frame) -> Result<bool> {
-        for (path, ack) in self.snapshots.drain(..) {
-            let r = crate::sink::png::write_png(&path, frame).map(|_| path.clone());
-            let _ = ack.send(r);
-        }
-        let Some(sink) = self.sink.as_mut() else {
-            // Output lost (device gone): try to reopen it, keep the relay running.
-            match self.opener.sink(&self.cfg) {
-                Ok(s) => {
-                    tracing::info!("output reopened: {}", s.describe());
-                    self.sink = Some(s);
-                }
-                Err(e) => tracing::debug!("output still unavailable: {e:#}"),
-            }
-            return Ok(true);
-        };
-        let t0 = Instant::now();
-        if let Err(e) = sink.write(frame) {
-            let broken_pipe = e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            });
-            if broken_pipe {
-                // `sdcam --output - | ffplay -` and the player was closed: a normal end.
-                tracing::info!("the reader of {} went away, stopping", sink.describe());
-                self.stop.store(true, Relaxed);
-                return Ok(false);
-            }
-            if self.cfg.kind == crate::profile::OutputKind::V4l2loopback {
-                tracing::warn!("virtual camera write failed, reopening: {e:#}");
-                self.sink = None;
-                return Ok(true);
-            }
-            return Err(e.context(format!("writing to {}", sink.describe())));
-        }
-        self.stats.time(Stage::Write, t0.elapsed());
-        let n = self.stats.written.fetch_add(1, Relaxed) + 1;
-        if self.max_frames.is_some_and(|m| n >= m) {
-            tracing::info!("wrote {n} frames, stopping");
-            self.stop.store(true, Relaxed);
-            return Ok(false);
-        }
-        Ok(true)
-    }
-
-    fn accept(&mut self, rgb: Frame, skipped: u64, last_rgb: &mut Option<Frame>) -> Result<Frame> {
-        self.stats.output_dropped.fetch_add(skipped, Relaxed);
-        let out = self.post_process(&rgb)?;
-        self.stats.time(Stage::Latency, rgb.captured_at.elapsed());
-        *last_rgb = Some(rgb);
-        Ok(out)
-    }
-
-    fn run(mut self) -> Result<()> {
-        let result = if self.every_frame {
-            self.run_every_frame()
-        } else {
-            self.run_realtime()
-        };
-        // The final flush writes what the sink still buffers: if it fails, frames that were
-        // counted as written are lost, and the run must not end as a success.
-        let finished = match self.sink.take() {
-            Some(mut s) => s
-                .finish()
-                .map_err(|e| e.context("closing the output (its last buffered frames are lost)")),
-            None => Ok(()),
-        };
-        for (_, ack) in self.snapshots.drain(..) {
-            let _ = ack.send(Err(anyhow::anyhow!(
-                "the relay stopped before the snapshot"
-            )));
-        }
-        let lost = self.lost.take().map_or(Ok(()), Err);
-        result.and(finished).and(lost)
-    }
-
-    fn run_every_frame(&mut self) -> Result<()> {
-        let mut last_rgb = None;
-        loop {
-            while let Ok(msg) = self.ctl.try_recv() {
-                self.handle(msg, &mut last_rgb);
-            }
-            match self.input.take_next(Duration::from_millis(100)) {
-                Taken::Item { item, skipped } => {
-                    let out = self.accept(item, skipped, &mut last_rgb)?;
-                    if !self.write(&out)? {
-                        return Ok(());
-                    }
-                }
-                Taken::Empty => continue,
-                Taken::Closed => return Ok(()),
-            }
-        }
-    }
-
-    fn run_realtime(&mut self) -> Result<()> {
-        let mut last_rgb: Option<Frame> = None;
-        let mut next_tick = Instant::now();
-        loop {
-            // Wait for the tick, serving control messages meanwhile.
-            loop {
-                let now = Instant::now();
-                if now >= next_tick {
-                    break;
-                }
-                // A stop cuts a long wait short (an output at 0.1 fps would hold the drain
-                // for 10 s); the wait is sliced so that the stop flag is seen.
-                if self.stop.load(Relaxed) && next_tick - now > STOP_SLICE {
-                    next_tick = now + STOP_SLICE;
-                }
-                let slice = (next_tick - now).min(STOP_SLICE);
-                match self.ctl.recv_timeout(slice) {
-                    Ok(msg) => self.handle(msg, &mut last_rgb),
-                    // The control side is gone (join): wait without spinning.
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                        std::thread::sleep(slice)
-                    }
-                    Err(_) => {}
-                }
-            }
-            let mut period = Duration::from_secs_f64(1.0 / self.cfg.fps);
-            if self.stop.load(Relaxed) {
-                // Draining after a stop: at least 10 writes a second.
-                period = period.min(STOP_SLICE);
-            }
-            next_tick += period;
-            if Instant::now() > next_tick + period {
-                next_tick = Instant::now() + period; // fell behind: no burst
-            }
-            // The frame to write and whether it becomes the one repeated on later ticks. The
-            // last frame is moved out and back rather than copied on every tick.
-            let (frame, keep) = match self.input.try_take_newest() {
-                Taken::Item { item, skipped } => (self.accept(item, skipped, &mut last_rgb)?, true),
-                Taken::Closed => {
-                    // Upstream finished and everything queued has been written.
-                    return Ok(());
-                }
-                _ => match self.last.take() {
-                    Some(f) => {
-                        self.stats.repeated.fetch_add(1, Relaxed);
-                        (f, true)
-                    }
-                    None => {
-                        self.stats.placeholders.fetch_add(1, Relaxed);
-                        (self.placeholder()?, false)
-                    }
-                },
-            };
-            let go_on = self.write(&frame)?;
-            if keep {
-                self.last = Some(frame);
-            }
-            if !go_on {
-                return Ok(());
-            }
         }
     }
 }

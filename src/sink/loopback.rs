@@ -31,6 +31,7 @@ use crate::v4l2::{
     self, fourcc_to_string, writer, BufType, FourCc, MmapQueue, PixFormat, V4l2Device, V4l2Env,
     VideoDevice, WriterEvidence,
 };
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::Result;
 
 pub mod lookup;
@@ -286,13 +287,13 @@ impl LoopbackSink {
 }
 
 impl Sink for LoopbackSink {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
         let layout = self.layout;
         if frame.format != layout.format
             || frame.width != layout.width
             || frame.height != layout.height
         {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "loopback {} takes {} {}x{} frames, got {} {}x{}",
                 self.path.display(),
                 layout.format,
@@ -301,30 +302,34 @@ impl Sink for LoopbackSink {
                 frame.format,
                 frame.width,
                 frame.height
-            );
+            )
+            .into());
         }
         let len = layout.sizeimage as usize;
         if frame.data.len() < len {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "{} frame {}x{} has {} bytes, needs {len}",
                 frame.format,
                 frame.width,
                 frame.height,
                 frame.data.len()
-            );
+            )
+            .into());
         }
         let path = &self.path;
         let Some(queue) = self.queue.as_mut() else {
-            bail!("loopback {} is closed", path.display());
+            return Err(anyhow::anyhow!("loopback {} is closed", path.display()).into());
         };
         // An idle buffer, or the next one the driver is done with; a buffer not queued below
         // goes back to the queue when `buf` is dropped.
         let mut buf = queue
             .dequeue(WRITE_TIMEOUT)
-            .with_context(|| format!("loopback {}: waiting for a free buffer", path.display()))?;
+            .with_context(|| format!("loopback {}: waiting for a free buffer", path.display()))
+            .map_err(StageError::DeviceGone)?;
         buf.data_mut()[..len].copy_from_slice(&frame.data[..len]);
         buf.queue(len)
-            .with_context(|| format!("loopback {}: VIDIOC_QBUF", path.display()))?;
+            .with_context(|| format!("loopback {}: VIDIOC_QBUF", path.display()))
+            .map_err(StageError::DeviceGone)?;
         if !queue.is_streaming() {
             queue
                 .stream_on()
@@ -349,6 +354,15 @@ impl Sink for LoopbackSink {
             self.layout.height,
             format_fps(self.fps)
         )
+    }
+
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: true,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn finish(&mut self) -> Result<()> {

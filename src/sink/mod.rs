@@ -6,17 +6,26 @@ pub mod png;
 pub mod y4m;
 
 use crate::frame::Frame;
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 
 /// A consumer of frames at the output size. The relay's output stage calls [`Sink::write`] at a
 /// steady rate, repeating the last frame when the transform is late.
 pub trait Sink: Send {
     /// Writes one frame (already converted to [`Sink::wants`] and to the output size).
-    fn write(&mut self, frame: &Frame) -> Result<()>;
+    ///
+    /// # Errors
+    /// [`crate::stage::StageError::BrokenPipe`] when the reader of a pipe went away (the relay
+    /// stops normally), [`crate::stage::StageError::DeviceGone`] when the device went away,
+    /// anything else as [`crate::stage::StageError::Other`].
+    fn write(&mut self, frame: &Frame) -> StageResult<()>;
     /// The pixel format this sink wants frames in.
     fn wants(&self) -> crate::frame::PixelFormat;
     /// Human-readable description for logs.
     fn describe(&self) -> String;
+    /// What the sink is: live or not, holding an exclusive device or not, reconnected when lost
+    /// or not, buffering frames or not.
+    fn info(&self) -> StageInfo;
     /// Flushes and releases the output (stream off, file flush). Called once on graceful stop.
     fn finish(&mut self) -> Result<()> {
         Ok(())

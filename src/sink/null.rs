@@ -3,7 +3,7 @@
 
 use super::Sink;
 use crate::frame::{Frame, PixelFormat};
-use crate::Result;
+use crate::stage::{StageInfo, StageResult};
 
 #[derive(Debug)]
 pub struct NullSink {
@@ -18,7 +18,7 @@ impl NullSink {
 }
 
 impl Sink for NullSink {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
         std::hint::black_box(&frame.data);
         self.frames += 1;
         Ok(())
@@ -30,5 +30,14 @@ impl Sink for NullSink {
 
     fn describe(&self) -> String {
         format!("null ({})", self.format)
+    }
+
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: false,
+            exclusive_device: false,
+            reconnect_on_loss: false,
+            buffers_frames: false,
+        }
     }
 }

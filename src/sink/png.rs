@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use super::Sink;
 use crate::frame::{Frame, PixelFormat};
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 
 /// Writes an RGB24 frame as a PNG file.
@@ -51,7 +52,7 @@ impl PngSink {
 }
 
 impl Sink for PngSink {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
         if self.n % self.every == 0 {
             write_png(&self.dir.join(format!("frame_{:06}.png", self.n)), frame)?;
             self.written += 1;
@@ -70,6 +71,16 @@ impl Sink for PngSink {
             self.every,
             self.dir.display()
         )
+    }
+
+    /// Each written frame is a finished file: nothing is buffered.
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: false,
+            exclusive_device: false,
+            reconnect_on_loss: false,
+            buffers_frames: false,
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use anyhow::Context;
 use super::Sink;
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::rate::fps_fraction;
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::y4m::Y4mHeader;
 use crate::Result;
 
@@ -60,29 +61,33 @@ impl Y4mSink {
 }
 
 impl Sink for Y4mSink {
-    fn write(&mut self, frame: &Frame) -> Result<()> {
-        anyhow::ensure!(
-            frame.format == PixelFormat::I420 && (frame.width, frame.height) == self.size,
-            "y4m sink expects i420 {}x{}, got {} {}x{}",
-            self.size.0,
-            self.size.1,
-            frame.format,
-            frame.width,
-            frame.height
-        );
+    fn write(&mut self, frame: &Frame) -> StageResult<()> {
+        if frame.format != PixelFormat::I420 || (frame.width, frame.height) != self.size {
+            return Err(anyhow::anyhow!(
+                "y4m sink expects i420 {}x{}, got {} {}x{}",
+                self.size.0,
+                self.size.1,
+                frame.format,
+                frame.width,
+                frame.height
+            )
+            .into());
+        }
         if !self.header_written {
             let (w, h) = self.size;
             let header = Y4mHeader::i420(w, h, fps_fraction(self.fps), ColorRange::Limited);
-            self.out.write_all(header.line().as_bytes())?;
+            self.out
+                .write_all(header.line().as_bytes())
+                .map_err(|e| StageError::io(e, "writing the Y4M header"))?;
             self.header_written = true;
         }
         let len = PixelFormat::I420
             .frame_len(frame.width, frame.height)
             .unwrap_or(0);
-        self.out.write_all(b"FRAME\n")?;
         self.out
-            .write_all(&frame.data[..len])
-            .context("writing Y4M frame (is the reader still there?)")?;
+            .write_all(b"FRAME\n")
+            .and_then(|()| self.out.write_all(&frame.data[..len]))
+            .map_err(|e| StageError::io(e, "writing Y4M frame (is the reader still there?)"))?;
         self.frames += 1;
         Ok(())
     }
@@ -100,6 +105,15 @@ impl Sink for Y4mSink {
             "Y4M {to} {}x{} @ {} fps",
             self.size.0, self.size.1, self.fps
         )
+    }
+
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: false,
+            exclusive_device: false,
+            reconnect_on_loss: false,
+            buffers_frames: true,
+        }
     }
 
     fn finish(&mut self) -> Result<()> {

@@ -19,6 +19,7 @@ use crate::rate::format_fps;
 use crate::v4l2::{
     self, fourcc_to_string, BufType, FourCc, MmapQueue, PixFormat, V4l2Device, VideoDevice,
 };
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::Result;
 
 pub mod negotiate;
@@ -352,7 +353,7 @@ impl CameraSource {
 }
 
 impl Source for CameraSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         let mut bad = 0;
         let started = Instant::now();
         let timeout = frame_timeout(self.fps);
@@ -369,10 +370,12 @@ impl Source for CameraSource {
                     continue;
                 }
                 Err(e) => {
-                    return Err(anyhow::Error::from(e).context(format!(
-                        "capturing from camera {} ({}): unplugged or stalled?",
-                        self.path.display(),
-                        self.card
+                    return Err(StageError::DeviceGone(anyhow::Error::from(e).context(
+                        format!(
+                            "capturing from camera {} ({}): unplugged or stalled?",
+                            self.path.display(),
+                            self.card
+                        ),
                     )))
                 }
             };
@@ -398,7 +401,10 @@ impl Source for CameraSource {
                     self.path.display(),
                 );
                 if bad >= MAX_BAD_BUFFERS {
-                    bail!("camera {}: {bad} bad buffers in a row", self.path.display());
+                    return Err(StageError::DeviceGone(anyhow::anyhow!(
+                        "camera {}: {bad} bad buffers in a row",
+                        self.path.display()
+                    )));
                 }
                 continue;
             };
@@ -432,8 +438,13 @@ impl Source for CameraSource {
         self.fps
     }
 
-    fn is_live(&self) -> bool {
-        true
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: true,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn set_wake(&mut self, wake: Wake) {

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use super::pacer::Pacer;
 use super::{Captured, Source};
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 
 /// Decodes a PNG or JPEG file (by content, not by extension) to RGB24 with the `image` crate:
@@ -87,7 +88,7 @@ impl ImageSource {
 }
 
 impl Source for ImageSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         if !self.looping && self.seq > 0 {
             return Ok(Captured::End);
         }
@@ -113,6 +114,17 @@ impl Source for ImageSource {
 
     fn set_wake(&mut self, wake: super::Wake) {
         self.pacer.set_wake(wake);
+    }
+
+    /// Live: a still image is shown at its rate like a camera (frames are not queued), and a
+    /// failure re-reads it.
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: false,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn fps(&self) -> f64 {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::frame::Frame;
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 
 /// Wakes a source that waits for its next frame (a pacing sleep, a camera poll), so that a stop
@@ -81,14 +82,23 @@ pub enum Captured {
 /// asked to pace ([`Source::set_realtime`]).
 pub trait Source: Send {
     /// Blocks until the next frame is available.
-    fn next_frame(&mut self) -> Result<Captured>;
+    ///
+    /// # Errors
+    /// [`crate::stage::StageError::DeviceGone`] when the device went away (the relay reconnects
+    /// a source whose [`Source::info`] says so); anything else as
+    /// [`crate::stage::StageError::Other`].
+    fn next_frame(&mut self) -> StageResult<Captured>;
     /// Human-readable description for logs and `stats` (device, size, format, rate).
     fn describe(&self) -> String;
     /// Nominal frame rate of the source, frames per second.
     fn fps(&self) -> f64;
-    /// Whether the source is live (a camera or screen: frames arrive in real time, stale ones are dropped).
+    /// What the source is: live or not, holding an exclusive device or not, reconnected when
+    /// lost or not.
+    fn info(&self) -> StageInfo;
+    /// Whether the source is live (a camera or screen: frames arrive in real time, stale ones
+    /// are dropped): [`StageInfo::live`] of [`Source::info`].
     fn is_live(&self) -> bool {
-        true
+        self.info().live
     }
     /// For file sources: pace frames at [`Source::fps`] as a camera would. Live sources ignore it.
     fn set_realtime(&mut self, _realtime: bool) {}

@@ -6,7 +6,7 @@
 use super::pacer::Pacer;
 use super::{Captured, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
-use crate::Result;
+use crate::stage::{StageInfo, StageResult};
 
 /// 75% colour bars (white, yellow, cyan, green, magenta, red, blue), as in SMPTE/EBU test charts.
 const BARS: [[u8; 3]; 7] = [
@@ -120,7 +120,7 @@ impl PatternSource {
 }
 
 impl Source for PatternSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         if !self.pacer.wait() {
             return Ok(Captured::Interrupted);
         }
@@ -142,6 +142,15 @@ impl Source for PatternSource {
             "test pattern {}x{} @ {} fps",
             self.width, self.height, self.fps
         )
+    }
+
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: false,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn fps(&self) -> f64 {

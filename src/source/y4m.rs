@@ -17,6 +17,7 @@ use super::pacer::Pacer;
 use super::{Captured, Source};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::y4m::{Y4mChroma, Y4mHeader};
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 
 /// Where Y4M bytes come from.
@@ -152,7 +153,7 @@ impl Y4mSource {
 }
 
 impl Source for Y4mSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         let marker = match read_line(&mut *self.reader)? {
             Some(m) => m,
             None if self.rewind()? => {
@@ -161,10 +162,11 @@ impl Source for Y4mSource {
             None => return Ok(Captured::End),
         };
         if !marker.starts_with("FRAME") {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "Y4M stream is corrupt: expected FRAME, found {:?}",
                 marker.chars().take(16).collect::<String>()
-            );
+            )
+            .into());
         }
         // Grown as the bytes arrive (not allocated whole from the header's size first), so a
         // short stream with a huge header costs only what it holds.
@@ -175,10 +177,11 @@ impl Source for Y4mSource {
             .read_to_end(&mut data)
             .context("reading a Y4M frame")?;
         if data.len() < len {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "Y4M stream ended in the middle of a frame ({} of {len} bytes)",
                 data.len()
-            );
+            )
+            .into());
         }
         if self.header.bit_depth > 8 {
             // Little-endian samples of `bit_depth` bits → their top 8 bits.
@@ -216,8 +219,13 @@ impl Source for Y4mSource {
         self.header.fps()
     }
 
-    fn is_live(&self) -> bool {
-        false
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: false,
+            exclusive_device: false,
+            reconnect_on_loss: false,
+            buffers_frames: false,
+        }
     }
 
     fn set_realtime(&mut self, realtime: bool) {

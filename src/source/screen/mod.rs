@@ -31,6 +31,7 @@ use x11rb::x11_utils::TryParse;
 use super::pacer::Pacer;
 use super::{Captured, ScreenOptions, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::stage::{StageInfo, StageResult};
 use crate::Result;
 use shm_segment::ShmSegment;
 use zpixmap::ImageLayout;
@@ -274,7 +275,7 @@ impl Drop for ScreenSource {
 }
 
 impl Source for ScreenSource {
-    fn next_frame(&mut self) -> Result<Captured> {
+    fn next_frame(&mut self) -> StageResult<Captured> {
         if !self.pacer.wait() {
             return Ok(Captured::Interrupted);
         }
@@ -311,8 +312,13 @@ impl Source for ScreenSource {
         self.fps
     }
 
-    fn is_live(&self) -> bool {
-        true
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: false,
+            reconnect_on_loss: true,
+            buffers_frames: false,
+        }
     }
 
     fn set_wake(&mut self, wake: Wake) {

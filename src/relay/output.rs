@@ -1,0 +1,323 @@
+//! The output stage: post-processes transformed frames to the sink's format and size and
+//! writes them. In real time it writes at its own steady rate, repeating the last frame (or
+//! showing the placeholder) when the transform is late; in every-frame mode it writes each
+//! frame once. A sink that says it reconnects when lost
+//! ([`crate::stage::StageInfo::reconnect_on_loss`]) is reopened in the background after a
+//! failed write; a reader that went away ([`StageError::BrokenPipe`]) ends the run normally;
+//! an output switch opens the new sink beside the old one ([`super::replace`]).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver};
+
+use super::clock::Clock;
+use super::queue::{Consumer, Taken};
+use super::replace::{open_replacement, Slot};
+use super::{Ack, Opener, OutputMsg, Stage, Stats, STOP_SLICE};
+use crate::convert::Postprocess;
+use crate::frame::{ColorRange, Frame, PixelFormat};
+use crate::profile::OutputConfig;
+use crate::sink::Sink;
+use crate::stage::StageError;
+use crate::Result;
+
+/// Post-process + write stage.
+pub(super) struct Output {
+    pub(super) sink: Option<Box<dyn Sink>>,
+    pub(super) cfg: OutputConfig,
+    pub(super) post: Postprocess,
+    pub(super) input: Consumer<Frame>,
+    pub(super) ctl: Receiver<OutputMsg>,
+    pub(super) stop: Arc<AtomicBool>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) opener: Arc<dyn Opener>,
+    pub(super) every_frame: bool,
+    pub(super) max_frames: Option<u64>,
+    /// Paces the writes in real time.
+    pub(super) clock: Arc<dyn Clock>,
+    /// The last frame written, already in the sink's format and size.
+    pub(super) last: Option<Frame>,
+    pub(super) placeholder: Option<Frame>,
+    pub(super) snapshots: Vec<(PathBuf, Ack<PathBuf>)>,
+    /// The first output frames lost when a replaced output was closed: reported at the end.
+    pub(super) lost: Option<anyhow::Error>,
+}
+
+/// The frame shown before the first transformed frame: flat dark slate, recognisable by tests.
+pub const PLACEHOLDER_RGB: [u8; 3] = [24, 28, 36];
+
+impl Output {
+    fn sink_format(&self) -> PixelFormat {
+        self.sink.as_ref().map_or(PixelFormat::Yuyv, |s| s.wants())
+    }
+
+    fn placeholder(&mut self) -> Result<Frame> {
+        let fmt = self.sink_format();
+        let (w, h) = (self.cfg.width, self.cfg.height);
+        if let Some(p) = &self.placeholder {
+            if (p.width, p.height, p.format) == (w, h, fmt) {
+                return Ok(p.clone());
+            }
+        }
+        let p = crate::convert::from_rgb(
+            &Frame::solid_rgb(w, h, PLACEHOLDER_RGB),
+            fmt,
+            ColorRange::Limited,
+        )?;
+        self.placeholder = Some(p.clone());
+        Ok(p)
+    }
+
+    fn switch(&mut self, cfg: OutputConfig) -> Result<()> {
+        let new = open_replacement(self, &cfg)?;
+        if let Some(old) = self.sink.take() {
+            self.close_old(old);
+        }
+        tracing::info!("output: {}", new.describe());
+        self.sink = Some(new);
+        self.cfg = cfg;
+        self.last = None;
+        Ok(())
+    }
+
+    /// Closes an output that a live switch replaced. Its final flush failing loses frames that
+    /// were counted as written: the run goes on with the new output but ends with an error.
+    fn close_old(&mut self, mut old: Box<dyn Sink>) {
+        if !old.info().buffers_frames {
+            // A virtual camera buffers nothing: closing it loses no frame.
+            if let Err(e) = old.finish() {
+                tracing::warn!("closing the old output: {e:#}");
+            }
+            return;
+        }
+        if let Err(e) = old.finish() {
+            let e = e.context(format!(
+                "closing the previous output {} (its last buffered frames are lost)",
+                old.describe()
+            ));
+            tracing::error!("{e:#}");
+            self.lost.get_or_insert(e);
+        }
+    }
+
+    fn handle(&mut self, msg: OutputMsg, last_rgb: &mut Option<Frame>) {
+        match msg {
+            OutputMsg::Output(cfg, ack) => {
+                let r = self.switch(cfg);
+                if let Some(rgb) = last_rgb.as_ref() {
+                    // Show the current picture at the new size right away.
+                    self.last = self.post_process(rgb).ok();
+                }
+                let _ = ack.send(r);
+            }
+            OutputMsg::Snapshot(path, ack) => self.snapshots.push((path, ack)),
+        }
+    }
+
+    fn post_process(&mut self, rgb: &Frame) -> Result<Frame> {
+        let t0 = Instant::now();
+        let fmt = self.sink_format();
+        let f = self
+            .post
+            .run(rgb, self.cfg.width, self.cfg.height, self.cfg.fit, fmt)?;
+        self.stats.time(Stage::Postprocess, t0.elapsed());
+        Ok(f)
+    }
+
+    /// Writes one frame; returns false when the relay should stop.
+    fn write(&mut self, frame: &Frame) -> Result<bool> {
+        for (path, ack) in self.snapshots.drain(..) {
+            let r = crate::sink::png::write_png(&path, frame).map(|_| path.clone());
+            let _ = ack.send(r);
+        }
+        let Some(sink) = self.sink.as_mut() else {
+            // Output lost (device gone): try to reopen it, keep the relay running.
+            match self.opener.sink(&self.cfg) {
+                Ok(s) => {
+                    tracing::info!("output reopened: {}", s.describe());
+                    self.sink = Some(s);
+                }
+                Err(e) => tracing::debug!("output still unavailable: {e:#}"),
+            }
+            return Ok(true);
+        };
+        let t0 = Instant::now();
+        match sink.write(frame) {
+            Ok(()) => {}
+            Err(StageError::BrokenPipe(_)) => {
+                // `sdcam --output - | ffplay -` and the player was closed: a normal end.
+                tracing::info!("the reader of {} went away, stopping", sink.describe());
+                self.stop.store(true, Relaxed);
+                return Ok(false);
+            }
+            Err(e) if sink.info().reconnect_on_loss => {
+                tracing::warn!(
+                    "{} write failed, reopening: {:#}",
+                    sink.describe(),
+                    e.into_anyhow()
+                );
+                self.sink = None;
+                return Ok(true);
+            }
+            Err(e) => {
+                return Err(e
+                    .into_anyhow()
+                    .context(format!("writing to {}", sink.describe())))
+            }
+        }
+        self.stats.time(Stage::Write, t0.elapsed());
+        let n = self.stats.written.fetch_add(1, Relaxed) + 1;
+        if self.max_frames.is_some_and(|m| n >= m) {
+            tracing::info!("wrote {n} frames, stopping");
+            self.stop.store(true, Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn accept(&mut self, rgb: Frame, skipped: u64, last_rgb: &mut Option<Frame>) -> Result<Frame> {
+        self.stats.output_dropped.fetch_add(skipped, Relaxed);
+        let out = self.post_process(&rgb)?;
+        self.stats.time(Stage::Latency, rgb.captured_at.elapsed());
+        *last_rgb = Some(rgb);
+        Ok(out)
+    }
+
+    pub(super) fn run(mut self) -> Result<()> {
+        let result = if self.every_frame {
+            self.run_every_frame()
+        } else {
+            self.run_realtime()
+        };
+        // The final flush writes what the sink still buffers: if it fails, frames that were
+        // counted as written are lost, and the run must not end as a success.
+        let finished = match self.sink.take() {
+            Some(mut s) => s
+                .finish()
+                .map_err(|e| e.context("closing the output (its last buffered frames are lost)")),
+            None => Ok(()),
+        };
+        for (_, ack) in self.snapshots.drain(..) {
+            let _ = ack.send(Err(anyhow::anyhow!(
+                "the relay stopped before the snapshot"
+            )));
+        }
+        let lost = self.lost.take().map_or(Ok(()), Err);
+        result.and(finished).and(lost)
+    }
+
+    fn run_every_frame(&mut self) -> Result<()> {
+        let mut last_rgb = None;
+        loop {
+            while let Ok(msg) = self.ctl.try_recv() {
+                self.handle(msg, &mut last_rgb);
+            }
+            match self.input.take_next(Duration::from_millis(100)) {
+                Taken::Item { item, skipped } => {
+                    let out = self.accept(item, skipped, &mut last_rgb)?;
+                    if !self.write(&out)? {
+                        return Ok(());
+                    }
+                }
+                Taken::Empty => continue,
+                Taken::Closed => return Ok(()),
+            }
+        }
+    }
+
+    fn run_realtime(&mut self) -> Result<()> {
+        let mut last_rgb: Option<Frame> = None;
+        let mut next_tick = self.clock.now();
+        // After `join` drops the control side, its channel is always "ready": wait on nothing.
+        let no_ctl = crossbeam_channel::never();
+        let mut ctl_open = true;
+        loop {
+            // Wait for the tick, serving control messages meanwhile.
+            loop {
+                let now = self.clock.now();
+                if now >= next_tick {
+                    break;
+                }
+                // A stop cuts a long wait short (an output at 0.1 fps would hold the drain
+                // for 10 s); the wait is sliced so that the stop flag is seen.
+                if self.stop.load(Relaxed) && next_tick - now > STOP_SLICE {
+                    next_tick = now + STOP_SLICE;
+                }
+                let timer = self.clock.at(next_tick.min(now + STOP_SLICE));
+                let ctl = if ctl_open { &self.ctl } else { &no_ctl };
+                select! {
+                    recv(ctl) -> msg => match msg {
+                        Ok(msg) => self.handle(msg, &mut last_rgb),
+                        // The control side is gone (join): wait for the ticks only.
+                        Err(_) => ctl_open = false,
+                    },
+                    recv(timer) -> _ => {}
+                }
+            }
+            let mut period = Duration::from_secs_f64(1.0 / self.cfg.fps);
+            if self.stop.load(Relaxed) {
+                // Draining after a stop: at least 10 writes a second.
+                period = period.min(STOP_SLICE);
+            }
+            next_tick += period;
+            let now = self.clock.now();
+            if now > next_tick + period {
+                next_tick = now + period; // fell behind: no burst
+            }
+            // The frame to write and whether it becomes the one repeated on later ticks. The
+            // last frame is moved out and back rather than copied on every tick.
+            let (frame, keep) = match self.input.try_take_newest() {
+                Taken::Item { item, skipped } => (self.accept(item, skipped, &mut last_rgb)?, true),
+                Taken::Closed => {
+                    // Upstream finished and everything queued has been written.
+                    return Ok(());
+                }
+                _ => match self.last.take() {
+                    Some(f) => {
+                        self.stats.repeated.fetch_add(1, Relaxed);
+                        (f, true)
+                    }
+                    None => {
+                        self.stats.placeholders.fetch_add(1, Relaxed);
+                        (self.placeholder()?, false)
+                    }
+                },
+            };
+            let go_on = self.write(&frame)?;
+            if keep {
+                self.last = Some(frame);
+            }
+            if !go_on {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Slot for Output {
+    type Stage = Box<dyn Sink>;
+    type Config = OutputConfig;
+    const WHAT: &'static str = "output";
+
+    fn open(&self, cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
+        self.opener.sink(cfg)
+    }
+    fn holds_device_for(&self, cfg: &OutputConfig) -> bool {
+        self.sink
+            .as_ref()
+            .is_some_and(|s| s.info().exclusive_device)
+            && cfg.kind == self.cfg.kind
+    }
+    fn close_current(&mut self) {
+        if let Some(old) = self.sink.take() {
+            self.close_old(old);
+        }
+    }
+    fn reopen_current(&mut self) {
+        // A failure leaves the output lost: `write` reopens it in the background.
+        self.sink = self.opener.sink(&self.cfg).ok();
+    }
+}

@@ -27,11 +27,11 @@ use anyhow::{bail, Context as _};
 use super::{LoopbackFormat, LoopbackOptions, Sink};
 use crate::frame::{Frame, PixelFormat};
 use crate::rate::format_fps;
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::v4l2::{
     self, fourcc_to_string, writer, BufType, FourCc, MmapQueue, PixFormat, V4l2Device, V4l2Env,
     VideoDevice, WriterEvidence,
 };
-use crate::stage::{StageError, StageInfo, StageResult};
 use crate::Result;
 
 pub mod lookup;

@@ -16,10 +16,10 @@ use anyhow::{bail, Context as _};
 use super::{CameraOptions, Captured, Source, Wake};
 use crate::frame::{ColorRange, Frame, PixelFormat};
 use crate::rate::format_fps;
+use crate::stage::{StageError, StageInfo, StageResult};
 use crate::v4l2::{
     self, fourcc_to_string, BufType, FourCc, MmapQueue, PixFormat, V4l2Device, VideoDevice,
 };
-use crate::stage::{StageError, StageInfo, StageResult};
 use crate::Result;
 
 pub mod negotiate;

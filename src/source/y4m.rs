@@ -16,8 +16,8 @@ use anyhow::{bail, Context};
 use super::pacer::Pacer;
 use super::{Captured, Source};
 use crate::frame::{ColorRange, Frame, PixelFormat};
-use crate::y4m::{Y4mChroma, Y4mHeader};
 use crate::stage::{StageInfo, StageResult};
+use crate::y4m::{Y4mChroma, Y4mHeader};
 use crate::Result;
 
 /// Where Y4M bytes come from.

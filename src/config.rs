@@ -7,7 +7,12 @@
 //! from the converted options.)
 
 use crate::pipeline::{FilterSettings, LiveParams, StreamParams};
-use crate::profile::{geometry, ModelConfig, Profile};
+use crate::profile::{
+    geometry, ModelConfig, OutputConfig, OutputKind, Profile, SourceConfig, SourceKind,
+};
+use crate::relay::{OutputOptions, PreprocessConfig};
+use crate::sink::{LoopbackOptions, SinkOptions};
+use crate::source::{CameraOptions, ScreenOptions, SourceOptions};
 use crate::transform::diffusion::ModelOptions;
 use crate::transform::TransformOptions;
 
@@ -77,5 +82,77 @@ pub fn transform_options(p: &Profile) -> TransformOptions {
         filter: filter_settings(p),
         noise_file: p.stream.noise_file.clone(),
         prompt_blend_frames: p.stream.prompt_blend_frames,
+    }
+}
+
+/// The source a profile's `[source]` table describes.
+pub fn source_options(s: &SourceConfig) -> SourceOptions {
+    match s.kind {
+        SourceKind::Pattern => SourceOptions::Pattern {
+            width: s.width,
+            height: s.height,
+            fps: s.fps,
+        },
+        SourceKind::Camera => SourceOptions::Camera(CameraOptions {
+            device: s.device.clone(),
+            width: s.width,
+            height: s.height,
+            fps: s.fps,
+            format: s.format,
+        }),
+        SourceKind::Screen => SourceOptions::Screen(ScreenOptions {
+            display: s.display.clone(),
+            region: s.region.map(|r| (r.x, r.y, r.width, r.height)),
+            fps: s.fps,
+        }),
+        SourceKind::File => SourceOptions::File {
+            path: s.path.clone(),
+            fps: s.fps,
+            looping: s.looping,
+        },
+    }
+}
+
+/// The output a profile's `[output]` table describes.
+pub fn output_options(o: &OutputConfig) -> OutputOptions {
+    let sink = match o.kind {
+        OutputKind::V4l2loopback => SinkOptions::V4l2loopback(LoopbackOptions {
+            device: o.device.as_ref().map(std::path::PathBuf::from),
+            label: Some(o.label.clone()),
+            format: o.format,
+            width: o.width,
+            height: o.height,
+            fps: o.fps,
+        }),
+        OutputKind::Y4m => SinkOptions::Y4m {
+            path: o.path.clone(),
+            width: o.width,
+            height: o.height,
+            fps: o.fps,
+        },
+        OutputKind::Png => SinkOptions::Png {
+            dir: std::path::PathBuf::from(&o.path),
+            every: o.every,
+        },
+        OutputKind::Null => SinkOptions::Null,
+    };
+    OutputOptions {
+        sink,
+        width: o.width,
+        height: o.height,
+        fps: o.fps,
+        fit: o.fit,
+    }
+}
+
+/// How captured frames are pre-processed for the stream: the stream size
+/// ([`geometry::resolve`]), `source.fit` and the mirror.
+pub fn preprocess(p: &Profile) -> PreprocessConfig {
+    let size = geometry::resolve(p);
+    PreprocessConfig {
+        width: size.width,
+        height: size.height,
+        fit: p.source.fit,
+        mirror: p.source.mirror,
     }
 }

@@ -160,10 +160,10 @@ impl Sink for Recorder {
 struct NoOpener;
 
 impl Opener for NoOpener {
-    fn source(&self, _cfg: &SourceConfig) -> Result<Box<dyn Source>> {
+    fn source(&self, _cfg: &sdcam::source::SourceOptions) -> Result<Box<dyn Source>> {
         anyhow::bail!("no such source")
     }
-    fn sink(&self, _cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
+    fn sink(&self, _cfg: &sdcam::relay::OutputOptions) -> Result<Box<dyn Sink>> {
         anyhow::bail!("no such sink")
     }
 }
@@ -197,7 +197,7 @@ fn start(s: Setup) -> (Relay, Recorder, Arc<Mutex<Vec<u64>>>) {
     let relay = Relay::start_with_clock(
         RelayStart {
             source: Box::new(s.source),
-            source_cfg: SourceConfig::default(),
+            source_cfg: sdcam::config::source_options(&SourceConfig::default()),
             transform: Some(Box::new(Slow {
                 delay: s.delay,
                 seen: seen.clone(),
@@ -205,7 +205,7 @@ fn start(s: Setup) -> (Relay, Recorder, Arc<Mutex<Vec<u64>>>) {
                 clock: s.clock.clone().filter(|_| s.clocked_transform),
             })),
             sink: Box::new(rec.clone()),
-            output_cfg,
+            output_cfg: sdcam::config::output_options(&output_cfg),
             preprocess: PreprocessConfig {
                 width: 8,
                 height: 8,
@@ -403,14 +403,18 @@ fn failed_reconfiguration_keeps_the_stage_running() {
     // The capture stage serves the switch between two frames: the clock runs meanwhile.
     let driver = clock.drive();
     // Source and sink cannot be opened, the transform refuses the settings: all report errors...
-    assert!(relay.set_source(SourceConfig::default()).is_err());
+    assert!(relay
+        .set_source(sdcam::config::source_options(&SourceConfig::default()))
+        .is_err());
     let y4m = OutputConfig {
         kind: OutputKind::Y4m,
         width: 8,
         height: 8,
         ..Default::default()
     };
-    assert!(relay.set_output(y4m).is_err());
+    assert!(relay
+        .set_output(sdcam::config::output_options(&y4m))
+        .is_err());
     assert!(relay
         .apply_transform(&sdcam::config::transform_options(&Profile::default()))
         .is_err());
@@ -506,7 +510,7 @@ fn yuv_sink_gets_converted_frames() {
             live: false,
             clock: None,
         }),
-        source_cfg: SourceConfig::default(),
+        source_cfg: sdcam::config::source_options(&SourceConfig::default()),
         transform: Some(Box::new(Slow {
             delay: Duration::ZERO,
             seen: Default::default(),
@@ -514,11 +518,11 @@ fn yuv_sink_gets_converted_frames() {
             clock: None,
         })),
         sink: Box::new(Yuyv(got.clone())),
-        output_cfg: OutputConfig {
+        output_cfg: sdcam::config::output_options(&OutputConfig {
             width: 16,
             height: 4,
             ..Default::default()
-        },
+        }),
         preprocess: PreprocessConfig {
             width: 8,
             height: 8,
@@ -656,10 +660,10 @@ fn rig(
     Relay::start_with_clock(
         RelayStart {
             source: Box::new(source),
-            source_cfg: SourceConfig::default(),
+            source_cfg: sdcam::config::source_options(&SourceConfig::default()),
             transform,
             sink,
-            output_cfg: output,
+            output_cfg: sdcam::config::output_options(&output),
             preprocess: PreprocessConfig {
                 width: 8,
                 height: 8,
@@ -839,10 +843,10 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
     }
     struct RecorderOpener(Recorder);
     impl Opener for RecorderOpener {
-        fn source(&self, _cfg: &SourceConfig) -> Result<Box<dyn Source>> {
+        fn source(&self, _cfg: &sdcam::source::SourceOptions) -> Result<Box<dyn Source>> {
             anyhow::bail!("no such source")
         }
-        fn sink(&self, _cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
+        fn sink(&self, _cfg: &sdcam::relay::OutputOptions) -> Result<Box<dyn Sink>> {
             Ok(Box::new(self.0.clone()))
         }
     }
@@ -873,10 +877,10 @@ fn a_lost_flush_of_a_replaced_output_is_an_error_at_the_end() {
     started(&clock, 1);
     clock.advance(Duration::from_millis(50));
     relay
-        .set_output(OutputConfig {
+        .set_output(sdcam::config::output_options(&OutputConfig {
             path: "other.y4m".into(),
             ..cfg
-        })
+        }))
         .unwrap();
     let err = {
         let _driver = clock.drive();

@@ -43,16 +43,16 @@ fn start(fps: f64, delay: Duration) -> Relay {
     };
     Relay::start(RelayStart {
         source: Box::new(PatternSource::new(32, 32, fps)),
-        source_cfg,
+        source_cfg: sdcam::config::source_options(&source_cfg),
         transform: Some(Box::new(Slow { delay })),
         sink: Box::new(NullSink::new(PixelFormat::Rgb24)),
-        output_cfg: OutputConfig {
+        output_cfg: sdcam::config::output_options(&OutputConfig {
             kind: OutputKind::Null,
             width: 32,
             height: 32,
             fps,
             ..Default::default()
-        },
+        }),
         preprocess: PreprocessConfig {
             width: 32,
             height: 32,
@@ -87,13 +87,13 @@ fn source_change_at_a_tenth_of_a_frame_per_second_is_prompt() {
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     relay
-        .set_source(SourceConfig {
+        .set_source(sdcam::config::source_options(&SourceConfig {
             kind: SourceKind::Pattern,
             width: 48,
             height: 32,
             fps: 0.1,
             ..Default::default()
-        })
+        }))
         .unwrap();
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(4), "source change took {took:?}");

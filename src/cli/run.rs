@@ -15,7 +15,7 @@ use crate::control::session::{self, every_frame, Session};
 use crate::control::{self, Control};
 use crate::profile::geometry;
 use crate::profile::{LoadedProfile, Profile, SourceKind};
-use crate::relay::{DeviceOpener, Opener, PreprocessConfig, Relay, RelayStart, Snapshot};
+use crate::relay::{DeviceOpener, Opener, Relay, RelayStart, Snapshot};
 use crate::Result;
 
 /// How the run reports its status.
@@ -81,22 +81,25 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
     }
     // The output opens first, so a virtual camera starts streaming (placeholder frames) before
     // anything slow happens.
-    let sink = opts.opener.sink(&p.output).context("opening the output")?;
+    let sink = opts
+        .opener
+        .sink(&crate::config::output_options(&p.output))
+        .context("opening the output")?;
     tracing::info!("output: {}", sink.describe());
     let source = opts
         .opener
-        .source(&p.source)
+        .source(&crate::config::source_options(&p.source))
         .context("opening the source")?;
     tracing::info!("source: {}", source.describe());
     // The relay starts streaming (placeholder frames) before the transform is built, so a
     // virtual camera is up while a model loads.
     let mut relay = Relay::start(RelayStart {
         source,
-        source_cfg: p.source.clone(),
+        source_cfg: crate::config::source_options(&p.source),
         transform: None,
         sink,
-        output_cfg: running.output.clone(),
-        preprocess: PreprocessConfig::from_profile(&running),
+        output_cfg: crate::config::output_options(&running.output),
+        preprocess: crate::config::preprocess(&running),
         every_frame: every,
         max_frames: opts.max_frames,
         opener: opts.opener.clone(),

@@ -106,7 +106,7 @@ impl Session {
             what: "start".into(),
         };
         Session {
-            pre: PreprocessConfig::from_profile(&running),
+            pre: crate::config::preprocess(&running),
             relay,
             build,
             current: profile,
@@ -156,7 +156,7 @@ impl Session {
     /// a transform is loading (`loading`): the transform that runs meanwhile was prepared for
     /// the old one; [`Session::finish_build`] sends it once the new transform is in.
     fn sync_preprocess(&mut self, loading: bool) -> Result<()> {
-        let pre = PreprocessConfig::from_profile(&self.running);
+        let pre = crate::config::preprocess(&self.running);
         if pre == self.pre
             || (loading && (pre.width, pre.height) != (self.pre.width, self.pre.height))
         {
@@ -180,7 +180,10 @@ impl Session {
         let mut failed = Vec::new();
         let (mut loading, mut deferred) = (false, false);
         if next.profile.source != old.profile.source {
-            if let Err(e) = self.relay.set_source(next.profile.source.clone()) {
+            if let Err(e) = self
+                .relay
+                .set_source(crate::config::source_options(&next.profile.source))
+            {
                 failed.push(format!("source kept: {e:#}"));
                 next = next.with_parts_of(&old, &["source"]);
             }
@@ -239,7 +242,10 @@ impl Session {
             if every_frame(&next.profile) != every_frame(&old.profile) {
                 tracing::warn!("output.pacing changes take effect when sdcam is restarted");
             }
-            if let Err(e) = self.relay.set_output(run_now.output.clone()) {
+            if let Err(e) = self
+                .relay
+                .set_output(crate::config::output_options(&run_now.output))
+            {
                 failed.push(format!("output kept: {e:#}"));
                 next = next.with_parts_of(&old, &["output"]);
             }
@@ -551,12 +557,16 @@ mod tests {
         let (running, _) = geometry::running(p);
         let opener = Arc::new(DeviceOpener);
         let relay = Relay::start(RelayStart {
-            source: opener.source(&p.source).unwrap(),
-            source_cfg: p.source.clone(),
+            source: opener
+                .source(&crate::config::source_options(&p.source))
+                .unwrap(),
+            source_cfg: crate::config::source_options(&p.source),
             transform: None,
-            sink: opener.sink(&p.output).unwrap(),
-            output_cfg: running.output.clone(),
-            preprocess: PreprocessConfig::from_profile(&running),
+            sink: opener
+                .sink(&crate::config::output_options(&p.output))
+                .unwrap(),
+            output_cfg: crate::config::output_options(&running.output),
+            preprocess: crate::config::preprocess(&running),
             every_frame: false,
             max_frames: None,
             opener,

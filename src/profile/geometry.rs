@@ -270,7 +270,6 @@ mod tests {
     use super::*;
     use crate::convert::{Postprocess, Preprocess};
     use crate::frame::{ColorRange, Frame, PixelFormat};
-    use crate::relay::PreprocessConfig;
     use crate::transform::Transform;
     use StreamDim::{Auto, Px};
 
@@ -324,7 +323,7 @@ mod tests {
     /// stage settings the run loop hands the stages.
     fn chain(p: &Profile, src: &Frame) -> Frame {
         let (run, _) = running(p);
-        let pre = PreprocessConfig::from_profile(&run);
+        let pre = crate::config::preprocess(&run);
         let x = Preprocess::default()
             .run(src, pre.width, pre.height, pre.fit, pre.mirror)
             .unwrap();

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::convert::Fit;
 pub use crate::model::device::{DeviceName, DtypeName};
 pub use crate::pipeline::stream::{CfgType, StreamMode};
+pub use crate::sink::LoopbackFormat as OutputFormatName;
+pub use crate::source::CameraFormat as CameraFormatName;
 pub use crate::transform::TransformKind;
 
 /// A whole profile. Top-level keys hold the prompt; tables hold the stages.
@@ -57,16 +59,6 @@ pub enum SourceKind {
     Screen,
     /// A Y4M video (`-` = stdin) or a still PNG/JPEG image (`path`).
     File,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CameraFormatName {
-    Auto,
-    Yuyv,
-    Mjpeg,
-    Nv12,
-    Rgb,
 }
 
 /// A rectangle of the screen.
@@ -141,13 +133,6 @@ pub enum OutputKind {
     Png,
     /// Discard (benchmarks).
     Null,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutputFormatName {
-    Yuyv,
-    I420,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -304,7 +304,7 @@ fn random_values_through_set_never_panic_and_accepted_ones_work() {
             let _ = std::time::Duration::from_secs_f64(1.0 / fps);
             let _ = crate::source::pacer::Pacer::new(fps);
         }
-        let _ = crate::relay::PreprocessConfig::from_profile(p);
+        let _ = crate::config::preprocess(p);
         if p.transform != TransformKind::Diffusion {
             let mut t = crate::transform::build(&crate::config::transform_options(p)).unwrap();
             t.apply(&crate::config::transform_options(p)).unwrap();

@@ -16,14 +16,14 @@ use super::replace::{open_replacement, Slot};
 use super::{CaptureMsg, Opener, PreprocessConfig, Stage, Stats, RECONNECT_EVERY};
 use crate::convert::Preprocess;
 use crate::frame::Frame;
-use crate::profile::SourceConfig;
+use crate::source::SourceOptions;
 use crate::source::{Captured, Source, Wake};
 use crate::Result;
 
 /// Capture + pre-process stage.
 pub(super) struct Capture {
     pub(super) source: Option<Box<dyn Source>>,
-    pub(super) cfg: SourceConfig,
+    pub(super) cfg: SourceOptions,
     pub(super) pre: PreprocessConfig,
     pub(super) prep: Preprocess,
     pub(super) out: Producer<Frame>,
@@ -40,14 +40,14 @@ pub(super) struct Capture {
 }
 
 impl Capture {
-    fn open(&self, cfg: &SourceConfig) -> Result<Box<dyn Source>> {
+    fn open(&self, cfg: &SourceOptions) -> Result<Box<dyn Source>> {
         let mut s = self.opener.source(cfg)?;
         s.set_realtime(!self.every_frame);
         s.set_wake(self.wake.clone());
         Ok(s)
     }
 
-    fn switch(&mut self, cfg: SourceConfig) -> Result<()> {
+    fn switch(&mut self, cfg: SourceOptions) -> Result<()> {
         let new = open_replacement(self, &cfg)?;
         tracing::info!("source: {}", new.describe());
         self.source = Some(new);
@@ -141,17 +141,17 @@ impl Capture {
 
 impl Slot for Capture {
     type Stage = Box<dyn Source>;
-    type Config = SourceConfig;
+    type Config = SourceOptions;
     const WHAT: &'static str = "source";
 
-    fn open(&self, cfg: &SourceConfig) -> Result<Box<dyn Source>> {
+    fn open(&self, cfg: &SourceOptions) -> Result<Box<dyn Source>> {
         Capture::open(self, cfg)
     }
-    fn holds_device_for(&self, cfg: &SourceConfig) -> bool {
+    fn holds_device_for(&self, cfg: &SourceOptions) -> bool {
         self.source
             .as_ref()
             .is_some_and(|s| s.info().exclusive_device)
-            && cfg.kind == self.cfg.kind
+            && cfg.same_kind(&self.cfg)
     }
     fn close_current(&mut self) {
         self.source = None;

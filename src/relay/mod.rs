@@ -39,9 +39,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::convert::{Fit, Postprocess, Preprocess};
 use crate::frame::Frame;
-use crate::profile::{OutputConfig, Profile, SourceConfig};
-use crate::sink::{self, Sink};
-use crate::source::{self, Source, Wake};
+use crate::sink::{self, Sink, SinkOptions};
+use crate::source::{self, Source, SourceOptions, Wake};
 use crate::transform::{Transform, TransformOptions};
 use crate::Result;
 use capture::Capture;
@@ -60,23 +59,33 @@ pub struct PreprocessConfig {
     pub mirror: bool,
 }
 
-impl PreprocessConfig {
-    /// The stream size ([`crate::profile::geometry::resolve`]), `source.fit` and the mirror.
-    pub fn from_profile(p: &Profile) -> Self {
-        let size = crate::profile::geometry::resolve(p);
-        PreprocessConfig {
-            width: size.width,
-            height: size.height,
-            fit: p.source.fit,
-            mirror: p.source.mirror,
-        }
-    }
+/// What the output stage writes: the sink, and the size, rate and fit it converts frames to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputOptions {
+    /// The sink to open.
+    pub sink: SinkOptions,
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// Frames per second written in real time.
+    pub fps: f64,
+    /// How the stream's picture is fitted to the output size.
+    pub fit: Fit,
 }
 
-/// Opens sources and sinks from their profile sections; replaceable in tests.
+/// Opens sources and sinks from their options; replaceable in tests.
 pub trait Opener: Send + Sync {
-    fn source(&self, cfg: &SourceConfig) -> Result<Box<dyn Source>>;
-    fn sink(&self, cfg: &OutputConfig) -> Result<Box<dyn Sink>>;
+    /// Opens a source.
+    ///
+    /// # Errors
+    /// As [`source::open`].
+    fn source(&self, options: &SourceOptions) -> Result<Box<dyn Source>>;
+    /// Opens the sink of an output.
+    ///
+    /// # Errors
+    /// As [`sink::open`].
+    fn sink(&self, options: &OutputOptions) -> Result<Box<dyn Sink>>;
 }
 
 /// The real devices and files.
@@ -84,18 +93,18 @@ pub trait Opener: Send + Sync {
 pub struct DeviceOpener;
 
 impl Opener for DeviceOpener {
-    fn source(&self, cfg: &SourceConfig) -> Result<Box<dyn Source>> {
-        source::open(cfg)
+    fn source(&self, options: &SourceOptions) -> Result<Box<dyn Source>> {
+        source::open(options)
     }
-    fn sink(&self, cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
-        sink::open(cfg)
+    fn sink(&self, options: &OutputOptions) -> Result<Box<dyn Sink>> {
+        sink::open(&options.sink)
     }
 }
 
 type Ack<T = ()> = Sender<Result<T>>;
 
 enum CaptureMsg {
-    Source(SourceConfig, Ack),
+    Source(SourceOptions, Ack),
     Preprocess(PreprocessConfig),
 }
 
@@ -105,19 +114,19 @@ enum TransformMsg {
 }
 
 enum OutputMsg {
-    Output(OutputConfig, Ack),
+    Output(OutputOptions, Ack),
     Snapshot(PathBuf, Ack<PathBuf>),
 }
 
 /// Everything the relay needs to start.
 pub struct RelayStart {
     pub source: Box<dyn Source>,
-    pub source_cfg: SourceConfig,
+    pub source_cfg: SourceOptions,
     /// `None` starts the relay before the transform exists (a model still loading): frames are
     /// consumed and the output shows the placeholder until [`Relay::replace_transform`].
     pub transform: Option<Box<dyn Transform>>,
     pub sink: Box<dyn Sink>,
-    pub output_cfg: OutputConfig,
+    pub output_cfg: OutputOptions,
     pub preprocess: PreprocessConfig,
     /// Process every frame once instead of pacing in real time.
     pub every_frame: bool,
@@ -334,7 +343,7 @@ impl Relay {
     }
 
     /// Switches to another source; on failure the current one keeps running.
-    pub fn set_source(&self, cfg: SourceConfig) -> Result<()> {
+    pub fn set_source(&self, cfg: SourceOptions) -> Result<()> {
         self.ask(
             |a| {
                 let sent = self.capture_ctl.send(CaptureMsg::Source(cfg, a)).is_ok();
@@ -371,7 +380,7 @@ impl Relay {
     }
 
     /// Switches the output (size, rate, device); on failure the old output is restored.
-    pub fn set_output(&self, cfg: OutputConfig) -> Result<()> {
+    pub fn set_output(&self, cfg: OutputOptions) -> Result<()> {
         self.ask(
             |a| self.output_ctl.send(OutputMsg::Output(cfg, a)).is_ok(),
             "switching output",

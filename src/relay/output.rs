@@ -16,10 +16,10 @@ use crossbeam_channel::{select, Receiver};
 use super::clock::Clock;
 use super::queue::{Consumer, Taken};
 use super::replace::{open_replacement, Slot};
+use super::OutputOptions;
 use super::{Ack, Opener, OutputMsg, Stage, Stats, STOP_SLICE};
 use crate::convert::Postprocess;
 use crate::frame::{ColorRange, Frame, PixelFormat};
-use crate::profile::OutputConfig;
 use crate::sink::Sink;
 use crate::stage::StageError;
 use crate::Result;
@@ -27,7 +27,7 @@ use crate::Result;
 /// Post-process + write stage.
 pub(super) struct Output {
     pub(super) sink: Option<Box<dyn Sink>>,
-    pub(super) cfg: OutputConfig,
+    pub(super) cfg: OutputOptions,
     pub(super) post: Postprocess,
     pub(super) input: Consumer<Frame>,
     pub(super) ctl: Receiver<OutputMsg>,
@@ -71,7 +71,7 @@ impl Output {
         Ok(p)
     }
 
-    fn switch(&mut self, cfg: OutputConfig) -> Result<()> {
+    fn switch(&mut self, cfg: OutputOptions) -> Result<()> {
         let new = open_replacement(self, &cfg)?;
         if let Some(old) = self.sink.take() {
             self.close_old(old);
@@ -299,17 +299,17 @@ impl Output {
 
 impl Slot for Output {
     type Stage = Box<dyn Sink>;
-    type Config = OutputConfig;
+    type Config = OutputOptions;
     const WHAT: &'static str = "output";
 
-    fn open(&self, cfg: &OutputConfig) -> Result<Box<dyn Sink>> {
+    fn open(&self, cfg: &OutputOptions) -> Result<Box<dyn Sink>> {
         self.opener.sink(cfg)
     }
-    fn holds_device_for(&self, cfg: &OutputConfig) -> bool {
+    fn holds_device_for(&self, cfg: &OutputOptions) -> bool {
         self.sink
             .as_ref()
             .is_some_and(|s| s.info().exclusive_device)
-            && cfg.kind == self.cfg.kind
+            && cfg.sink.same_kind(&self.cfg.sink)
     }
     fn close_current(&mut self) {
         if let Some(old) = self.sink.take() {

@@ -32,8 +32,9 @@ pub trait Sink: Send {
     }
 }
 
-/// Pixel format written to a v4l2loopback device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Pixel format written to a v4l2loopback device (`output.format` in a profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LoopbackFormat {
     #[default]
     Yuyv,
@@ -53,28 +54,55 @@ pub struct LoopbackOptions {
     pub fps: f64,
 }
 
-/// Opens the sink a profile's `[output]` table describes.
-pub fn open(cfg: &crate::profile::OutputConfig) -> Result<Box<dyn Sink>> {
-    use crate::profile::{OutputFormatName, OutputKind};
-    Ok(match cfg.kind {
-        OutputKind::V4l2loopback => Box::new(loopback::LoopbackSink::open(&LoopbackOptions {
-            device: cfg.device.as_ref().map(std::path::PathBuf::from),
-            label: Some(cfg.label.clone()),
-            format: match cfg.format {
-                OutputFormatName::Yuyv => LoopbackFormat::Yuyv,
-                OutputFormatName::I420 => LoopbackFormat::I420,
-            },
-            width: cfg.width,
-            height: cfg.height,
-            fps: cfg.fps,
-        })?),
-        OutputKind::Y4m => Box::new(y4m::Y4mSink::create(
-            &cfg.path, cfg.width, cfg.height, cfg.fps,
-        )?),
-        OutputKind::Png => Box::new(png::PngSink::create(
-            std::path::Path::new(&cfg.path),
-            cfg.every,
-        )?),
-        OutputKind::Null => Box::new(null::NullSink::new(crate::frame::PixelFormat::Yuyv)),
+/// Which sink to open, with its options (built from a profile's `[output]` table by
+/// `crate::config::output_options`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkOptions {
+    /// A v4l2loopback virtual camera.
+    V4l2loopback(LoopbackOptions),
+    /// A Y4M file, or stdout for `-`.
+    Y4m {
+        /// File path or `-`.
+        path: String,
+        /// Pixels.
+        width: u32,
+        /// Pixels.
+        height: u32,
+        /// Frames per second written into the header.
+        fps: f64,
+    },
+    /// PNG files in a folder, every `every`-th frame.
+    Png {
+        /// The folder.
+        dir: std::path::PathBuf,
+        /// Write every Nth frame.
+        every: u64,
+    },
+    /// Discards frames (benchmarks).
+    Null,
+}
+
+impl SinkOptions {
+    /// Whether `other` opens the same kind of sink (see [`crate::source::SourceOptions::same_kind`]).
+    pub fn same_kind(&self, other: &SinkOptions) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// Opens a sink.
+///
+/// # Errors
+/// The device or file cannot be opened (the message says which and what to do).
+pub fn open(options: &SinkOptions) -> Result<Box<dyn Sink>> {
+    Ok(match options {
+        SinkOptions::V4l2loopback(o) => Box::new(loopback::LoopbackSink::open(o)?),
+        SinkOptions::Y4m {
+            path,
+            width,
+            height,
+            fps,
+        } => Box::new(y4m::Y4mSink::create(path, *width, *height, *fps)?),
+        SinkOptions::Png { dir, every } => Box::new(png::PngSink::create(dir, *every)?),
+        SinkOptions::Null => Box::new(null::NullSink::new(crate::frame::PixelFormat::Yuyv)),
     })
 }

@@ -107,8 +107,9 @@ pub trait Source: Send {
     fn set_wake(&mut self, _wake: Wake) {}
 }
 
-/// Preferred pixel format to negotiate with a camera.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Preferred pixel format to negotiate with a camera (`source.format` in a profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CameraFormat {
     /// Let sdcam choose: the uncompressed format that reaches the requested size and rate, else MJPEG.
     #[default]
@@ -140,34 +141,57 @@ pub struct ScreenOptions {
     pub fps: f64,
 }
 
-/// Opens the source a profile's `[source]` table describes.
-pub fn open(cfg: &crate::profile::SourceConfig) -> Result<Box<dyn Source>> {
-    use crate::profile::{CameraFormatName, SourceKind};
+/// Which source to open, with its options (built from a profile's `[source]` table by
+/// `crate::config::source_options`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceOptions {
+    /// The animated test pattern at `width`×`height` pixels and `fps` frames per second.
+    Pattern {
+        /// Pixels.
+        width: u32,
+        /// Pixels.
+        height: u32,
+        /// Frames per second.
+        fps: f64,
+    },
+    /// A V4L2 camera.
+    Camera(CameraOptions),
+    /// The X11 screen or a region of it.
+    Screen(ScreenOptions),
+    /// A Y4M video (`-` = stdin) or a still PNG/JPEG image, told apart by the file's signature.
+    File {
+        /// The path; `None` is an error at open ("a file source needs `path`").
+        path: Option<String>,
+        /// Frames per second of a still image (a Y4M video has its own rate).
+        fps: f64,
+        /// Start again at the end instead of ending the stream.
+        looping: bool,
+    },
+}
+
+impl SourceOptions {
+    /// Whether `other` opens the same kind of source (a camera for a camera, …): the relay
+    /// closes an exclusive device first only when it is replaced by one of its own kind.
+    pub fn same_kind(&self, other: &SourceOptions) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// Opens a source.
+///
+/// # Errors
+/// The device, display or file cannot be opened or is not usable (the message says which and
+/// what to do).
+pub fn open(options: &SourceOptions) -> Result<Box<dyn Source>> {
     use anyhow::Context;
-    Ok(match cfg.kind {
-        SourceKind::Pattern => {
-            Box::new(pattern::PatternSource::new(cfg.width, cfg.height, cfg.fps))
+    Ok(match options {
+        SourceOptions::Pattern { width, height, fps } => {
+            Box::new(pattern::PatternSource::new(*width, *height, *fps))
         }
-        SourceKind::Camera => Box::new(camera::CameraSource::open(&CameraOptions {
-            device: cfg.device.clone(),
-            width: cfg.width,
-            height: cfg.height,
-            fps: cfg.fps,
-            format: match cfg.format {
-                CameraFormatName::Auto => CameraFormat::Auto,
-                CameraFormatName::Yuyv => CameraFormat::Yuyv,
-                CameraFormatName::Mjpeg => CameraFormat::Mjpeg,
-                CameraFormatName::Nv12 => CameraFormat::Nv12,
-                CameraFormatName::Rgb => CameraFormat::Rgb,
-            },
-        })?),
-        SourceKind::Screen => Box::new(screen::ScreenSource::open(&ScreenOptions {
-            display: cfg.display.clone(),
-            region: cfg.region.map(|r| (r.x, r.y, r.width, r.height)),
-            fps: cfg.fps,
-        })?),
-        SourceKind::File => {
-            let path = cfg.path.as_deref().context("a file source needs `path`")?;
+        SourceOptions::Camera(o) => Box::new(camera::CameraSource::open(o)?),
+        SourceOptions::Screen(o) => Box::new(screen::ScreenSource::open(o)?),
+        SourceOptions::File { path, fps, looping } => {
+            let path = path.as_deref().context("a file source needs `path`")?;
             if path == "-" {
                 return Ok(Box::new(y4m::Y4mSource::open(y4m::Y4mInput::Stdin, false)?));
             }
@@ -181,10 +205,10 @@ pub fn open(cfg: &crate::profile::SourceConfig) -> Result<Box<dyn Source>> {
             if is_y4m {
                 Box::new(y4m::Y4mSource::open(
                     y4m::Y4mInput::File(p.to_path_buf()),
-                    cfg.looping,
+                    *looping,
                 )?)
             } else {
-                Box::new(image::ImageSource::open(p, cfg.fps, cfg.looping)?)
+                Box::new(image::ImageSource::open(p, *fps, *looping)?)
             }
         }
     })

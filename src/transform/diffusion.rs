@@ -423,11 +423,6 @@ impl Transform for DiffusionTransform {
         self.take(input, SlotKind::Model, out)
     }
 
-    fn input_size(&self) -> Option<(u32, u32)> {
-        let p = self.stream.params();
-        Some((p.width as u32, p.height as u32))
-    }
-
     fn set_every_frame(&mut self, on: bool) {
         self.every_frame = on;
     }

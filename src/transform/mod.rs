@@ -83,17 +83,10 @@ pub trait Transform: Send {
     fn discarded(&self) -> u64 {
         0
     }
-    /// The frame size this transform takes, `(width, height)` in pixels, or `None` for any
-    /// size. The relay pre-processes captured frames to this size: the transform owns the
-    /// stream size, so capture follows what is actually running.
-    fn input_size(&self) -> Option<(u32, u32)> {
-        None
-    }
     /// Applies changed live settings (prompt, stream settings).
     ///
     /// # Errors
-    /// The new settings do not fit; the transform then keeps running with its previous settings
-    /// (and its previous [`Transform::input_size`]).
+    /// The new settings do not fit; the transform then keeps running with its previous settings.
     fn apply(&mut self, options: &TransformOptions) -> Result<()>;
 }
 

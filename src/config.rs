@@ -8,7 +8,7 @@
 
 use crate::pipeline::{FilterSettings, LiveParams, StreamParams};
 use crate::profile::{
-    geometry, ModelConfig, OutputConfig, OutputKind, Profile, SourceConfig, SourceKind,
+    geometry, ModelConfig, OutputConfig, OutputKind, Pacing, Profile, SourceConfig, SourceKind,
 };
 use crate::relay::{OutputOptions, PreprocessConfig};
 use crate::sink::{LoopbackOptions, SinkOptions};
@@ -155,4 +155,28 @@ pub fn preprocess(p: &Profile) -> PreprocessConfig {
         fit: p.source.fit,
         mirror: p.source.mirror,
     }
+}
+
+/// Whether a profile runs in every-frame (offline) mode rather than real time.
+///
+/// `pacing = "auto"`: a file sink (Y4M or PNG files, the null sink) gets every frame
+/// transformed, whatever the source (a live source still delivers at its own rate; a file is
+/// read as fast as the transform goes); stdout does when the source is a file (a conversion
+/// through a pipe) and is paced otherwise (a player); the virtual camera is always paced.
+pub fn every_frame(p: &Profile) -> bool {
+    match p.output.pacing {
+        Pacing::Realtime => false,
+        Pacing::EveryFrame => true,
+        Pacing::Auto => match p.output.kind {
+            OutputKind::V4l2loopback => false,
+            OutputKind::Y4m if p.output.path == "-" => p.source.kind == SourceKind::File,
+            OutputKind::Y4m | OutputKind::Png | OutputKind::Null => true,
+        },
+    }
+}
+
+/// Whether the source reads standard input (`source.path = "-"`): the control channel then
+/// cannot.
+pub fn reads_stdin(p: &Profile) -> bool {
+    p.source.kind == SourceKind::File && p.source.path.as_deref() == Some("-")
 }

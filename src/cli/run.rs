@@ -11,10 +11,11 @@ use clap::Args;
 use crossbeam_channel::{never, select, tick};
 use std::path::PathBuf;
 
-use crate::control::session::{self, every_frame, Session};
+use crate::config::every_frame;
+use crate::control::session::{self, Session};
 use crate::control::{self, Control};
 use crate::profile::geometry;
-use crate::profile::{LoadedProfile, Profile, SourceKind};
+use crate::profile::LoadedProfile;
 use crate::relay::{DeviceOpener, Opener, Relay, RelayStart, Snapshot};
 use crate::Result;
 
@@ -57,10 +58,6 @@ impl RunOptions {
             control: None,
         }
     }
-}
-
-fn reads_stdin(p: &Profile) -> bool {
-    p.source.kind == SourceKind::File && p.source.path.as_deref() == Some("-")
 }
 
 /// Runs the relay until the source ends, `max_frames` are written, or a stop is requested.
@@ -117,7 +114,7 @@ pub fn run(opts: RunOptions) -> Result<Snapshot> {
         rx: mut events,
         stop,
     } = control;
-    if opts.stdin_commands && !reads_stdin(p) {
+    if opts.stdin_commands && !crate::config::reads_stdin(p) {
         control::spawn_stdin(events_tx.clone()).context("reading stdin")?;
     }
     drop(events_tx);

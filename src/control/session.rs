@@ -13,7 +13,7 @@ use crossbeam_channel::{bounded, Receiver};
 use crate::config;
 use crate::control::{self, Command, Event, Work};
 use crate::profile::geometry::{self, StreamSize};
-use crate::profile::{LoadedProfile, OutputKind, Pacing, Profile, SourceKind};
+use crate::profile::{LoadedProfile, Profile};
 use crate::relay::{PreprocessConfig, Relay};
 use crate::transform::{self, Transform, TransformOptions};
 use crate::Result;
@@ -25,24 +25,6 @@ pub type Builder = Arc<dyn Fn(&TransformOptions) -> Result<Box<dyn Transform>> +
 /// The builder of a real run: [`transform::build`].
 pub fn default_builder() -> Builder {
     Arc::new(transform::build)
-}
-
-/// Whether a profile runs in every-frame (offline) mode rather than real time.
-///
-/// `pacing = "auto"`: a file sink (Y4M or PNG files, the null sink) gets every frame
-/// transformed, whatever the source (a live source still delivers at its own rate; a file is
-/// read as fast as the transform goes); stdout does when the source is a file (a conversion
-/// through a pipe) and is paced otherwise (a player); the virtual camera is always paced.
-pub fn every_frame(p: &Profile) -> bool {
-    match p.output.pacing {
-        Pacing::Realtime => false,
-        Pacing::EveryFrame => true,
-        Pacing::Auto => match p.output.kind {
-            OutputKind::V4l2loopback => false,
-            OutputKind::Y4m if p.output.path == "-" => p.source.kind == SourceKind::File,
-            OutputKind::Y4m | OutputKind::Png | OutputKind::Null => true,
-        },
-    }
 }
 
 /// The top-level profile parts the transform runs (the others belong to the source and output).
@@ -239,7 +221,7 @@ impl Session {
         }
         let run_now = geometry::running(&next.profile).0;
         if run_now.output != old_run.output {
-            if every_frame(&next.profile) != every_frame(&old.profile) {
+            if config::every_frame(&next.profile) != config::every_frame(&old.profile) {
                 tracing::warn!("output.pacing changes take effect when sdcam is restarted");
             }
             if let Err(e) = self

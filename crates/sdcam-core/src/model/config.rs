@@ -31,17 +31,17 @@ use serde_json::{Map, Value};
 #[error("key `{key}` = {value}: {reason}")]
 pub struct Unsupported {
     /// The config key, e.g. `mid_block_type`.
-    pub key: String,
+    pub(crate) key: String,
     /// The value as JSON, e.g. `null` or `"UNetMidBlock2DSimpleCrossAttn"` (at most 80
     /// characters).
-    pub value: String,
+    pub(crate) value: String,
     /// What is supported instead, or what is missing.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl Unsupported {
     /// `key` = `value` (written as JSON) is not supported because `reason`.
-    pub fn new(key: &str, value: impl serde::Serialize, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(key: &str, value: impl serde::Serialize, reason: impl Into<String>) -> Self {
         let mut value =
             serde_json::to_string(&value).unwrap_or_else(|_| "(unprintable)".to_string());
         if value.chars().count() > 80 {
@@ -56,7 +56,7 @@ impl Unsupported {
 }
 
 /// `Err(Unsupported)` when `cond` holds.
-pub fn refuse_if(
+pub(crate) fn refuse_if(
     cond: bool,
     key: &str,
     value: impl serde::Serialize,
@@ -70,7 +70,10 @@ pub fn refuse_if(
 }
 
 /// `Err(Unsupported)` unless `value` is a finite number above zero (scales, factors).
-pub fn refuse_unless_positive(key: &str, value: f64) -> std::result::Result<(), Unsupported> {
+pub(crate) fn refuse_unless_positive(
+    key: &str,
+    value: f64,
+) -> std::result::Result<(), Unsupported> {
     refuse_if(
         !(value.is_finite() && value > 0.0),
         key,
@@ -192,7 +195,7 @@ impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for OneOrMany<T> {
 
 impl<T: Clone> OneOrMany<T> {
     /// The list length, `None` for a single value.
-    pub fn list_len(&self) -> Option<usize> {
+    pub(crate) fn list_len(&self) -> Option<usize> {
         match self {
             OneOrMany::One(_) => None,
             OneOrMany::Many(v) => Some(v.len()),
@@ -200,7 +203,7 @@ impl<T: Clone> OneOrMany<T> {
     }
 
     /// The per-block list for `n` blocks (a single value is repeated).
-    pub fn per_block(&self, n: usize, name: &str) -> candle_core::Result<Vec<T>> {
+    pub(crate) fn per_block(&self, n: usize, name: &str) -> candle_core::Result<Vec<T>> {
         match self {
             OneOrMany::One(v) => Ok(vec![v.clone(); n]),
             OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),

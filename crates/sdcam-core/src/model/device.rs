@@ -71,7 +71,7 @@ pub fn select_dtype(name: DtypeName, device: &Device) -> (DType, &'static str) {
 }
 
 /// The candle device for an explicit `model.device` (`auto` is [`select_device`]'s).
-pub fn device_for(name: DeviceName) -> Result<Device> {
+pub(crate) fn device_for(name: DeviceName) -> Result<Device> {
     match name {
         DeviceName::Auto => Ok(select_device(name)?.0),
         DeviceName::Cpu => Ok(Device::Cpu),
@@ -103,7 +103,7 @@ pub fn device_for(name: DeviceName) -> Result<Device> {
 
 /// The candle dtype for an explicit `model.dtype` (`auto` means f32 here: the CPU's choice;
 /// use [`select_dtype`] where the device is known).
-pub fn dtype_for(name: DtypeName) -> DType {
+pub(crate) fn dtype_for(name: DtypeName) -> DType {
     match name {
         DtypeName::Auto | DtypeName::F32 => DType::F32,
         DtypeName::F16 => DType::F16,

@@ -55,7 +55,7 @@ pub struct LoraModule {
     /// `[rank, in]` or `[rank, in, k, k]`.
     pub down: Tensor,
     /// `[out, rank]` or `[out, rank, 1, 1]`.
-    pub up: Tensor,
+    pub(crate) up: Tensor,
     /// `alpha` (the effective factor is `alpha / rank`); `None` means alpha = rank.
     pub alpha: Option<f32>,
 }
@@ -67,7 +67,7 @@ impl LoraModule {
     }
 
     /// `scale · alpha/rank · up.flatten(1) @ down.flatten(1)` in f32, shape `[out, in·k·k]`.
-    pub fn delta(&self, scale: f32) -> candle_core::Result<Tensor> {
+    pub(crate) fn delta(&self, scale: f32) -> candle_core::Result<Tensor> {
         let rank = self.rank()?;
         let factor = match self.alpha {
             Some(a) => a as f64 / rank as f64,
@@ -134,7 +134,7 @@ impl LoraFile {
     }
 
     /// Parses LoRA tensors given by name.
-    pub fn from_tensors(tensors: HashMap<String, Tensor>) -> anyhow::Result<Self> {
+    pub(crate) fn from_tensors(tensors: HashMap<String, Tensor>) -> anyhow::Result<Self> {
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         let mut unknown = Vec::new();
         for (key, t) in tensors {
@@ -213,12 +213,7 @@ impl LoraFile {
         self.modules(target).len()
     }
 
-    /// The module keys (kohya stem or prefixed dotted path) addressed to `target`, sorted.
-    pub fn module_names(&self, target: LoraTarget) -> Vec<String> {
-        self.modules(target).keys().cloned().collect()
-    }
-
-    /// The module stored under `name` (as listed by [`Self::module_names`]).
+    /// The module stored under `name` (a kohya stem or a prefixed dotted path).
     pub fn module(&self, target: LoraTarget, name: &str) -> Option<&LoraModule> {
         self.modules(target).get(name).map(|(_, m)| m)
     }
@@ -226,12 +221,12 @@ impl LoraFile {
 
 /// What [`fuse_into`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FuseReport {
+pub(crate) struct FuseReport {
     /// Weights changed (= LoRA modules for the target).
-    pub fused: usize,
+    pub(crate) fused: usize,
     /// LoRA modules for the target without a matching weight. Always empty in a report returned by
     /// [`fuse_into`] (it fails instead); filled by [`match_modules`].
-    pub unmatched: Vec<String>,
+    pub(crate) unmatched: Vec<String>,
 }
 
 /// The kohya stem of a component weight name: `lora_unet_` / `lora_te_` + the name without
@@ -247,7 +242,7 @@ fn kohya_stem(target: LoraTarget, weight_name: &str) -> Option<String> {
 
 /// Resolves the LoRA modules for `target` against a component's tensor names: returns
 /// (module key → weight name) for the matched ones and the report (with `unmatched` filled).
-pub fn match_modules<'a>(
+pub(crate) fn match_modules<'a>(
     tensor_names: impl IntoIterator<Item = &'a String>,
     lora: &LoraFile,
     target: LoraTarget,
@@ -285,7 +280,7 @@ pub fn match_modules<'a>(
 
 /// Fuses the LoRA modules for `target` into `tensors` (the component's weights by diffusers /
 /// transformers name) with the given `scale`. All-or-nothing: on error `tensors` is unchanged.
-pub fn fuse_into(
+pub(crate) fn fuse_into(
     tensors: &mut HashMap<String, Tensor>,
     lora: &LoraFile,
     target: LoraTarget,

@@ -59,7 +59,8 @@ impl Vae {
     }
 
     /// `"taesd"` or `"vae"`.
-    pub fn kind(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Vae::Tiny(_) => "taesd",
             Vae::Kl(_) => "vae",
@@ -78,15 +79,15 @@ fn scale(t: Tensor, f: f64) -> candle_core::Result<Tensor> {
 /// A loaded Stable Diffusion pipeline's components.
 #[derive(Debug)]
 pub struct StableDiffusion {
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    pub(crate) tokenizer: ClipTokenizer,
+    pub(crate) text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub vae: Vae,
-    pub scheduler: LcmScheduler,
+    pub(crate) scheduler: LcmScheduler,
     /// Image pixels per latent pixel (8 for every SD VAE and TAESD).
-    pub vae_scale_factor: usize,
+    pub(crate) vae_scale_factor: usize,
     pub device: Device,
-    pub dtype: DType,
+    pub(crate) dtype: DType,
     /// For logs: where it came from, VAE kind, LoRAs.
     pub description: String,
     /// The model folder is marked as random weights (test fixtures, `random:` architectures).
@@ -97,7 +98,7 @@ pub struct StableDiffusion {
 pub const RANDOM_PREFIX: &str = "random:";
 
 /// A file in a model folder that marks its weights as random (made by the fixture script).
-pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
+pub(crate) const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
 
 /// Loads a component's weights: memory-mapped when nothing is fused into them, else read into
 /// memory and fused with every LoRA that has modules for `target`.
@@ -235,7 +236,7 @@ impl StableDiffusion {
     }
 
     /// A full-size architecture with random weights (and a random TAESD), built in memory.
-    pub fn random(arch: Arch, dtype: DType, device: &Device) -> Result<Self> {
+    pub(crate) fn random(arch: Arch, dtype: DType, device: &Device) -> Result<Self> {
         let seed = 0x5dca;
         let vb = || random_var_builder(dtype, device, seed);
         let text_encoder = ClipTextModel::new(vb(), &arch.text_config())?;

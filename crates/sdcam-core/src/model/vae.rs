@@ -39,24 +39,24 @@ const EPS: f64 = 1e-6;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AutoencoderKLConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub down_block_types: Vec<String>,
-    pub up_block_types: Vec<String>,
-    pub block_out_channels: Vec<usize>,
-    pub layers_per_block: usize,
-    pub act_fn: String,
-    pub latent_channels: usize,
-    pub norm_num_groups: usize,
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) down_block_types: Vec<String>,
+    pub(crate) up_block_types: Vec<String>,
+    pub(crate) block_out_channels: Vec<usize>,
+    pub(crate) layers_per_block: usize,
+    pub(crate) act_fn: String,
+    pub(crate) latent_channels: usize,
+    pub(crate) norm_num_groups: usize,
     /// Latents are `encoder mean × scaling_factor` (0.18215 when absent, as in SD 1.5's file).
     pub scaling_factor: f64,
     /// diffusers' SDXL pipelines run this VAE in f32 in fp16 pipelines; Stable Diffusion's and
     /// StreamDiffusion's do not, and neither does sdcam (read, not used).
-    pub force_upcast: bool,
+    pub(crate) force_upcast: bool,
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     /// diffusers ≥ 0.26: the mid blocks' attention (always there in 0.24).
-    pub mid_block_add_attention: bool,
+    pub(crate) mid_block_add_attention: bool,
 }
 
 impl Default for AutoencoderKLConfig {
@@ -145,7 +145,7 @@ impl ComponentConfig for AutoencoderKLConfig {
 
 impl AutoencoderKLConfig {
     /// Reads a diffusers `config.json` ([`crate::model::config::load`]).
-    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         config::load(path.as_ref())
     }
 }
@@ -426,7 +426,7 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.…`,
     /// `decoder.…`, `quant_conv`, `post_quant_conv`).
-    pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         cfg.check().map_err(|u| {
             candle_core::Error::Msg(format!("unsupported AutoencoderKL config: {u}"))
         })?;
@@ -453,7 +453,7 @@ impl AutoencoderKL {
 
     /// Image [B, 3, H, W] in −1..1 → `latent_dist.mean` [B, latent_channels, H/8, W/8]
     /// (unscaled; multiply by [`Self::scaling_factor`] for the U-Net).
-    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+    pub(crate) fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
         let h = self.encoder.forward(image)?;
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&h)?,
@@ -464,7 +464,7 @@ impl AutoencoderKL {
 
     /// Unscaled latents (divide U-Net latents by [`Self::scaling_factor`] first) → image,
     /// nominally in −1..1 (not clamped) = diffusers `decode(z).sample`.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(latents)?,
             None => latents.clone(),
@@ -473,7 +473,7 @@ impl AutoencoderKL {
     }
 
     /// The config's `scaling_factor` (0.18215 for SD 1.5/2.x).
-    pub fn scaling_factor(&self) -> f64 {
+    pub(crate) fn scaling_factor(&self) -> f64 {
         self.scaling_factor
     }
 }

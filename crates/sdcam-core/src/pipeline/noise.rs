@@ -64,7 +64,7 @@ impl Noise {
     }
 
     /// The pre-sampled noise `[batch, c, h, w]` (the same every time for the same seed/file).
-    pub fn init_noise(
+    pub(crate) fn init_noise(
         &mut self,
         shape: [usize; 4],
         dtype: DType,
@@ -94,12 +94,17 @@ impl Noise {
     }
 
     /// A txt2img input latent `[frames, c, h, w]`.
-    pub fn latents(&mut self, shape: [usize; 4], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub(crate) fn latents(
+        &mut self,
+        shape: [usize; 4],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         self.draw("latents", &[], shape, dtype, device)
     }
 
     /// Sequential mode's re-noising draw before step `step + 1` (`step` counts from 0).
-    pub fn step_noise(
+    pub(crate) fn step_noise(
         &mut self,
         step: usize,
         shape: [usize; 4],

@@ -104,7 +104,6 @@ pub struct StreamDiffusion {
     kv: PromptKv,
     /// Prompt blend in progress: (from cond, from uncond, frames done, total).
     blend: Option<Blend>,
-    calls: u64,
 }
 
 struct Blend {
@@ -186,7 +185,6 @@ impl StreamDiffusion {
             cond,
             uncond,
             blend: None,
-            calls: 0,
             p,
             live,
             noise,
@@ -395,7 +393,6 @@ impl StreamDiffusion {
     /// `predict_x0_batch`, with the warm start and the prompt blend around it.
     pub fn predict_x0(&mut self, x_t: &Tensor) -> Result<Tensor> {
         self.step_blend()?;
-        self.calls += 1;
         if !self.p.use_denoising_batch {
             return self.predict_sequential(x_t);
         }
@@ -596,11 +593,6 @@ impl StreamDiffusion {
             c_skip: st.c_skip.narrow(0, i, 1)?,
             c_out: st.c_out.narrow(0, i, 1)?,
         })
-    }
-
-    /// Number of calls made since prepare.
-    pub fn calls(&self) -> u64 {
-        self.calls
     }
 
     /// Latent size (height, width).

@@ -334,6 +334,7 @@ pub struct RandomWeights {
 }
 
 impl RandomWeights {
+    /// A backend whose tensors are a function of `seed` and the tensor's name only.
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
@@ -370,6 +371,10 @@ impl RandomWeights {
     }
 
     /// The tensor `name` of `shape` (f32, CPU): what the backend returns before the cast.
+    ///
+    /// # Errors
+    /// Never in practice (the data always has `shape`'s element count); candle's constructor is
+    /// fallible.
     pub fn tensor(&self, shape: &Shape, name: &str) -> Result<Tensor> {
         Tensor::from_vec(self.values(shape.dims(), name), shape, &Device::Cpu)
     }

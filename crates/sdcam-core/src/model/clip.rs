@@ -3,7 +3,7 @@
 //! Used by SD 1.5 (OpenAI ViT-L/14 text tower, 768 wide, `quick_gelu`) and SD 2.x / sd-turbo
 //! (OpenCLIP ViT-H/14 text tower, 1024 wide, exact `gelu`). The model applies a causal attention
 //! mask only (no padding mask, as diffusers calls it without `attention_mask`) and
-//! [`ClipTextModel::forward`] returns `last_hidden_state`, i.e. the output of the last layer after
+//! `ClipTextModel::forward` returns `last_hidden_state`, i.e. the output of the last layer after
 //! `final_layer_norm` (what diffusers' `encode_prompt` uses as `prompt_embeds`, SD 2 included).
 //!
 //! `VarBuilder` paths mirror the transformers tensor names (`text_model.embeddings.…`,
@@ -43,9 +43,13 @@ impl ClipActivation {
 #[serde(default)]
 pub struct ClipTextConfig {
     pub(crate) vocab_size: usize,
+    /// Width of the token embeddings and of the output `(b, 77, hidden_size)`: the U-Net's
+    /// `cross_attention_dim` (768 for SD 1.x, 1024 for SD 2.x / sd-turbo).
     pub hidden_size: usize,
     pub(crate) intermediate_size: usize,
+    /// Encoder layers (12 for SD 1.x's CLIP ViT-L/14, 23 for sd-turbo's OpenCLIP ViT-H).
     pub num_hidden_layers: usize,
+    /// Attention heads per layer (`hidden_size` must be a multiple).
     pub num_attention_heads: usize,
     pub(crate) max_position_embeddings: usize,
     pub(crate) hidden_act: ClipActivation,

@@ -100,10 +100,19 @@ pub trait ComponentConfig: DeserializeOwned {
     }
 
     /// Refuses values that change the computation and are not implemented.
+    ///
+    /// # Errors
+    /// The first unsupported key, with its value and what is implemented instead.
     fn check(&self) -> std::result::Result<(), Unsupported>;
 }
 
-/// Parses config text (`source` names it in messages: a path or `"embedded sd-turbo unet"`).
+/// Parses config text (`source` names it in messages: a path or `"embedded sd-turbo unet"`)
+/// the way diffusers/transformers read a `config.json`: absent or `null` keys take the library
+/// default, unknown keys are logged at debug level and ignored.
+///
+/// # Errors
+/// The text is not a JSON object, a key has the wrong type (named by its path), or
+/// [`ComponentConfig::check`] refuses a value.
 pub fn parse<T: ComponentConfig>(text: &str, source: &str) -> Result<T> {
     let value: Value = serde_json::from_str(text)
         .with_context(|| format!("{source}: not valid JSON (a {} config.json)", T::KIND))?;
@@ -148,6 +157,9 @@ pub fn parse<T: ComponentConfig>(text: &str, source: &str) -> Result<T> {
 }
 
 /// Reads and parses a config file ([`parse`]); errors name the file.
+///
+/// # Errors
+/// The file cannot be read, or [`parse`] fails.
 pub fn load<T: ComponentConfig>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the {} config {}", T::KIND, path.display()))?;
@@ -159,7 +171,9 @@ pub fn load<T: ComponentConfig>(path: &Path) -> Result<T> {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
+    /// One value for every block.
     One(T),
+    /// One value per block, in block order.
     Many(Vec<T>),
 }
 

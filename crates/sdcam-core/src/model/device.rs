@@ -13,8 +13,11 @@ pub enum DeviceName {
     /// CUDA when built with `cuda` and a GPU opens, else Metal when built with `metal`, else the
     /// CPU ([`select_device`]).
     Auto,
+    /// The CPU.
     Cpu,
+    /// CUDA device 0 (needs a build with the `cuda` feature).
     Cuda,
+    /// Metal device 0 (needs a build with the `metal` feature).
     Metal,
 }
 
@@ -24,8 +27,11 @@ pub enum DeviceName {
 pub enum DtypeName {
     /// f16 on a GPU, f32 on the CPU ([`select_dtype`]).
     Auto,
+    /// 32-bit float.
     F32,
+    /// IEEE half precision (the fp16 weight variant is preferred).
     F16,
+    /// bfloat16 (the fp16 weight variant is preferred and converted on load).
     Bf16,
 }
 
@@ -33,6 +39,9 @@ pub enum DtypeName {
 /// log). `auto`: CUDA device 0 when this build has CUDA and the device opens, else Metal device 0
 /// when it has Metal and the device opens, else the CPU. An explicit `cuda`/`metal` that cannot
 /// be had is an error saying what to do.
+///
+/// # Errors
+/// `cuda`/`metal` was asked for and this build lacks the feature or the device does not open.
 pub fn select_device(name: DeviceName) -> Result<(Device, String)> {
     match name {
         DeviceName::Auto => {

@@ -3,7 +3,7 @@
 //! submodules).
 //!
 //! On first use of a hub repo sdcam lists the repo with sizes (`/api/models/{id}/revision/{rev}
-//! ?blobs=true`), picks the files the pipeline loads ([`select_files`], a pure function: the
+//! ?blobs=true`), picks the files the pipeline loads (`select_files`, a pure function: the
 //! fp16 variant on a GPU, the plain one on the CPU, never `.bin`, ONNX, `safety_checker/`,
 //! `feature_extractor/` or root single-file checkpoints), says how much it will download and
 //! where, refuses when the cache's disk has less free space than that, and then fetches the

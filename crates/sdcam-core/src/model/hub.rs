@@ -108,7 +108,9 @@ pub struct ModelFiles {
     pub(crate) model_index: PathBuf,
     /// `_class_name` of `model_index.json`.
     pub(crate) pipeline_class: String,
+    /// `unet/`.
     pub(crate) unet: ComponentFiles,
+    /// `text_encoder/`.
     pub(crate) text_encoder: ComponentFiles,
     /// The model's own AutoencoderKL; no weights when resolved for a tiny VAE
     /// ([`resolve_model_for`] without `kl_vae`).
@@ -127,7 +129,11 @@ pub(crate) fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// A memory-mapped `VarBuilder` over safetensors files; tensors are converted to `dtype` on
-/// load (so fp16 files serve an f32 model and vice versa).
+/// load (so fp16 files serve an f32 model and vice versa). The one place sdcam memory-maps
+/// weights (see the SAFETY note inside).
+///
+/// # Errors
+/// `weights` is empty, a file does not exist, or a file is not valid safetensors.
 pub fn load_var_builder(
     weights: &[PathBuf],
     dtype: DType,
@@ -530,7 +536,14 @@ pub(crate) fn check_model_index(index: &Value, path: &Path) -> Result<String> {
     Ok(class)
 }
 
-/// Resolves a Stable Diffusion pipeline from a local diffusers folder or a hub repo id.
+/// Resolves a Stable Diffusion pipeline from a local diffusers folder or a hub repo id (the
+/// files diffusers' `StableDiffusionPipeline.from_pretrained` reads, safetensors only; weights
+/// in the variant `dtype` prefers, see the module docs).
+///
+/// # Errors
+/// The folder is not in diffusers layout, the repo or a file is not in the cache while offline
+/// (or cannot be downloaded), `model_index.json` declares an unsupported architecture, or a
+/// component has no safetensors weights.
 pub fn resolve_model(
     spec: &str,
     revision: Option<&str>,
@@ -624,6 +637,10 @@ pub(crate) fn resolve_model_for(
 
 /// Resolves a tiny VAE (TAESD, `AutoencoderTiny`): `config.json` + weights at the root of the
 /// folder/repo (or under `vae/`).
+///
+/// # Errors
+/// The folder/repo cannot be reached (offline and not cached), has no `config.json`, its
+/// `_class_name` is not `AutoencoderTiny`, or it has no safetensors weights.
 pub fn resolve_tiny_vae(
     spec: &str,
     revision: Option<&str>,
@@ -661,7 +678,12 @@ pub fn resolve_tiny_vae(
 pub(crate) const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
 
 /// Resolves a LoRA: a local `.safetensors` file, a folder holding `weight_name`, or a hub repo
-/// id (its `weight_name`, default [`LORA_WEIGHT_NAME`]).
+/// id (its `weight_name`, default `pytorch_lora_weights.safetensors`, as diffusers'
+/// `load_lora_weights`).
+///
+/// # Errors
+/// A local file is not `.safetensors` or does not exist, the repo cannot be reached, or it has
+/// no such file (with a hint when it only has a `.bin`).
 pub fn resolve_lora(
     spec: &str,
     weight_name: Option<&str>,

@@ -1,7 +1,7 @@
 //! LoRA fusion at load time.
 //!
 //! A LoRA file is parsed into modules ([`LoraFile`]) and fused into a component's weight map
-//! before the component's `VarBuilder` is built ([`fuse_into`], then
+//! before the component's `VarBuilder` is built (`fuse_into`, then
 //! `VarBuilder::from_tensors`):
 //!
 //! `W += scale · (alpha / rank) · up.flatten(1) @ down.flatten(1)`, reshaped to `W`'s shape,
@@ -21,7 +21,7 @@
 //!   `.lora_A.weight`/`.lora_B.weight` (+ optional `.alpha`).
 //!
 //! Every LoRA module addressed to the target component must land on an existing weight; otherwise
-//! [`fuse_into`] fails (listing a few names) without changing anything, so a LoRA for another
+//! `fuse_into` fails (listing a few names) without changing anything, so a LoRA for another
 //! architecture (e.g. SDXL `input_blocks` names) is rejected instead of silently ignored.
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,7 +49,8 @@ enum ModuleName {
     Dotted(String),
 }
 
-/// One LoRA module: the low-rank pair and its optional alpha.
+/// One LoRA module: the low-rank pair and its optional alpha (the update is
+/// `alpha/rank · up @ down`, see the module docs).
 #[derive(Debug, Clone)]
 pub struct LoraModule {
     /// `[rank, in]` or `[rank, in, k, k]`.
@@ -62,6 +63,9 @@ pub struct LoraModule {
 
 impl LoraModule {
     /// The LoRA rank (`down.dim(0)`).
+    ///
+    /// # Errors
+    /// `down` is a scalar (never for a parsed file).
     pub fn rank(&self) -> candle_core::Result<usize> {
         self.down.dim(0)
     }
@@ -125,7 +129,12 @@ fn classify(stem: &str) -> Option<(LoraTarget, ModuleName)> {
 }
 
 impl LoraFile {
-    /// Reads a LoRA `.safetensors` file (tensors stay on the CPU until fused).
+    /// Reads a LoRA `.safetensors` file (tensors stay on the CPU until fused), in kohya or
+    /// diffusers/PEFT key naming (diffusers' `lora_state_dict` conversions).
+    ///
+    /// # Errors
+    /// The file cannot be read as safetensors, or its keys or shapes are not a LoRA sdcam
+    /// understands (a module without `down`/`up`, mismatched ranks, an unknown key layout).
     pub fn load(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         let path = path.as_ref();
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)

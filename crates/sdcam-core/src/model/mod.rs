@@ -25,7 +25,10 @@ pub mod vae;
 use candle_core::{DType, Device, Tensor};
 
 /// max |a − b| / max |b|: the relative error used to compare with reference outputs (computed
-/// in f32 on the CPU, whatever device and dtype `a` is in).
+/// in f32 on the CPU, whatever device and dtype `a` is in). The shapes must be equal.
+///
+/// # Errors
+/// The shapes differ or a tensor cannot be copied to the CPU.
 pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = reference.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -58,6 +61,10 @@ pub mod testing {
     /// The device and dtype named by the environment (see the module docs). Opened once per
     /// process: every caller gets the same device, since tensors on two separately opened CUDA
     /// devices cannot meet in one operation.
+    ///
+    /// # Errors
+    /// An unknown `SDCAM_TEST_DEVICE`/`SDCAM_TEST_DTYPE`, or the device does not open (the same
+    /// error on every call).
     pub fn target() -> Result<(Device, DType)> {
         static TARGET: OnceLock<std::result::Result<(Device, DType), String>> = OnceLock::new();
         TARGET

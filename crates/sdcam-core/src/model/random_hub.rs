@@ -8,7 +8,7 @@
 //! as `tokenizer/vocab.json` + `merges.txt`, and every weight file under its real name, the
 //! `.fp16.safetensors` variant included where the real repository has one. A weight file holds
 //! exactly the tensors (names and shapes) that sdcam's model asks for when built from those
-//! configs ([`RandomWeights::shapes`]), with [`RandomWeights`] values: deterministic from
+//! configs (`RandomWeights::shapes`), with [`RandomWeights`] values: deterministic from
 //! `(seed, repository, component, tensor name)`; the fp16 variant holds the same values rounded.
 //! `latent-consistency/lcm-lora-sdv1-5` gets a rank-64 kohya-format LoRA (fp16, like the real
 //! file) over every module the LCM-LoRA training script adapts in the SD 1.5 U-Net.
@@ -42,7 +42,7 @@ use super::taesd::AutoencoderTiny;
 use super::unet::UNet2DConditionModel;
 use super::vae::AutoencoderKL;
 
-/// The repositories this module writes, in the order [`write_all`] writes them.
+/// The repositories this module writes, in the order `sdcam dev write-random-hub` writes them.
 pub const REPOS: [&str; 4] = [SD_TURBO, TAESD, SD15, LCM_LORA_SD15];
 
 const SD_TURBO: &str = "stabilityai/sd-turbo";
@@ -320,6 +320,7 @@ fn plans(repo: &str, seed: u64) -> Result<Vec<WeightsPlan>> {
 /// What [`write_repo`] wrote.
 #[derive(Debug, Clone)]
 pub struct RepoReport {
+    /// The snapshot folder written (`<cache>/models--<org>--<name>/snapshots/<commit>`).
     pub snapshot: PathBuf,
     /// Bytes of all blobs.
     pub bytes: u64,
@@ -450,6 +451,10 @@ fn write_weights(plan: &WeightsPlan, blobs: &Path, n: &mut usize) -> Result<Vec<
 
 /// Writes `repo` into the cache `cache` (the `hub` folder: what `HF_HUB_CACHE` names). Refuses
 /// to touch an existing `models--…` folder unless `overwrite` (which deletes it first).
+///
+/// # Errors
+/// `repo` is not one of [`REPOS`], its folder exists and `overwrite` is false, or writing to
+/// the cache fails (permissions, disk space).
 pub fn write_repo(cache: &Path, repo: &str, seed: u64, overwrite: bool) -> Result<RepoReport> {
     let texts = text_files(repo)?;
     let dir = repo_dir(cache, repo);

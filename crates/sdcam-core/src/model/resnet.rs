@@ -4,7 +4,7 @@
 //! diffusers tensor names (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
 //! `conv_shortcut`; `conv`).
 //!
-//! The convolutions are [`crate::model::conv::Conv2d`]s (im2col + one matrix product on the
+//! The convolutions are `crate::model::conv::Conv2d`s (im2col + one matrix product on the
 //! CPU, no per-call kernel re-layout).
 
 use crate::model::conv::{conv2d, Conv2d};

@@ -3,7 +3,7 @@
 //!
 //! Everything here is precomputed once on the host in `f32` exactly as torch does it (betas via an
 //! f32 `linspace`, `alphas_cumprod` as a cumulative product), then turned into small tensors; the
-//! per-frame work is [`step_batch`], the `scheduler_step_batch` of StreamDiffusion:
+//! per-frame work is `step_batch`, the `scheduler_step_batch` of StreamDiffusion:
 //! `denoised = c_out · (x_t − √β·ε) / √α + c_skip · x_t`.
 
 use anyhow::{bail, Context as _, Result};
@@ -33,6 +33,8 @@ pub struct SchedulerConfig {
     pub(crate) trained_betas: Option<Vec<f64>>,
     pub(crate) original_inference_steps: usize,
     pub(crate) timestep_scaling: f64,
+    /// What the U-Net predicts; only `epsilon` (noise) is supported, anything else (e.g.
+    /// `v_prediction`, stable-diffusion-2-1 at 768²) is refused by the config check.
     pub prediction_type: String,
     /// Used by diffusers' own LCM `step` only (not by StreamDiffusion's); read for completeness.
     pub(crate) set_alpha_to_one: bool,

@@ -6,13 +6,13 @@
 //! `Upsample` entries take an index but have no tensors).
 //!
 //! Scaling conventions (they differ from the KL VAE):
-//! * [`AutoencoderTiny::encode`] takes an image in −1..1 and returns the raw encoder output, like
+//! * `AutoencoderTiny::encode` takes an image in −1..1 and returns the raw encoder output, like
 //!   diffusers' `encode(x).latents` (the encoder maps the input with `(x + 1) / 2` internally).
-//! * [`AutoencoderTiny::decode`] applies `tanh(z / 3) · 3` to the latents first and returns
+//! * `AutoencoderTiny::decode` applies `tanh(z / 3) · 3` to the latents first and returns
 //!   `2x − 1` (image roughly in −1..1, not clamped), like `decode(z).sample`.
 //! * StreamDiffusion multiplies the encoder output by `scaling_factor` and divides the latents by it
 //!   before decoding; TAESD's `scaling_factor` is 1.0 so both are no-ops, and the latents are
-//!   directly in the U-Net's latent space. [`AutoencoderTiny::scaling_factor`] exposes the value so
+//!   directly in the U-Net's latent space. `AutoencoderTiny::scaling_factor` exposes the value so
 //!   callers can treat TAESD and the KL VAE the same way.
 
 use std::path::Path;
@@ -315,7 +315,9 @@ impl DecoderTiny {
     }
 }
 
-/// diffusers' `AutoencoderTiny` (TAESD).
+/// diffusers' `AutoencoderTiny` (TAESD; `models/autoencoder_tiny.py` in diffusers 0.24): images
+/// `(b, 3, h, w)` in −1..1 ↔ latents `(b, latent_channels = 4, h/8, w/8)` (see the module docs
+/// for the scaling).
 #[derive(Debug, Clone)]
 pub struct AutoencoderTiny {
     encoder: EncoderTiny,

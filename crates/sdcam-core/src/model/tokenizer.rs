@@ -201,6 +201,9 @@ impl ClipTokenizer {
 
     /// Loads from explicit `vocab.json` and `merges.txt` plus config json files (applied in
     /// order; missing ones are skipped).
+    ///
+    /// # Errors
+    /// A file cannot be read, or the vocabulary, merges or a config json is malformed.
     pub fn from_files(vocab: &Path, merges: &Path, configs: &[std::path::PathBuf]) -> Result<Self> {
         let vocab_text = std::fs::read_to_string(vocab)
             .with_context(|| format!("reading {}", vocab.display()))?;
@@ -410,7 +413,11 @@ impl ClipTokenizer {
         self.pad_id
     }
 
-    /// `tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids`.
+    /// `tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids`:
+    /// always 77 ids, `bos … eos pad…`.
+    ///
+    /// # Errors
+    /// Only when the underlying BPE model fails on the text (not expected for any UTF-8 input).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = self.tokenize_ids(prompt)?;
         ids.truncate(self.max_len - 2);

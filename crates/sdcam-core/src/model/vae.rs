@@ -3,15 +3,15 @@
 //! Encoder: `conv_in`, `down_blocks.N` (`DownEncoderBlock2D`: ResnetBlock2D × layers_per_block,
 //! then a stride-2 `Downsample2D` with diffusers' asymmetric (0, 1, 0, 1) zero padding, except on
 //! the last block), `mid_block` (resnet, single-head self-attention, resnet), GroupNorm + SiLU,
-//! `conv_out` → 2 × latent_channels moments, then `quant_conv`. [`AutoencoderKL::encode_mean`]
+//! `conv_out` → 2 × latent_channels moments, then `quant_conv`. `AutoencoderKL::encode_mean`
 //! returns the mean half of `latent_dist` (no sampling, not scaled).
 //!
 //! Decoder: `post_quant_conv`, `conv_in`, `mid_block`, `up_blocks.N` (`UpDecoderBlock2D`:
 //! ResnetBlock2D × (layers_per_block + 1), then nearest ×2 + conv `Upsample2D` except on the last
 //! block), GroupNorm + SiLU, `conv_out`.
 //!
-//! Scaling: StreamDiffusion multiplies the encoder mean by [`AutoencoderKL::scaling_factor`]
-//! (0.18215 for SD 1.5) and divides latents by it before [`AutoencoderKL::decode`]; both methods
+//! Scaling: StreamDiffusion multiplies the encoder mean by `AutoencoderKL::scaling_factor`
+//! (0.18215 for SD 1.5) and divides latents by it before `AutoencoderKL::decode`; both methods
 //! here work on unscaled latents.
 //!
 //! The resnets, down- and upsamplers are the U-Net's ([`crate::model::resnet`]; the resnets
@@ -53,7 +53,9 @@ pub struct AutoencoderKLConfig {
     /// diffusers' SDXL pipelines run this VAE in f32 in fp16 pipelines; Stable Diffusion's and
     /// StreamDiffusion's do not, and neither does sdcam (read, not used).
     pub(crate) force_upcast: bool,
+    /// The 1×1 `quant_conv` after the encoder exists (true for every SD VAE).
     pub use_quant_conv: bool,
+    /// The 1×1 `post_quant_conv` before the decoder exists (true for every SD VAE).
     pub use_post_quant_conv: bool,
     /// diffusers ≥ 0.26: the mid blocks' attention (always there in 0.24).
     pub(crate) mid_block_add_attention: bool,
@@ -412,7 +414,9 @@ impl Module for Decoder {
     }
 }
 
-/// diffusers' `AutoencoderKL`.
+/// diffusers' `AutoencoderKL` (`models/autoencoder_kl.py` in diffusers 0.24): images
+/// `(b, 3, h, w)` in −1..1 ↔ latents `(b, latent_channels = 4, h/8, w/8)`, unscaled (the
+/// `scaling_factor` is applied by [`crate::model::sd::Vae`]).
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,

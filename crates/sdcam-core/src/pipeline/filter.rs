@@ -46,6 +46,8 @@ pub(crate) fn cosine_similarity(a: &Tensor, b: &Tensor) -> candle_core::Result<f
 }
 
 impl SimilarityFilter {
+    /// A filter with no reference frame yet (the first frame is always processed); `seed` seeds
+    /// the skip draws.
     pub fn new(settings: FilterSettings, seed: u64) -> Self {
         Self {
             settings,
@@ -67,6 +69,12 @@ impl SimilarityFilter {
     /// exceeds the limit, allowing `max_skip_frame + 1` skips in a row and forcing early
     /// processing later), the count of consecutive skips restarts at every processed frame and
     /// never exceeds `max_skip_frame`.
+    ///
+    /// `x` is any tensor (in practice the pre-processed image `(f, 3, height, width)`); it is
+    /// compared as a flat vector with the last processed one (a shape change always processes).
+    ///
+    /// # Errors
+    /// Only when the tensors cannot be converted to f32 or read back from their device.
     pub fn should_process(&mut self, x: &Tensor) -> candle_core::Result<bool> {
         let Some(prev) = &self.prev else {
             self.prev = Some(x.clone());

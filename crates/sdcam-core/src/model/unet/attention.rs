@@ -3,14 +3,14 @@
 //! (continuous input, conv or linear `proj_in`/`proj_out`).
 //!
 //! Two StreamDiffusion seams live here:
-//! * cached prompt K/V: [`KvPair`] holds `to_k(ehs)`/`to_v(ehs)` of one cross-attention layer,
+//! * cached prompt K/V: `KvPair` holds `to_k(ehs)`/`to_v(ehs)` of one cross-attention layer,
 //!   already split into heads (`[B, heads, tokens, head_dim]`, contiguous), so the U-Net can
 //!   skip those projections while the prompt is unchanged;
-//! * cross-frame self-attention: [`SelfAttnMode::CrossFrame`] lets each sample's queries attend
+//! * cross-frame self-attention: `SelfAttnMode::CrossFrame` lets each sample's queries attend
 //!   to its own keys/values concatenated (token axis) with those of other samples of the batch.
 //!
 //! Attention kernel: `softmax(QKᵀ·scale)·V` with gemm matmuls and the fused
-//! `candle_nn::ops::softmax_last_dim`, with queries processed in chunks of [`Q_CHUNK`] rows so the
+//! `candle_nn::ops::softmax_last_dim`, with queries processed in chunks of `Q_CHUNK` rows so the
 //! score matrix of a 64×64 latent (4096×4096 per head) is never materialised whole. See
 //! `bench_attention_kernels` (ignored test) for the measurement against candle-nn's CPU flash
 //! attention.

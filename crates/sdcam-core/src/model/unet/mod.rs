@@ -6,7 +6,7 @@
 //! * cached prompt K/V ([`UNet2DConditionModel::precompute_prompt_kv`] →
 //!   [`UNet2DConditionModel::forward_with_kv`]): the cross-attention keys/values of every
 //!   `attn2` layer are computed once per prompt (paper appendix B.2);
-//! * cross-frame self-attention ([`SelfAttnMode::CrossFrame`] in [`ForwardOptions`], per call):
+//! * cross-frame self-attention (`SelfAttnMode::CrossFrame` in `ForwardOptions`, per call):
 //!   StreamBatch samples attend to each other's keys/values (paper Fig. 8).
 //!
 //! The model is immutable after loading; all per-call state lives in the arguments, so one model
@@ -102,7 +102,7 @@ fn d_up() -> Vec<String> {
 }
 
 /// `unet/config.json` of a diffusers `UNet2DConditionModel` (defaults = diffusers 0.24
-/// defaults). Options sdcam does not implement are kept so that [`UNetConfig::validate`] can
+/// defaults). Options sdcam does not implement are kept so that `UNetConfig::validate` can
 /// reject them with a clear message instead of silently ignoring them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
@@ -112,12 +112,16 @@ pub struct UNetConfig {
     pub(crate) out_channels: usize,
     #[serde(default)]
     pub(crate) center_input_sample: bool,
+    /// Timestep embedding order: `[cos, sin]` when true (every SD checkpoint), as diffusers'
+    /// `get_timestep_embedding(flip_sin_to_cos=…)`.
     #[serde(default = "d_true")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub(crate) freq_shift: f64,
     #[serde(default = "d_down")]
     pub(crate) down_block_types: Vec<String>,
+    /// Only `UNetMidBlock2DCrossAttn` (the default) is supported; anything else, including
+    /// `null` (no mid block, e.g. SDXS), is refused by the config check.
     #[serde(default = "d_mid")]
     pub mid_block_type: Option<String>,
     #[serde(default = "d_up")]
@@ -138,6 +142,8 @@ pub struct UNetConfig {
     pub(crate) norm_num_groups: Option<usize>,
     #[serde(default = "d_eps")]
     pub(crate) norm_eps: f64,
+    /// Width of the prompt embeddings the cross-attention layers take (the text encoder's
+    /// `hidden_size`: 768 for SD 1.x, 1024 for SD 2.x), one value or one per down block.
     #[serde(default = "d_cross")]
     pub cross_attention_dim: OneOrMany<usize>,
     #[serde(default = "d_one")]
@@ -156,6 +162,8 @@ pub struct UNetConfig {
     pub(crate) num_attention_heads: Option<OneOrMany<usize>>,
     #[serde(default)]
     pub(crate) dual_cross_attention: bool,
+    /// Transformer blocks project in and out with a linear layer (SD 2.x) instead of a 1×1
+    /// convolution (SD 1.x).
     #[serde(default)]
     pub use_linear_projection: bool,
     #[serde(default)]
@@ -445,7 +453,7 @@ impl ComponentConfig for UNetConfig {
     }
 }
 
-/// Cached cross-attention keys/values for one prompt batch: one [`KvPair`] per cross-attention
+/// Cached cross-attention keys/values for one prompt batch: one `KvPair` per cross-attention
 /// layer in U-Net traversal order (down blocks, mid block, up blocks; in each transformer block
 /// `attn1` when `only_cross_attention`, then `attn2`), each `[P, heads, tokens, head_dim]`.
 /// `P` is the number of prompts: equal to the sample batch (one prompt per sample) or 1 (the
@@ -480,7 +488,9 @@ pub(crate) struct ForwardOptions {
     pub(crate) self_attn: SelfAttnMode,
 }
 
-/// diffusers `UNet2DConditionModel` (SD 1.x / 2.x layout).
+/// diffusers `UNet2DConditionModel` (SD 1.x / 2.x layout; `models/unet_2d_condition.py` in
+/// diffusers 0.24): noise prediction on latents `(b, 4, h/8, w/8)` conditioned on prompt
+/// embeddings `(b or 1, 77, cross_attention_dim)` or their cached K/V ([`PromptKv`]).
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
@@ -496,6 +506,10 @@ pub struct UNet2DConditionModel {
 
 impl UNet2DConditionModel {
     /// Builds the model from `vb` (rooted at the `unet` weights) and a validated config.
+    ///
+    /// # Errors
+    /// The config is unsupported (`UNetConfig::validate`) or a weight is missing or has the
+    /// wrong shape.
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         cfg.validate()?;
         let boc = &cfg.block_out_channels;
@@ -619,7 +633,12 @@ impl UNet2DConditionModel {
     }
 
     /// Noise prediction for `sample: [B, in_channels, H, W]`, `timestep` (`[B]`, `[1]` or a
-    /// scalar; any numeric dtype) and `encoder_hidden_states: [B or 1, tokens, cross_dim]`.
+    /// scalar; any numeric dtype) and `encoder_hidden_states: [B or 1, tokens, cross_dim]`;
+    /// returns `[B, out_channels, H, W]`. `H` and `W` are latent sizes (image / 8), multiples of
+    /// 8 for the three down-samplings.
+    ///
+    /// # Errors
+    /// Shapes, dtypes or devices that do not fit the model.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -635,7 +654,11 @@ impl UNet2DConditionModel {
     }
 
     /// Cross-attention keys/values of every cross-attention layer for
-    /// `encoder_hidden_states: [P, tokens, cross_dim]` (P prompts; see [`PromptKv`]).
+    /// `encoder_hidden_states: [P, tokens, cross_dim]` (P prompts; see [`PromptKv`]):
+    /// StreamDiffusion's pre-computation of the prompt's K/V (paper §3.4), done once per prompt.
+    ///
+    /// # Errors
+    /// The embeddings' width is not the model's `cross_attention_dim`, or dtype/device differ.
     pub fn precompute_prompt_kv(&self, encoder_hidden_states: &Tensor) -> Result<PromptKv> {
         let batch = encoder_hidden_states.dim(0)?;
         let mut layers = Vec::new();
@@ -651,6 +674,9 @@ impl UNet2DConditionModel {
     }
 
     /// [`Self::forward`] with cached prompt keys/values instead of embeddings.
+    ///
+    /// # Errors
+    /// As [`Self::forward`], or `prompt_kv` was computed by a different U-Net.
     pub fn forward_with_kv(
         &self,
         sample: &Tensor,

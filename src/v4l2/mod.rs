@@ -26,7 +26,7 @@ pub mod writer;
 
 pub use device::{is_gone, open_hint, BufType, Caps, V4l2Device, LOOPBACK_DRIVER};
 pub use format::{DiscreteSize, FormatInfo, FrameRates, FrameSizes, PixFormat, StepwiseSizes};
-pub use fourcc::{fourcc_from_u32, fourcc_to_string, fourcc_to_u32, parse_fourcc, FourCc};
+pub use fourcc::{fourcc_from_u32, fourcc_to_string, fourcc_to_u32, FourCc};
 pub use probe::{
     modprobe_hint, probe, probe_all, probe_all_caps, probe_all_loopback_writers, video_paths,
     ProbeError, V4l2Env, VideoDevice, MODPROBE_PARAMS,

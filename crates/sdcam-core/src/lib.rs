@@ -10,9 +10,11 @@
 //! its configuration into [`pipeline::StreamParams`]/[`model::sd::ModelSpec`] and feeds frames as
 //! tensors.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod model;
 pub mod pipeline;
 
 /// The repository root (fixtures and real hub configs under `tests/`, embedded into the
 /// random-weight model writer and read by tests).
-pub const REPO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+pub(crate) const REPO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");

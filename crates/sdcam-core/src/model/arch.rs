@@ -78,6 +78,7 @@ const SD_TURBO_TOKENIZER_CONFIG: &str =
     hub_file!("stabilityai--sd-turbo", "tokenizer/tokenizer_config.json");
 const SD_TURBO_SPECIAL_TOKENS: &str =
     hub_file!("stabilityai--sd-turbo", "tokenizer/special_tokens_map.json");
+#[cfg(test)]
 const SD_TURBO_MODEL_INDEX: &str = hub_file!("stabilityai--sd-turbo", "model_index.json");
 
 const SD15_UNET: &str = hub_file!("runwayml--stable-diffusion-v1-5", "unet/config.json");
@@ -98,6 +99,7 @@ const SD15_SPECIAL_TOKENS: &str = hub_file!(
     "runwayml--stable-diffusion-v1-5",
     "tokenizer/special_tokens_map.json"
 );
+#[cfg(test)]
 const SD15_MODEL_INDEX: &str = hub_file!("runwayml--stable-diffusion-v1-5", "model_index.json");
 
 /// `madebyollin/taesd` `config.json` (TAESD 1.3; used with both architectures).
@@ -114,7 +116,8 @@ fn parse<T: ComponentConfig>(arch: Arch, what: &str, json: &str) -> T {
 
 impl Arch {
     /// Every architecture.
-    pub const ALL: [Arch; 2] = [Arch::SdTurbo, Arch::Sd15];
+    #[cfg(test)]
+    pub(crate) const ALL: [Arch; 2] = [Arch::SdTurbo, Arch::Sd15];
 
     /// The command-line name (`sd-turbo`, `sd15`).
     pub fn name(self) -> &'static str {
@@ -125,7 +128,7 @@ impl Arch {
     }
 
     /// The hub repository the configs come from.
-    pub fn repo(self) -> &'static str {
+    pub(crate) fn repo(self) -> &'static str {
         match self {
             Self::SdTurbo => "stabilityai/sd-turbo",
             Self::Sd15 => "runwayml/stable-diffusion-v1-5",
@@ -141,7 +144,7 @@ impl Arch {
     }
 
     /// `text_encoder/config.json` text.
-    pub fn text_config_json(self) -> &'static str {
+    pub(crate) fn text_config_json(self) -> &'static str {
         match self {
             Self::SdTurbo => SD_TURBO_TEXT,
             Self::Sd15 => SD15_TEXT,
@@ -149,7 +152,7 @@ impl Arch {
     }
 
     /// `vae/config.json` text.
-    pub fn vae_config_json(self) -> &'static str {
+    pub(crate) fn vae_config_json(self) -> &'static str {
         match self {
             Self::SdTurbo => SD_TURBO_VAE,
             Self::Sd15 => SD15_VAE,
@@ -157,7 +160,7 @@ impl Arch {
     }
 
     /// `scheduler/scheduler_config.json` text.
-    pub fn scheduler_config_json(self) -> &'static str {
+    pub(crate) fn scheduler_config_json(self) -> &'static str {
         match self {
             Self::SdTurbo => SD_TURBO_SCHEDULER,
             Self::Sd15 => SD15_SCHEDULER,
@@ -166,7 +169,7 @@ impl Arch {
 
     /// `tokenizer/tokenizer_config.json` and `tokenizer/special_tokens_map.json` texts, in the
     /// order transformers applies them.
-    pub fn tokenizer_config_jsons(self) -> [&'static str; 2] {
+    pub(crate) fn tokenizer_config_jsons(self) -> [&'static str; 2] {
         match self {
             Self::SdTurbo => [SD_TURBO_TOKENIZER_CONFIG, SD_TURBO_SPECIAL_TOKENS],
             Self::Sd15 => [SD15_TOKENIZER_CONFIG, SD15_SPECIAL_TOKENS],
@@ -174,7 +177,8 @@ impl Arch {
     }
 
     /// `model_index.json` text.
-    pub fn model_index_json(self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn model_index_json(self) -> &'static str {
         match self {
             Self::SdTurbo => SD_TURBO_MODEL_INDEX,
             Self::Sd15 => SD15_MODEL_INDEX,
@@ -182,7 +186,7 @@ impl Arch {
     }
 
     /// The TAESD `config.json` text (`madebyollin/taesd`, the same for both).
-    pub fn taesd_config_json(self) -> &'static str {
+    pub(crate) fn taesd_config_json(self) -> &'static str {
         TAESD
     }
 
@@ -192,17 +196,17 @@ impl Arch {
     }
 
     /// The CLIP text encoder config.
-    pub fn text_config(self) -> ClipTextConfig {
+    pub(crate) fn text_config(self) -> ClipTextConfig {
         parse(self, "text_encoder/config.json", self.text_config_json())
     }
 
     /// The VAE (`AutoencoderKL`) config.
-    pub fn vae_config(self) -> AutoencoderKLConfig {
+    pub(crate) fn vae_config(self) -> AutoencoderKLConfig {
         parse(self, "vae/config.json", self.vae_config_json())
     }
 
     /// The scheduler config, read the way `LCMScheduler.from_config` reads it.
-    pub fn scheduler_config(self) -> SchedulerConfig {
+    pub(crate) fn scheduler_config(self) -> SchedulerConfig {
         parse(
             self,
             "scheduler/scheduler_config.json",
@@ -211,7 +215,7 @@ impl Arch {
     }
 
     /// The TAESD config.
-    pub fn taesd_config(self) -> AutoencoderTinyConfig {
+    pub(crate) fn taesd_config(self) -> AutoencoderTinyConfig {
         config::parse(
             self.taesd_config_json(),
             "embedded madebyollin/taesd config.json",
@@ -221,7 +225,7 @@ impl Arch {
 
     /// The pipeline's tokenizer: the real CLIP vocabulary with this repo's tokenizer configs
     /// (SD 2.x / sd-turbo pad with `!`, id 0; SD 1.5 with the end token).
-    pub fn tokenizer(self) -> anyhow::Result<ClipTokenizer> {
+    pub(crate) fn tokenizer(self) -> anyhow::Result<ClipTokenizer> {
         ClipTokenizer::from_strs(CLIP_VOCAB, CLIP_MERGES, &self.tokenizer_config_jsons())
     }
 }
@@ -330,6 +334,7 @@ pub struct RandomWeights {
 }
 
 impl RandomWeights {
+    /// A backend whose tensors are a function of `seed` and the tensor's name only.
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
@@ -339,13 +344,14 @@ impl RandomWeights {
 
     /// Total elements of all tensors requested so far (shared between clones; a name requested
     /// twice counts twice).
-    pub fn elements(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn elements(&self) -> usize {
         self.elements.load(Ordering::Relaxed)
     }
 
     /// Every tensor requested so far, by name, with its shape (shared between clones): exactly
     /// the tensors a weights file must hold for the model built on this backend.
-    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+    pub(crate) fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.shapes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -353,7 +359,7 @@ impl RandomWeights {
     }
 
     /// The values of tensor `name` of `shape` (row-major), as [`Self::tensor`] returns them.
-    pub fn values(&self, shape: &[usize], name: &str) -> Vec<f32> {
+    pub(crate) fn values(&self, shape: &[usize], name: &str) -> Vec<f32> {
         // Norm scales (the only 1-D `weight`s in these models) around 1, everything else
         // (matrices, kernels, embeddings, biases) around 0.
         let mean = if shape.len() == 1 && name.ends_with("weight") {
@@ -365,13 +371,17 @@ impl RandomWeights {
     }
 
     /// The tensor `name` of `shape` (f32, CPU): what the backend returns before the cast.
+    ///
+    /// # Errors
+    /// Never in practice (the data always has `shape`'s element count); candle's constructor is
+    /// fallible.
     pub fn tensor(&self, shape: &Shape, name: &str) -> Result<Tensor> {
         Tensor::from_vec(self.values(shape.dims(), name), shape, &Device::Cpu)
     }
 
     /// Standard-normal-like values scaled to `std` (mean 0) for `name`, independent of the
     /// weights' std (used for LoRA factors).
-    pub fn values_with_std(&self, n: usize, name: &str, std: f32) -> Vec<f32> {
+    pub(crate) fn values_with_std(&self, n: usize, name: &str, std: f32) -> Vec<f32> {
         random_values(self.seed, name, n, 0.0, std)
     }
 }

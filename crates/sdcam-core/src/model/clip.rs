@@ -3,7 +3,7 @@
 //! Used by SD 1.5 (OpenAI ViT-L/14 text tower, 768 wide, `quick_gelu`) and SD 2.x / sd-turbo
 //! (OpenCLIP ViT-H/14 text tower, 1024 wide, exact `gelu`). The model applies a causal attention
 //! mask only (no padding mask, as diffusers calls it without `attention_mask`) and
-//! [`ClipTextModel::forward`] returns `last_hidden_state`, i.e. the output of the last layer after
+//! `ClipTextModel::forward` returns `last_hidden_state`, i.e. the output of the last layer after
 //! `final_layer_norm` (what diffusers' `encode_prompt` uses as `prompt_embeds`, SD 2 included).
 //!
 //! `VarBuilder` paths mirror the transformers tensor names (`text_model.embeddings.…`,
@@ -21,7 +21,7 @@ use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
 /// MLP activation of the encoder layers (`hidden_act` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ClipActivation {
+pub(crate) enum ClipActivation {
     /// `x · sigmoid(1.702 x)` (OpenAI CLIP, SD 1.x).
     QuickGelu,
     /// Exact erf GELU (OpenCLIP, SD 2.x).
@@ -42,14 +42,18 @@ impl ClipActivation {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct ClipTextConfig {
-    pub vocab_size: usize,
+    pub(crate) vocab_size: usize,
+    /// Width of the token embeddings and of the output `(b, 77, hidden_size)`: the U-Net's
+    /// `cross_attention_dim` (768 for SD 1.x, 1024 for SD 2.x / sd-turbo).
     pub hidden_size: usize,
-    pub intermediate_size: usize,
+    pub(crate) intermediate_size: usize,
+    /// Encoder layers (12 for SD 1.x's CLIP ViT-L/14, 23 for sd-turbo's OpenCLIP ViT-H).
     pub num_hidden_layers: usize,
+    /// Attention heads per layer (`hidden_size` must be a multiple).
     pub num_attention_heads: usize,
-    pub max_position_embeddings: usize,
-    pub hidden_act: ClipActivation,
-    pub layer_norm_eps: f64,
+    pub(crate) max_position_embeddings: usize,
+    pub(crate) hidden_act: ClipActivation,
+    pub(crate) layer_norm_eps: f64,
 }
 
 impl Default for ClipTextConfig {
@@ -100,7 +104,7 @@ impl ComponentConfig for ClipTextConfig {
 
 impl ClipTextConfig {
     /// Reads a transformers `config.json` ([`crate::model::config::load`]).
-    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         config::load(path.as_ref())
     }
 }
@@ -192,7 +196,7 @@ impl EncoderLayer {
 
 /// transformers' `CLIPTextModel` (text tower only, no projection).
 #[derive(Debug, Clone)]
-pub struct ClipTextModel {
+pub(crate) struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
@@ -203,7 +207,7 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (tensor names start with
     /// `text_model.`).
-    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
         let token_embedding =
@@ -228,11 +232,6 @@ impl ClipTextModel {
             final_layer_norm,
             max_position_embeddings: cfg.max_position_embeddings,
         })
-    }
-
-    /// Number of encoder layers.
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
     }
 
     fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
@@ -274,7 +273,7 @@ impl ClipTextModel {
 
     /// `input_ids` [B, T] (u32 or i64, T ≤ max_position_embeddings) → `last_hidden_state`
     /// [B, T, hidden] after `final_layer_norm`.
-    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let xs = self.run_layers(input_ids, self.layers.len())?;
         self.final_layer_norm.forward(&xs)
     }
@@ -282,7 +281,8 @@ impl ClipTextModel {
     /// `hidden_states[num_layers]` of transformers (output after `num_layers` encoder layers,
     /// 0 = embeddings), without the final layer norm. For `clip_skip = k` diffusers uses
     /// `final_layer_norm(hidden_states[-(k + 1)])`: see [`Self::forward_clip_skip`].
-    pub fn forward_hidden(&self, input_ids: &Tensor, num_layers: usize) -> Result<Tensor> {
+    #[cfg(test)]
+    pub(crate) fn forward_hidden(&self, input_ids: &Tensor, num_layers: usize) -> Result<Tensor> {
         if num_layers > self.layers.len() {
             candle_core::bail!(
                 "CLIP hidden state {num_layers} requested, the model has {} layers",
@@ -294,7 +294,8 @@ impl ClipTextModel {
 
     /// diffusers' `clip_skip` (0 = plain [`Self::forward`]): the output `clip_skip` layers before
     /// the last one, passed through `final_layer_norm`.
-    pub fn forward_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+    #[cfg(test)]
+    pub(crate) fn forward_clip_skip(&self, input_ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
         let n = self.layers.len();
         if clip_skip >= n {
             candle_core::bail!("clip_skip {clip_skip} must be below the layer count {n}");

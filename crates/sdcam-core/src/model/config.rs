@@ -31,17 +31,17 @@ use serde_json::{Map, Value};
 #[error("key `{key}` = {value}: {reason}")]
 pub struct Unsupported {
     /// The config key, e.g. `mid_block_type`.
-    pub key: String,
+    pub(crate) key: String,
     /// The value as JSON, e.g. `null` or `"UNetMidBlock2DSimpleCrossAttn"` (at most 80
     /// characters).
-    pub value: String,
+    pub(crate) value: String,
     /// What is supported instead, or what is missing.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl Unsupported {
     /// `key` = `value` (written as JSON) is not supported because `reason`.
-    pub fn new(key: &str, value: impl serde::Serialize, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(key: &str, value: impl serde::Serialize, reason: impl Into<String>) -> Self {
         let mut value =
             serde_json::to_string(&value).unwrap_or_else(|_| "(unprintable)".to_string());
         if value.chars().count() > 80 {
@@ -56,7 +56,7 @@ impl Unsupported {
 }
 
 /// `Err(Unsupported)` when `cond` holds.
-pub fn refuse_if(
+pub(crate) fn refuse_if(
     cond: bool,
     key: &str,
     value: impl serde::Serialize,
@@ -70,7 +70,10 @@ pub fn refuse_if(
 }
 
 /// `Err(Unsupported)` unless `value` is a finite number above zero (scales, factors).
-pub fn refuse_unless_positive(key: &str, value: f64) -> std::result::Result<(), Unsupported> {
+pub(crate) fn refuse_unless_positive(
+    key: &str,
+    value: f64,
+) -> std::result::Result<(), Unsupported> {
     refuse_if(
         !(value.is_finite() && value > 0.0),
         key,
@@ -97,10 +100,19 @@ pub trait ComponentConfig: DeserializeOwned {
     }
 
     /// Refuses values that change the computation and are not implemented.
+    ///
+    /// # Errors
+    /// The first unsupported key, with its value and what is implemented instead.
     fn check(&self) -> std::result::Result<(), Unsupported>;
 }
 
-/// Parses config text (`source` names it in messages: a path or `"embedded sd-turbo unet"`).
+/// Parses config text (`source` names it in messages: a path or `"embedded sd-turbo unet"`)
+/// the way diffusers/transformers read a `config.json`: absent or `null` keys take the library
+/// default, unknown keys are logged at debug level and ignored.
+///
+/// # Errors
+/// The text is not a JSON object, a key has the wrong type (named by its path), or
+/// [`ComponentConfig::check`] refuses a value.
 pub fn parse<T: ComponentConfig>(text: &str, source: &str) -> Result<T> {
     let value: Value = serde_json::from_str(text)
         .with_context(|| format!("{source}: not valid JSON (a {} config.json)", T::KIND))?;
@@ -145,6 +157,9 @@ pub fn parse<T: ComponentConfig>(text: &str, source: &str) -> Result<T> {
 }
 
 /// Reads and parses a config file ([`parse`]); errors name the file.
+///
+/// # Errors
+/// The file cannot be read, or [`parse`] fails.
 pub fn load<T: ComponentConfig>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the {} config {}", T::KIND, path.display()))?;
@@ -156,7 +171,9 @@ pub fn load<T: ComponentConfig>(path: &Path) -> Result<T> {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
+    /// One value for every block.
     One(T),
+    /// One value per block, in block order.
     Many(Vec<T>),
 }
 
@@ -192,7 +209,7 @@ impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for OneOrMany<T> {
 
 impl<T: Clone> OneOrMany<T> {
     /// The list length, `None` for a single value.
-    pub fn list_len(&self) -> Option<usize> {
+    pub(crate) fn list_len(&self) -> Option<usize> {
         match self {
             OneOrMany::One(_) => None,
             OneOrMany::Many(v) => Some(v.len()),
@@ -200,7 +217,7 @@ impl<T: Clone> OneOrMany<T> {
     }
 
     /// The per-block list for `n` blocks (a single value is repeated).
-    pub fn per_block(&self, n: usize, name: &str) -> candle_core::Result<Vec<T>> {
+    pub(crate) fn per_block(&self, n: usize, name: &str) -> candle_core::Result<Vec<T>> {
         match self {
             OneOrMany::One(v) => Ok(vec![v.clone(); n]),
             OneOrMany::Many(v) if v.len() == n => Ok(v.clone()),

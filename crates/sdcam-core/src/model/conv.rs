@@ -13,7 +13,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Conv2d {
+pub(crate) struct Conv2d {
     /// candle's convolution over the same weight (other devices / dtypes).
     inner: candle_nn::Conv2d,
     /// The weight as `[c_out, c_in·k_h·k_w]` (a view of the loaded tensor, no copy).
@@ -26,7 +26,7 @@ pub struct Conv2d {
 }
 
 /// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`].
-pub fn conv2d(
+pub(crate) fn conv2d(
     in_channels: usize,
     out_channels: usize,
     kernel_size: usize,
@@ -44,7 +44,7 @@ pub fn conv2d(
 
 impl Conv2d {
     /// Wraps a candle convolution.
-    pub fn new(inner: candle_nn::Conv2d) -> Result<Self> {
+    pub(crate) fn new(inner: candle_nn::Conv2d) -> Result<Self> {
         let w = inner.weight().contiguous()?;
         let (c_out, c_in, k_h, k_w) = w.dims4()?;
         let weight2d = w.reshape((c_out, c_in * k_h * k_w))?;

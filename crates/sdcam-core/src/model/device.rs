@@ -13,8 +13,11 @@ pub enum DeviceName {
     /// CUDA when built with `cuda` and a GPU opens, else Metal when built with `metal`, else the
     /// CPU ([`select_device`]).
     Auto,
+    /// The CPU.
     Cpu,
+    /// CUDA device 0 (needs a build with the `cuda` feature).
     Cuda,
+    /// Metal device 0 (needs a build with the `metal` feature).
     Metal,
 }
 
@@ -24,8 +27,11 @@ pub enum DeviceName {
 pub enum DtypeName {
     /// f16 on a GPU, f32 on the CPU ([`select_dtype`]).
     Auto,
+    /// 32-bit float.
     F32,
+    /// IEEE half precision (the fp16 weight variant is preferred).
     F16,
+    /// bfloat16 (the fp16 weight variant is preferred and converted on load).
     Bf16,
 }
 
@@ -33,6 +39,9 @@ pub enum DtypeName {
 /// log). `auto`: CUDA device 0 when this build has CUDA and the device opens, else Metal device 0
 /// when it has Metal and the device opens, else the CPU. An explicit `cuda`/`metal` that cannot
 /// be had is an error saying what to do.
+///
+/// # Errors
+/// `cuda`/`metal` was asked for and this build lacks the feature or the device does not open.
 pub fn select_device(name: DeviceName) -> Result<(Device, String)> {
     match name {
         DeviceName::Auto => {
@@ -71,7 +80,7 @@ pub fn select_dtype(name: DtypeName, device: &Device) -> (DType, &'static str) {
 }
 
 /// The candle device for an explicit `model.device` (`auto` is [`select_device`]'s).
-pub fn device_for(name: DeviceName) -> Result<Device> {
+pub(crate) fn device_for(name: DeviceName) -> Result<Device> {
     match name {
         DeviceName::Auto => Ok(select_device(name)?.0),
         DeviceName::Cpu => Ok(Device::Cpu),
@@ -103,7 +112,7 @@ pub fn device_for(name: DeviceName) -> Result<Device> {
 
 /// The candle dtype for an explicit `model.dtype` (`auto` means f32 here: the CPU's choice;
 /// use [`select_dtype`] where the device is known).
-pub fn dtype_for(name: DtypeName) -> DType {
+pub(crate) fn dtype_for(name: DtypeName) -> DType {
     match name {
         DtypeName::Auto | DtypeName::F32 => DType::F32,
         DtypeName::F16 => DType::F16,

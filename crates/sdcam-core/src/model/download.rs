@@ -3,7 +3,7 @@
 //! submodules).
 //!
 //! On first use of a hub repo sdcam lists the repo with sizes (`/api/models/{id}/revision/{rev}
-//! ?blobs=true`), picks the files the pipeline loads ([`select_files`], a pure function: the
+//! ?blobs=true`), picks the files the pipeline loads (`select_files`, a pure function: the
 //! fp16 variant on a GPU, the plain one on the CPU, never `.bin`, ONNX, `safety_checker/`,
 //! `feature_extractor/` or root single-file checkpoints), says how much it will download and
 //! where, refuses when the cache's disk has less free space than that, and then fetches the
@@ -47,22 +47,22 @@ mod http;
 mod progress;
 mod select;
 
-pub use cache::*;
+pub(crate) use cache::*;
 pub(crate) use http::*;
 pub(crate) use progress::*;
-pub use select::*;
+pub(crate) use select::*;
 
 /// One repo sdcam needs files of.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub id: String,
-    pub revision: Option<String>,
-    pub want: Want,
+pub(crate) struct Request {
+    pub(crate) id: String,
+    pub(crate) revision: Option<String>,
+    pub(crate) want: Want,
 }
 
 /// The hub repos a pipeline needs: the model, its tiny VAE, its LoRAs (local folders and files
 /// are left out).
-pub fn pipeline_requests(
+pub(crate) fn pipeline_requests(
     model: &str,
     revision: Option<&str>,
     tiny_vae: Option<&str>,
@@ -127,11 +127,11 @@ fn network_hint(opts: &HubOptions) -> String {
 
 /// The files of one repo to make available.
 #[derive(Debug, Clone)]
-pub struct RepoPlan {
-    pub id: String,
-    pub revision: String,
-    pub commit: String,
-    pub files: Vec<Selected>,
+pub(crate) struct RepoPlan {
+    pub(crate) id: String,
+    pub(crate) revision: String,
+    pub(crate) commit: String,
+    pub(crate) files: Vec<Selected>,
 }
 
 /// Plans the downloads for `requests` (those the cache does not already serve): lists each
@@ -189,7 +189,7 @@ pub(crate) fn plan(
 /// Makes every file `requests` need available in the cache: one plan, one disk check, one
 /// progress display. Does nothing (and no network) when the cache already serves them all or
 /// `HF_HUB_OFFLINE` is set.
-pub fn prefetch(requests: &[Request], dtype: DType, opts: &HubOptions) -> Result<()> {
+pub(crate) fn prefetch(requests: &[Request], dtype: DType, opts: &HubOptions) -> Result<()> {
     prefetch_with(requests, dtype, opts, &free_space, &mut Client::new(opts))
 }
 

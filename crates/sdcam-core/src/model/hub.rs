@@ -90,44 +90,50 @@ impl HubOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComponentFiles {
     /// `config.json`.
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
     /// safetensors file(s) (several for a sharded checkpoint).
     pub weights: Vec<PathBuf>,
     /// True when the weights are the `fp16` variant.
-    pub fp16_variant: bool,
+    pub(crate) fp16_variant: bool,
 }
 
 /// Every file of a Stable Diffusion pipeline that sdcam loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelFiles {
     /// What the user asked for (repo id or folder), for messages.
-    pub source: String,
+    pub(crate) source: String,
     /// The local folder or the cache snapshot folder.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// `model_index.json`.
-    pub model_index: PathBuf,
+    pub(crate) model_index: PathBuf,
     /// `_class_name` of `model_index.json`.
-    pub pipeline_class: String,
-    pub unet: ComponentFiles,
-    pub text_encoder: ComponentFiles,
+    pub(crate) pipeline_class: String,
+    /// `unet/`.
+    pub(crate) unet: ComponentFiles,
+    /// `text_encoder/`.
+    pub(crate) text_encoder: ComponentFiles,
     /// The model's own AutoencoderKL; no weights when resolved for a tiny VAE
     /// ([`resolve_model_for`] without `kl_vae`).
-    pub vae: ComponentFiles,
+    pub(crate) vae: ComponentFiles,
     /// The `tokenizer/` folder (vocab.json + merges.txt + jsons, or tokenizer.json).
-    pub tokenizer_dir: PathBuf,
+    pub(crate) tokenizer_dir: PathBuf,
     /// `scheduler/scheduler_config.json`.
-    pub scheduler_config: PathBuf,
+    pub(crate) scheduler_config: PathBuf,
 }
 
 /// `serde_json` config of any component, with the file named in errors.
-pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+pub(crate) fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
 /// A memory-mapped `VarBuilder` over safetensors files; tensors are converted to `dtype` on
-/// load (so fp16 files serve an f32 model and vice versa).
+/// load (so fp16 files serve an f32 model and vice versa). The one place sdcam memory-maps
+/// weights (see the SAFETY note inside).
+///
+/// # Errors
+/// `weights` is empty, a file does not exist, or a file is not valid safetensors.
 pub fn load_var_builder(
     weights: &[PathBuf],
     dtype: DType,
@@ -530,7 +536,14 @@ pub(crate) fn check_model_index(index: &Value, path: &Path) -> Result<String> {
     Ok(class)
 }
 
-/// Resolves a Stable Diffusion pipeline from a local diffusers folder or a hub repo id.
+/// Resolves a Stable Diffusion pipeline from a local diffusers folder or a hub repo id (the
+/// files diffusers' `StableDiffusionPipeline.from_pretrained` reads, safetensors only; weights
+/// in the variant `dtype` prefers, see the module docs).
+///
+/// # Errors
+/// The folder is not in diffusers layout, the repo or a file is not in the cache while offline
+/// (or cannot be downloaded), `model_index.json` declares an unsupported architecture, or a
+/// component has no safetensors weights.
 pub fn resolve_model(
     spec: &str,
     revision: Option<&str>,
@@ -542,7 +555,7 @@ pub fn resolve_model(
 
 /// [`resolve_model`]; without `kl_vae` (a tiny VAE replaces the model's own) the VAE's weights
 /// are neither looked up nor downloaded and `vae.weights` is empty (`vae.config` is still read).
-pub fn resolve_model_for(
+pub(crate) fn resolve_model_for(
     spec: &str,
     revision: Option<&str>,
     dtype: DType,
@@ -624,6 +637,10 @@ pub fn resolve_model_for(
 
 /// Resolves a tiny VAE (TAESD, `AutoencoderTiny`): `config.json` + weights at the root of the
 /// folder/repo (or under `vae/`).
+///
+/// # Errors
+/// The folder/repo cannot be reached (offline and not cached), has no `config.json`, its
+/// `_class_name` is not `AutoencoderTiny`, or it has no safetensors weights.
 pub fn resolve_tiny_vae(
     spec: &str,
     revision: Option<&str>,
@@ -658,10 +675,15 @@ pub fn resolve_tiny_vae(
 }
 
 /// The default LoRA file name diffusers' `load_lora_weights` looks for.
-pub const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
+pub(crate) const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
 
 /// Resolves a LoRA: a local `.safetensors` file, a folder holding `weight_name`, or a hub repo
-/// id (its `weight_name`, default [`LORA_WEIGHT_NAME`]).
+/// id (its `weight_name`, default `pytorch_lora_weights.safetensors`, as diffusers'
+/// `load_lora_weights`).
+///
+/// # Errors
+/// A local file is not `.safetensors` or does not exist, the repo cannot be reached, or it has
+/// no such file (with a hint when it only has a `.bin`).
 pub fn resolve_lora(
     spec: &str,
     weight_name: Option<&str>,
@@ -708,21 +730,6 @@ pub fn local_file(
         Source::Local(root) => Some(root.join(file)).filter(|p| p.is_file()),
         Source::Hub(h) => h.cached(file),
     }
-}
-
-/// Cache directory a repo id maps to (for messages and tooling).
-pub fn cache_repo_dir(opts: &HubOptions, repo_id: &str) -> PathBuf {
-    opts.cache_dir
-        .join(format!("models--{}", repo_id.replace('/', "--")))
-}
-
-/// Convenience: reads the env once and resolves a model (what the binary uses).
-pub fn resolve_model_from_env(
-    spec: &str,
-    revision: Option<&str>,
-    dtype: DType,
-) -> Result<ModelFiles> {
-    resolve_model(spec, revision, dtype, &HubOptions::from_env())
 }
 
 #[cfg(test)]

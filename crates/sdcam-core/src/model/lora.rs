@@ -1,7 +1,7 @@
 //! LoRA fusion at load time.
 //!
 //! A LoRA file is parsed into modules ([`LoraFile`]) and fused into a component's weight map
-//! before the component's `VarBuilder` is built ([`fuse_into`], then
+//! before the component's `VarBuilder` is built (`fuse_into`, then
 //! `VarBuilder::from_tensors`):
 //!
 //! `W += scale · (alpha / rank) · up.flatten(1) @ down.flatten(1)`, reshaped to `W`'s shape,
@@ -21,7 +21,7 @@
 //!   `.lora_A.weight`/`.lora_B.weight` (+ optional `.alpha`).
 //!
 //! Every LoRA module addressed to the target component must land on an existing weight; otherwise
-//! [`fuse_into`] fails (listing a few names) without changing anything, so a LoRA for another
+//! `fuse_into` fails (listing a few names) without changing anything, so a LoRA for another
 //! architecture (e.g. SDXL `input_blocks` names) is rejected instead of silently ignored.
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,25 +49,29 @@ enum ModuleName {
     Dotted(String),
 }
 
-/// One LoRA module: the low-rank pair and its optional alpha.
+/// One LoRA module: the low-rank pair and its optional alpha (the update is
+/// `alpha/rank · up @ down`, see the module docs).
 #[derive(Debug, Clone)]
 pub struct LoraModule {
     /// `[rank, in]` or `[rank, in, k, k]`.
     pub down: Tensor,
     /// `[out, rank]` or `[out, rank, 1, 1]`.
-    pub up: Tensor,
+    pub(crate) up: Tensor,
     /// `alpha` (the effective factor is `alpha / rank`); `None` means alpha = rank.
     pub alpha: Option<f32>,
 }
 
 impl LoraModule {
     /// The LoRA rank (`down.dim(0)`).
+    ///
+    /// # Errors
+    /// `down` is a scalar (never for a parsed file).
     pub fn rank(&self) -> candle_core::Result<usize> {
         self.down.dim(0)
     }
 
     /// `scale · alpha/rank · up.flatten(1) @ down.flatten(1)` in f32, shape `[out, in·k·k]`.
-    pub fn delta(&self, scale: f32) -> candle_core::Result<Tensor> {
+    pub(crate) fn delta(&self, scale: f32) -> candle_core::Result<Tensor> {
         let rank = self.rank()?;
         let factor = match self.alpha {
             Some(a) => a as f64 / rank as f64,
@@ -125,7 +129,12 @@ fn classify(stem: &str) -> Option<(LoraTarget, ModuleName)> {
 }
 
 impl LoraFile {
-    /// Reads a LoRA `.safetensors` file (tensors stay on the CPU until fused).
+    /// Reads a LoRA `.safetensors` file (tensors stay on the CPU until fused), in kohya or
+    /// diffusers/PEFT key naming (diffusers' `lora_state_dict` conversions).
+    ///
+    /// # Errors
+    /// The file cannot be read as safetensors, or its keys or shapes are not a LoRA sdcam
+    /// understands (a module without `down`/`up`, mismatched ranks, an unknown key layout).
     pub fn load(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         let path = path.as_ref();
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
@@ -134,7 +143,7 @@ impl LoraFile {
     }
 
     /// Parses LoRA tensors given by name.
-    pub fn from_tensors(tensors: HashMap<String, Tensor>) -> anyhow::Result<Self> {
+    pub(crate) fn from_tensors(tensors: HashMap<String, Tensor>) -> anyhow::Result<Self> {
         let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
         let mut unknown = Vec::new();
         for (key, t) in tensors {
@@ -213,12 +222,7 @@ impl LoraFile {
         self.modules(target).len()
     }
 
-    /// The module keys (kohya stem or prefixed dotted path) addressed to `target`, sorted.
-    pub fn module_names(&self, target: LoraTarget) -> Vec<String> {
-        self.modules(target).keys().cloned().collect()
-    }
-
-    /// The module stored under `name` (as listed by [`Self::module_names`]).
+    /// The module stored under `name` (a kohya stem or a prefixed dotted path).
     pub fn module(&self, target: LoraTarget, name: &str) -> Option<&LoraModule> {
         self.modules(target).get(name).map(|(_, m)| m)
     }
@@ -226,12 +230,12 @@ impl LoraFile {
 
 /// What [`fuse_into`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FuseReport {
+pub(crate) struct FuseReport {
     /// Weights changed (= LoRA modules for the target).
-    pub fused: usize,
+    pub(crate) fused: usize,
     /// LoRA modules for the target without a matching weight. Always empty in a report returned by
     /// [`fuse_into`] (it fails instead); filled by [`match_modules`].
-    pub unmatched: Vec<String>,
+    pub(crate) unmatched: Vec<String>,
 }
 
 /// The kohya stem of a component weight name: `lora_unet_` / `lora_te_` + the name without
@@ -247,7 +251,7 @@ fn kohya_stem(target: LoraTarget, weight_name: &str) -> Option<String> {
 
 /// Resolves the LoRA modules for `target` against a component's tensor names: returns
 /// (module key → weight name) for the matched ones and the report (with `unmatched` filled).
-pub fn match_modules<'a>(
+pub(crate) fn match_modules<'a>(
     tensor_names: impl IntoIterator<Item = &'a String>,
     lora: &LoraFile,
     target: LoraTarget,
@@ -285,7 +289,7 @@ pub fn match_modules<'a>(
 
 /// Fuses the LoRA modules for `target` into `tensors` (the component's weights by diffusers /
 /// transformers name) with the given `scale`. All-or-nothing: on error `tensors` is unchanged.
-pub fn fuse_into(
+pub(crate) fn fuse_into(
     tensors: &mut HashMap<String, Tensor>,
     lora: &LoraFile,
     target: LoraTarget,

@@ -25,7 +25,10 @@ pub mod vae;
 use candle_core::{DType, Device, Tensor};
 
 /// max |a − b| / max |b|: the relative error used to compare with reference outputs (computed
-/// in f32 on the CPU, whatever device and dtype `a` is in).
+/// in f32 on the CPU, whatever device and dtype `a` is in). The shapes must be equal.
+///
+/// # Errors
+/// The shapes differ or a tensor cannot be copied to the CPU.
 pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = reference.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -58,6 +61,10 @@ pub mod testing {
     /// The device and dtype named by the environment (see the module docs). Opened once per
     /// process: every caller gets the same device, since tensors on two separately opened CUDA
     /// devices cannot meet in one operation.
+    ///
+    /// # Errors
+    /// An unknown `SDCAM_TEST_DEVICE`/`SDCAM_TEST_DTYPE`, or the device does not open (the same
+    /// error on every call).
     pub fn target() -> Result<(Device, DType)> {
         static TARGET: OnceLock<std::result::Result<(Device, DType), String>> = OnceLock::new();
         TARGET
@@ -98,7 +105,7 @@ pub mod testing {
     }
 
     /// See [`tolerance`].
-    pub const HALF_TOLERANCE: f32 = 3e-2;
+    pub(crate) const HALF_TOLERANCE: f32 = 3e-2;
 }
 
 #[cfg(test)]
@@ -110,17 +117,17 @@ pub(crate) mod testutil {
     use candle_core::{DType, Device, Tensor};
 
     /// The device and dtype the component tests run in ([`super::testing::target`]).
-    pub fn target() -> (Device, DType) {
+    pub(crate) fn target() -> (Device, DType) {
         super::testing::target().unwrap_or_else(|e| panic!("test target: {e:#}"))
     }
 
     /// A test's f32 tolerance for the target dtype ([`super::testing::tolerance`]).
-    pub fn tol(f32_tol: f32) -> f32 {
+    pub(crate) fn tol(f32_tol: f32) -> f32 {
         super::testing::tolerance(target().1, f32_tol)
     }
 
     /// max |a − b|, in f32 on the CPU (any device and dtype).
-    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         let f = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
         let d = (f(a).unwrap() - f(b).unwrap()).unwrap();
         d.abs()
@@ -131,14 +138,14 @@ pub(crate) mod testutil {
     }
 
     /// `tests/fixtures/<rel>` ([`super::testing::fixtures_dir`]).
-    pub fn fixture(rel: &str) -> PathBuf {
+    pub(crate) fn fixture(rel: &str) -> PathBuf {
         super::testing::fixtures_dir().join(rel)
     }
 
     /// All tensors of `tests/fixtures/golden/<name>.safetensors` on the test target: floats in
     /// its dtype, integers (token ids) as stored. Compare outputs with `rel_err`, which works
     /// across devices.
-    pub fn golden(name: &str) -> HashMap<String, Tensor> {
+    pub(crate) fn golden(name: &str) -> HashMap<String, Tensor> {
         let path = fixture(&format!("golden/{name}.safetensors"));
         let (device, dtype) = target();
         candle_core::safetensors::load(&path, &device)
@@ -156,7 +163,7 @@ pub(crate) mod testutil {
     }
 
     /// All tensors of a golden file on the CPU as stored (for device-independent math).
-    pub fn golden_cpu(name: &str) -> HashMap<String, Tensor> {
+    pub(crate) fn golden_cpu(name: &str) -> HashMap<String, Tensor> {
         let path = fixture(&format!("golden/{name}.safetensors"));
         candle_core::safetensors::load(&path, &Device::Cpu)
             .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))

@@ -8,7 +8,7 @@
 //! as `tokenizer/vocab.json` + `merges.txt`, and every weight file under its real name, the
 //! `.fp16.safetensors` variant included where the real repository has one. A weight file holds
 //! exactly the tensors (names and shapes) that sdcam's model asks for when built from those
-//! configs ([`RandomWeights::shapes`]), with [`RandomWeights`] values: deterministic from
+//! configs (`RandomWeights::shapes`), with [`RandomWeights`] values: deterministic from
 //! `(seed, repository, component, tensor name)`; the fp16 variant holds the same values rounded.
 //! `latent-consistency/lcm-lora-sdv1-5` gets a rank-64 kohya-format LoRA (fp16, like the real
 //! file) over every module the LCM-LoRA training script adapts in the SD 1.5 U-Net.
@@ -42,7 +42,7 @@ use super::taesd::AutoencoderTiny;
 use super::unet::UNet2DConditionModel;
 use super::vae::AutoencoderKL;
 
-/// The repositories this module writes, in the order [`write_all`] writes them.
+/// The repositories this module writes, in the order `sdcam dev write-random-hub` writes them.
 pub const REPOS: [&str; 4] = [SD_TURBO, TAESD, SD15, LCM_LORA_SD15];
 
 const SD_TURBO: &str = "stabilityai/sd-turbo";
@@ -55,15 +55,15 @@ pub const DEFAULT_SEED: u64 = 0x5dca_f011;
 
 /// LCM-LoRA: rank (the real file's, confirmed by its parameter count) and alpha (the
 /// distillation script's default `lora_alpha`).
-pub const LORA_RANK: usize = 64;
-pub const LORA_ALPHA: f32 = 8.0;
+pub(crate) const LORA_RANK: usize = 64;
+pub(crate) const LORA_ALPHA: f32 = 8.0;
 /// Std of the random LoRA factors: with alpha/rank = 1/8 the fused update has a std of about
 /// `LORA_STD²` per element, half the base weights' 0.02, so the LoRA visibly changes the output.
 const LORA_STD: f32 = 0.1;
 /// Module name suffixes the LCM-LoRA adapts (the target list of diffusers'
 /// `train_lcm_distill_lora_sd*.py`, matched as peft matches them: the whole name or its tail
 /// after a `.`).
-pub const LORA_TARGETS: [&str; 14] = [
+pub(crate) const LORA_TARGETS: [&str; 14] = [
     "to_q",
     "to_k",
     "to_v",
@@ -154,7 +154,8 @@ fn text_files(repo: &str) -> Result<Vec<(&'static str, &'static [u8])>> {
 }
 
 /// The text of one of the embedded real files of `repo` (e.g. `vae/config.json`).
-pub fn real_file(repo: &str, path: &str) -> Result<&'static [u8]> {
+#[cfg(test)]
+pub(crate) fn real_file(repo: &str, path: &str) -> Result<&'static [u8]> {
     text_files(repo)?
         .into_iter()
         .find(|(p, _)| *p == path)
@@ -214,12 +215,12 @@ fn model_weights(
 }
 
 /// The kohya module stem of a U-Net module path (`lora_unet_` + the path with `.` → `_`).
-pub fn kohya_unet_stem(module: &str) -> String {
+pub(crate) fn kohya_unet_stem(module: &str) -> String {
     format!("lora_unet_{}", module.replace('.', "_"))
 }
 
 /// Whether the LCM-LoRA adapts the U-Net module `module` (see [`LORA_TARGETS`]).
-pub fn lora_targets_module(module: &str) -> bool {
+pub(crate) fn lora_targets_module(module: &str) -> bool {
     LORA_TARGETS
         .iter()
         .any(|t| module == *t || module.ends_with(&format!(".{t}")))
@@ -228,7 +229,7 @@ pub fn lora_targets_module(module: &str) -> bool {
 /// The LoRA tensors (kohya names → shapes) for a U-Net with the given weight shapes: per adapted
 /// module, `lora_down.weight` `[r, in]` / `[r, in, k, k]`, `lora_up.weight` `[out, r]` /
 /// `[out, r, 1, 1]` and a scalar `alpha`.
-pub fn lora_tensors(unet: &BTreeMap<String, Vec<usize>>) -> BTreeMap<String, Vec<usize>> {
+pub(crate) fn lora_tensors(unet: &BTreeMap<String, Vec<usize>>) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();
     for (name, shape) in unet {
         let Some(module) = name.strip_suffix(".weight") else {
@@ -319,7 +320,7 @@ fn plans(repo: &str, seed: u64) -> Result<Vec<WeightsPlan>> {
 /// What [`write_repo`] wrote.
 #[derive(Debug, Clone)]
 pub struct RepoReport {
-    pub repo: String,
+    /// The snapshot folder written (`<cache>/models--<org>--<name>/snapshots/<commit>`).
     pub snapshot: PathBuf,
     /// Bytes of all blobs.
     pub bytes: u64,
@@ -330,7 +331,7 @@ pub struct RepoReport {
 }
 
 /// The cache folder of a model repository: `<cache>/models--<org>--<name>`.
-pub fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
+pub(crate) fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
     cache.join(format!("models--{}", repo.replace('/', "--")))
 }
 
@@ -450,6 +451,10 @@ fn write_weights(plan: &WeightsPlan, blobs: &Path, n: &mut usize) -> Result<Vec<
 
 /// Writes `repo` into the cache `cache` (the `hub` folder: what `HF_HUB_CACHE` names). Refuses
 /// to touch an existing `models--…` folder unless `overwrite` (which deletes it first).
+///
+/// # Errors
+/// `repo` is not one of [`REPOS`], its folder exists and `overwrite` is false, or writing to
+/// the cache fails (permissions, disk space).
 pub fn write_repo(cache: &Path, repo: &str, seed: u64, overwrite: bool) -> Result<RepoReport> {
     let texts = text_files(repo)?;
     let dir = repo_dir(cache, repo);
@@ -516,7 +521,6 @@ pub fn write_repo(cache: &Path, repo: &str, seed: u64, overwrite: bool) -> Resul
     std::fs::write(refs.join("main"), &commit)
         .with_context(|| format!("writing {}", refs.join("main").display()))?;
     Ok(RepoReport {
-        repo: repo.to_string(),
         snapshot,
         bytes,
         files: files.len(),

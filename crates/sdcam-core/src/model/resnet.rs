@@ -4,7 +4,7 @@
 //! diffusers tensor names (`norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`,
 //! `conv_shortcut`; `conv`).
 //!
-//! The convolutions are [`crate::model::conv::Conv2d`]s (im2col + one matrix product on the
+//! The convolutions are `crate::model::conv::Conv2d`s (im2col + one matrix product on the
 //! CPU, no per-call kernel re-layout).
 
 use crate::model::conv::{conv2d, Conv2d};
@@ -13,20 +13,20 @@ use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder}
 
 /// Hyper-parameters of one `ResnetBlock2D`.
 #[derive(Debug, Clone, Copy)]
-pub struct ResnetBlock2DConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
+pub(crate) struct ResnetBlock2DConfig {
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
     /// Width of the time embedding; `None` for the VAE's blocks, which have none.
-    pub temb_channels: Option<usize>,
-    pub groups: usize,
-    pub eps: f64,
-    pub output_scale_factor: f64,
+    pub(crate) temb_channels: Option<usize>,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) output_scale_factor: f64,
 }
 
 /// diffusers `ResnetBlock2D` (time_embedding_norm "default", act "silu", no up/down), with or
 /// without a time embedding.
 #[derive(Debug, Clone)]
-pub struct ResnetBlock2D {
+pub(crate) struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
     time_emb_proj: Option<Linear>,
@@ -37,7 +37,7 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    pub fn new(vb: VarBuilder, c: &ResnetBlock2DConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, c: &ResnetBlock2DConfig) -> Result<Self> {
         let conv3 = Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -69,7 +69,7 @@ impl ResnetBlock2D {
 
     /// `xs`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (when the block has a time
     /// embedding) → `[B, C_out, H, W]`.
-    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let h = candle_nn::ops::silu(&self.norm1.forward(xs)?)?;
         let mut h = self.conv1.forward(&h)?;
         match (&self.time_emb_proj, temb) {
@@ -102,13 +102,13 @@ impl ResnetBlock2D {
 /// diffusers `Downsample2D` with `use_conv=True`: 3×3 conv, stride 2. With `padding == 0`
 /// the input is first padded by one on the right and bottom, as diffusers does.
 #[derive(Debug, Clone)]
-pub struct Downsample2D {
+pub(crate) struct Downsample2D {
     conv: Conv2d,
     padding: usize,
 }
 
 impl Downsample2D {
-    pub fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
@@ -141,12 +141,12 @@ impl Module for Downsample2D {
 
 /// diffusers `Upsample2D` with `use_conv=True`: nearest-neighbour upsampling then 3×3 conv.
 #[derive(Debug, Clone)]
-pub struct Upsample2D {
+pub(crate) struct Upsample2D {
     conv: Conv2d,
 }
 
 impl Upsample2D {
-    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -159,7 +159,7 @@ impl Upsample2D {
     /// Upsamples to `size = (h, w)` when given (diffusers' `upsample_size`, used when the latent
     /// size is not a multiple of the total down-sampling factor), else by a factor of 2.
     /// PyTorch's nearest mode (`src = floor(dst · in/out)`) is what candle implements.
-    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         let xs = xs.upsample_nearest2d(th, tw)?;

@@ -3,7 +3,7 @@
 //!
 //! Everything here is precomputed once on the host in `f32` exactly as torch does it (betas via an
 //! f32 `linspace`, `alphas_cumprod` as a cumulative product), then turned into small tensors; the
-//! per-frame work is [`step_batch`], the `scheduler_step_batch` of StreamDiffusion:
+//! per-frame work is `step_batch`, the `scheduler_step_batch` of StreamDiffusion:
 //! `denoised = c_out · (x_t − √β·ε) / √α + c_skip · x_t`.
 
 use anyhow::{bail, Context as _, Result};
@@ -25,18 +25,20 @@ const SIGMA_DATA: f32 = 0.5;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
-    pub num_train_timesteps: usize,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub beta_schedule: String,
+    pub(crate) num_train_timesteps: usize,
+    pub(crate) beta_start: f64,
+    pub(crate) beta_end: f64,
+    pub(crate) beta_schedule: String,
     /// Explicit betas (bypass `beta_schedule`).
-    pub trained_betas: Option<Vec<f64>>,
-    pub original_inference_steps: usize,
-    pub timestep_scaling: f64,
+    pub(crate) trained_betas: Option<Vec<f64>>,
+    pub(crate) original_inference_steps: usize,
+    pub(crate) timestep_scaling: f64,
+    /// What the U-Net predicts; only `epsilon` (noise) is supported, anything else (e.g.
+    /// `v_prediction`, stable-diffusion-2-1 at 768²) is refused by the config check.
     pub prediction_type: String,
     /// Used by diffusers' own LCM `step` only (not by StreamDiffusion's); read for completeness.
-    pub set_alpha_to_one: bool,
-    pub rescale_betas_zero_snr: bool,
+    pub(crate) set_alpha_to_one: bool,
+    pub(crate) rescale_betas_zero_snr: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -149,15 +151,15 @@ fn betas_for_alpha_bar(n: usize) -> Vec<f32> {
 
 /// The LCM scheduler: config plus precomputed `alphas_cumprod`.
 #[derive(Debug, Clone)]
-pub struct LcmScheduler {
-    pub config: SchedulerConfig,
+pub(crate) struct LcmScheduler {
+    pub(crate) config: SchedulerConfig,
     /// `alphas_cumprod[t]` for every train timestep `t` (f32, as torch).
-    pub alphas_cumprod: Vec<f32>,
+    pub(crate) alphas_cumprod: Vec<f32>,
 }
 
 impl LcmScheduler {
     /// Builds the scheduler; fails (with the reason) on configurations sdcam does not implement.
-    pub fn new(config: SchedulerConfig) -> Result<Self> {
+    pub(crate) fn new(config: SchedulerConfig) -> Result<Self> {
         config
             .check()
             .map_err(|u| anyhow::anyhow!("unsupported scheduler config: {u}"))?;
@@ -195,14 +197,14 @@ impl LcmScheduler {
     }
 
     /// Reads `scheduler_config.json` ([`crate::model::config::load`]) and builds the scheduler.
-    pub fn from_config_file(path: &std::path::Path) -> Result<Self> {
+    pub(crate) fn from_config_file(path: &std::path::Path) -> Result<Self> {
         Self::new(config::load(path)?)
     }
 
     /// `LCMScheduler.set_timesteps(n).timesteps` (diffusers 0.24, strength 1): evenly spaced
     /// indices into the reversed `original_inference_steps` schedule. n=50 → 999, 979, …, 19;
     /// n=4 → [999, 759, 499, 259].
-    pub fn lcm_timesteps(&self, num_inference_steps: usize) -> Result<Vec<u32>> {
+    pub(crate) fn lcm_timesteps(&self, num_inference_steps: usize) -> Result<Vec<u32>> {
         let original = self.config.original_inference_steps;
         let train = self.config.num_train_timesteps;
         if original == 0 || original > train {
@@ -228,7 +230,7 @@ impl LcmScheduler {
     }
 
     /// `get_scalings_for_boundary_condition_discrete(t)` → `(c_skip, c_out)` in f32.
-    pub fn scalings(&self, timestep: u32) -> (f32, f32) {
+    pub(crate) fn scalings(&self, timestep: u32) -> (f32, f32) {
         let scaled = timestep as f32 * self.config.timestep_scaling as f32;
         let sd2 = SIGMA_DATA * SIGMA_DATA;
         let denom = scaled * scaled + sd2;
@@ -236,7 +238,7 @@ impl LcmScheduler {
     }
 
     /// `(√ᾱ_t, √(1 − ᾱ_t))` in f32.
-    pub fn alpha_beta_sqrt(&self, timestep: u32) -> Result<(f32, f32)> {
+    pub(crate) fn alpha_beta_sqrt(&self, timestep: u32) -> Result<(f32, f32)> {
         let a = *self
             .alphas_cumprod
             .get(timestep as usize)
@@ -246,7 +248,7 @@ impl LcmScheduler {
 
     /// The tables StreamDiffusion `prepare()` builds for `t_index_list` after
     /// `set_timesteps(num_inference_steps)`.
-    pub fn stream_tables(
+    pub(crate) fn stream_tables(
         &self,
         num_inference_steps: usize,
         t_index_list: &[usize],
@@ -277,27 +279,27 @@ impl LcmScheduler {
 
 /// StreamDiffusion's per-denoising-step tables, one entry per `t_index_list` element.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct StreamTables {
-    pub sub_timesteps: Vec<u32>,
-    pub alpha_prod_t_sqrt: Vec<f32>,
-    pub beta_prod_t_sqrt: Vec<f32>,
-    pub c_skip: Vec<f32>,
-    pub c_out: Vec<f32>,
+pub(crate) struct StreamTables {
+    pub(crate) sub_timesteps: Vec<u32>,
+    pub(crate) alpha_prod_t_sqrt: Vec<f32>,
+    pub(crate) beta_prod_t_sqrt: Vec<f32>,
+    pub(crate) c_skip: Vec<f32>,
+    pub(crate) c_out: Vec<f32>,
 }
 
 /// [`StreamTables`] as device tensors, laid out for the denoising batch.
 #[derive(Debug, Clone)]
-pub struct StreamTensors {
+pub(crate) struct StreamTensors {
     /// `sub_timesteps_tensor` (u32 `[k·r]`).
-    pub sub_timesteps: Tensor,
+    pub(crate) sub_timesteps: Tensor,
     /// `[k·r, 1, 1, 1]`
-    pub alpha_prod_t_sqrt: Tensor,
+    pub(crate) alpha_prod_t_sqrt: Tensor,
     /// `[k·r, 1, 1, 1]`
-    pub beta_prod_t_sqrt: Tensor,
+    pub(crate) beta_prod_t_sqrt: Tensor,
     /// `[k·r, 1, 1, 1]`
-    pub c_skip: Tensor,
+    pub(crate) c_skip: Tensor,
     /// `[k·r, 1, 1, 1]`
-    pub c_out: Tensor,
+    pub(crate) c_out: Tensor,
 }
 
 fn repeat_interleave<T: Copy>(v: &[T], r: usize) -> Vec<T> {
@@ -305,16 +307,6 @@ fn repeat_interleave<T: Copy>(v: &[T], r: usize) -> Vec<T> {
 }
 
 impl StreamTables {
-    /// Number of denoising steps `k` (length of the `t_index_list`).
-    pub fn len(&self) -> usize {
-        self.sub_timesteps.len()
-    }
-
-    /// True when there are no steps.
-    pub fn is_empty(&self) -> bool {
-        self.sub_timesteps.is_empty()
-    }
-
     /// The tensors StreamDiffusion keeps: every table `repeat_interleave`d by `frame_buffer_size`
     /// when `use_denoising_batch` (else by 1), floats shaped `[k·r, 1, 1, 1]` in `dtype`.
     ///
@@ -322,7 +314,7 @@ impl StreamTables {
     /// `beta_prod_t_sqrt` but leaves `c_skip`/`c_out` at `[k,1,1,1]`, which only broadcasts for
     /// `frame_buffer_size == 1`; here they are repeated too (identical for a buffer of 1, and
     /// usable for larger buffers).
-    pub fn to_tensors(
+    pub(crate) fn to_tensors(
         &self,
         frame_buffer_size: usize,
         use_denoising_batch: bool,
@@ -353,7 +345,7 @@ impl StreamTables {
 
 /// StreamDiffusion `scheduler_step_batch(model_pred, x_t, idx=None)`:
 /// `c_out · (x_t − β·ε) / α + c_skip · x_t`, all tables broadcast over `[B, C, H, W]`.
-pub fn step_batch(
+pub(crate) fn step_batch(
     x_t: &Tensor,
     model_pred: &Tensor,
     tables: &StreamTensors,

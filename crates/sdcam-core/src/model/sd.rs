@@ -23,26 +23,34 @@ use super::vae::{AutoencoderKL, AutoencoderKLConfig};
 /// What to load: the profile's `[model]` table in model-layer terms.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
-    /// Hub repo id or local diffusers folder.
+    /// Hub repo id, local diffusers folder, or `random:<arch>` ([`RANDOM_PREFIX`]).
     pub id: String,
+    /// Hub revision (branch, tag or commit) of `id`; `None` is `main`.
     pub revision: Option<String>,
     /// TAESD repo/folder; `None` uses the model's own AutoencoderKL.
     pub tiny_vae: Option<String>,
     /// LoRAs (repo id, folder or `.safetensors` path) with their scales, fused in order.
     pub loras: Vec<(String, f32)>,
+    /// The dtype every component computes in (and the weight variant preferred: `fp16` files
+    /// for F16/BF16 when the repo has them).
     pub dtype: DType,
 }
 
 /// The autoencoder in use, with StreamDiffusion's latent scaling applied on both sides.
 #[derive(Debug, Clone)]
 pub enum Vae {
+    /// TAESD (`madebyollin/taesd`, diffusers `AutoencoderTiny`).
     Tiny(AutoencoderTiny),
+    /// The model's own `AutoencoderKL` (diffusers `vae/`).
     Kl(Box<AutoencoderKL>),
 }
 
 impl Vae {
-    /// Image `[B, 3, H, W]` in −1..1 → U-Net latents (`× scaling_factor`; the KL VAE uses the
-    /// mean of its latent distribution).
+    /// Image `(b, 3, h, w)` in −1..1 → U-Net latents `(b, 4, h/8, w/8)` (`× scaling_factor`;
+    /// the KL VAE uses the mean of its latent distribution).
+    ///
+    /// # Errors
+    /// The input's shape, dtype or device does not suit the encoder.
     pub fn encode(&self, image: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Vae::Tiny(t) => scale(t.encode(image)?, t.scaling_factor()),
@@ -50,7 +58,11 @@ impl Vae {
         }
     }
 
-    /// U-Net latents → image, nominally in −1..1 (not clamped).
+    /// U-Net latents `(b, 4, h/8, w/8)` → image `(b, 3, h, w)`, nominally in −1..1 (not
+    /// clamped).
+    ///
+    /// # Errors
+    /// The input's shape, dtype or device does not suit the decoder.
     pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Vae::Tiny(t) => t.decode(&scale(latents.clone(), 1.0 / t.scaling_factor())?),
@@ -59,7 +71,8 @@ impl Vae {
     }
 
     /// `"taesd"` or `"vae"`.
-    pub fn kind(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Vae::Tiny(_) => "taesd",
             Vae::Kl(_) => "vae",
@@ -75,18 +88,23 @@ fn scale(t: Tensor, f: f64) -> candle_core::Result<Tensor> {
     }
 }
 
-/// A loaded Stable Diffusion pipeline's components.
+/// A loaded Stable Diffusion pipeline's components (what diffusers'
+/// `StableDiffusionPipeline.from_pretrained` holds, with an LCM scheduler's tables), immutable
+/// after loading and shared by the stream ([`crate::pipeline::StreamDiffusion`]).
 #[derive(Debug)]
 pub struct StableDiffusion {
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: ClipTextModel,
+    pub(crate) tokenizer: ClipTokenizer,
+    pub(crate) text_encoder: ClipTextModel,
+    /// The denoising U-Net.
     pub unet: UNet2DConditionModel,
+    /// The autoencoder between images and latents.
     pub vae: Vae,
-    pub scheduler: LcmScheduler,
+    pub(crate) scheduler: LcmScheduler,
     /// Image pixels per latent pixel (8 for every SD VAE and TAESD).
-    pub vae_scale_factor: usize,
+    pub(crate) vae_scale_factor: usize,
+    /// The device every component lives on.
     pub device: Device,
-    pub dtype: DType,
+    pub(crate) dtype: DType,
     /// For logs: where it came from, VAE kind, LoRAs.
     pub description: String,
     /// The model folder is marked as random weights (test fixtures, `random:` architectures).
@@ -97,7 +115,7 @@ pub struct StableDiffusion {
 pub const RANDOM_PREFIX: &str = "random:";
 
 /// A file in a model folder that marks its weights as random (made by the fixture script).
-pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
+pub(crate) const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.txt";
 
 /// Loads a component's weights: memory-mapped when nothing is fused into them, else read into
 /// memory and fused with every LoRA that has modules for `target`.
@@ -136,6 +154,12 @@ impl StableDiffusion {
     /// Resolves (cache first, then the hub unless offline) and loads every component.
     /// `random:sd-turbo` / `random:sd15` build the full-size architecture with random weights
     /// in memory instead (benchmarks: speed does not depend on weight values).
+    ///
+    /// # Errors
+    /// The model, its tiny VAE or a LoRA cannot be found or downloaded (offline, unknown repo,
+    /// not enough disk), a config is invalid or unsupported, the components do not fit together
+    /// (text width vs cross-attention width, latent channels, an inpainting U-Net), a weight
+    /// file is missing a tensor, or a LoRA is given with a `random:` model.
     pub fn load(spec: &ModelSpec, device: &Device, opts: &HubOptions) -> Result<Self> {
         if let Some(arch) = spec.id.strip_prefix(RANDOM_PREFIX) {
             // Never drop a LoRA without a word: an in-memory random model has no weight files
@@ -235,7 +259,7 @@ impl StableDiffusion {
     }
 
     /// A full-size architecture with random weights (and a random TAESD), built in memory.
-    pub fn random(arch: Arch, dtype: DType, device: &Device) -> Result<Self> {
+    pub(crate) fn random(arch: Arch, dtype: DType, device: &Device) -> Result<Self> {
         let seed = 0x5dca;
         let vb = || random_var_builder(dtype, device, seed);
         let text_encoder = ClipTextModel::new(vb(), &arch.text_config())?;
@@ -260,7 +284,10 @@ impl StableDiffusion {
     }
 
     /// Prompt embeddings `[1, 77, cross_attention_dim]` as diffusers' `encode_prompt` makes them
-    /// (no clip skip).
+    /// (no clip skip), in the model's dtype on its device.
+    ///
+    /// # Errors
+    /// Tokenization or the text encoder fails.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor> {
         if let Some(cut) = self.tokenizer.truncated_part(prompt)? {
             tracing::warn!(

@@ -6,13 +6,13 @@
 //! `Upsample` entries take an index but have no tensors).
 //!
 //! Scaling conventions (they differ from the KL VAE):
-//! * [`AutoencoderTiny::encode`] takes an image in −1..1 and returns the raw encoder output, like
+//! * `AutoencoderTiny::encode` takes an image in −1..1 and returns the raw encoder output, like
 //!   diffusers' `encode(x).latents` (the encoder maps the input with `(x + 1) / 2` internally).
-//! * [`AutoencoderTiny::decode`] applies `tanh(z / 3) · 3` to the latents first and returns
+//! * `AutoencoderTiny::decode` applies `tanh(z / 3) · 3` to the latents first and returns
 //!   `2x − 1` (image roughly in −1..1, not clamped), like `decode(z).sample`.
 //! * StreamDiffusion multiplies the encoder output by `scaling_factor` and divides the latents by it
 //!   before decoding; TAESD's `scaling_factor` is 1.0 so both are no-ops, and the latents are
-//!   directly in the U-Net's latent space. [`AutoencoderTiny::scaling_factor`] exposes the value so
+//!   directly in the U-Net's latent space. `AutoencoderTiny::scaling_factor` exposes the value so
 //!   callers can treat TAESD and the KL VAE the same way.
 
 use std::path::Path;
@@ -30,21 +30,21 @@ use crate::model::config::{self, refuse_if, refuse_unless_positive, ComponentCon
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AutoencoderTinyConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub encoder_block_out_channels: Vec<usize>,
-    pub decoder_block_out_channels: Vec<usize>,
-    pub act_fn: String,
-    pub latent_channels: usize,
-    pub upsampling_scaling_factor: usize,
-    pub num_encoder_blocks: Vec<usize>,
-    pub num_decoder_blocks: Vec<usize>,
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) encoder_block_out_channels: Vec<usize>,
+    pub(crate) decoder_block_out_channels: Vec<usize>,
+    pub(crate) act_fn: String,
+    pub(crate) latent_channels: usize,
+    pub(crate) upsampling_scaling_factor: usize,
+    pub(crate) num_encoder_blocks: Vec<usize>,
+    pub(crate) num_decoder_blocks: Vec<usize>,
     /// Only used by diffusers' latent byte-quantisation helpers (not needed here).
-    pub latent_magnitude: f64,
+    pub(crate) latent_magnitude: f64,
     /// Only used by diffusers' latent byte-quantisation helpers (not needed here).
-    pub latent_shift: f64,
-    pub force_upcast: bool,
-    pub scaling_factor: f64,
+    pub(crate) latent_shift: f64,
+    pub(crate) force_upcast: bool,
+    pub(crate) scaling_factor: f64,
     /// diffusers 0.30: subtracted from latents by the SD3/Flux pipelines; 0 for TAESD 1.3.
     pub shift_factor: f64,
     /// diffusers 0.30: the decoder's upsampling mode (`nearest` in TAESD and in 0.24).
@@ -130,7 +130,7 @@ impl ComponentConfig for AutoencoderTinyConfig {
 
 impl AutoencoderTinyConfig {
     /// Reads a diffusers `config.json` ([`crate::model::config::load`]).
-    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         config::load(path.as_ref())
     }
 }
@@ -315,7 +315,9 @@ impl DecoderTiny {
     }
 }
 
-/// diffusers' `AutoencoderTiny` (TAESD).
+/// diffusers' `AutoencoderTiny` (TAESD; `models/autoencoder_tiny.py` in diffusers 0.24): images
+/// `(b, 3, h, w)` in −1..1 ↔ latents `(b, latent_channels = 4, h/8, w/8)` (see the module docs
+/// for the scaling).
 #[derive(Debug, Clone)]
 pub struct AutoencoderTiny {
     encoder: EncoderTiny,
@@ -326,7 +328,7 @@ pub struct AutoencoderTiny {
 impl AutoencoderTiny {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.layers.…`,
     /// `decoder.layers.…`).
-    pub fn new(vb: VarBuilder, cfg: &AutoencoderTinyConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cfg: &AutoencoderTinyConfig) -> Result<Self> {
         cfg.check().map_err(|u| {
             candle_core::Error::Msg(format!("unsupported AutoencoderTiny config: {u}"))
         })?;
@@ -339,19 +341,19 @@ impl AutoencoderTiny {
 
     /// Image [B, 3, H, W] in −1..1 → raw latents [B, latent_channels, H/8, W/8]
     /// (= diffusers `encode(x).latents`; not multiplied by `scaling_factor`).
-    pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
+    pub(crate) fn encode(&self, image: &Tensor) -> Result<Tensor> {
         self.encoder.forward(image)
     }
 
     /// Raw latents → image in −1..1 (= diffusers `decode(z).sample`; not clamped, and the
     /// latents are not divided by `scaling_factor` here).
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.decoder.forward(latents)
     }
 
     /// The config's `scaling_factor` (1.0 for TAESD): StreamDiffusion multiplies encoder output by
     /// it and divides latents by it before decoding.
-    pub fn scaling_factor(&self) -> f64 {
+    pub(crate) fn scaling_factor(&self) -> f64 {
         self.scaling_factor
     }
 }

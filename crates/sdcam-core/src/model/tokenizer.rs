@@ -169,7 +169,7 @@ impl ClipTokenizer {
     /// Loads the tokenizer from a diffusers `tokenizer/` folder: `vocab.json` + `merges.txt`
     /// (+ `tokenizer_config.json`, `special_tokens_map.json`), or `tokenizer.json` when that is
     /// all there is.
-    pub fn from_dir(dir: &Path) -> Result<Self> {
+    pub(crate) fn from_dir(dir: &Path) -> Result<Self> {
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
         if vocab_path.is_file() && merges_path.is_file() {
@@ -201,6 +201,9 @@ impl ClipTokenizer {
 
     /// Loads from explicit `vocab.json` and `merges.txt` plus config json files (applied in
     /// order; missing ones are skipped).
+    ///
+    /// # Errors
+    /// A file cannot be read, or the vocabulary, merges or a config json is malformed.
     pub fn from_files(vocab: &Path, merges: &Path, configs: &[std::path::PathBuf]) -> Result<Self> {
         let vocab_text = std::fs::read_to_string(vocab)
             .with_context(|| format!("reading {}", vocab.display()))?;
@@ -220,7 +223,7 @@ impl ClipTokenizer {
 
     /// Like [`Self::from_files`], from the texts of `vocab.json`, `merges.txt` and the config
     /// jsons (e.g. `{"pad_token": "!"}`), applied in order.
-    pub fn from_strs(vocab_json: &str, merges_txt: &str, configs: &[&str]) -> Result<Self> {
+    pub(crate) fn from_strs(vocab_json: &str, merges_txt: &str, configs: &[&str]) -> Result<Self> {
         let vocab_map: HashMap<String, u32> = serde_json::from_str(vocab_json)
             .context("vocab.json: expected a {token: id} object")?;
         // Python: read().strip().split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -255,7 +258,7 @@ impl ClipTokenizer {
     /// `special_tokens_map.json`), which set the pad token and length as they do for
     /// transformers' `CLIPTokenizerFast` (sd-turbo pads with `!`, which `tokenizer.json` does not
     /// say).
-    pub fn from_tokenizer_json(path: &Path, configs: &[std::path::PathBuf]) -> Result<Self> {
+    pub(crate) fn from_tokenizer_json(path: &Path, configs: &[std::path::PathBuf]) -> Result<Self> {
         let v = read_json(path)?;
         let model = v
             .get("model")
@@ -388,17 +391,20 @@ impl ClipTokenizer {
     }
 
     /// Sequence length of [`encode`](Self::encode) (`model_max_length`, 77 for CLIP).
-    pub fn max_len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn max_len(&self) -> usize {
         self.max_len
     }
 
     /// `<|startoftext|>` id.
-    pub fn bos_id(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn bos_id(&self) -> u32 {
         self.bos_id
     }
 
     /// `<|endoftext|>` id.
-    pub fn eos_id(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn eos_id(&self) -> u32 {
         self.eos_id
     }
 
@@ -407,7 +413,11 @@ impl ClipTokenizer {
         self.pad_id
     }
 
-    /// `tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids`.
+    /// `tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids`:
+    /// always 77 ids, `bos … eos pad…`.
+    ///
+    /// # Errors
+    /// Only when the underlying BPE model fails on the text (not expected for any UTF-8 input).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = self.tokenize_ids(prompt)?;
         ids.truncate(self.max_len - 2);
@@ -422,14 +432,14 @@ impl ClipTokenizer {
     /// The part of `prompt` that [`Self::encode`] cuts off (the text encoder reads
     /// `model_max_length − 2` = 75 tokens), as text, or `None` when it all fits. diffusers logs
     /// the same warning ("The following part of your input was truncated …").
-    pub fn truncated_part(&self, prompt: &str) -> Result<Option<String>> {
+    pub(crate) fn truncated_part(&self, prompt: &str) -> Result<Option<String>> {
         let ids = self.tokenize_ids(prompt)?;
         let keep = self.max_len - 2;
         Ok((ids.len() > keep).then(|| self.decode(&ids[keep..])))
     }
 
     /// Text of token ids (CLIP's `decode`: byte-level symbols back to UTF-8, `</w>` = a space).
-    pub fn decode(&self, ids: &[u32]) -> String {
+    pub(crate) fn decode(&self, ids: &[u32]) -> String {
         let mut by_id: HashMap<u32, &str> = HashMap::with_capacity(ids.len());
         for (tok, id) in &self.vocab {
             if ids.contains(id) {
@@ -456,7 +466,7 @@ impl ClipTokenizer {
     }
 
     /// Ids of the prompt without bos/eos, untruncated.
-    pub fn tokenize_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+    pub(crate) fn tokenize_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         for piece in self.split_added(prompt) {
             match piece {

@@ -3,15 +3,15 @@
 //! Encoder: `conv_in`, `down_blocks.N` (`DownEncoderBlock2D`: ResnetBlock2D × layers_per_block,
 //! then a stride-2 `Downsample2D` with diffusers' asymmetric (0, 1, 0, 1) zero padding, except on
 //! the last block), `mid_block` (resnet, single-head self-attention, resnet), GroupNorm + SiLU,
-//! `conv_out` → 2 × latent_channels moments, then `quant_conv`. [`AutoencoderKL::encode_mean`]
+//! `conv_out` → 2 × latent_channels moments, then `quant_conv`. `AutoencoderKL::encode_mean`
 //! returns the mean half of `latent_dist` (no sampling, not scaled).
 //!
 //! Decoder: `post_quant_conv`, `conv_in`, `mid_block`, `up_blocks.N` (`UpDecoderBlock2D`:
 //! ResnetBlock2D × (layers_per_block + 1), then nearest ×2 + conv `Upsample2D` except on the last
 //! block), GroupNorm + SiLU, `conv_out`.
 //!
-//! Scaling: StreamDiffusion multiplies the encoder mean by [`AutoencoderKL::scaling_factor`]
-//! (0.18215 for SD 1.5) and divides latents by it before [`AutoencoderKL::decode`]; both methods
+//! Scaling: StreamDiffusion multiplies the encoder mean by `AutoencoderKL::scaling_factor`
+//! (0.18215 for SD 1.5) and divides latents by it before `AutoencoderKL::decode`; both methods
 //! here work on unscaled latents.
 //!
 //! The resnets, down- and upsamplers are the U-Net's ([`crate::model::resnet`]; the resnets
@@ -39,24 +39,26 @@ const EPS: f64 = 1e-6;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AutoencoderKLConfig {
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub down_block_types: Vec<String>,
-    pub up_block_types: Vec<String>,
-    pub block_out_channels: Vec<usize>,
-    pub layers_per_block: usize,
-    pub act_fn: String,
-    pub latent_channels: usize,
-    pub norm_num_groups: usize,
+    pub(crate) in_channels: usize,
+    pub(crate) out_channels: usize,
+    pub(crate) down_block_types: Vec<String>,
+    pub(crate) up_block_types: Vec<String>,
+    pub(crate) block_out_channels: Vec<usize>,
+    pub(crate) layers_per_block: usize,
+    pub(crate) act_fn: String,
+    pub(crate) latent_channels: usize,
+    pub(crate) norm_num_groups: usize,
     /// Latents are `encoder mean × scaling_factor` (0.18215 when absent, as in SD 1.5's file).
     pub scaling_factor: f64,
     /// diffusers' SDXL pipelines run this VAE in f32 in fp16 pipelines; Stable Diffusion's and
     /// StreamDiffusion's do not, and neither does sdcam (read, not used).
-    pub force_upcast: bool,
+    pub(crate) force_upcast: bool,
+    /// The 1×1 `quant_conv` after the encoder exists (true for every SD VAE).
     pub use_quant_conv: bool,
+    /// The 1×1 `post_quant_conv` before the decoder exists (true for every SD VAE).
     pub use_post_quant_conv: bool,
     /// diffusers ≥ 0.26: the mid blocks' attention (always there in 0.24).
-    pub mid_block_add_attention: bool,
+    pub(crate) mid_block_add_attention: bool,
 }
 
 impl Default for AutoencoderKLConfig {
@@ -145,7 +147,7 @@ impl ComponentConfig for AutoencoderKLConfig {
 
 impl AutoencoderKLConfig {
     /// Reads a diffusers `config.json` ([`crate::model::config::load`]).
-    pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(path: impl AsRef<Path>) -> anyhow::Result<Self> {
         config::load(path.as_ref())
     }
 }
@@ -412,7 +414,9 @@ impl Module for Decoder {
     }
 }
 
-/// diffusers' `AutoencoderKL`.
+/// diffusers' `AutoencoderKL` (`models/autoencoder_kl.py` in diffusers 0.24): images
+/// `(b, 3, h, w)` in −1..1 ↔ latents `(b, latent_channels = 4, h/8, w/8)`, unscaled (the
+/// `scaling_factor` is applied by [`crate::model::sd::Vae`]).
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,
@@ -426,7 +430,7 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.…`,
     /// `decoder.…`, `quant_conv`, `post_quant_conv`).
-    pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         cfg.check().map_err(|u| {
             candle_core::Error::Msg(format!("unsupported AutoencoderKL config: {u}"))
         })?;
@@ -453,7 +457,7 @@ impl AutoencoderKL {
 
     /// Image [B, 3, H, W] in −1..1 → `latent_dist.mean` [B, latent_channels, H/8, W/8]
     /// (unscaled; multiply by [`Self::scaling_factor`] for the U-Net).
-    pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+    pub(crate) fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
         let h = self.encoder.forward(image)?;
         let moments = match &self.quant_conv {
             Some(q) => q.forward(&h)?,
@@ -464,7 +468,7 @@ impl AutoencoderKL {
 
     /// Unscaled latents (divide U-Net latents by [`Self::scaling_factor`] first) → image,
     /// nominally in −1..1 (not clamped) = diffusers `decode(z).sample`.
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let z = match &self.post_quant_conv {
             Some(p) => p.forward(latents)?,
             None => latents.clone(),
@@ -473,7 +477,7 @@ impl AutoencoderKL {
     }
 
     /// The config's `scaling_factor` (0.18215 for SD 1.5/2.x).
-    pub fn scaling_factor(&self) -> f64 {
+    pub(crate) fn scaling_factor(&self) -> f64 {
         self.scaling_factor
     }
 }

@@ -26,7 +26,7 @@ pub struct SimilarityFilter {
 
 /// max(0, 1 − (1 − cos)/(1 − threshold)): the probability of skipping a frame whose cosine
 /// similarity with the last processed one is `cos`.
-pub fn skip_probability(cos: f64, threshold: f64) -> f64 {
+pub(crate) fn skip_probability(cos: f64, threshold: f64) -> f64 {
     if threshold >= 1.0 {
         0.0
     } else {
@@ -36,7 +36,7 @@ pub fn skip_probability(cos: f64, threshold: f64) -> f64 {
 
 /// Cosine similarity of two tensors taken as flat vectors (as `torch.nn.CosineSimilarity` with
 /// eps 1e-6 on the flattened inputs).
-pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+pub(crate) fn cosine_similarity(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
     let a = a.flatten_all()?.to_dtype(DType::F32)?;
     let b = b.flatten_all()?.to_dtype(DType::F32)?;
     let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -46,6 +46,8 @@ pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
 }
 
 impl SimilarityFilter {
+    /// A filter with no reference frame yet (the first frame is always processed); `seed` seeds
+    /// the skip draws.
     pub fn new(settings: FilterSettings, seed: u64) -> Self {
         Self {
             settings,
@@ -55,19 +57,9 @@ impl SimilarityFilter {
         }
     }
 
-    pub fn settings(&self) -> FilterSettings {
-        self.settings
-    }
-
     /// Changes the settings; the comparison frame and skip count are kept.
     pub fn set_settings(&mut self, s: FilterSettings) {
         self.settings = s;
-    }
-
-    /// Forgets the last processed frame (the next frame is always processed).
-    pub fn reset(&mut self) {
-        self.prev = None;
-        self.skipped_in_a_row = 0;
     }
 
     /// Whether to run the models on `x` (the pre-processed input). A processed frame becomes
@@ -77,6 +69,12 @@ impl SimilarityFilter {
     /// exceeds the limit, allowing `max_skip_frame + 1` skips in a row and forcing early
     /// processing later), the count of consecutive skips restarts at every processed frame and
     /// never exceeds `max_skip_frame`.
+    ///
+    /// `x` is any tensor (in practice the pre-processed image `(f, 3, height, width)`); it is
+    /// compared as a flat vector with the last processed one (a shape change always processes).
+    ///
+    /// # Errors
+    /// Only when the tensors cannot be converted to f32 or read back from their device.
     pub fn should_process(&mut self, x: &Tensor) -> candle_core::Result<bool> {
         let Some(prev) = &self.prev else {
             self.prev = Some(x.clone());

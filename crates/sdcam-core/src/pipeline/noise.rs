@@ -20,12 +20,21 @@ use rand_distr::{Distribution, StandardNormal};
 pub enum Noise {
     /// Standard normal from a seeded generator. `init` (re-seeded at every prepare) gives the
     /// pre-sampled noise, `live` the per-frame draws.
-    Seeded { seed: u64, live: Box<StdRng> },
+    Seeded {
+        /// The seed (the pre-sampled noise is drawn from a generator seeded with it).
+        seed: u64,
+        /// The generator of the per-frame draws (txt2img latents, sequential re-noising).
+        live: Box<StdRng>,
+    },
     /// Tensors from a file, cycled.
     File {
+        /// The file (for messages).
         path: PathBuf,
+        /// `init_noise`, and optionally `latents` and `step_noise` (see the module docs).
         tensors: HashMap<String, Tensor>,
+        /// Next entry of `latents` (dimension 0), wrapping around.
         latents_pos: usize,
+        /// Next entry of `step_noise` (dimension 0), wrapping around.
         step_pos: usize,
     },
 }
@@ -35,6 +44,8 @@ fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
 }
 
 impl Noise {
+    /// Standard-normal noise from `seed`: the pre-sampled noise is the same at every prepare,
+    /// the per-frame draws come from a second stream derived from the same seed.
     pub fn seeded(seed: u64) -> Self {
         Noise::Seeded {
             seed,
@@ -44,7 +55,11 @@ impl Noise {
         }
     }
 
-    /// Loads `path` (see the module docs for its tensors).
+    /// Loads `path` (see the module docs for its tensors; float tensors of any dtype, converted
+    /// to the stream's dtype when drawn).
+    ///
+    /// # Errors
+    /// The file cannot be read as safetensors, or has no `init_noise` tensor.
     pub fn from_file(path: &Path) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("reading noise file {}", path.display()))?;
@@ -64,7 +79,7 @@ impl Noise {
     }
 
     /// The pre-sampled noise `[batch, c, h, w]` (the same every time for the same seed/file).
-    pub fn init_noise(
+    pub(crate) fn init_noise(
         &mut self,
         shape: [usize; 4],
         dtype: DType,
@@ -94,12 +109,17 @@ impl Noise {
     }
 
     /// A txt2img input latent `[frames, c, h, w]`.
-    pub fn latents(&mut self, shape: [usize; 4], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub(crate) fn latents(
+        &mut self,
+        shape: [usize; 4],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         self.draw("latents", &[], shape, dtype, device)
     }
 
     /// Sequential mode's re-noising draw before step `step + 1` (`step` counts from 0).
-    pub fn step_noise(
+    pub(crate) fn step_noise(
         &mut self,
         step: usize,
         shape: [usize; 4],

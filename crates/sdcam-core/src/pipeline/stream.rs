@@ -29,10 +29,15 @@ use super::noise::Noise;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CfgType {
+    /// No guidance (the guidance scale is taken as 1).
     None,
+    /// Ordinary CFG: every frame also runs the U-Net on the negative prompt (twice the rows).
     Full,
+    /// Self-negative R-CFG: the negative estimate is the virtual residual noise of the previous
+    /// step, at no extra U-Net cost (`"self"` in profiles, as in `streamdiffusion`).
     #[serde(rename = "self")]
     SelfNeg,
+    /// One negative-prompt pass for the first step's rows (`f` extra rows), then as `SelfNeg`.
     Initialize,
 }
 
@@ -40,26 +45,39 @@ pub enum CfgType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamMode {
+    /// Each call encodes `f` input frames and denoises them ([`StreamDiffusion::img2img`]).
     Img2img,
+    /// Each call denoises fresh noise latents ([`StreamDiffusion::txt2img`]); no input frames.
     Txt2img,
 }
 
 /// Everything that shapes a prepared stream (a change means preparing again).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamParams {
-    /// Image size in pixels (multiples of 8).
+    /// Image width in pixels, a positive multiple of the model's `vae_scale_factor` (8); the
+    /// latents are `width / 8` wide.
     pub width: usize,
+    /// Image height in pixels, a positive multiple of the model's `vae_scale_factor` (8); the
+    /// latents are `height / 8` high.
     pub height: usize,
+    /// Whether calls take input frames (img2img) or only noise (txt2img).
     pub mode: StreamMode,
-    /// Indices into the LCM schedule of `num_inference_steps`, one denoising step each.
+    /// Indices into the LCM schedule of `num_inference_steps`, one denoising step each
+    /// (`k = t_index_list.len()` steps, at least one; each index `< num_inference_steps`).
     pub t_index_list: Vec<usize>,
+    /// Length of the LCM timestep schedule the `t_index_list` indexes (diffusers'
+    /// `LCMScheduler.set_timesteps(num_inference_steps)`).
     pub num_inference_steps: usize,
+    /// Frames per call `f` (at least 1): every call takes and returns `f` images.
     pub frame_buffer_size: usize,
     /// Stream Batch (one U-Net call for all steps) or the sequential loop (for comparison).
     pub use_denoising_batch: bool,
     /// Re-noise the partially denoised latents with the pre-sampled noise (else scale only).
     pub do_add_noise: bool,
+    /// How the negative (unconditional) estimate is obtained (R-CFG, paper §3.3).
     pub cfg_type: CfgType,
+    /// Seed of the pre-sampled noise, the per-frame draws ([`Noise::seeded`]) and the similarity
+    /// filter's skip draws.
     pub seed: u64,
     /// Fill the latent buffer from the first frame (k − 1 extra batch calls, once) so the first
     /// output is already an image; `false` starts from zeros as the reference does.
@@ -69,14 +87,21 @@ pub struct StreamParams {
 /// Settings that change without preparing again.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LiveParams {
+    /// Classifier-free guidance scale (ignored, i.e. 1, with [`CfgType::None`]); the negative
+    /// rows are only computed when it is above 1.
     pub guidance_scale: f64,
+    /// R-CFG's residual-noise multiplier δ (paper §3.3; `streamdiffusion`'s `delta`): scales
+    /// the virtual residual noise used as the negative estimate by `SelfNeg`/`Initialize`.
     pub delta: f64,
     /// StreamBatch cross-frame self-attention (each sample also attends to the other samples
     /// of the batch).
     pub cross_frame_attention: bool,
 }
 
-/// A prepared stream over a loaded model.
+/// A prepared stream over a loaded model (`streamdiffusion` 0.1.1's `StreamDiffusion` after
+/// `prepare`): `k` denoising steps over `f` frames per call, latents `(·, 4, height/8, width/8)`,
+/// images `(f, 3, height, width)` in −1..1. Prompts and [`LiveParams`] change in place; any
+/// [`StreamParams`] change means [`StreamDiffusion::prepare`] again.
 pub struct StreamDiffusion {
     model: Arc<StableDiffusion>,
     p: StreamParams,
@@ -104,7 +129,6 @@ pub struct StreamDiffusion {
     kv: PromptKv,
     /// Prompt blend in progress: (from cond, from uncond, frames done, total).
     blend: Option<Blend>,
-    calls: u64,
 }
 
 struct Blend {
@@ -124,7 +148,12 @@ fn repeat_rows(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 
 impl StreamDiffusion {
     /// Validates the settings, encodes both prompts, pre-computes the K/V cache, the noise and
-    /// the scheduler tables.
+    /// the scheduler tables (`StreamDiffusion.prepare` in `streamdiffusion/pipeline.py`).
+    ///
+    /// # Errors
+    /// The size is not a positive multiple of the VAE scale factor, `t_index_list` is empty or
+    /// out of the schedule, `frame_buffer_size` is 0, a noise file lacks a tensor of the needed
+    /// shape, or a prompt does not encode (tokenizer or text-encoder failure).
     pub fn prepare(
         model: Arc<StableDiffusion>,
         p: StreamParams,
@@ -186,7 +215,6 @@ impl StreamDiffusion {
             cond,
             uncond,
             blend: None,
-            calls: 0,
             p,
             live,
             noise,
@@ -195,14 +223,17 @@ impl StreamDiffusion {
         Ok(s)
     }
 
+    /// The settings this stream was prepared with.
     pub fn params(&self) -> &StreamParams {
         &self.p
     }
 
+    /// The live settings in effect (as last given to [`Self::prepare`] or [`Self::set_live`]).
     pub fn live(&self) -> LiveParams {
         self.live
     }
 
+    /// The model the stream runs on (shared; a re-prepare can reuse it).
     pub fn model(&self) -> &Arc<StableDiffusion> {
         &self.model
     }
@@ -227,6 +258,9 @@ impl StreamDiffusion {
 
     /// Empties the latent buffer and the stock noise, so the next call starts as after
     /// `prepare` (primed again with a warm start). Used after a flush at the end of a stream.
+    ///
+    /// # Errors
+    /// Only a tensor allocation failure on the model's device.
     pub fn restart(&mut self) -> Result<()> {
         self.buffer = None;
         self.stock_noise = self.stock_noise.zeros_like()?;
@@ -275,6 +309,10 @@ impl StreamDiffusion {
 
     /// Replaces both prompts. Buffers and noise stay, so the picture morphs instead of
     /// restarting. With `blend_frames > 0` the embeddings are interpolated over that many calls.
+    ///
+    /// # Errors
+    /// A prompt does not encode, or the cross-attention K/V cannot be rebuilt; the previous
+    /// prompts then stay in effect.
     pub fn set_prompts(&mut self, prompt: &str, negative: &str, blend_frames: u32) -> Result<()> {
         let cond = self.model.encode_prompt(prompt)?;
         let uncond = self.model.encode_prompt(negative)?;
@@ -301,6 +339,10 @@ impl StreamDiffusion {
     }
 
     /// Changes guidance scale, delta and the attention mode.
+    ///
+    /// # Errors
+    /// Rebuilding the K/V cache fails (only when the guidance scale crosses 1, which adds or
+    /// drops the negative rows); the previous live settings then stay in effect.
     pub fn set_live(&mut self, live: LiveParams) -> Result<()> {
         let before = self.uses_negative_rows();
         let old = (self.live, self.guidance);
@@ -350,7 +392,10 @@ impl StreamDiffusion {
 
     /// Encodes images `[f, 3, H, W]` in −1..1 and noises them to the first step:
     /// `√ᾱ₀·z + √(1−ᾱ₀)·ε₀` with the first pre-sampled noise row for every frame (as the
-    /// reference does).
+    /// reference does). Returns latents `(f, 4, height/8, width/8)`.
+    ///
+    /// # Errors
+    /// The VAE encoder fails (wrong shape, dtype or device).
     pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
         let z = self.model.vae.encode(&images.to_dtype(self.model.dtype)?)?;
         let a = self.tables.alpha_prod_t_sqrt.get(0)?;
@@ -360,12 +405,20 @@ impl StreamDiffusion {
             .add(&eps.broadcast_mul(&b)?.broadcast_as(z.shape())?)?)
     }
 
-    /// Decodes latents to images in −1..1 (not clamped).
+    /// Decodes latents `(n, 4, height/8, width/8)` to images `(n, 3, height, width)`, nominally
+    /// in −1..1 (not clamped).
+    ///
+    /// # Errors
+    /// The VAE decoder fails (wrong shape, dtype or device).
     pub fn decode_image(&self, latents: &Tensor) -> Result<Tensor> {
         Ok(self.model.vae.decode(latents)?)
     }
 
-    /// One img2img call: `f` images `[f, 3, H, W]` in −1..1 → `f` images.
+    /// One img2img call: `f` images `(f, 3, height, width)` in −1..1 → `f` images of the same
+    /// shape (the first [`Self::lag_frames`] outputs are warm-up).
+    ///
+    /// # Errors
+    /// The input's shape is not `(f, 3, height, width)`, or a model call fails.
     pub fn img2img(&mut self, images: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = images.dims4()?;
         if n != self.f || c != 3 || h != self.p.height || w != self.p.width {
@@ -381,7 +434,11 @@ impl StreamDiffusion {
         self.decode_image(&x0)
     }
 
-    /// One txt2img call: fresh random latents (or the noise file's) → `f` images.
+    /// One txt2img call: fresh random latents (or the noise file's) → `f` images
+    /// `(f, 3, height, width)` in −1..1.
+    ///
+    /// # Errors
+    /// The noise file has no usable `latents`, or a model call fails.
     pub fn txt2img(&mut self) -> Result<Tensor> {
         let x_t = self.noise.latents(
             [self.f, 4, self.latent_h, self.latent_w],
@@ -392,10 +449,14 @@ impl StreamDiffusion {
         self.decode_image(&x0)
     }
 
-    /// `predict_x0_batch`, with the warm start and the prompt blend around it.
+    /// `predict_x0_batch` (`streamdiffusion/pipeline.py`, paper §3.2), with the warm start and
+    /// the prompt blend around it: noisy latents `(f, 4, height/8, width/8)` at the first step →
+    /// denoised latents of the same shape (those of the frame leaving the batch).
+    ///
+    /// # Errors
+    /// `x_t` does not match the buffer's shape, or a U-Net/scheduler call fails.
     pub fn predict_x0(&mut self, x_t: &Tensor) -> Result<Tensor> {
         self.step_blend()?;
-        self.calls += 1;
         if !self.p.use_denoising_batch {
             return self.predict_sequential(x_t);
         }
@@ -598,12 +659,7 @@ impl StreamDiffusion {
         })
     }
 
-    /// Number of calls made since prepare.
-    pub fn calls(&self) -> u64 {
-        self.calls
-    }
-
-    /// Latent size (height, width).
+    /// Latent size `(height / 8, width / 8)` (height first).
     pub fn latent_size(&self) -> (usize, usize) {
         (self.latent_h, self.latent_w)
     }
@@ -614,7 +670,11 @@ impl StreamDiffusion {
     }
 }
 
-/// RGB24 pixels (`H·W·3`, row-major) of `n` frames → `[n, 3, H, W]` in −1..1.
+/// RGB24 pixels (`H·W·3`, row-major) of `n` frames → `(n, 3, H, W)` in −1..1, in `dtype` on
+/// `device` (diffusers' `VaeImageProcessor.preprocess`: `x / 255 · 2 − 1`).
+///
+/// # Errors
+/// A frame is not exactly `width · height · 3` bytes, or the tensor cannot be moved to `device`.
 pub fn images_from_rgb(
     frames: &[&[u8]],
     width: usize,
@@ -645,6 +705,9 @@ pub fn images_from_rgb(
 
 /// `[n, 3, H, W]` in −1..1 → RGB24 pixels per frame, as diffusers' postprocess does:
 /// `(x/2 + 0.5).clamp(0, 1) · 255`, rounded.
+///
+/// # Errors
+/// `images` is not 4-dimensional with 3 channels, or cannot be read back to the CPU.
 pub fn rgb_from_images(images: &Tensor) -> Result<Vec<Vec<u8>>> {
     let (n, c, _, _) = images.dims4()?;
     if c != 3 {

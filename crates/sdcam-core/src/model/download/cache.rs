@@ -5,13 +5,13 @@ use super::*;
 
 /// One repo's folder in the hub cache (`models--owner--name`).
 #[derive(Debug, Clone)]
-pub struct RepoCache {
-    pub cache_dir: PathBuf,
-    pub id: String,
+pub(crate) struct RepoCache {
+    pub(crate) cache_dir: PathBuf,
+    pub(crate) id: String,
 }
 
 impl RepoCache {
-    pub fn new(cache_dir: &Path, id: &str) -> Self {
+    pub(crate) fn new(cache_dir: &Path, id: &str) -> Self {
         Self {
             cache_dir: cache_dir.to_path_buf(),
             id: id.to_string(),
@@ -20,10 +20,10 @@ impl RepoCache {
     pub(super) fn folder(&self) -> String {
         format!("models--{}", self.id.replace('/', "--"))
     }
-    pub fn dir(&self) -> PathBuf {
+    pub(crate) fn dir(&self) -> PathBuf {
         self.cache_dir.join(self.folder())
     }
-    pub fn blob(&self, etag: &str) -> PathBuf {
+    pub(crate) fn blob(&self, etag: &str) -> PathBuf {
         self.dir().join("blobs").join(etag)
     }
     pub(super) fn incomplete(&self, etag: &str) -> PathBuf {
@@ -39,7 +39,7 @@ impl RepoCache {
     /// and from index files, so both are checked (a 40-digit hex commit, a plain relative path)
     /// and the pointer always lies inside the repo's `snapshots/` (as `huggingface_hub`'s
     /// `_get_pointer_path` insists).
-    pub fn pointer(&self, commit: &str, file: &str) -> Result<PathBuf> {
+    pub(crate) fn pointer(&self, commit: &str, file: &str) -> Result<PathBuf> {
         if !is_commit_hash(commit) {
             bail!(
                 "the hub answered with commit {:?} for {}, which is not a 40-digit commit hash",
@@ -51,7 +51,7 @@ impl RepoCache {
         Ok(self.dir().join("snapshots").join(commit).join(file))
     }
     /// Writes `refs/<revision>` (nothing for a revision that is a commit hash).
-    pub fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
+    pub(crate) fn write_ref(&self, revision: &str, commit: &str) -> Result<()> {
         if revision == commit {
             return Ok(());
         }
@@ -108,7 +108,7 @@ pub(super) fn is_sha256(s: &str) -> bool {
 /// A file path inside a repo (from a listing, an index file's `weight_map`, or a revision name):
 /// only plain relative components: no `..`, `.`, empty part, absolute path or backslash, so that
 /// nothing a hub or a model file says can reach outside the repo's folder.
-pub fn check_repo_path(file: &str) -> Result<()> {
+pub(crate) fn check_repo_path(file: &str) -> Result<()> {
     let bad = file.is_empty()
         || file.starts_with('/')
         || file.contains('\\')
@@ -131,7 +131,7 @@ pub(super) fn is_commit_hash(s: &str) -> bool {
 
 /// Repo paths of `listing` already in the cache: in the commit's snapshot, or as a blob with
 /// the etag the listing gives (then only a link is missing).
-pub fn cached_paths(repo: &RepoCache, listing: &Listing) -> HashSet<String> {
+pub(crate) fn cached_paths(repo: &RepoCache, listing: &Listing) -> HashSet<String> {
     listing
         .files
         .iter()

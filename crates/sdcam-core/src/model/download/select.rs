@@ -4,24 +4,25 @@
 use super::*;
 
 /// The public hub, when `HF_ENDPOINT` is unset.
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+pub(crate) const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// One file of a remote repo as the hub lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteFile {
+pub(crate) struct RemoteFile {
     /// Path inside the repo (`unet/config.json`).
-    pub path: String,
+    pub(crate) path: String,
     /// Size in bytes (the LFS size for LFS files), when known.
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
     /// sha256 of an LFS file: its blob name in the cache and its checksum.
-    pub sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
     /// The git blob id: the blob name of a small (non-LFS) file.
-    pub blob_id: Option<String>,
+    pub(crate) blob_id: Option<String>,
 }
 
 impl RemoteFile {
     /// A file known only by path and size (tests, hand-written lists).
-    pub fn new(path: &str, size: Option<u64>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(path: &str, size: Option<u64>) -> Self {
         Self {
             path: path.to_string(),
             size,
@@ -38,15 +39,15 @@ impl RemoteFile {
 
 /// A repo's files at one commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listing {
+pub(crate) struct Listing {
     /// The commit the revision resolved to.
-    pub commit: String,
-    pub files: Vec<RemoteFile>,
+    pub(crate) commit: String,
+    pub(crate) files: Vec<RemoteFile>,
 }
 
 /// What sdcam loads from a repo.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Want {
+pub(crate) enum Want {
     /// A Stable Diffusion pipeline in diffusers layout. Without `kl_vae` (a tiny VAE is
     /// configured) only `vae/config.json` of the VAE is fetched: its weights (84–335 MB) are
     /// read only when `model.tiny_vae` is unset, and a later run without a tiny VAE fetches
@@ -61,13 +62,13 @@ pub enum Want {
 
 /// One file the plan keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selected {
-    pub path: String,
-    pub size: Option<u64>,
+pub(crate) struct Selected {
+    pub(crate) path: String,
+    pub(crate) size: Option<u64>,
     /// Expected cache blob name, when the listing gives it.
-    pub etag: Option<String>,
+    pub(crate) etag: Option<String>,
     /// Already in the cache (no bytes to fetch).
-    pub cached: bool,
+    pub(crate) cached: bool,
 }
 
 pub(super) struct Selector<'a> {
@@ -214,7 +215,7 @@ impl Selector<'_> {
 /// dtype wish (`half`: f16/bf16 on a GPU) and the repo paths already in the cache (`cached`).
 /// The result lists every file the loader will read, each marked cached or not, in a stable
 /// order. A repo without the files sdcam needs is an error naming the missing file.
-pub fn select_files(
+pub(crate) fn select_files(
     files: &[RemoteFile],
     want: &Want,
     half: bool,
@@ -284,7 +285,8 @@ pub fn select_files(
 }
 
 /// Bytes still to download for `files` (unknown sizes count as 0; see [`unknown_sizes`]).
-pub fn bytes_to_fetch(files: &[Selected]) -> u64 {
+#[cfg(test)]
+pub(crate) fn bytes_to_fetch(files: &[Selected]) -> u64 {
     files
         .iter()
         .filter(|f| !f.cached)
@@ -293,7 +295,8 @@ pub fn bytes_to_fetch(files: &[Selected]) -> u64 {
 }
 
 /// How many files to fetch have no known size.
-pub fn unknown_sizes(files: &[Selected]) -> usize {
+#[cfg(test)]
+pub(crate) fn unknown_sizes(files: &[Selected]) -> usize {
     files
         .iter()
         .filter(|f| !f.cached && f.size.is_none())
@@ -301,7 +304,7 @@ pub fn unknown_sizes(files: &[Selected]) -> usize {
 }
 
 /// Refuses a download of `needed` bytes into `cache_dir` when only `free` bytes are free.
-pub fn check_disk_space(needed: u64, free: u64, cache_dir: &Path) -> Result<()> {
+pub(crate) fn check_disk_space(needed: u64, free: u64, cache_dir: &Path) -> Result<()> {
     if needed > free {
         bail!(
             "not enough disk space: the download needs {} in {} but only {} is free; free some \
@@ -315,7 +318,7 @@ pub fn check_disk_space(needed: u64, free: u64, cache_dir: &Path) -> Result<()> 
 }
 
 /// Free bytes on the disk that holds `dir` (or its nearest existing ancestor).
-pub fn free_space(dir: &Path) -> Result<u64> {
+pub(crate) fn free_space(dir: &Path) -> Result<u64> {
     let mut p = dir;
     loop {
         if p.exists() {

@@ -3,14 +3,14 @@
 //! (continuous input, conv or linear `proj_in`/`proj_out`).
 //!
 //! Two StreamDiffusion seams live here:
-//! * cached prompt K/V: [`KvPair`] holds `to_k(ehs)`/`to_v(ehs)` of one cross-attention layer,
+//! * cached prompt K/V: `KvPair` holds `to_k(ehs)`/`to_v(ehs)` of one cross-attention layer,
 //!   already split into heads (`[B, heads, tokens, head_dim]`, contiguous), so the U-Net can
 //!   skip those projections while the prompt is unchanged;
-//! * cross-frame self-attention: [`SelfAttnMode::CrossFrame`] lets each sample's queries attend
+//! * cross-frame self-attention: `SelfAttnMode::CrossFrame` lets each sample's queries attend
 //!   to its own keys/values concatenated (token axis) with those of other samples of the batch.
 //!
 //! Attention kernel: `softmax(QKᵀ·scale)·V` with gemm matmuls and the fused
-//! `candle_nn::ops::softmax_last_dim`, with queries processed in chunks of [`Q_CHUNK`] rows so the
+//! `candle_nn::ops::softmax_last_dim`, with queries processed in chunks of `Q_CHUNK` rows so the
 //! score matrix of a 64×64 latent (4096×4096 per head) is never materialised whole. See
 //! `bench_attention_kernels` (ignored test) for the measurement against candle-nn's CPU flash
 //! attention.
@@ -30,7 +30,7 @@ use crate::model::conv::{conv2d, Conv2d};
 
 /// Query rows processed per block by the attention kernel (bounds the live score matrix to
 /// `batch · heads · Q_CHUNK · kv_len` floats).
-pub const Q_CHUNK: usize = 1024;
+pub(crate) const Q_CHUNK: usize = 1024;
 
 /// Which other samples of the batch a sample's self-attention also looks at in
 /// [`SelfAttnMode::CrossFrame`]. A sample never references itself: its own keys/values always
@@ -38,18 +38,32 @@ pub const Q_CHUNK: usize = 1024;
 /// reference (batch of one; sample 0 for `First` and `Previous`) gets exactly ordinary
 /// self-attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameRefs {
+pub(crate) enum FrameRefs {
     /// Every other sample of the batch.
     AllOthers,
     /// Sample 0 (for every sample but sample 0 itself).
+    #[cfg_attr(
+        not(test),
+        allow(
+            dead_code,
+            reason = "the pipeline uses `AllOthers`; the U-Net tests check this mode"
+        )
+    )]
     First,
     /// Sample `i − 1` (for every sample but sample 0).
+    #[cfg_attr(
+        not(test),
+        allow(
+            dead_code,
+            reason = "the pipeline uses `AllOthers`; the U-Net tests check this mode"
+        )
+    )]
     Previous,
 }
 
 impl FrameRefs {
     /// Batch indices sample `i` of a batch of `batch` references (never `i` itself).
-    pub fn refs(self, i: usize, batch: usize) -> Vec<usize> {
+    pub(crate) fn refs(self, i: usize, batch: usize) -> Vec<usize> {
         match self {
             FrameRefs::AllOthers => (0..batch).filter(|&j| j != i).collect(),
             FrameRefs::First | FrameRefs::Previous if i == 0 => Vec::new(),
@@ -61,7 +75,7 @@ impl FrameRefs {
 
 /// How the self-attention (`attn1`) layers treat the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SelfAttnMode {
+pub(crate) enum SelfAttnMode {
     /// Ordinary per-sample self-attention.
     #[default]
     Normal,
@@ -73,9 +87,9 @@ pub enum SelfAttnMode {
 /// Keys and values of one cross-attention layer, `[B, heads, tokens, head_dim]` contiguous.
 /// `B` is the number of prompts (1 broadcasts over the batch).
 #[derive(Debug, Clone)]
-pub struct KvPair {
-    pub k: Tensor,
-    pub v: Tensor,
+pub(crate) struct KvPair {
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
 }
 
 /// Read position in a precomputed list of [`KvPair`]s, in U-Net traversal order.
@@ -126,7 +140,7 @@ pub(crate) enum Cond<'a> {
 /// U-Net config's `upcast_attention`, set by SD 2.x checkpoints whose f16 attention scores
 /// overflow) and f16/bf16 tensors, the scores and the softmax are computed in f32, as diffusers'
 /// `Attention.get_attention_scores` does; in f32 it changes nothing.
-pub fn attention_kernel(
+pub(crate) fn attention_kernel(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -169,7 +183,7 @@ pub fn attention_kernel(
 /// `to_out.0`, scale `head_dim^-0.5`); `upcast` = the config's `upcast_attention`
 /// ([`attention_kernel`]).
 #[derive(Debug, Clone)]
-pub struct Attention {
+pub(crate) struct Attention {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -181,7 +195,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         query_dim: usize,
         context_dim: usize,
@@ -218,7 +232,7 @@ impl Attention {
     }
 
     /// K/V of `context: [B, S_kv, context_dim]`, split into heads.
-    pub fn project_kv(&self, context: &Tensor) -> Result<KvPair> {
+    pub(crate) fn project_kv(&self, context: &Tensor) -> Result<KvPair> {
         Ok(KvPair {
             k: self.split_heads(&self.to_k.forward(context)?)?,
             v: self.split_heads(&self.to_v.forward(context)?)?,
@@ -226,7 +240,7 @@ impl Attention {
     }
 
     /// Attention of `xs: [B, S, query_dim]` to precomputed keys/values (batch `B` or 1).
-    pub fn forward_kv(&self, xs: &Tensor, kv: &KvPair) -> Result<Tensor> {
+    pub(crate) fn forward_kv(&self, xs: &Tensor, kv: &KvPair) -> Result<Tensor> {
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let b = q.dim(0)?;
         let (k, v) = match kv.k.dim(0)? {
@@ -244,7 +258,7 @@ impl Attention {
     }
 
     /// Self-attention of `xs: [B, S, query_dim]` in the given mode.
-    pub fn forward_self(&self, xs: &Tensor, mode: SelfAttnMode) -> Result<Tensor> {
+    pub(crate) fn forward_self(&self, xs: &Tensor, mode: SelfAttnMode) -> Result<Tensor> {
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let k = self.split_heads(&self.to_k.forward(xs)?)?;
         let v = self.split_heads(&self.to_v.forward(xs)?)?;
@@ -283,13 +297,13 @@ impl Attention {
 
 /// diffusers `FeedForward` with `GEGLU` (`net.0.proj`, exact-erf GELU gate) and `net.2`.
 #[derive(Debug, Clone)]
-pub struct FeedForward {
+pub(crate) struct FeedForward {
     proj: Linear,
     out: Linear,
 }
 
 impl FeedForward {
-    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
             proj: linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
@@ -311,7 +325,7 @@ impl Module for FeedForward {
 /// diffusers `BasicTransformerBlock` (layer_norm, `attn1` self or only-cross, `attn2` cross,
 /// GEGLU feed-forward).
 #[derive(Debug, Clone)]
-pub struct BasicTransformerBlock {
+pub(crate) struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
     norm2: LayerNorm,
@@ -322,7 +336,7 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    pub fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         dim: usize,
         heads: usize,
@@ -394,16 +408,16 @@ impl BasicTransformerBlock {
 
 /// Hyper-parameters of one `Transformer2DModel`.
 #[derive(Debug, Clone, Copy)]
-pub struct Transformer2DConfig {
-    pub heads: usize,
-    pub head_dim: usize,
-    pub in_channels: usize,
-    pub num_layers: usize,
-    pub cross_attention_dim: usize,
-    pub norm_num_groups: usize,
-    pub use_linear_projection: bool,
-    pub only_cross_attention: bool,
-    pub upcast_attention: bool,
+pub(crate) struct Transformer2DConfig {
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) in_channels: usize,
+    pub(crate) num_layers: usize,
+    pub(crate) cross_attention_dim: usize,
+    pub(crate) norm_num_groups: usize,
+    pub(crate) use_linear_projection: bool,
+    pub(crate) only_cross_attention: bool,
+    pub(crate) upcast_attention: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -415,7 +429,7 @@ enum Proj {
 /// diffusers `Transformer2DModel` for continuous (latent) input: GroupNorm (eps 1e-6),
 /// `proj_in`, `transformer_blocks`, `proj_out`, residual.
 #[derive(Debug, Clone)]
-pub struct Transformer2DModel {
+pub(crate) struct Transformer2DModel {
     norm: GroupNorm,
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
@@ -423,7 +437,7 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
-    pub fn new(vb: VarBuilder, c: &Transformer2DConfig) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, c: &Transformer2DConfig) -> Result<Self> {
         let inner = c.heads * c.head_dim;
         let (proj_in, proj_out) = if c.use_linear_projection {
             (

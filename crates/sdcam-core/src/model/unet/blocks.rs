@@ -10,21 +10,21 @@ use super::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D
 
 /// Settings shared by the blocks of one U-Net.
 #[derive(Debug, Clone, Copy)]
-pub struct BlockCommon {
-    pub temb_channels: usize,
-    pub groups: usize,
-    pub eps: f64,
-    pub cross_attention_dim: usize,
-    pub use_linear_projection: bool,
-    pub upcast_attention: bool,
+pub(crate) struct BlockCommon {
+    pub(crate) temb_channels: usize,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) cross_attention_dim: usize,
+    pub(crate) use_linear_projection: bool,
+    pub(crate) upcast_attention: bool,
 }
 
 /// Attention settings of one stage (`None` for blocks without attention).
 #[derive(Debug, Clone, Copy)]
-pub struct StageAttn {
-    pub heads: usize,
-    pub transformer_layers: usize,
-    pub only_cross_attention: bool,
+pub(crate) struct StageAttn {
+    pub(crate) heads: usize,
+    pub(crate) transformer_layers: usize,
+    pub(crate) only_cross_attention: bool,
 }
 
 fn transformer(
@@ -77,7 +77,7 @@ fn resnet(
 
 /// `DownBlock2D` (`attn == None`) or `CrossAttnDownBlock2D`.
 #[derive(Debug, Clone)]
-pub struct DownBlock {
+pub(crate) struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     downsampler: Option<Downsample2D>,
@@ -85,7 +85,7 @@ pub struct DownBlock {
 
 impl DownBlock {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         in_channels: usize,
         out_channels: usize,
@@ -166,13 +166,13 @@ impl DownBlock {
 
 /// `UNetMidBlock2DCrossAttn`: `resnets.0`, then (`attentions.i`, `resnets.{i+1}`) pairs.
 #[derive(Debug, Clone)]
-pub struct MidBlock {
+pub(crate) struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
 }
 
 impl MidBlock {
-    pub fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         channels: usize,
         num_layers: usize,
@@ -234,7 +234,7 @@ impl MidBlock {
 
 /// `UpBlock2D` (`attn == None`) or `CrossAttnUpBlock2D`.
 #[derive(Debug, Clone)]
-pub struct UpBlock {
+pub(crate) struct UpBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     upsampler: Option<Upsample2D>,
@@ -242,7 +242,7 @@ pub struct UpBlock {
 
 impl UpBlock {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         in_channels: usize,
         prev_output_channels: usize,
@@ -298,7 +298,7 @@ impl UpBlock {
     }
 
     /// Number of skip connections this block consumes.
-    pub fn num_skips(&self) -> usize {
+    pub(crate) fn num_skips(&self) -> usize {
         self.resnets.len()
     }
 

@@ -8,7 +8,7 @@ use candle_nn::{linear, Linear, VarBuilder};
 /// Sinusoidal timestep projection, diffusers `Timesteps(num_channels, flip_sin_to_cos,
 /// downscale_freq_shift)` with `scale = 1` and `max_period = 10000`.
 #[derive(Debug, Clone)]
-pub struct Timesteps {
+pub(crate) struct Timesteps {
     freqs: Tensor,
     flip_sin_to_cos: bool,
     num_channels: usize,
@@ -17,7 +17,7 @@ pub struct Timesteps {
 impl Timesteps {
     /// Precomputes the `half_dim` frequencies `exp(-ln(10000)·i/(half_dim − shift))` in f32,
     /// as diffusers does.
-    pub fn new(
+    pub(crate) fn new(
         num_channels: usize,
         flip_sin_to_cos: bool,
         downscale_freq_shift: f64,
@@ -39,7 +39,7 @@ impl Timesteps {
     }
 
     /// `timesteps`: `[B]` (any numeric dtype) → `[B, num_channels]` f32.
-    pub fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, timesteps: &Tensor) -> Result<Tensor> {
         let t = timesteps.to_dtype(DType::F32)?.unsqueeze(1)?;
         let emb = t.broadcast_mul(&self.freqs.unsqueeze(0)?)?;
         let (sin, cos) = (emb.sin()?, emb.cos()?);
@@ -58,13 +58,13 @@ impl Timesteps {
 
 /// diffusers `TimestepEmbedding` with the SiLU activation and no conditioning projection.
 #[derive(Debug, Clone)]
-pub struct TimestepEmbedding {
+pub(crate) struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl TimestepEmbedding {
-    pub fn new(vb: VarBuilder, in_channels: usize, time_embed_dim: usize) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, in_channels: usize, time_embed_dim: usize) -> Result<Self> {
         Ok(Self {
             linear_1: linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
             linear_2: linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,

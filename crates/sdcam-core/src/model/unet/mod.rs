@@ -6,7 +6,7 @@
 //! * cached prompt K/V ([`UNet2DConditionModel::precompute_prompt_kv`] →
 //!   [`UNet2DConditionModel::forward_with_kv`]): the cross-attention keys/values of every
 //!   `attn2` layer are computed once per prompt (paper appendix B.2);
-//! * cross-frame self-attention ([`SelfAttnMode::CrossFrame`] in [`ForwardOptions`], per call):
+//! * cross-frame self-attention (`SelfAttnMode::CrossFrame` in `ForwardOptions`, per call):
 //!   StreamBatch samples attend to each other's keys/values (paper Fig. 8).
 //!
 //! The model is immutable after loading; all per-call state lives in the arguments, so one model
@@ -15,17 +15,17 @@
 pub mod attention;
 pub mod blocks;
 pub mod embeddings;
-pub use crate::model::resnet;
+pub(crate) use crate::model::resnet;
 
 use crate::model::conv::{conv2d, Conv2d};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 pub use crate::model::config::OneOrMany;
 use crate::model::config::{self, refuse_if, ComponentConfig, Unsupported};
 use attention::{Cond, KvCursor};
-pub use attention::{FrameRefs, KvPair, SelfAttnMode};
+pub(crate) use attention::{FrameRefs, KvPair, SelfAttnMode};
 use blocks::{BlockCommon, DownBlock, MidBlock, StageAttn, UpBlock};
 use embeddings::{TimestepEmbedding, Timesteps};
 
@@ -102,116 +102,129 @@ fn d_up() -> Vec<String> {
 }
 
 /// `unet/config.json` of a diffusers `UNet2DConditionModel` (defaults = diffusers 0.24
-/// defaults). Options sdcam does not implement are kept so that [`UNetConfig::validate`] can
+/// defaults). Options sdcam does not implement are kept so that `UNetConfig::validate` can
 /// reject them with a clear message instead of silently ignoring them.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
     #[serde(default = "d_4")]
-    pub in_channels: usize,
+    pub(crate) in_channels: usize,
     #[serde(default = "d_4")]
-    pub out_channels: usize,
+    pub(crate) out_channels: usize,
     #[serde(default)]
-    pub center_input_sample: bool,
+    pub(crate) center_input_sample: bool,
+    /// Timestep embedding order: `[cos, sin]` when true (every SD checkpoint), as diffusers'
+    /// `get_timestep_embedding(flip_sin_to_cos=…)`.
     #[serde(default = "d_true")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
-    pub freq_shift: f64,
+    pub(crate) freq_shift: f64,
     #[serde(default = "d_down")]
-    pub down_block_types: Vec<String>,
+    pub(crate) down_block_types: Vec<String>,
+    /// Only `UNetMidBlock2DCrossAttn` (the default) is supported; anything else, including
+    /// `null` (no mid block, e.g. SDXS), is refused by the config check.
     #[serde(default = "d_mid")]
     pub mid_block_type: Option<String>,
     #[serde(default = "d_up")]
-    pub up_block_types: Vec<String>,
+    pub(crate) up_block_types: Vec<String>,
     #[serde(default = "d_false_many")]
-    pub only_cross_attention: OneOrMany<bool>,
+    pub(crate) only_cross_attention: OneOrMany<bool>,
     #[serde(default = "d_boc")]
-    pub block_out_channels: Vec<usize>,
+    pub(crate) block_out_channels: Vec<usize>,
     #[serde(default = "d_layers")]
-    pub layers_per_block: OneOrMany<usize>,
+    pub(crate) layers_per_block: OneOrMany<usize>,
     #[serde(default = "d_1")]
-    pub downsample_padding: usize,
+    pub(crate) downsample_padding: usize,
     #[serde(default = "d_1f")]
-    pub mid_block_scale_factor: f64,
+    pub(crate) mid_block_scale_factor: f64,
     #[serde(default = "d_silu")]
-    pub act_fn: String,
+    pub(crate) act_fn: String,
     #[serde(default = "d_groups")]
-    pub norm_num_groups: Option<usize>,
+    pub(crate) norm_num_groups: Option<usize>,
     #[serde(default = "d_eps")]
-    pub norm_eps: f64,
+    pub(crate) norm_eps: f64,
+    /// Width of the prompt embeddings the cross-attention layers take (the text encoder's
+    /// `hidden_size`: 768 for SD 1.x, 1024 for SD 2.x), one value or one per down block.
     #[serde(default = "d_cross")]
     pub cross_attention_dim: OneOrMany<usize>,
     #[serde(default = "d_one")]
-    pub transformer_layers_per_block: OneOrMany<usize>,
+    pub(crate) transformer_layers_per_block: OneOrMany<usize>,
     #[serde(default)]
-    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+    pub(crate) reverse_transformer_layers_per_block: Option<serde_json::Value>,
     #[serde(default)]
-    pub encoder_hid_dim: Option<usize>,
+    pub(crate) encoder_hid_dim: Option<usize>,
     #[serde(default)]
-    pub encoder_hid_dim_type: Option<String>,
+    pub(crate) encoder_hid_dim_type: Option<String>,
     /// In diffusers 0.24 this is the number of attention HEADS (int, or one per down block);
     /// the head dimension is `channels / heads`.
     #[serde(default = "d_heads")]
-    pub attention_head_dim: OneOrMany<usize>,
+    pub(crate) attention_head_dim: OneOrMany<usize>,
     #[serde(default)]
-    pub num_attention_heads: Option<OneOrMany<usize>>,
+    pub(crate) num_attention_heads: Option<OneOrMany<usize>>,
     #[serde(default)]
-    pub dual_cross_attention: bool,
+    pub(crate) dual_cross_attention: bool,
+    /// Transformer blocks project in and out with a linear layer (SD 2.x) instead of a 1×1
+    /// convolution (SD 1.x).
     #[serde(default)]
     pub use_linear_projection: bool,
     #[serde(default)]
-    pub class_embed_type: Option<String>,
+    pub(crate) class_embed_type: Option<String>,
     #[serde(default)]
-    pub addition_embed_type: Option<String>,
+    pub(crate) addition_embed_type: Option<String>,
     #[serde(default)]
-    pub num_class_embeds: Option<usize>,
+    pub(crate) num_class_embeds: Option<usize>,
     /// Attention scores and softmax in f32 when the model runs in f16/bf16 (SD 2.x checkpoints
     /// set it; `null` = false).
     #[serde(default)]
     pub upcast_attention: bool,
     #[serde(default = "d_default")]
-    pub resnet_time_scale_shift: String,
+    pub(crate) resnet_time_scale_shift: String,
     #[serde(default)]
-    pub resnet_skip_time_act: bool,
+    pub(crate) resnet_skip_time_act: bool,
     #[serde(default = "d_1f")]
-    pub resnet_out_scale_factor: f64,
+    pub(crate) resnet_out_scale_factor: f64,
     #[serde(default = "d_positional")]
-    pub time_embedding_type: String,
+    pub(crate) time_embedding_type: String,
     #[serde(default)]
-    pub time_embedding_dim: Option<usize>,
+    pub(crate) time_embedding_dim: Option<usize>,
     #[serde(default)]
-    pub time_embedding_act_fn: Option<String>,
+    pub(crate) time_embedding_act_fn: Option<String>,
     #[serde(default)]
-    pub timestep_post_act: Option<String>,
+    pub(crate) timestep_post_act: Option<String>,
     #[serde(default)]
-    pub time_cond_proj_dim: Option<usize>,
+    pub(crate) time_cond_proj_dim: Option<usize>,
     #[serde(default = "d_3")]
-    pub conv_in_kernel: usize,
+    pub(crate) conv_in_kernel: usize,
     #[serde(default = "d_3")]
-    pub conv_out_kernel: usize,
+    pub(crate) conv_out_kernel: usize,
     #[serde(default = "d_default")]
-    pub attention_type: String,
+    pub(crate) attention_type: String,
     #[serde(default)]
-    pub class_embeddings_concat: bool,
+    pub(crate) class_embeddings_concat: bool,
     #[serde(default)]
-    pub cross_attention_norm: Option<String>,
+    pub(crate) cross_attention_norm: Option<String>,
     /// Not used by sdcam (the stream size is the profile's); an int or `[h, w]` in diffusers.
     #[serde(default)]
-    pub sample_size: Option<serde_json::Value>,
+    #[allow(
+        dead_code,
+        reason = "read so that a real config's `sample_size` is not reported as an unknown key"
+    )]
+    pub(crate) sample_size: Option<serde_json::Value>,
 }
 
 impl UNetConfig {
     /// Parses `config.json` text the way diffusers reads it ([`crate::model::config`]).
-    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+    #[cfg(test)]
+    pub(crate) fn from_json(text: &str) -> anyhow::Result<Self> {
         config::parse(text, "unet/config.json")
     }
 
     /// Reads `unet/config.json` ([`crate::model::config::load`]).
-    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+    pub(crate) fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
         config::load(path)
     }
 
     /// Rejects every option this implementation does not support (as a candle error).
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         self.unsupported()
             .map_err(|u| candle_core::Error::Msg(format!("unsupported unet config: {u}")))
     }
@@ -421,7 +434,7 @@ impl UNetConfig {
     }
 
     /// The cross-attention (text embedding) width.
-    pub fn cross_attention_dim(&self) -> usize {
+    pub(crate) fn cross_attention_dim(&self) -> usize {
         match &self.cross_attention_dim {
             OneOrMany::One(v) => *v,
             OneOrMany::Many(v) => v.first().copied().unwrap_or(0),
@@ -440,7 +453,7 @@ impl ComponentConfig for UNetConfig {
     }
 }
 
-/// Cached cross-attention keys/values for one prompt batch: one [`KvPair`] per cross-attention
+/// Cached cross-attention keys/values for one prompt batch: one `KvPair` per cross-attention
 /// layer in U-Net traversal order (down blocks, mid block, up blocks; in each transformer block
 /// `attn1` when `only_cross_attention`, then `attn2`), each `[P, heads, tokens, head_dim]`.
 /// `P` is the number of prompts: equal to the sample batch (one prompt per sample) or 1 (the
@@ -453,19 +466,15 @@ pub struct PromptKv {
 
 impl PromptKv {
     /// Number of prompts (rows).
-    pub fn batch(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn batch(&self) -> usize {
         self.batch
-    }
-
-    /// Per-layer keys/values.
-    pub fn layers(&self) -> &[KvPair] {
-        &self.layers
     }
 }
 
 /// Cross-attention conditioning of one call.
 #[derive(Debug, Clone, Copy)]
-pub enum Conditioning<'a> {
+pub(crate) enum Conditioning<'a> {
     /// Prompt embeddings `[P, tokens, cross_attention_dim]` (K/V computed in this call).
     Embeddings(&'a Tensor),
     /// Keys/values precomputed by [`UNet2DConditionModel::precompute_prompt_kv`].
@@ -474,12 +483,14 @@ pub enum Conditioning<'a> {
 
 /// Per-call options of [`UNet2DConditionModel::forward_ext`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ForwardOptions {
+pub(crate) struct ForwardOptions {
     /// Mode of every self-attention (`attn1`) layer.
-    pub self_attn: SelfAttnMode,
+    pub(crate) self_attn: SelfAttnMode,
 }
 
-/// diffusers `UNet2DConditionModel` (SD 1.x / 2.x layout).
+/// diffusers `UNet2DConditionModel` (SD 1.x / 2.x layout; `models/unet_2d_condition.py` in
+/// diffusers 0.24): noise prediction on latents `(b, 4, h/8, w/8)` conditioned on prompt
+/// embeddings `(b or 1, 77, cross_attention_dim)` or their cached K/V ([`PromptKv`]).
 #[derive(Debug, Clone)]
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
@@ -491,11 +502,14 @@ pub struct UNet2DConditionModel {
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     center_input_sample: bool,
-    config: UNetConfig,
 }
 
 impl UNet2DConditionModel {
     /// Builds the model from `vb` (rooted at the `unet` weights) and a validated config.
+    ///
+    /// # Errors
+    /// The config is unsupported (`UNetConfig::validate`) or a weight is missing or has the
+    /// wrong shape.
     pub fn new(vb: VarBuilder, cfg: &UNetConfig) -> Result<Self> {
         cfg.validate()?;
         let boc = &cfg.block_out_channels;
@@ -615,17 +629,16 @@ impl UNet2DConditionModel {
             conv_norm_out,
             conv_out,
             center_input_sample: cfg.center_input_sample,
-            config: cfg.clone(),
         })
     }
 
-    /// The config the model was built from.
-    pub fn config(&self) -> &UNetConfig {
-        &self.config
-    }
-
     /// Noise prediction for `sample: [B, in_channels, H, W]`, `timestep` (`[B]`, `[1]` or a
-    /// scalar; any numeric dtype) and `encoder_hidden_states: [B or 1, tokens, cross_dim]`.
+    /// scalar; any numeric dtype) and `encoder_hidden_states: [B or 1, tokens, cross_dim]`;
+    /// returns `[B, out_channels, H, W]`. `H` and `W` are latent sizes (image / 8), multiples of
+    /// 8 for the three down-samplings.
+    ///
+    /// # Errors
+    /// Shapes, dtypes or devices that do not fit the model.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -641,7 +654,11 @@ impl UNet2DConditionModel {
     }
 
     /// Cross-attention keys/values of every cross-attention layer for
-    /// `encoder_hidden_states: [P, tokens, cross_dim]` (P prompts; see [`PromptKv`]).
+    /// `encoder_hidden_states: [P, tokens, cross_dim]` (P prompts; see [`PromptKv`]):
+    /// StreamDiffusion's pre-computation of the prompt's K/V (paper §3.4), done once per prompt.
+    ///
+    /// # Errors
+    /// The embeddings' width is not the model's `cross_attention_dim`, or dtype/device differ.
     pub fn precompute_prompt_kv(&self, encoder_hidden_states: &Tensor) -> Result<PromptKv> {
         let batch = encoder_hidden_states.dim(0)?;
         let mut layers = Vec::new();
@@ -657,6 +674,9 @@ impl UNet2DConditionModel {
     }
 
     /// [`Self::forward`] with cached prompt keys/values instead of embeddings.
+    ///
+    /// # Errors
+    /// As [`Self::forward`], or `prompt_kv` was computed by a different U-Net.
     pub fn forward_with_kv(
         &self,
         sample: &Tensor,
@@ -672,7 +692,7 @@ impl UNet2DConditionModel {
     }
 
     /// The general forward: either conditioning, and per-call [`ForwardOptions`].
-    pub fn forward_ext(
+    pub(crate) fn forward_ext(
         &self,
         sample: &Tensor,
         timestep: &Tensor,
@@ -753,20 +773,6 @@ impl UNet2DConditionModel {
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
-}
-
-/// Loads `unet/config.json` + `diffusion_pytorch_model.safetensors` from a diffusers folder
-/// (f32, CPU or the given device).
-pub fn load_from_dir(
-    dir: &std::path::Path,
-    device: &candle_core::Device,
-) -> anyhow::Result<UNet2DConditionModel> {
-    use anyhow::Context;
-    let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
-    let weights = dir.join("diffusion_pytorch_model.safetensors");
-    let vb =
-        crate::model::hub::load_var_builder(std::slice::from_ref(&weights), DType::F32, device)?;
-    UNet2DConditionModel::new(vb, &cfg).with_context(|| format!("loading {}", weights.display()))
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 
 mod capture;
 pub mod clock;
+pub mod demand;
 mod output;
 pub mod queue;
 mod replace;

@@ -307,6 +307,7 @@ impl Relay {
         let output = Output {
             on_demand,
             hold: None,
+            woke_at: None,
             pending_action: None,
             sink: Some(s.sink),
             cfg: s.output_cfg,

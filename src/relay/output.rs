@@ -32,6 +32,9 @@ pub(super) struct Output {
     pub(super) on_demand: Option<OnDemandRun>,
     /// While idle: the hold frame, in the sink's format and size.
     pub(super) hold: Option<Frame>,
+    /// When the on-demand camera last woke, until its first live frame is written (real time,
+    /// as frames' `captured_at`).
+    pub(super) woke_at: Option<Instant>,
     pub(super) sink: Option<Box<dyn Sink>>,
     pub(super) cfg: OutputOptions,
     pub(super) post: Postprocess,
@@ -138,6 +141,7 @@ impl Output {
     fn demand_acted(&mut self, a: Action, next_tick: &mut Instant, last_rgb: &Option<Frame>) {
         *next_tick = self.clock.now();
         self.hold = None;
+        self.woke_at = (a == Action::Wake).then(Instant::now);
         if a == Action::Sleep {
             let rgb = self
                 .on_demand
@@ -266,6 +270,19 @@ impl Output {
     fn accept(&mut self, rgb: Frame, skipped: u64, last_rgb: &mut Option<Frame>) -> Result<Frame> {
         self.stats.output_dropped.fetch_add(skipped, Relaxed);
         let out = self.post_process(&rgb)?;
+        if let Some(woke) = self.woke_at.filter(|w| rgb.captured_at >= *w) {
+            // The wake latency, in its two parts: the source's opening and first frame, and the
+            // pipeline (pre-process, transform, post-process) up to this write.
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            tracing::info!(
+                "on-demand: first live frame {:.0} ms after the wake (source open and first \
+                 frame {:.0} ms, pipeline {:.0} ms)",
+                ms(woke.elapsed()),
+                ms(rgb.captured_at - woke),
+                ms(rgb.captured_at.elapsed())
+            );
+            self.woke_at = None;
+        }
         self.stats.time(Stage::Latency, rgb.captured_at.elapsed());
         *last_rgb = Some(rgb);
         Ok(out)

@@ -272,6 +272,15 @@ impl LoopbackSink {
         &self.path
     }
 
+    /// The writer's descriptor, for [`crate::v4l2::clients::ClientWatcher`] (which subscribes
+    /// to reader events on it); `None` once finished.
+    pub fn writer_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // SAFETY: the queue's device owns the descriptor and outlives the borrow of `self`.
+        self.queue
+            .as_ref()
+            .map(|q| unsafe { std::os::fd::BorrowedFd::borrow_raw(q.device().fd()) })
+    }
+
     fn release(&mut self) {
         if let Some(mut queue) = self.queue.take() {
             if let Err(e) = queue.release() {

@@ -37,8 +37,10 @@ use std::time::{Duration, Instant};
 use crate::v4l2::clients::{CountSource, Observation};
 
 /// How often the relay asks for a full re-check: bounds how long a missed event or inotify
-/// record can keep the camera in the wrong state. A full `/proc` scan costs a few ms, so
-/// every 2 s stays well under the idle CPU budget.
+/// record can keep the camera in the wrong state. A full `/proc` scan costs a few µs per open
+/// descriptor on the machine (see [`crate::v4l2::clients`]): ms on a quiet machine, tens of ms
+/// on a busy desktop, i.e. up to 1–2 % of a core at this period; the relay may stretch the
+/// scan part where inotify works (it misses nothing but openers through another device inode).
 pub const RECHECK_EVERY: Duration = Duration::from_secs(2);
 /// How long the pipeline stays live after the last reader left: covers a reader's
 /// STREAMOFF/STREAMON around a resolution change and a user re-picking the camera, which would

@@ -33,8 +33,10 @@
 //! also has the node in `/proc/PID/maps` is a *mapper*: streaming readers map their buffers
 //! (mmap I/O, what ffmpeg, GStreamer, Chrome, Firefox and `v4l2-ctl --stream-mmap` use), while
 //! a program that only probes (opens, queries formats, closes: how browsers enumerate devices)
-//! never maps anything. Scanning every process costs a few milliseconds (every readlink of every
-//! descriptor), too much to do every 100 ms, so an inotify watch on the node (IN_OPEN /
+//! never maps anything. Scanning every process costs a readlink per descriptor of every process
+//! we may look into (a few µs each: 2.5 ms for 85 processes with 446 descriptors on the build
+//! machine, measured in Python, so an upper bound; tens of ms on a desktop with 20 000), too
+//! much to do every 100 ms, so an inotify watch on the node (IN_OPEN /
 //! IN_CLOSE) says *when* to scan: an open or close triggers a full scan, and while an opener is
 //! known but has not mapped yet only that process is looked at again (a reader maps a moment
 //! after it opens). The periodic re-check ([`ClientWatcher::recheck`]) rescans everything and

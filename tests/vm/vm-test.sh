@@ -449,6 +449,95 @@ stop_sdcam
 v4l2-ctl -d $CAM -c test_pattern=0
 pass "sdcam writing ${STARTED} s after the other writer left; viewer got $WATCHED frames in 3 s; exclusive_caps=0 case took $(since "$T_EC0") s"
 
+# On-demand viewer detection on the real module (src/v4l2/clients.rs, src/relay/demand.rs):
+# `sdcam dev watch-clients` writes a pattern and prints "readers=N openers=M source=S mappers=K"
+# per change and "demand=live|idle" per state-machine transition, while readers and a probe
+# come and go.
+WC=$OUT/watch-clients.txt
+wc_mark() { wc -l < $WC; }
+wc_seen() { tail -n +$(($1 + 1)) $WC | grep -q -E "$2"; }  # wc_seen MARK REGEX: a line after MARK
+wc_read_start() {  # an ffmpeg reader (mmap) in the background; pid in FFR
+  ffmpeg -hide_banner -nostdin -loglevel error -f v4l2 -i $LB -f null - >/tmp/ffr.log 2>&1 &
+  FFR=$!
+}
+
+begin clients-start
+rmmod v4l2loopback || fail "rmmod v4l2loopback"
+insmod $KO/v4l2loopback.ko devices=1 video_nr=10 card_label=sdcam exclusive_caps=1 max_buffers=2 \
+  || fail "insmod v4l2loopback"
+wait_for 5 test -e $LB || fail "$LB did not appear"
+LB_VERSION=$(cat /sys/module/v4l2loopback/version 2>/dev/null || echo "0.12.x (no version file)")
+SDCAM_LOG=$OUT/watch-clients.log
+RUST_LOG=${SDCAM_RUST_LOG:-info} $SDCAM dev watch-clients --device $LB --size ${W}x${H} --fps $FPS \
+  >$WC 2>$SDCAM_LOG &
+SDCAM_PID=$!
+wait_for 30 grep -q "^readers=" $WC || { alive || fail "watch-clients exited"; fail "no counts within 30 s"; }
+wait_for 10 is_capture || fail "the loopback did not turn into a capture device"
+grep -q "^readers=0 openers=0 " $WC || { cat $WC; fail "counts before any reader: $(grep '^readers=' $WC | head -1)"; }
+WC_HEAD=$(grep "^module=" $WC)
+WC_SOURCE=$(sed -n 's/^readers=.* source=\([a-z]*\).*/\1/p' $WC | head -1)
+log "v4l2loopback $LB_VERSION: $WC_HEAD; detection: $WC_SOURCE"
+pass "v4l2loopback $LB_VERSION, detection path: $WC_SOURCE ($WC_HEAD)"
+
+begin clients-probe
+M=$(wc_mark)
+for i in 1 2 3; do v4l2-ctl -d $LB --all >/dev/null 2>&1; v4l2-ctl -d $LB --list-formats-ext >/dev/null 2>&1; done
+sleep 3
+alive || fail "watch-clients exited"
+wc_seen $M "^demand=live" && { cat $WC; fail "a probe-only client woke the pipeline"; }
+wc_seen $M "^readers=[1-9]" && { cat $WC; fail "a probe was counted as a streaming reader"; }
+pass "6 probes: no wake ($(tail -n +$((M + 1)) $WC | grep -c '^readers=') count changes seen, all readers=0)"
+
+begin clients-ffmpeg
+M=$(wc_mark); T_R=$(now)
+wc_read_start
+wait_for 20 wc_seen $M "^readers=1 openers=1 " || { cat $WC /tmp/ffr.log; fail "the ffmpeg reader was not counted"; }
+wait_for 5 wc_seen $M "^demand=live" || { cat $WC; fail "the ffmpeg reader did not wake the pipeline"; }
+WOKE=$(since "$T_R")
+kill -0 $FFR 2>/dev/null || { cat /tmp/ffr.log; fail "the ffmpeg reader ended"; }
+M=$(wc_mark); T_Q=$(now)
+kill -TERM $FFR; wait $FFR 2>/dev/null
+wait_for 10 wc_seen $M "^readers=0 openers=0 " || { cat $WC; fail "the reader's exit was not seen"; }
+wait_for 10 wc_seen $M "^demand=idle" || { cat $WC; fail "no return to idle after the reader left"; }
+pass "ffmpeg counted and woke within $WOKE s of its start (its own start-up included); idle $(since "$T_Q") s after it quit"
+
+begin clients-two-readers
+M=$(wc_mark)
+watch_start
+wait_for 20 wc_seen $M "^readers=1 openers=1 " || { cat $WC; fail "the v4l2-ctl reader was not counted"; }
+wc_read_start
+if [ "$WC_SOURCE" = event ]; then
+  # 0.13.x lets one reader stream (a second STREAMON is EBUSY) and later versions give the capture
+  # stream to one owner: the second reader is an opener, never a second streaming reader
+  sleep 4
+  wc_seen $M "^readers=2" && { cat $WC; fail "the driver counted two streaming readers"; }
+  TWO="a second reader (ffmpeg) is refused by the module; readers stays 1"
+else
+  wait_for 20 wc_seen $M "^readers=2 openers=2 " || { cat $WC; fail "two readers were not counted"; }
+  TWO="v4l2-ctl --stream-mmap and ffmpeg at once: readers=2"
+fi
+wc_seen $M "^demand=live" || fail "two readers: not live"
+pass "$TWO"
+
+begin clients-reader-killed
+M=$(wc_mark)
+if [ "$WC_SOURCE" = event ]; then
+  kill -9 $FFR 2>/dev/null; wait $FFR 2>/dev/null
+  M=$(wc_mark); T_K=$(now)
+  kill -9 $CLIENT; wait $CLIENT 2>/dev/null
+else
+  kill -9 $CLIENT; wait $CLIENT 2>/dev/null
+  wait_for 10 wc_seen $M "^readers=1 openers=1 " || { cat $WC; fail "a killed reader was still counted"; }
+  wc_seen $M "^demand=idle" && fail "went idle with a reader left"
+  M=$(wc_mark); T_K=$(now)
+  kill -9 $FFR; wait $FFR 2>/dev/null
+fi
+wait_for 10 wc_seen $M "^readers=0 openers=0 " || { cat $WC; fail "the last killed reader was still counted"; }
+wait_for 10 wc_seen $M "^demand=idle" || { cat $WC; fail "no return to idle after the readers were killed"; }
+IDLE_AFTER=$(since "$T_K")
+kill -TERM $SDCAM_PID; wait $SDCAM_PID 2>/dev/null; SDCAM_PID=
+pass "SIGKILLed readers: counts down to 0, idle $IDLE_AFTER s after the last (linger 3 s)"
+
 dmesg > $OUT/dmesg.txt
 grep -q -E "WARNING|BUG|Oops" $OUT/dmesg.txt && log "note: the kernel log has warnings (dmesg.txt)"
 log "all checks passed in $(since "$T0") s"

@@ -279,3 +279,95 @@ fn without_on_demand_the_source_stays_open() {
     relay.request_stop();
     relay.join().unwrap();
 }
+
+/// A virtual camera stand-in whose readers are counted by the real watcher (fallback path: a
+/// regular file has no client-usage event, so `/proc` scans and inotify do the counting).
+struct WatchedFile(std::fs::File, std::path::PathBuf, Arc<Counts>);
+
+impl Sink for WatchedFile {
+    fn write(&mut self, _frame: &Frame) -> StageResult<()> {
+        self.2.written.fetch_add(1, Relaxed);
+        Ok(())
+    }
+    fn wants(&self) -> PixelFormat {
+        PixelFormat::Rgb24
+    }
+    fn describe(&self) -> String {
+        "watched file".into()
+    }
+    fn info(&self) -> StageInfo {
+        StageInfo {
+            live: true,
+            exclusive_device: false,
+            reconnect_on_loss: false,
+            buffers_frames: false,
+        }
+    }
+    fn viewers(&self) -> Option<Box<dyn ViewerWatch>> {
+        use std::os::fd::AsFd;
+        let w = sdcam::v4l2::clients::ClientWatcher::new(&self.1, self.0.as_fd()).ok()?;
+        Some(Box::new(w))
+    }
+}
+
+/// The idle CPU cost, measured (not asserted: a figure for the README and the issue notes):
+/// `cargo test --release --test on_demand -- --ignored --nocapture idle_cpu`.
+#[test]
+#[ignore]
+fn idle_cpu_figure() {
+    fn cpu_ticks() -> u64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let after = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split(' ').collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("video-stand-in");
+    let file = std::fs::File::create(&node).unwrap();
+    let c = Arc::new(Counts::default());
+    let opener = Arc::new(TrackingOpener(c.clone()));
+    let source_cfg = SourceOptions::Pattern {
+        width: 32,
+        height: 32,
+        fps: 30.0,
+    };
+    let relay = Relay::start(RelayStart {
+        source: opener.source(&source_cfg).unwrap(),
+        source_cfg,
+        transform: Some(Box::new(sdcam::transform::Identity)),
+        sink: Box::new(WatchedFile(file, node, c.clone())),
+        output_cfg: OutputOptions {
+            sink: SinkOptions::Null,
+            width: 640,
+            height: 360,
+            fps: 30.0,
+            fit: Default::default(),
+            on_demand: Some(OnDemand {
+                idle_fps: 1.0,
+                idle_image: None,
+            }),
+        },
+        preprocess: PreprocessConfig {
+            width: 32,
+            height: 32,
+            fit: Default::default(),
+            mirror: false,
+        },
+        every_frame: false,
+        max_frames: None,
+        opener,
+    })
+    .unwrap();
+    until("idle", || c.closed.load(Relaxed) == 1);
+    let hz = 100.0; // USER_HZ on Linux
+    let (t0, c0) = (Instant::now(), cpu_ticks());
+    std::thread::sleep(Duration::from_secs(20));
+    let (dt, dc) = (t0.elapsed().as_secs_f64(), cpu_ticks() - c0);
+    eprintln!(
+        "idle CPU: {:.2}% of one core ({dc} ticks in {dt:.1} s; output 640x360 at 1 fps, \
+         /proc fallback watcher)",
+        100.0 * dc as f64 / hz / dt
+    );
+    relay.request_stop();
+    relay.join().unwrap();
+}

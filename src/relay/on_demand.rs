@@ -18,7 +18,7 @@ use crate::sink::{Sink, ViewerWatch};
 
 /// How often the watcher is looked at between output ticks while idle: bounds the wake delay
 /// that polling adds (the driver's event is read at the next look).
-pub(super) const LOOK_EVERY: Duration = Duration::from_millis(50);
+pub(super) const LOOK_EVERY: Duration = Duration::from_millis(100);
 
 /// The hold frame's brightness relative to the last output (the last output, dimmed).
 const DIM: u32 = 96; // of 256

@@ -538,6 +538,89 @@ IDLE_AFTER=$(since "$T_K")
 kill -TERM $SDCAM_PID; wait $SDCAM_PID 2>/dev/null; SDCAM_PID=
 pass "SIGKILLed readers: counts down to 0, idle $IDLE_AFTER s after the last (linger 3 s)"
 
+# ---- the on-demand virtual camera end to end (output.on_demand = true: sdcam's default) ----
+# vivid → tint → loopback with readers coming and going: idle, sdcam does not hold the camera
+# and barely uses the CPU; a reader wakes it and gets moving content; a probe does not; a killed
+# reader returns it to idle; ten wakes give the latency figures (sdcam logs both parts).
+sed -e "s/^width = 640/width = $W/" -e "s/^height = 360/height = $H/" -e "s/^fps = 15/fps = $FPS/" \
+  /mnt/host/vivid-tint.toml | sed 's/^on_demand = false/on_demand = true/' > $PROFILE
+cam_open() { ls -l /proc/$SDCAM_PID/fd 2>/dev/null | grep -q "$CAM\$"; }  # sdcam holds the camera
+ticks() { awk '{print $14 + $15}' /proc/$SDCAM_PID/stat; }
+woke_count() { grep -c "on-demand: first live frame" "$SDCAM_LOG"; }
+idle_count() { grep -c "on-demand: no readers, idle" "$SDCAM_LOG"; }
+
+begin od-idle
+start_sdcam
+wait_for 15 grep -q "on-demand: no readers, idle" "$SDCAM_LOG" || fail "sdcam did not go idle without readers"
+wait_for 5 sh -c "! ls -l /proc/$SDCAM_PID/fd | grep -q '$CAM\$'" || fail "idle, sdcam still holds $CAM"
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
+C0=$(ticks); T_I=$(now); sleep 10; C1=$(ticks); EL=$(since "$T_I")
+IDLE_CPU=$(awk -v c=$((C1 - C0)) -v hz="$HZ" -v t="$EL" 'BEGIN{printf "%.2f", 100 * c / hz / t}')
+cam_open && fail "idle, sdcam opened $CAM"
+# TCG emulates every instruction, so the guest's CPU time overstates the host's: a loose bound
+awk -v p="$IDLE_CPU" 'BEGIN{exit !(p < 5)}' || fail "idle CPU $IDLE_CPU% of one core"
+send stats
+wait_for 5 grep -q "on demand     idle (no viewers)" "$SDCAM_LOG" || fail "stats does not say idle (no viewers)"
+pass "camera released; sdcam used $IDLE_CPU% of one core over $EL s idle (guest time under TCG)"
+
+begin od-probe
+W0=$(woke_count)
+for i in 1 2 3; do v4l2-ctl -d $LB --all >/dev/null 2>&1; v4l2-ctl -d $LB --list-formats-ext >/dev/null 2>&1; done
+sleep 3
+[ "$(woke_count)" = "$W0" ] || fail "a probe-only client woke the pipeline"
+grep -q "on-demand: a reader started" "$SDCAM_LOG" && fail "a probe started a wake"
+cam_open && fail "a probe made sdcam open the camera"
+pass "6 probes: no wake, camera not opened"
+
+begin od-wake
+# a reader gets moving content (not the hold frame): two grabbed frames 1 s apart differ
+grab od-a 25; check_picture od-a
+cam_open || fail "live, sdcam does not hold $CAM"
+A=$(md5sum "$OUT/od-a-25.png" | cut -d' ' -f1); B=$(md5sum "$OUT/od-a-20.png" | cut -d' ' -f1)
+[ "$A" != "$B" ] || fail "the reader got a still picture, not moving content"
+wait_for 15 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -ge 2 ]" || fail "not idle again after the reader left"
+wait_for 5 sh -c "! ls -l /proc/$SDCAM_PID/fd | grep -q '$CAM\$'" || fail "idle again, sdcam still holds $CAM"
+pass "ffmpeg got moving content; idle and camera released after it left"
+
+begin od-two-readers-and-kill
+watch_start
+wait_for 10 cam_open || fail "the v4l2-ctl reader did not wake sdcam"
+ffmpeg -hide_banner -nostdin -loglevel error -f v4l2 -i $LB -f null - >/tmp/ffr2.log 2>&1 &
+FFR2=$!
+sleep 2
+alive || fail "sdcam died with two readers"
+kill -9 $CLIENT; wait $CLIENT 2>/dev/null
+sleep 1
+N_IDLE=$(idle_count)
+kill -9 $FFR2 2>/dev/null; wait $FFR2 2>/dev/null
+wait_for 15 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -gt $N_IDLE ]" \
+  || fail "no return to idle after the readers were killed"
+cam_open && fail "idle after killed readers, sdcam still holds $CAM"
+pass "two readers, SIGKILLed: idle again, camera released"
+
+begin od-latency
+W0=$(woke_count)
+i=0
+while [ $i -lt 10 ]; do
+  i=$((i + 1))
+  N_IDLE=$(idle_count)
+  v4l2-ctl -d $LB --stream-mmap --stream-count=1000 --stream-to=/dev/null >/dev/null 2>&1 &
+  R=$!
+  wait_for 20 sh -c "[ \$(grep -c 'on-demand: first live frame' $SDCAM_LOG) -ge $((W0 + i)) ]" \
+    || fail "wake $i: no live frame within 20 s"
+  kill $R; wait $R 2>/dev/null
+  wait_for 20 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -gt $N_IDLE ]" \
+    || fail "wake $i: not idle again"
+done
+grep "on-demand: first live frame" "$SDCAM_LOG" | tail -n 10 \
+  | sed 's/.*first live frame \([0-9]*\) ms after the wake (source open and first frame \([0-9]*\) ms, pipeline \([0-9]*\) ms).*/\1 \2 \3/' \
+  > $OUT/wake-latency.txt
+col() { cut -d' ' -f"$1" $OUT/wake-latency.txt | sort -n | awk '{a[NR]=$1} END{printf "%d/%d/%d", a[1], a[int((NR+1)/2)], a[NR]}'; }
+[ "$(wc -l < $OUT/wake-latency.txt)" -ge 10 ] || { cat $OUT/wake-latency.txt; fail "fewer than 10 wake latencies logged"; }
+LAT="total $(col 1) ms, source open + first frame $(col 2) ms, pipeline $(col 3) ms (min/median/max)"
+stop_sdcam
+pass "10 wakes: $LAT"
+
 dmesg > $OUT/dmesg.txt
 grep -q -E "WARNING|BUG|Oops" $OUT/dmesg.txt && log "note: the kernel log has warnings (dmesg.txt)"
 log "all checks passed in $(since "$T0") s"

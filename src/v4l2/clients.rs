@@ -512,6 +512,8 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     #[test]
+    // The ioctl request type is `c_ulong` here but `c_int` on musl: the casts are for those.
+    #[allow(clippy::unnecessary_cast)]
     fn event_ids_and_ioctl_numbers() {
         assert_eq!(CLIENT_USAGE_EVENT, 0x10E0_0001);
         assert_eq!(CLIENT_USAGE_EVENT, 283_115_521);

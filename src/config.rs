@@ -10,7 +10,7 @@ use crate::pipeline::{FilterSettings, LiveParams, StreamParams};
 use crate::profile::{
     geometry, ModelConfig, OutputConfig, OutputKind, Pacing, Profile, SourceConfig, SourceKind,
 };
-use crate::relay::{OutputOptions, PreprocessConfig};
+use crate::relay::{OnDemand, OutputOptions, PreprocessConfig};
 use crate::sink::{LoopbackOptions, SinkOptions};
 use crate::source::{CameraOptions, ScreenOptions, SourceOptions};
 use crate::transform::diffusion::ModelOptions;
@@ -142,6 +142,10 @@ pub fn output_options(o: &OutputConfig) -> OutputOptions {
         height: o.height,
         fps: o.fps,
         fit: o.fit,
+        on_demand: (o.kind == OutputKind::V4l2loopback && o.on_demand).then(|| OnDemand {
+            idle_fps: o.idle_fps,
+            idle_image: (!o.idle_image.is_empty()).then(|| std::path::PathBuf::from(&o.idle_image)),
+        }),
     }
 }
 

@@ -20,13 +20,18 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 pub enum Command {
     Prompt(String),
     Negative(String),
-    Set { key: String, value: String },
+    Set {
+        key: String,
+        value: String,
+    },
     Get(String),
     Profile(PathBuf),
     Reload,
     Next,
     Pause,
     Resume,
+    /// The on-demand camera: `wake` / `sleep` force the state, `auto` follows the readers.
+    Demand(crate::relay::demand::Command),
     Snapshot(PathBuf),
     Stats,
     Help,
@@ -55,6 +60,7 @@ commands (one per line):
   reload                 re-read the current profile file (also: SIGHUP)
   next                   next prompt of the profile's `prompts` playlist (also: SIGUSR2)
   pause / resume         freeze / unfreeze the output on the current frame
+  wake / sleep / auto    on-demand camera: force live / force idle / follow the viewers again
   snapshot <file.png>    save the next output frame
   stats                  print statistics (also: SIGUSR1)
   quit                   stop (also: Ctrl-C, SIGTERM)";
@@ -119,6 +125,9 @@ pub fn parse(line: &str) -> Result<Option<Command>, String> {
         "next" => none(Command::Next),
         "pause" => none(Command::Pause),
         "resume" => none(Command::Resume),
+        "wake" => none(Command::Demand(crate::relay::demand::Command::Wake)),
+        "sleep" => none(Command::Demand(crate::relay::demand::Command::Sleep)),
+        "auto" => none(Command::Demand(crate::relay::demand::Command::Auto)),
         "stats" => none(Command::Stats),
         "help" | "?" => none(Command::Help),
         "quit" | "exit" => none(Command::Quit),

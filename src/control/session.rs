@@ -440,6 +440,10 @@ impl Session {
                 tracing::info!("resumed");
                 Ok(())
             }
+            Command::Demand(c) => self
+                .relay
+                .demand(c)
+                .map(|()| tracing::info!("on-demand: {c:?} applied")),
             Command::Snapshot(path) => self
                 .relay
                 .snapshot(path)

@@ -191,6 +191,7 @@ pub const RANGES: &[(&str, f64, f64)] = &[
     ("output.height", 16.0, 4320.0),
     ("output.fps", MIN_FPS, MAX_FPS),
     ("output.every", 1.0, 100_000.0),
+    ("output.idle_fps", MIN_FPS, 30.0),
     ("model.lora.scale", -10.0, 10.0),
     ("stream.width", 64.0, 2048.0),
     ("stream.height", 64.0, 2048.0),
@@ -300,6 +301,7 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
         err("output.path", "a file output needs a path".into());
     }
     num("output.every", o.every as f64, &mut err);
+    num("output.idle_fps", o.idle_fps, &mut err);
     let st = &p.stream;
     for (k, v) in [("stream.width", st.width), ("stream.height", st.height)] {
         if let Some(v) = v.px() {
@@ -463,7 +465,7 @@ pub fn known_keys() -> Vec<String> {
     keys
 }
 
-/// Model and noise paths written `./…` or `../…` in a profile file are relative to the file's
+/// Model, noise and idle-image paths written `./…` or `../…` in a profile file are relative to the file's
 /// folder (so a profile can ship next to its model); everything else stays as written. Returns
 /// whether anything changed.
 fn resolve_relative_paths(raw: &mut toml::Table, dir: &Path) -> bool {
@@ -493,6 +495,11 @@ fn resolve_relative_paths(raw: &mut toml::Table, dir: &Path) -> bool {
     }
     if let Some(toml::Value::Table(s)) = raw.get_mut("stream") {
         if let Some(v) = s.get_mut("noise_file") {
+            changed |= fix(v, dir);
+        }
+    }
+    if let Some(toml::Value::Table(o)) = raw.get_mut("output") {
+        if let Some(v) = o.get_mut("idle_image") {
             changed |= fix(v, dir);
         }
     }

@@ -170,6 +170,14 @@ pub struct OutputConfig {
     pub every: u64,
     /// `auto`, `realtime` or `every-frame`.
     pub pacing: Pacing,
+    /// v4l2loopback: work only while a program streams from the virtual camera. Idle, the
+    /// source is released (camera light off), the model does no work and the device keeps
+    /// streaming a hold frame at `idle_fps`, so browsers still list it. Ignored by file sinks.
+    pub on_demand: bool,
+    /// v4l2loopback, idle: frames per second of the hold frame.
+    pub idle_fps: f64,
+    /// v4l2loopback, idle: a PNG/JPEG still to show instead of the last output dimmed (`""`).
+    pub idle_image: String,
 }
 
 impl Default for OutputConfig {
@@ -186,6 +194,9 @@ impl Default for OutputConfig {
             fit: Fit::Crop,
             every: 1,
             pacing: Pacing::Auto,
+            on_demand: true,
+            idle_fps: 1.0,
+            idle_image: String::new(),
         }
     }
 }

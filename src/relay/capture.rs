@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{select, Receiver};
 
 use super::clock::Clock;
 use super::queue::{Producer, Pushed};
@@ -37,6 +37,11 @@ pub(super) struct Capture {
     pub(super) wake: Wake,
     /// Times the reconnects of a lost source.
     pub(super) clock: Arc<dyn Clock>,
+    /// On-demand signals from the output stage: `false` releases the source (nobody watches),
+    /// `true` opens it again.
+    pub(super) demand: Receiver<bool>,
+    /// Released on demand: no source is held and none is reopened until woken.
+    pub(super) idle: bool,
 }
 
 impl Capture {
@@ -48,6 +53,12 @@ impl Capture {
     }
 
     fn switch(&mut self, cfg: SourceOptions) -> Result<()> {
+        if self.idle {
+            // Nobody watches: the new source is opened on wake, not now (a camera's light
+            // must mean someone is looking).
+            self.cfg = cfg;
+            return Ok(());
+        }
         let new = open_replacement(self, &cfg)?;
         tracing::info!("source: {}", new.describe());
         self.source = Some(new);
@@ -65,6 +76,33 @@ impl Capture {
         }
     }
 
+    /// An on-demand signal: release the source (`false`) or open it again (`true`).
+    fn on_demand(&mut self, live: bool) {
+        if live != self.idle {
+            return;
+        }
+        self.idle = !live;
+        if self.idle {
+            if let Some(s) = self.source.take() {
+                tracing::info!("idle: released {}", s.describe());
+            }
+            return;
+        }
+        let t0 = Instant::now();
+        match self.open(&self.cfg) {
+            Ok(s) => {
+                tracing::info!(
+                    "live: opened {} in {:.0} ms",
+                    s.describe(),
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+                self.source = Some(s);
+            }
+            // Lost until it opens: the reconnect loop below retries every second.
+            Err(e) => tracing::warn!("live: the source did not open, retrying: {e:#}"),
+        }
+    }
+
     pub(super) fn run(mut self) -> Result<()> {
         let mut last_retry = self.clock.now();
         let mut taken = 0u64;
@@ -75,6 +113,19 @@ impl Capture {
             }
             while let Ok(msg) = self.ctl.try_recv() {
                 self.handle(msg);
+            }
+            while let Ok(live) = self.demand.try_recv() {
+                self.on_demand(live);
+            }
+            if self.idle {
+                // Nobody watches: hold nothing, wait for a wake, a control message or a stop.
+                select! {
+                    recv(self.demand) -> m => if let Ok(live) = m { self.on_demand(live) },
+                    recv(self.ctl) -> m => if let Ok(msg) = m { self.handle(msg) },
+                    default(Duration::from_millis(100)) => {}
+                }
+                last_retry = self.clock.now();
+                continue;
             }
             let Some(source) = self.source.as_mut() else {
                 // Lost live source: keep trying to reopen it; the output keeps streaming.

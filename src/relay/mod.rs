@@ -22,6 +22,8 @@
 
 mod capture;
 pub mod clock;
+pub mod demand;
+mod on_demand;
 mod output;
 pub mod queue;
 mod replace;
@@ -72,6 +74,17 @@ pub struct OutputOptions {
     pub fps: f64,
     /// How the stream's picture is fitted to the output size.
     pub fit: Fit,
+    /// Work only while someone reads the output (a v4l2loopback device); `None`: always.
+    pub on_demand: Option<OnDemand>,
+}
+
+/// The on-demand virtual camera's settings (`output.on_demand`, see [`demand`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnDemand {
+    /// Frames per second of the hold frame while idle.
+    pub idle_fps: f64,
+    /// A still shown while idle instead of the last output dimmed.
+    pub idle_image: Option<PathBuf>,
 }
 
 /// Opens sources and sinks from their options; replaceable in tests.
@@ -116,6 +129,7 @@ enum TransformMsg {
 enum OutputMsg {
     Output(OutputOptions, Ack),
     Snapshot(PathBuf, Ack<PathBuf>),
+    Demand(demand::Command, Ack),
 }
 
 /// Everything the relay needs to start.
@@ -213,6 +227,9 @@ impl Relay {
         let (in_tx, in_rx) = queue::queue::<Frame>(2, s.every_frame);
         let (out_tx, out_rx) = queue::queue::<Frame>(2, s.every_frame);
         let (capture_ctl, capture_rx) = bounded(4);
+        // On-demand signals (output → capture): one per state change, never blocking the output.
+        let (demand_tx, demand_rx) = crossbeam_channel::unbounded();
+        let restart = Arc::new(AtomicBool::new(false));
         let (transform_ctl, transform_rx) = bounded(4);
         let (output_ctl, output_rx) = bounded(4);
         let (finished_tx, finished) = bounded(3);
@@ -236,6 +253,8 @@ impl Relay {
             limit: s.max_frames.filter(|_| s.every_frame),
             wake: wake.clone(),
             clock: clock.clone(),
+            demand: demand_rx,
+            idle: false,
         };
         let done = finished_tx.clone();
         threads.push((
@@ -260,6 +279,7 @@ impl Relay {
             out: out_tx,
             ctl: transform_rx,
             paused: paused.clone(),
+            restart: restart.clone(),
             stats: stats.clone(),
             every_frame: s.every_frame,
         };
@@ -274,7 +294,21 @@ impl Relay {
                     r
                 })?,
         ));
+        // Real time only: an every-frame conversion writes each frame whoever watches.
+        let on_demand = (!s.every_frame).then(|| {
+            on_demand::OnDemandRun::new(
+                s.output_cfg.on_demand.clone(),
+                clock.now(),
+                demand_tx,
+                restart,
+                stats.clone(),
+            )
+        });
         let output = Output {
+            on_demand,
+            hold: None,
+            woke_at: None,
+            pending_action: None,
             sink: Some(s.sink),
             cfg: s.output_cfg,
             post: Postprocess::default(),
@@ -384,6 +418,18 @@ impl Relay {
         self.ask(
             |a| self.output_ctl.send(OutputMsg::Output(cfg, a)).is_ok(),
             "switching output",
+        )
+    }
+
+    /// Forces the on-demand state (`wake`, `sleep`) or returns to following the readers
+    /// (`auto`).
+    ///
+    /// # Errors
+    /// On-demand is not active on this output, or the relay has stopped.
+    pub fn demand(&self, c: demand::Command) -> Result<()> {
+        self.ask(
+            |a| self.output_ctl.send(OutputMsg::Demand(c, a)).is_ok(),
+            "on-demand command",
         )
     }
 

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver};
 
 use super::clock::Clock;
+use super::demand::Action;
+use super::on_demand::OnDemandRun;
 use super::queue::{Consumer, Taken};
 use super::replace::{open_replacement, Slot};
 use super::OutputOptions;
@@ -26,6 +28,13 @@ use crate::Result;
 
 /// Post-process + write stage.
 pub(super) struct Output {
+    /// The on-demand camera (real time only).
+    pub(super) on_demand: Option<OnDemandRun>,
+    /// While idle: the hold frame, in the sink's format and size.
+    pub(super) hold: Option<Frame>,
+    /// When the on-demand camera last woke, until its first live frame is written (real time,
+    /// as frames' `captured_at`).
+    pub(super) woke_at: Option<Instant>,
     pub(super) sink: Option<Box<dyn Sink>>,
     pub(super) cfg: OutputOptions,
     pub(super) post: Postprocess,
@@ -42,6 +51,8 @@ pub(super) struct Output {
     pub(super) last: Option<Frame>,
     pub(super) placeholder: Option<Frame>,
     pub(super) snapshots: Vec<(PathBuf, Ack<PathBuf>)>,
+    /// An on-demand decision taken while serving a command, acted on by the run loop.
+    pub(super) pending_action: Option<Action>,
     /// The first output frames lost when a replaced output was closed: reported at the end.
     pub(super) lost: Option<anyhow::Error>,
 }
@@ -72,7 +83,34 @@ impl Output {
     }
 
     fn switch(&mut self, cfg: OutputOptions) -> Result<()> {
-        let new = open_replacement(self, &cfg)?;
+        let same_sink = self.sink.is_some()
+            && (&cfg.sink, cfg.width, cfg.height, cfg.fps, cfg.fit)
+                == (
+                    &self.cfg.sink,
+                    self.cfg.width,
+                    self.cfg.height,
+                    self.cfg.fps,
+                    self.cfg.fit,
+                );
+        if same_sink {
+            // Only the on-demand settings changed: the device stays open (no flicker for its
+            // readers).
+            self.cfg = cfg;
+            self.sink_changed();
+            return Ok(());
+        }
+        // The reader watcher holds a duplicate of the old writer's descriptor: let it go
+        // first, so that the same device can be opened again.
+        if let Some(d) = self.on_demand.as_mut() {
+            d.detach();
+        }
+        let new = match open_replacement(self, &cfg) {
+            Ok(new) => new,
+            Err(e) => {
+                self.sink_changed();
+                return Err(e);
+            }
+        };
         if let Some(old) = self.sink.take() {
             self.close_old(old);
         }
@@ -80,7 +118,40 @@ impl Output {
         self.sink = Some(new);
         self.cfg = cfg;
         self.last = None;
+        self.sink_changed();
         Ok(())
+    }
+
+    /// A sink was opened (or lost): watch its readers under the current options.
+    fn sink_changed(&mut self) {
+        let now = self.clock.now();
+        let Some(d) = self.on_demand.as_mut() else {
+            return;
+        };
+        d.set_options(self.cfg.on_demand.clone());
+        match self.sink.as_deref() {
+            Some(s) => d.attach(s, now),
+            None => d.detach(),
+        }
+        self.hold = None;
+    }
+
+    /// Acts on an on-demand decision in the output: asleep, the hold frame is made (and written
+    /// at once); awake, the next tick comes at once.
+    fn demand_acted(&mut self, a: Action, next_tick: &mut Instant, last_rgb: &Option<Frame>) {
+        *next_tick = self.clock.now();
+        self.hold = None;
+        self.woke_at = (a == Action::Wake).then(Instant::now);
+        if a == Action::Sleep {
+            let rgb = self
+                .on_demand
+                .as_ref()
+                .and_then(|d| d.hold_rgb(last_rgb.as_ref()));
+            self.hold = match rgb {
+                Some(rgb) => self.post_process(&rgb).ok(),
+                None => self.last.clone(),
+            };
+        }
     }
 
     /// Closes an output that a live switch replaced. Its final flush failing loses frames that
@@ -114,6 +185,22 @@ impl Output {
                 let _ = ack.send(r);
             }
             OutputMsg::Snapshot(path, ack) => self.snapshots.push((path, ack)),
+            OutputMsg::Demand(c, ack) => {
+                let now = self.clock.now();
+                let r = match self.on_demand.as_mut() {
+                    Some(d) => d.command(now, c),
+                    None => Err(anyhow::anyhow!(
+                        "on-demand is not active (output.on_demand = false, not a virtual \
+                         camera, or every-frame pacing)"
+                    )),
+                };
+                let r = r.map(|a| {
+                    if let Some(a) = a {
+                        self.pending_action = Some(a);
+                    }
+                });
+                let _ = ack.send(r);
+            }
         }
     }
 
@@ -139,6 +226,7 @@ impl Output {
                 Ok(s) => {
                     tracing::info!("output reopened: {}", s.describe());
                     self.sink = Some(s);
+                    self.sink_changed();
                 }
                 Err(e) => tracing::debug!("output still unavailable: {e:#}"),
             }
@@ -160,6 +248,7 @@ impl Output {
                     e.into_anyhow()
                 );
                 self.sink = None;
+                self.sink_changed();
                 return Ok(true);
             }
             Err(e) => {
@@ -181,6 +270,19 @@ impl Output {
     fn accept(&mut self, rgb: Frame, skipped: u64, last_rgb: &mut Option<Frame>) -> Result<Frame> {
         self.stats.output_dropped.fetch_add(skipped, Relaxed);
         let out = self.post_process(&rgb)?;
+        if let Some(woke) = self.woke_at.filter(|w| rgb.captured_at >= *w) {
+            // The wake latency, in its two parts: the source's opening and first frame, and the
+            // pipeline (pre-process, transform, post-process) up to this write.
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            tracing::info!(
+                "on-demand: first live frame {:.0} ms after the wake (source open and first \
+                 frame {:.0} ms, pipeline {:.0} ms)",
+                ms(woke.elapsed()),
+                ms(rgb.captured_at - woke),
+                ms(rgb.captured_at.elapsed())
+            );
+            self.woke_at = None;
+        }
         self.stats.time(Stage::Latency, rgb.captured_at.elapsed());
         *last_rgb = Some(rgb);
         Ok(out)
@@ -231,6 +333,7 @@ impl Output {
     fn run_realtime(&mut self) -> Result<()> {
         let mut last_rgb: Option<Frame> = None;
         let mut next_tick = self.clock.now();
+        self.sink_changed();
         // After `join` drops the control side, its channel is always "ready": wait on nothing.
         let no_ctl = crossbeam_channel::never();
         let mut ctl_open = true;
@@ -246,7 +349,11 @@ impl Output {
                 if self.stop.load(Relaxed) && next_tick - now > STOP_SLICE {
                     next_tick = now + STOP_SLICE;
                 }
-                let timer = self.clock.at(next_tick.min(now + STOP_SLICE));
+                let mut until = next_tick.min(now + STOP_SLICE);
+                if let Some(look) = self.on_demand.as_ref().and_then(|d| d.next_look(now)) {
+                    until = until.min(look);
+                }
+                let timer = self.clock.at(until);
                 let ctl = if ctl_open { &self.ctl } else { &no_ctl };
                 select! {
                     recv(ctl) -> msg => match msg {
@@ -256,8 +363,21 @@ impl Output {
                     },
                     recv(timer) -> _ => {}
                 }
+                let now = self.clock.now();
+                let acted = match self.pending_action.take() {
+                    Some(a) => Some(a),
+                    None => self.on_demand.as_mut().and_then(|d| d.poll(now)),
+                };
+                if let Some(a) = acted {
+                    self.demand_acted(a, &mut next_tick, &last_rgb);
+                }
             }
-            let mut period = Duration::from_secs_f64(1.0 / self.cfg.fps);
+            let idle = self.on_demand.as_ref().is_some_and(|d| !d.live());
+            let fps = match (idle, self.on_demand.as_ref()) {
+                (true, Some(d)) => d.opts.as_ref().map_or(self.cfg.fps, |o| o.idle_fps),
+                _ => self.cfg.fps,
+            };
+            let mut period = Duration::from_secs_f64(1.0 / fps);
             if self.stop.load(Relaxed) {
                 // Draining after a stop: at least 10 writes a second.
                 period = period.min(STOP_SLICE);
@@ -269,6 +389,27 @@ impl Output {
             }
             // The frame to write and whether it becomes the one repeated on later ticks. The
             // last frame is moved out and back rather than copied on every tick.
+            if idle {
+                // Nobody watches: frames still coming out of the pipeline are not shown.
+                match self.input.try_take_newest() {
+                    Taken::Item { skipped, .. } => {
+                        self.stats.output_dropped.fetch_add(skipped + 1, Relaxed);
+                    }
+                    Taken::Closed => return Ok(()),
+                    _ => {}
+                }
+                let hold = match self.hold.take().or_else(|| self.last.clone()) {
+                    Some(f) => f,
+                    None => self.placeholder()?,
+                };
+                self.stats.repeated.fetch_add(1, Relaxed);
+                let go_on = self.write(&hold)?;
+                self.hold = Some(hold);
+                if !go_on {
+                    return Ok(());
+                }
+                continue;
+            }
             let (frame, keep) = match self.input.try_take_newest() {
                 Taken::Item { item, skipped } => (self.accept(item, skipped, &mut last_rgb)?, true),
                 Taken::Closed => {
@@ -312,6 +453,9 @@ impl Slot for Output {
             && cfg.sink.same_kind(&self.cfg.sink)
     }
     fn close_current(&mut self) {
+        if let Some(d) = self.on_demand.as_mut() {
+            d.detach();
+        }
         if let Some(old) = self.sink.take() {
             self.close_old(old);
         }

@@ -69,6 +69,8 @@ pub struct Stats {
     /// Output ticks that sent the placeholder (nothing transformed yet).
     pub placeholders: AtomicU64,
     pub source_errors: AtomicU64,
+    /// The on-demand state, `None` when on-demand is not active.
+    pub demand: Mutex<Option<super::demand::Status>>,
     timings: Mutex<Timings>,
     pub started: Instant,
 }
@@ -86,6 +88,7 @@ impl Default for Stats {
             repeated: AtomicU64::new(0),
             placeholders: AtomicU64::new(0),
             source_errors: AtomicU64::new(0),
+            demand: Mutex::new(None),
             timings: Mutex::new(Timings::default()),
             started: Instant::now(),
         }
@@ -120,6 +123,7 @@ impl Stats {
             timings: *self.timings.lock().unwrap_or_else(|e| e.into_inner()),
             uptime: self.started.elapsed(),
             heap: crate::alloc::heap_bytes(),
+            demand: *self.demand.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 }
@@ -142,6 +146,8 @@ pub struct Snapshot {
     pub uptime: Duration,
     /// Live and peak heap bytes, where the binary counts them ([`crate::alloc`]).
     pub heap: Option<(u64, u64)>,
+    /// The on-demand state (`idle (no viewers) for 12 s`), `None` when not active.
+    pub demand: Option<super::demand::Status>,
 }
 
 impl Snapshot {
@@ -165,8 +171,9 @@ impl Snapshot {
         } else {
             String::new()
         };
+        let demand = self.demand.map(|d| format!("{d} | ")).unwrap_or_default();
         format!(
-            "in {:.1} fps | model {:.1} fps{skip} | out {:.1} fps | latency {:.0} ms | dropped {} | repeated {}",
+            "{demand}in {:.1} fps | model {:.1} fps{skip} | out {:.1} fps | latency {:.0} ms | dropped {} | repeated {}",
             rate(self.captured, c0),
             if dt > 0.0 { (calls - skipped) as f64 / dt } else { 0.0 },
             rate(self.written, w0),
@@ -199,6 +206,14 @@ impl fmt::Display for Snapshot {
             self.written, self.repeated, self.placeholders
         )?;
         writeln!(f, "source errors {}", self.source_errors)?;
+        if let Some(d) = self.demand {
+            let how = match d.source {
+                Some(crate::v4l2::clients::CountSource::Event) => "the driver's client-usage event",
+                Some(crate::v4l2::clients::CountSource::Fallback) => "the /proc openers",
+                None => "not counted yet",
+            };
+            writeln!(f, "on demand     {d} (readers from {how})")?;
+        }
         for (name, tm) in [
             ("pre-process", t.preprocess),
             ("transform", t.transform),

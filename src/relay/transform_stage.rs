@@ -23,6 +23,9 @@ pub(super) struct TransformStage {
     pub(super) out: Producer<Frame>,
     pub(super) ctl: Receiver<TransformMsg>,
     pub(super) paused: Arc<AtomicBool>,
+    /// Set by the output stage when the on-demand camera wakes: the next frame starts the
+    /// transform afresh ([`Transform::restart`]).
+    pub(super) restart: Arc<AtomicBool>,
     pub(super) stats: Arc<Stats>,
     pub(super) every_frame: bool,
     /// The transform's skip count already added to the stats.
@@ -248,6 +251,15 @@ impl TransformStage {
                 // The output holds its picture; the frame is not transformed.
                 self.stats.input_dropped.fetch_add(1, Relaxed);
                 continue;
+            }
+            let Some(transform) = self.transform.as_mut() else {
+                continue;
+            };
+            if self.restart.swap(false, Relaxed) {
+                if let Err(e) = transform.restart() {
+                    tracing::warn!("restarting the transform after idle: {e:#}");
+                }
+                self.count();
             }
             let Some(transform) = self.transform.as_mut() else {
                 continue;

@@ -272,6 +272,15 @@ impl LoopbackSink {
         &self.path
     }
 
+    /// The writer's descriptor, for [`crate::v4l2::clients::ClientWatcher`] (which subscribes
+    /// to reader events on it); `None` once finished.
+    pub fn writer_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // SAFETY: the queue's device owns the descriptor and outlives the borrow of `self`.
+        self.queue
+            .as_ref()
+            .map(|q| unsafe { std::os::fd::BorrowedFd::borrow_raw(q.device().fd()) })
+    }
+
     fn release(&mut self) {
         if let Some(mut queue) = self.queue.take() {
             if let Err(e) = queue.release() {
@@ -287,6 +296,19 @@ impl LoopbackSink {
 }
 
 impl Sink for LoopbackSink {
+    fn viewers(&self) -> Option<Box<dyn super::ViewerWatch>> {
+        let fd = self.writer_fd()?;
+        match crate::v4l2::clients::ClientWatcher::new(&self.path, fd) {
+            Ok(w) => Some(Box::new(w)),
+            Err(e) => {
+                tracing::warn!(
+                    "{}: cannot count readers, staying live: {e:#}",
+                    self.path.display()
+                );
+                None
+            }
+        }
+    }
     fn write(&mut self, frame: &Frame) -> StageResult<()> {
         let layout = self.layout;
         if frame.format != layout.format

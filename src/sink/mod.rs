@@ -7,7 +7,28 @@ pub mod y4m;
 
 use crate::frame::Frame;
 use crate::stage::{StageInfo, StageResult};
+pub use crate::v4l2::clients::Observation;
 use crate::Result;
+
+/// Counts the programs reading an output (see [`crate::v4l2::clients::ClientWatcher`]).
+pub trait ViewerWatch: Send {
+    /// Waits up to `timeout` (zero: no wait) for a change, then reports the counts.
+    ///
+    /// # Errors
+    /// The wait itself fails (`poll(2)`).
+    fn observe(&mut self, timeout: std::time::Duration) -> Result<Observation>;
+    /// A full re-check (fresh driver count, full scan), so that a missed event does not last.
+    fn recheck(&mut self) -> Observation;
+}
+
+impl ViewerWatch for crate::v4l2::clients::ClientWatcher {
+    fn observe(&mut self, timeout: std::time::Duration) -> Result<Observation> {
+        crate::v4l2::clients::ClientWatcher::observe(self, timeout)
+    }
+    fn recheck(&mut self) -> Observation {
+        crate::v4l2::clients::ClientWatcher::recheck(self)
+    }
+}
 
 /// A consumer of frames at the output size. The relay's output stage calls [`Sink::write`] at a
 /// steady rate, repeating the last frame when the transform is late.
@@ -26,6 +47,12 @@ pub trait Sink: Send {
     /// What the sink is: live or not, holding an exclusive device or not, reconnected when lost
     /// or not, buffering frames or not.
     fn info(&self) -> StageInfo;
+    /// Who reads this output, for the on-demand virtual camera: `None` for a sink without
+    /// readers to count (files, null). Called when the sink opens; the watcher is dropped with
+    /// the sink.
+    fn viewers(&self) -> Option<Box<dyn ViewerWatch>> {
+        None
+    }
     /// Flushes and releases the output (stream off, file flush). Called once on graceful stop.
     fn finish(&mut self) -> Result<()> {
         Ok(())

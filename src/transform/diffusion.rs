@@ -423,6 +423,18 @@ impl Transform for DiffusionTransform {
         self.take(input, SlotKind::Model, out)
     }
 
+    fn restart(&mut self) -> Result<()> {
+        self.stream.restart_warm()?;
+        // Real time (on-demand runs only in real time): what was collected for the next call
+        // is stale; the slots of frames already returned need nothing more.
+        self.discarded += self.pending.len() as u64;
+        self.pending.clear();
+        self.slots.clear();
+        self.warmup = self.stream.lag_frames();
+        self.last_input = None;
+        Ok(())
+    }
+
     fn set_every_frame(&mut self, on: bool) {
         self.every_frame = on;
     }

@@ -83,6 +83,15 @@ pub trait Transform: Send {
     fn discarded(&self) -> u64 {
         0
     }
+    /// The input resumes after a pause (the on-demand camera waking): frames collected for a
+    /// call are given up (counted in [`Transform::discarded`]) and a stream with a memory of
+    /// past frames starts afresh from the next frame, primed from it (no warm-up garbage).
+    ///
+    /// # Errors
+    /// The restart fails; the transform then keeps its state.
+    fn restart(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Applies changed live settings (prompt, stream settings).
     ///
     /// # Errors

@@ -2,6 +2,8 @@
 //! the v4l2loopback sink ([`crate::sink::loopback`]), and device discovery for `sdcam devices`
 //! ([`crate::cli::devices`]).
 //!
+//! - [`clients`]: who reads a loopback device sdcam writes (the on-demand camera's viewer
+//!   detection);
 //! - [`device`]: an open node ([`V4l2Device`]) and the ioctls sdcam issues on it;
 //! - [`queue`]: memory-mapped streaming buffers ([`MmapQueue`]) and the guard for a dequeued
 //!   buffer ([`Buffer`]) that hands it back on drop;
@@ -17,6 +19,7 @@
 //! what each hand-written piece does that `v4l` cannot. Everything apart from the ioctls is pure
 //! logic, unit-tested without devices.
 
+pub mod clients;
 pub mod device;
 pub mod format;
 pub mod fourcc;

@@ -125,6 +125,11 @@ impl MmapQueue {
         matches!(self.buf_type, BufType::VideoOutput)
     }
 
+    /// The device the buffers belong to (the reader watcher duplicates its descriptor).
+    pub fn device(&self) -> &V4l2Device {
+        &self.dev
+    }
+
     /// Number of mapped buffers.
     pub fn len(&self) -> usize {
         self.maps.len()

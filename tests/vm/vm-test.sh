@@ -449,6 +449,178 @@ stop_sdcam
 v4l2-ctl -d $CAM -c test_pattern=0
 pass "sdcam writing ${STARTED} s after the other writer left; viewer got $WATCHED frames in 3 s; exclusive_caps=0 case took $(since "$T_EC0") s"
 
+# On-demand viewer detection on the real module (src/v4l2/clients.rs, src/relay/demand.rs):
+# `sdcam dev watch-clients` writes a pattern and prints "readers=N openers=M source=S mappers=K"
+# per change and "demand=live|idle" per state-machine transition, while readers and a probe
+# come and go.
+WC=$OUT/watch-clients.txt
+wc_mark() { wc -l < $WC; }
+wc_seen() { tail -n +$(($1 + 1)) $WC | grep -q -E "$2"; }  # wc_seen MARK REGEX: a line after MARK
+wc_read_start() {  # an ffmpeg reader (mmap) in the background; pid in FFR
+  ffmpeg -hide_banner -nostdin -loglevel error -f v4l2 -i $LB -f null - >/tmp/ffr.log 2>&1 &
+  FFR=$!
+}
+
+begin clients-start
+rmmod v4l2loopback || fail "rmmod v4l2loopback"
+insmod $KO/v4l2loopback.ko devices=1 video_nr=10 card_label=sdcam exclusive_caps=1 max_buffers=2 \
+  || fail "insmod v4l2loopback"
+wait_for 5 test -e $LB || fail "$LB did not appear"
+LB_VERSION=$(cat /sys/module/v4l2loopback/version 2>/dev/null || echo "0.12.x (no version file)")
+SDCAM_LOG=$OUT/watch-clients.log
+RUST_LOG=${SDCAM_RUST_LOG:-info} $SDCAM dev watch-clients --device $LB --size ${W}x${H} --fps $FPS \
+  >$WC 2>$SDCAM_LOG &
+SDCAM_PID=$!
+wait_for 30 grep -q "^readers=" $WC || { alive || fail "watch-clients exited"; fail "no counts within 30 s"; }
+wait_for 10 is_capture || fail "the loopback did not turn into a capture device"
+grep -q "^readers=0 openers=0 " $WC || { cat $WC; fail "counts before any reader: $(grep '^readers=' $WC | head -1)"; }
+WC_HEAD=$(grep "^module=" $WC)
+WC_SOURCE=$(sed -n 's/^readers=.* source=\([a-z]*\).*/\1/p' $WC | head -1)
+log "v4l2loopback $LB_VERSION: $WC_HEAD; detection: $WC_SOURCE"
+pass "v4l2loopback $LB_VERSION, detection path: $WC_SOURCE ($WC_HEAD)"
+
+begin clients-probe
+M=$(wc_mark)
+for i in 1 2 3; do v4l2-ctl -d $LB --all >/dev/null 2>&1; v4l2-ctl -d $LB --list-formats-ext >/dev/null 2>&1; done
+sleep 3
+alive || fail "watch-clients exited"
+wc_seen $M "^demand=live" && { cat $WC; fail "a probe-only client woke the pipeline"; }
+wc_seen $M "^readers=[1-9]" && { cat $WC; fail "a probe was counted as a streaming reader"; }
+pass "6 probes: no wake ($(tail -n +$((M + 1)) $WC | grep -c '^readers=') count changes seen, all readers=0)"
+
+begin clients-ffmpeg
+M=$(wc_mark); T_R=$(now)
+wc_read_start
+wait_for 20 wc_seen $M "^readers=1 openers=1 " || { cat $WC /tmp/ffr.log; fail "the ffmpeg reader was not counted"; }
+wait_for 5 wc_seen $M "^demand=live" || { cat $WC; fail "the ffmpeg reader did not wake the pipeline"; }
+WOKE=$(since "$T_R")
+kill -0 $FFR 2>/dev/null || { cat /tmp/ffr.log; fail "the ffmpeg reader ended"; }
+M=$(wc_mark); T_Q=$(now)
+kill -TERM $FFR; wait $FFR 2>/dev/null
+wait_for 10 wc_seen $M "^readers=0 openers=0 " || { cat $WC; fail "the reader's exit was not seen"; }
+wait_for 10 wc_seen $M "^demand=idle" || { cat $WC; fail "no return to idle after the reader left"; }
+pass "ffmpeg counted and woke within $WOKE s of its start (its own start-up included); idle $(since "$T_Q") s after it quit"
+
+begin clients-two-readers
+M=$(wc_mark)
+watch_start
+wait_for 20 wc_seen $M "^readers=1 openers=1 " || { cat $WC; fail "the v4l2-ctl reader was not counted"; }
+wc_read_start
+if [ "$WC_SOURCE" = event ]; then
+  # 0.13.x lets one reader stream (a second STREAMON is EBUSY) and later versions give the capture
+  # stream to one owner: the second reader is an opener, never a second streaming reader
+  sleep 4
+  wc_seen $M "^readers=2" && { cat $WC; fail "the driver counted two streaming readers"; }
+  TWO="a second reader (ffmpeg) is refused by the module; readers stays 1"
+else
+  wait_for 20 wc_seen $M "^readers=2 openers=2 " || { cat $WC; fail "two readers were not counted"; }
+  TWO="v4l2-ctl --stream-mmap and ffmpeg at once: readers=2"
+fi
+wc_seen $M "^demand=live" || fail "two readers: not live"
+pass "$TWO"
+
+begin clients-reader-killed
+M=$(wc_mark)
+if [ "$WC_SOURCE" = event ]; then
+  kill -9 $FFR 2>/dev/null; wait $FFR 2>/dev/null
+  M=$(wc_mark); T_K=$(now)
+  kill -9 $CLIENT; wait $CLIENT 2>/dev/null
+else
+  kill -9 $CLIENT; wait $CLIENT 2>/dev/null
+  wait_for 10 wc_seen $M "^readers=1 openers=1 " || { cat $WC; fail "a killed reader was still counted"; }
+  wc_seen $M "^demand=idle" && fail "went idle with a reader left"
+  M=$(wc_mark); T_K=$(now)
+  kill -9 $FFR; wait $FFR 2>/dev/null
+fi
+wait_for 10 wc_seen $M "^readers=0 openers=0 " || { cat $WC; fail "the last killed reader was still counted"; }
+wait_for 10 wc_seen $M "^demand=idle" || { cat $WC; fail "no return to idle after the readers were killed"; }
+IDLE_AFTER=$(since "$T_K")
+kill -TERM $SDCAM_PID; wait $SDCAM_PID 2>/dev/null; SDCAM_PID=
+pass "SIGKILLed readers: counts down to 0, idle $IDLE_AFTER s after the last (linger 3 s)"
+
+# ---- the on-demand virtual camera end to end (output.on_demand = true: sdcam's default) ----
+# vivid → tint → loopback with readers coming and going: idle, sdcam does not hold the camera
+# and barely uses the CPU; a reader wakes it and gets moving content; a probe does not; a killed
+# reader returns it to idle; ten wakes give the latency figures (sdcam logs both parts).
+sed -e "s/^width = 640/width = $W/" -e "s/^height = 360/height = $H/" -e "s/^fps = 15/fps = $FPS/" \
+  /mnt/host/vivid-tint.toml | sed 's/^on_demand = false/on_demand = true/' > $PROFILE
+cam_open() { ls -l /proc/$SDCAM_PID/fd 2>/dev/null | grep -q "$CAM\$"; }  # sdcam holds the camera
+ticks() { awk '{print $14 + $15}' /proc/$SDCAM_PID/stat; }
+woke_count() { grep -c "on-demand: first live frame" "$SDCAM_LOG"; }
+idle_count() { grep -c "on-demand: no readers, idle" "$SDCAM_LOG"; }
+
+begin od-idle
+start_sdcam
+wait_for 15 grep -q "on-demand: no readers, idle" "$SDCAM_LOG" || fail "sdcam did not go idle without readers"
+wait_for 5 sh -c "! ls -l /proc/$SDCAM_PID/fd | grep -q '$CAM\$'" || fail "idle, sdcam still holds $CAM"
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
+C0=$(ticks); T_I=$(now); sleep 10; C1=$(ticks); EL=$(since "$T_I")
+IDLE_CPU=$(awk -v c=$((C1 - C0)) -v hz="$HZ" -v t="$EL" 'BEGIN{printf "%.2f", 100 * c / hz / t}')
+cam_open && fail "idle, sdcam opened $CAM"
+# TCG emulates every instruction, so the guest's CPU time overstates the host's: a loose bound
+awk -v p="$IDLE_CPU" 'BEGIN{exit !(p < 5)}' || fail "idle CPU $IDLE_CPU% of one core"
+send stats
+wait_for 5 grep -q "on demand     idle (no viewers)" "$SDCAM_LOG" || fail "stats does not say idle (no viewers)"
+pass "camera released; sdcam used $IDLE_CPU% of one core over $EL s idle (guest time under TCG)"
+
+begin od-probe
+W0=$(woke_count)
+for i in 1 2 3; do v4l2-ctl -d $LB --all >/dev/null 2>&1; v4l2-ctl -d $LB --list-formats-ext >/dev/null 2>&1; done
+sleep 3
+[ "$(woke_count)" = "$W0" ] || fail "a probe-only client woke the pipeline"
+grep -q "on-demand: a reader started" "$SDCAM_LOG" && fail "a probe started a wake"
+cam_open && fail "a probe made sdcam open the camera"
+pass "6 probes: no wake, camera not opened"
+
+begin od-wake
+# a reader gets moving content (not the hold frame): two grabbed frames 1 s apart differ
+grab od-a 25; check_picture od-a
+cam_open || fail "live, sdcam does not hold $CAM"
+A=$(md5sum "$OUT/od-a-25.png" | cut -d' ' -f1); B=$(md5sum "$OUT/od-a-20.png" | cut -d' ' -f1)
+[ "$A" != "$B" ] || fail "the reader got a still picture, not moving content"
+wait_for 15 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -ge 2 ]" || fail "not idle again after the reader left"
+wait_for 5 sh -c "! ls -l /proc/$SDCAM_PID/fd | grep -q '$CAM\$'" || fail "idle again, sdcam still holds $CAM"
+pass "ffmpeg got moving content; idle and camera released after it left"
+
+begin od-two-readers-and-kill
+watch_start
+wait_for 10 cam_open || fail "the v4l2-ctl reader did not wake sdcam"
+ffmpeg -hide_banner -nostdin -loglevel error -f v4l2 -i $LB -f null - >/tmp/ffr2.log 2>&1 &
+FFR2=$!
+sleep 2
+alive || fail "sdcam died with two readers"
+kill -9 $CLIENT; wait $CLIENT 2>/dev/null
+sleep 1
+N_IDLE=$(idle_count)
+kill -9 $FFR2 2>/dev/null; wait $FFR2 2>/dev/null
+wait_for 15 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -gt $N_IDLE ]" \
+  || fail "no return to idle after the readers were killed"
+cam_open && fail "idle after killed readers, sdcam still holds $CAM"
+pass "two readers, SIGKILLed: idle again, camera released"
+
+begin od-latency
+W0=$(woke_count)
+i=0
+while [ $i -lt 10 ]; do
+  i=$((i + 1))
+  N_IDLE=$(idle_count)
+  v4l2-ctl -d $LB --stream-mmap --stream-count=1000 --stream-to=/dev/null >/dev/null 2>&1 &
+  R=$!
+  wait_for 20 sh -c "[ \$(grep -c 'on-demand: first live frame' $SDCAM_LOG) -ge $((W0 + i)) ]" \
+    || fail "wake $i: no live frame within 20 s"
+  kill $R; wait $R 2>/dev/null
+  wait_for 20 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -gt $N_IDLE ]" \
+    || fail "wake $i: not idle again"
+done
+grep "on-demand: first live frame" "$SDCAM_LOG" | tail -n 10 \
+  | sed 's/.*first live frame \([0-9]*\) ms after the wake (source open and first frame \([0-9]*\) ms, pipeline \([0-9]*\) ms).*/\1 \2 \3/' \
+  > $OUT/wake-latency.txt
+col() { cut -d' ' -f"$1" $OUT/wake-latency.txt | sort -n | awk '{a[NR]=$1} END{printf "%d/%d/%d", a[1], a[int((NR+1)/2)], a[NR]}'; }
+[ "$(wc -l < $OUT/wake-latency.txt)" -ge 10 ] || { cat $OUT/wake-latency.txt; fail "fewer than 10 wake latencies logged"; }
+LAT="total $(col 1) ms, source open + first frame $(col 2) ms, pipeline $(col 3) ms (min/median/max)"
+stop_sdcam
+pass "10 wakes: $LAT"
+
 dmesg > $OUT/dmesg.txt
 grep -q -E "WARNING|BUG|Oops" $OUT/dmesg.txt && log "note: the kernel log has warnings (dmesg.txt)"
 log "all checks passed in $(since "$T0") s"

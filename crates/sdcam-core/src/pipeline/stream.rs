@@ -124,6 +124,8 @@ pub struct StreamDiffusion {
     stock_noise: Tensor,
     /// Partially denoised latents of earlier frames, `[(k−1)·f, 4, h, w]`; `None` = cold.
     buffer: Option<Tensor>,
+    /// Prime the buffer at the next call even without `warm_start` ([`Self::restart_warm`]).
+    prime_once: bool,
     cond: Tensor,
     uncond: Tensor,
     kv: PromptKv,
@@ -212,6 +214,7 @@ impl StreamDiffusion {
             init_noise,
             stock_noise,
             buffer: None,
+            prime_once: false,
             cond,
             uncond,
             blend: None,
@@ -264,6 +267,18 @@ impl StreamDiffusion {
     pub fn restart(&mut self) -> Result<()> {
         self.buffer = None;
         self.stock_noise = self.stock_noise.zeros_like()?;
+        Ok(())
+    }
+
+    /// [`StreamDiffusion::restart`], and the next call primes the buffer from its frame as
+    /// `warm_start` does, whatever `warm_start` says: a stream resuming after a pause (the
+    /// on-demand camera waking) shows no zero-buffer warm-up frames.
+    ///
+    /// # Errors
+    /// Only a tensor allocation failure on the model's device.
+    pub fn restart_warm(&mut self) -> Result<()> {
+        self.restart()?;
+        self.prime_once = true;
         Ok(())
     }
 
@@ -460,7 +475,8 @@ impl StreamDiffusion {
         if !self.p.use_denoising_batch {
             return self.predict_sequential(x_t);
         }
-        if self.k > 1 && self.buffer.is_none() && self.p.warm_start {
+        if self.k > 1 && self.buffer.is_none() && (self.p.warm_start || self.prime_once) {
+            self.prime_once = false;
             // Prime: run the batch k − 1 times on the first frame so every buffer row holds
             // that frame at its own noise level; the output that follows is already an image.
             self.buffer = Some(Tensor::zeros(

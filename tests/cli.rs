@@ -6,6 +6,10 @@
 //! synchronise on the `stats` command's frame count instead of sleeping, and use a still-image
 //! source (file → file runs in every-frame mode, paced at the image's fps), so which frame sees
 //! which setting is known exactly.
+//!
+//! One file on purpose (1,700+ lines): every file under `tests/` is a separate test binary that
+//! links the whole crate, so splitting this one would add a link of the candle-sized crate to CI
+//! per part; the shared child-process harness ([`Proc`]) lives here once.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -8,6 +8,9 @@
 //! their transform on a [`ManualClock`]: time moves only when the test steps it, so the counts
 //! are the same on an idle machine and on a loaded 2-core CI runner. A stepped test lets the
 //! real-time work catch up between steps ([`advance_settled`]).
+//!
+//! Over 700 lines in one file for the same reason as `tests/cli.rs` (one test binary, one link)
+//! and because its scripted stages and clock helpers are shared by every test in it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -2,6 +2,11 @@
 //!
 //! A profile is a TOML file with the schema in [`schema`]. Every key has a default, so a two-line
 //! profile works. Errors name the file, the line and column (from toml's spans) and the key.
+//!
+//! Over 700 lines for a reason: loading, the one `validate` with its ranges, the key list and the
+//! live `set` edits all work on the same raw TOML table with its spans; split apart they would
+//! pass that table and its line index between files. The schema ([`schema`]) and the stream
+//! geometry ([`geometry`]) are already their own files, the tests are in `tests.rs`.
 
 pub mod geometry;
 pub mod schema;

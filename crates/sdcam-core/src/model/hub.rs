@@ -9,6 +9,10 @@
 //!
 //! Weights are safetensors only; the fp16 variant (`*.fp16.safetensors`) is preferred for
 //! f16/bf16 and used as a fallback for f32 (converted on load).
+//!
+//! Slightly over 700 lines: the resolution order (folder, cache, network) and the diffusers file
+//! naming rules it applies are one decision table, kept together; downloading is [`super::download`],
+//! the tests are in `tests.rs`.
 
 use std::path::{Path, PathBuf};
 

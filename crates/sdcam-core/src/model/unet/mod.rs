@@ -11,6 +11,11 @@
 //!
 //! The model is immutable after loading; all per-call state lives in the arguments, so one model
 //! can be shared between threads (`&self` everywhere, `Send + Sync`).
+//!
+//! Over 700 lines because it is the one `UNet2DConditionModel` graph (config, the down/mid/up
+//! wiring and the three forward variants that share it), as diffusers keeps it in
+//! `unet_2d_condition.py`; the blocks are in [`blocks`], attention in [`attention`], the tests in
+//! `tests.rs`.
 
 pub mod attention;
 pub mod blocks;

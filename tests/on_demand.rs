@@ -116,7 +116,14 @@ impl Opener for TrackingOpener {
     }
 }
 
-fn start(counts: &Arc<Counts>) -> Relay {
+/// A relay from the tracked pattern source through the identity transform to `sink`, at
+/// 30 fps and `size`, with `on_demand`.
+fn start_with(
+    counts: &Arc<Counts>,
+    sink: Box<dyn Sink>,
+    size: (u32, u32),
+    on_demand: Option<OnDemand>,
+) -> Relay {
     let opener = Arc::new(TrackingOpener(counts.clone()));
     let source_cfg = SourceOptions::Pattern {
         width: 32,
@@ -127,17 +134,14 @@ fn start(counts: &Arc<Counts>) -> Relay {
         source: opener.source(&source_cfg).unwrap(),
         source_cfg,
         transform: Some(Box::new(sdcam::transform::Identity)),
-        sink: Box::new(FakeCamera(counts.clone())),
+        sink,
         output_cfg: OutputOptions {
             sink: SinkOptions::Null,
-            width: 32,
-            height: 32,
+            width: size.0,
+            height: size.1,
             fps: 30.0,
             fit: Default::default(),
-            on_demand: Some(OnDemand {
-                idle_fps: 5.0,
-                idle_image: None,
-            }),
+            on_demand,
         },
         preprocess: PreprocessConfig {
             width: 32,
@@ -150,6 +154,20 @@ fn start(counts: &Arc<Counts>) -> Relay {
         opener,
     })
     .unwrap()
+}
+
+/// On demand, idle at 5 fps, with a fake camera whose readers the test sets.
+fn start(counts: &Arc<Counts>) -> Relay {
+    let idle = OnDemand {
+        idle_fps: 5.0,
+        idle_image: None,
+    };
+    start_with(
+        counts,
+        Box::new(FakeCamera(counts.clone())),
+        (32, 32),
+        Some(idle),
+    )
 }
 
 /// Waits until `cond` holds (10 s at most).
@@ -242,36 +260,7 @@ fn the_source_is_held_only_while_someone_reads() {
 #[test]
 fn without_on_demand_the_source_stays_open() {
     let c = Arc::new(Counts::default());
-    let opener = Arc::new(TrackingOpener(c.clone()));
-    let source_cfg = SourceOptions::Pattern {
-        width: 32,
-        height: 32,
-        fps: 30.0,
-    };
-    let relay = Relay::start(RelayStart {
-        source: opener.source(&source_cfg).unwrap(),
-        source_cfg,
-        transform: Some(Box::new(sdcam::transform::Identity)),
-        sink: Box::new(FakeCamera(c.clone())),
-        output_cfg: OutputOptions {
-            sink: SinkOptions::Null,
-            width: 32,
-            height: 32,
-            fps: 30.0,
-            fit: Default::default(),
-            on_demand: None,
-        },
-        preprocess: PreprocessConfig {
-            width: 32,
-            height: 32,
-            fit: Default::default(),
-            mirror: false,
-        },
-        every_frame: false,
-        max_frames: None,
-        opener,
-    })
-    .unwrap();
+    let relay = start_with(&c, Box::new(FakeCamera(c.clone())), (32, 32), None);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(c.closed.load(Relaxed), 0);
     assert!(relay.stats().snapshot().demand.is_none());
@@ -325,39 +314,12 @@ fn idle_cpu_figure() {
     let node = dir.path().join("video-stand-in");
     let file = std::fs::File::create(&node).unwrap();
     let c = Arc::new(Counts::default());
-    let opener = Arc::new(TrackingOpener(c.clone()));
-    let source_cfg = SourceOptions::Pattern {
-        width: 32,
-        height: 32,
-        fps: 30.0,
+    let idle = OnDemand {
+        idle_fps: 1.0,
+        idle_image: None,
     };
-    let relay = Relay::start(RelayStart {
-        source: opener.source(&source_cfg).unwrap(),
-        source_cfg,
-        transform: Some(Box::new(sdcam::transform::Identity)),
-        sink: Box::new(WatchedFile(file, node, c.clone())),
-        output_cfg: OutputOptions {
-            sink: SinkOptions::Null,
-            width: 640,
-            height: 360,
-            fps: 30.0,
-            fit: Default::default(),
-            on_demand: Some(OnDemand {
-                idle_fps: 1.0,
-                idle_image: None,
-            }),
-        },
-        preprocess: PreprocessConfig {
-            width: 32,
-            height: 32,
-            fit: Default::default(),
-            mirror: false,
-        },
-        every_frame: false,
-        max_frames: None,
-        opener,
-    })
-    .unwrap();
+    let sink = Box::new(WatchedFile(file, node, c.clone()));
+    let relay = start_with(&c, sink, (640, 360), Some(idle));
     until("idle", || c.closed.load(Relaxed) == 1);
     let hz = 100.0; // USER_HZ on Linux
     let (t0, c0) = (Instant::now(), cpu_ticks());

@@ -598,6 +598,24 @@ wait_for 15 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -gt $N
 cam_open && fail "idle after killed readers, sdcam still holds $CAM"
 pass "two readers, SIGKILLed: idle again, camera released"
 
+begin od-read-reader
+# a third kind of client: read() I/O (dd), which never maps the buffers; counted as a reader once
+# it has held the device for 2 s (src/relay/demand.rs, OPENER_AS_READER_AFTER), so a probe is not
+W0=$(woke_count); N_IDLE=$(idle_count)
+dd if=$LB of=/tmp/dd.out bs=$((W * H * 2)) count=100000 2>/tmp/dd.log &
+DD=$!
+wait_for 15 sh -c "[ \$(grep -c 'on-demand: first live frame' $SDCAM_LOG) -gt $W0 ]" \
+  || { cat /tmp/dd.log; fail "a read() reader did not wake sdcam"; }
+sleep 2
+kill -0 $DD 2>/dev/null || { cat /tmp/dd.log; fail "the read() reader ended"; }
+DD_BYTES=$(wc -c < /tmp/dd.out)
+[ "$DD_BYTES" -ge $((W * H * 2 * 5)) ] || fail "the read() reader got only $DD_BYTES bytes"
+kill $DD; wait $DD 2>/dev/null
+wait_for 20 sh -c "[ \$(grep -c 'on-demand: no readers, idle' $SDCAM_LOG) -gt $N_IDLE ]" \
+  || fail "not idle after the read() reader left"
+rm -f /tmp/dd.out
+pass "dd (read I/O) woke sdcam and read $((DD_BYTES / (W * H * 2))) frames; idle after it left"
+
 begin od-latency
 W0=$(woke_count)
 i=0

@@ -636,6 +636,9 @@ grep "on-demand: first live frame" "$SDCAM_LOG" | tail -n 10 \
 col() { cut -d' ' -f"$1" $OUT/wake-latency.txt | sort -n | awk '{a[NR]=$1} END{printf "%d/%d/%d", a[1], a[int((NR+1)/2)], a[NR]}'; }
 [ "$(wc -l < $OUT/wake-latency.txt)" -ge 10 ] || { cat $OUT/wake-latency.txt; fail "fewer than 10 wake latencies logged"; }
 LAT="total $(col 1) ms, source open + first frame $(col 2) ms, pipeline $(col 3) ms (min/median/max)"
+# the bound: the first live frame within 500 ms of the wake, plus the camera's own open time
+awk '$1 - $2 > 500 {bad = bad " " $1 "-" $2} END {if (bad) {print "over 500 ms after the camera opened:" bad; exit 1}}' \
+  $OUT/wake-latency.txt || fail "a wake took longer than 500 ms plus the camera's open time ($LAT)"
 stop_sdcam
 pass "10 wakes: $LAT"
 

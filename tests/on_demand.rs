@@ -24,6 +24,8 @@ struct Counts {
     closed: AtomicU64,
     written: AtomicU64,
     readers: Mutex<u32>,
+    /// The source behaves as a file or pipe (not live): it cannot be reopened where it was.
+    file_like: std::sync::atomic::AtomicBool,
 }
 
 /// A pattern source that counts its closing.
@@ -46,10 +48,11 @@ impl Source for Tracked {
         self.0.fps()
     }
     fn info(&self) -> StageInfo {
+        let live = !self.1.file_like.load(Relaxed);
         StageInfo {
-            live: true,
-            exclusive_device: true,
-            reconnect_on_loss: true,
+            live,
+            exclusive_device: live,
+            reconnect_on_loss: live,
             buffers_frames: false,
         }
     }
@@ -255,6 +258,87 @@ fn the_source_is_held_only_while_someone_reads() {
         s.transformed + s.input_dropped,
         "every captured frame transformed or counted as dropped"
     );
+}
+
+/// Review findings: an output change while idle does not turn the camera on, keeps a forced
+/// state, and turning on-demand off wakes the pipeline and clears the status.
+#[test]
+fn output_changes_while_idle_keep_the_camera_off_and_the_state() {
+    let c = Arc::new(Counts::default());
+    let relay = start(&c);
+    until("idle at start", || c.closed.load(Relaxed) == 1);
+    let idle = |fps: f64| OnDemand {
+        idle_fps: fps,
+        idle_image: None,
+    };
+    let out = |w: u32, od: Option<OnDemand>| OutputOptions {
+        sink: SinkOptions::Null,
+        width: w,
+        height: 32,
+        fps: 30.0,
+        fit: Default::default(),
+        on_demand: od,
+    };
+    // Another output size (a new sink) while idle: the camera stays off.
+    relay.set_output(out(48, Some(idle(5.0)))).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        c.opened.load(Relaxed),
+        1,
+        "an output switch while idle opened the camera"
+    );
+    // Forced awake, then only the idle rate changes: still awake, not restarted.
+    relay.demand(Command::Wake).unwrap();
+    until("`wake`", || c.opened.load(Relaxed) == 2);
+    relay.set_output(out(48, Some(idle(2.0)))).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        c.closed.load(Relaxed),
+        1,
+        "an option change dropped the forced wake"
+    );
+    assert!(relay.stats().snapshot().demand.unwrap().forced);
+    // On-demand off: live, and no on-demand status any more.
+    relay.demand(Command::Sleep).unwrap();
+    until("`sleep`", || c.closed.load(Relaxed) == 2);
+    relay.set_output(out(48, None)).unwrap();
+    until("woken by turning on-demand off", || {
+        c.opened.load(Relaxed) == 3
+    });
+    assert!(relay.stats().snapshot().demand.is_none());
+    relay.request_stop();
+    relay.join().unwrap();
+}
+
+/// Review finding: a file or pipe source cannot be reopened where it was, so idle keeps it
+/// (unread) instead of dropping it, and the same source goes on after the wake.
+#[test]
+fn a_file_like_source_is_kept_unread_while_idle() {
+    let c = Arc::new(Counts::default());
+    c.file_like.store(true, Relaxed);
+    let relay = start(&c);
+    until("idle at start", || {
+        relay.stats().snapshot().demand.is_some_and(|d| !d.live)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let captured = relay.stats().snapshot().captured;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        relay.stats().snapshot().captured,
+        captured,
+        "read while idle"
+    );
+    *c.readers.lock().unwrap() = 1;
+    until("frames after the wake", || {
+        relay.stats().snapshot().captured > captured + 5
+    });
+    assert_eq!(
+        (c.opened.load(Relaxed), c.closed.load(Relaxed)),
+        (1, 0),
+        "the file-like source was dropped or reopened"
+    );
+    relay.request_stop();
+    relay.join().unwrap();
 }
 
 #[test]

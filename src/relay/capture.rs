@@ -40,8 +40,11 @@ pub(super) struct Capture {
     /// On-demand signals from the output stage: `false` releases the source (nobody watches),
     /// `true` opens it again.
     pub(super) demand: Receiver<bool>,
-    /// Released on demand: no source is held and none is reopened until woken.
+    /// Idle on demand: a live source is released (a file or pipe is kept, unread) and none is
+    /// reopened until woken.
     pub(super) idle: bool,
+    /// The source before one chosen while idle: opened on wake if the new one does not open.
+    pub(super) fallback: Option<SourceOptions>,
 }
 
 impl Capture {
@@ -55,7 +58,11 @@ impl Capture {
     fn switch(&mut self, cfg: SourceOptions) -> Result<()> {
         if self.idle {
             // Nobody watches: the new source is opened on wake, not now (a camera's light
-            // must mean someone is looking).
+            // must mean someone is looking). If it does not open then, the one before is.
+            if self.source.is_some() || self.fallback.is_none() {
+                self.fallback = Some(self.cfg.clone());
+            }
+            self.source = None;
             self.cfg = cfg;
             return Ok(());
         }
@@ -83,19 +90,43 @@ impl Capture {
         }
         self.idle = !live;
         if self.idle {
-            if let Some(s) = self.source.take() {
-                tracing::info!("idle: released {}", s.describe());
+            // A camera or screen is released (and reopened on wake); a file or a pipe cannot
+            // be reopened where it was, so it is kept and simply not read meanwhile.
+            if self.source.as_ref().is_some_and(|s| s.info().live) {
+                if let Some(s) = self.source.take() {
+                    tracing::info!("idle: released {}", s.describe());
+                }
             }
             return;
         }
+        if self.source.is_some() {
+            return;
+        }
         let t0 = Instant::now();
-        match self.open(&self.cfg) {
+        let opened = match self.open(&self.cfg) {
+            Ok(s) => Ok(s),
+            Err(e) => match self.fallback.take() {
+                // The source chosen while idle does not open: back to the one before.
+                Some(prev) => {
+                    tracing::error!(
+                        "live: the source set while idle did not open ({e:#}); back to the \
+                         previous one"
+                    );
+                    let r = self.open(&prev);
+                    self.cfg = prev;
+                    r
+                }
+                None => Err(e),
+            },
+        };
+        match opened {
             Ok(s) => {
                 tracing::info!(
                     "live: opened {} in {:.0} ms",
                     s.describe(),
                     t0.elapsed().as_secs_f64() * 1e3
                 );
+                self.fallback = None;
                 self.source = Some(s);
             }
             // Lost until it opens: the reconnect loop below retries every second.
@@ -106,6 +137,7 @@ impl Capture {
     pub(super) fn run(mut self) -> Result<()> {
         let mut last_retry = self.clock.now();
         let mut taken = 0u64;
+        let (mut demand_open, mut ctl_open) = (true, true);
         while !self.stop.load(Relaxed) {
             if self.limit.is_some_and(|n| taken >= n) {
                 tracing::info!("captured {taken} frames (--frames), ending the stream");
@@ -118,10 +150,21 @@ impl Capture {
                 self.on_demand(live);
             }
             if self.idle {
-                // Nobody watches: hold nothing, wait for a wake, a control message or a stop.
+                // Nobody watches: read nothing, wait for a wake, a control message or a stop
+                // (a channel whose sender is gone is waited on as never ready, not spun on).
+                let never = crossbeam_channel::never();
+                let demand = if demand_open { &self.demand } else { &never };
+                let never_ctl = crossbeam_channel::never();
+                let ctl = if ctl_open { &self.ctl } else { &never_ctl };
                 select! {
-                    recv(self.demand) -> m => if let Ok(live) = m { self.on_demand(live) },
-                    recv(self.ctl) -> m => if let Ok(msg) = m { self.handle(msg) },
+                    recv(demand) -> m => match m {
+                        Ok(live) => self.on_demand(live),
+                        Err(_) => demand_open = false,
+                    },
+                    recv(ctl) -> m => match m {
+                        Ok(msg) => self.handle(msg),
+                        Err(_) => ctl_open = false,
+                    },
                     default(Duration::from_millis(100)) => {}
                 }
                 last_retry = self.clock.now();

@@ -255,6 +255,7 @@ impl Relay {
             clock: clock.clone(),
             demand: demand_rx,
             idle: false,
+            fallback: None,
         };
         let done = finished_tx.clone();
         threads.push((
@@ -300,6 +301,7 @@ impl Relay {
                 s.output_cfg.on_demand.clone(),
                 clock.now(),
                 demand_tx,
+                wake.clone(),
                 restart,
                 stats.clone(),
             )
@@ -308,7 +310,6 @@ impl Relay {
             on_demand,
             hold: None,
             woke_at: None,
-            pending_action: None,
             sink: Some(s.sink),
             cfg: s.output_cfg,
             post: Postprocess::default(),

@@ -15,6 +15,7 @@ use super::demand::{Action, Command, Demand, Input};
 use super::{OnDemand, Stats};
 use crate::frame::{Frame, PixelFormat};
 use crate::sink::{Sink, ViewerWatch};
+use crate::source::Wake;
 
 /// How often the watcher is looked at between output ticks while idle: bounds the wake delay
 /// that polling adds (the driver's event is read at the next look).
@@ -31,13 +32,19 @@ pub(super) struct OnDemandRun {
     watch: Option<Box<dyn ViewerWatch>>,
     /// `false` releases the source, `true` opens it again (the capture stage).
     to_capture: Sender<bool>,
+    /// Interrupts the capture stage's wait for a frame, so a release is not held up by a slow
+    /// source's period.
+    wake_capture: Wake,
     /// Set on wake: the transform restarts from the next frame.
     restart: Arc<AtomicBool>,
     stats: Arc<Stats>,
     /// `output.idle_image`, decoded once (RGB24).
     still: Option<Frame>,
-    /// The capture stage was told to release the source (the last action was a sleep).
+    /// The capture stage was told to release the source (the last action applied was a sleep).
     asleep: bool,
+    /// A state change applied outside [`OnDemandRun::poll`] (a new sink, a command), for the
+    /// output stage to act on ([`OnDemandRun::take_applied`]).
+    applied: Option<Action>,
 }
 
 impl OnDemandRun {
@@ -45,6 +52,7 @@ impl OnDemandRun {
         opts: Option<OnDemand>,
         now: Instant,
         to_capture: Sender<bool>,
+        wake_capture: Wake,
         restart: Arc<AtomicBool>,
         stats: Arc<Stats>,
     ) -> Self {
@@ -54,27 +62,41 @@ impl OnDemandRun {
             machine: Demand::new(now),
             watch: None,
             to_capture,
+            wake_capture,
             restart,
             stats,
             still,
             asleep: false,
+            applied: None,
         }
     }
 
-    /// New options (a live `set output.…`): a changed idle image is loaded again.
-    pub(super) fn set_options(&mut self, opts: Option<OnDemand>) {
+    /// New options for the same sink (a live `set output.…`): a changed idle image is loaded
+    /// again; the watcher and the state machine (a forced state, the linger) carry on. Turning
+    /// on-demand off wakes the pipeline; turning it on starts watching `sink`.
+    pub(super) fn set_options(
+        &mut self,
+        opts: Option<OnDemand>,
+        sink: Option<&dyn Sink>,
+        now: Instant,
+    ) {
         let image = |o: &Option<OnDemand>| o.as_ref().and_then(|o| o.idle_image.clone());
-        if image(&opts) != image(&self.opts) {
-            self.opts = opts;
+        let reload = image(&opts) != image(&self.opts);
+        let was_on = self.opts.is_some();
+        self.opts = opts;
+        if reload {
             self.still = load_still(&self.opts);
-        } else {
-            self.opts = opts;
+        }
+        match (was_on, self.opts.is_some(), sink) {
+            (true, false, _) => self.stop_watching(),
+            (false, true, Some(s)) => self.attach(s, now),
+            _ => {}
         }
     }
 
-    /// Whether the pipeline runs (no watcher: always).
+    /// Whether the pipeline runs: the state last applied.
     pub(super) fn live(&self) -> bool {
-        self.watch.is_none() || self.machine.is_live()
+        !self.asleep
     }
 
     /// Starts watching a newly opened sink's readers. The machine starts idle: with nobody
@@ -86,35 +108,36 @@ impl OnDemandRun {
         }
         if self.watch.is_none() {
             // Cannot count readers: stay live, as without on-demand.
-            if self.asleep {
-                self.apply(Action::Wake);
-            }
+            self.stop_watching();
             return;
         }
         self.machine = Demand::new(now);
         let obs = self.watch.as_mut().map(|w| w.recheck());
-        if let Some(o) = obs {
-            if let Some(a) = self.machine.step(now, Input::Rechecked(o)) {
-                self.apply(a);
-                self.publish(now);
-                return;
-            }
-        }
-        // Idle from the start: nobody reads yet.
-        self.apply(Action::Sleep);
+        let a = obs.and_then(|o| self.machine.step(now, Input::Rechecked(o)));
+        // Idle from the start unless somebody reads already.
+        self.apply(a.unwrap_or(Action::Sleep));
         self.publish(now);
     }
 
-    /// The sink is gone or replaced: stop watching (the watcher holds its descriptor). An
-    /// idle pipeline wakes: without a watcher nothing would wake it again.
+    /// The sink is gone or being replaced: stop watching (the watcher holds a duplicate of its
+    /// descriptor, which must go before the device is opened again). The state stays as it is
+    /// until the next sink is attached: a switch or a lost output does not turn the camera on.
     pub(super) fn detach(&mut self) {
         self.watch = None;
-        if self.asleep {
-            self.apply(Action::Wake);
-        }
+    }
+
+    /// On-demand is off (or readers cannot be counted): live, and nothing reported.
+    fn stop_watching(&mut self) {
+        self.watch = None;
+        self.apply(Action::Wake);
         if let Ok(mut s) = self.stats.demand.lock() {
             *s = None;
         }
+    }
+
+    /// A state change applied since the last call, outside [`OnDemandRun::poll`].
+    pub(super) fn take_applied(&mut self) -> Option<Action> {
+        self.applied.take()
     }
 
     /// Looks at the readers (a full re-check when due) and acts; returns the action taken.
@@ -131,10 +154,8 @@ impl OnDemandRun {
                 }
             }
         };
-        let a = self.machine.step(now, input);
-        if let Some(a) = a {
-            self.apply(a);
-        }
+        let a = self.machine.step(now, input).filter(|&a| self.apply(a));
+        self.applied = None;
         self.publish(now);
         a
     }
@@ -143,18 +164,17 @@ impl OnDemandRun {
     ///
     /// # Errors
     /// The output's readers cannot be counted (not a virtual camera).
-    pub(super) fn command(&mut self, now: Instant, c: Command) -> crate::Result<Option<Action>> {
+    pub(super) fn command(&mut self, now: Instant, c: Command) -> crate::Result<()> {
         anyhow::ensure!(
             self.watch.is_some(),
             "on-demand is not active on this output (not a v4l2loopback device, or its readers \
              cannot be counted)"
         );
-        let a = self.machine.step(now, Input::Command(c));
-        if let Some(a) = a {
+        if let Some(a) = self.machine.step(now, Input::Command(c)) {
             self.apply(a);
         }
         self.publish(now);
-        Ok(a)
+        Ok(())
     }
 
     /// When the output stage must look again at the latest.
@@ -163,8 +183,15 @@ impl OnDemandRun {
         Some(self.machine.next_deadline(now).min(now + LOOK_EVERY))
     }
 
-    fn apply(&mut self, a: Action) {
-        self.asleep = a == Action::Sleep;
+    /// Applies a state change; returns whether it changed anything (a wake of a running
+    /// pipeline does not restart its transform in front of its viewers).
+    fn apply(&mut self, a: Action) -> bool {
+        let sleep = a == Action::Sleep;
+        if sleep == self.asleep {
+            return false;
+        }
+        self.asleep = sleep;
+        self.applied = Some(a);
         match a {
             Action::Wake => {
                 tracing::info!("on-demand: a reader started, waking");
@@ -174,8 +201,10 @@ impl OnDemandRun {
             Action::Sleep => {
                 tracing::info!("on-demand: no readers, idle (source released, model paused)");
                 let _ = self.to_capture.send(false);
+                self.wake_capture.wake();
             }
         }
+        true
     }
 
     fn publish(&self, now: Instant) {

@@ -51,8 +51,6 @@ pub(super) struct Output {
     pub(super) last: Option<Frame>,
     pub(super) placeholder: Option<Frame>,
     pub(super) snapshots: Vec<(PathBuf, Ack<PathBuf>)>,
-    /// An on-demand decision taken while serving a command, acted on by the run loop.
-    pub(super) pending_action: Option<Action>,
     /// The first output frames lost when a replaced output was closed: reported at the end.
     pub(super) lost: Option<anyhow::Error>,
 }
@@ -94,9 +92,13 @@ impl Output {
                 );
         if same_sink {
             // Only the on-demand settings changed: the device stays open (no flicker for its
-            // readers).
+            // readers) and the on-demand state carries on.
+            let now = self.clock.now();
+            if let Some(d) = self.on_demand.as_mut() {
+                d.set_options(cfg.on_demand.clone(), self.sink.as_deref(), now);
+            }
             self.cfg = cfg;
-            self.sink_changed();
+            self.hold = None;
             return Ok(());
         }
         // The reader watcher holds a duplicate of the old writer's descriptor: let it go
@@ -128,7 +130,7 @@ impl Output {
         let Some(d) = self.on_demand.as_mut() else {
             return;
         };
-        d.set_options(self.cfg.on_demand.clone());
+        d.set_options(self.cfg.on_demand.clone(), None, now);
         match self.sink.as_deref() {
             Some(s) => d.attach(s, now),
             None => d.detach(),
@@ -138,19 +140,36 @@ impl Output {
 
     /// Acts on an on-demand decision in the output: asleep, the hold frame is made (and written
     /// at once); awake, the next tick comes at once.
-    fn demand_acted(&mut self, a: Action, next_tick: &mut Instant, last_rgb: &Option<Frame>) {
+    fn demand_acted(&mut self, a: Action, next_tick: &mut Instant) {
         *next_tick = self.clock.now();
-        self.hold = None;
         self.woke_at = (a == Action::Wake).then(Instant::now);
-        if a == Action::Sleep {
-            let rgb = self
-                .on_demand
-                .as_ref()
-                .and_then(|d| d.hold_rgb(last_rgb.as_ref()));
-            self.hold = match rgb {
-                Some(rgb) => self.post_process(&rgb).ok(),
-                None => self.last.clone(),
-            };
+        match a {
+            // Made from the current picture and settings at the first idle tick.
+            Action::Sleep => self.hold = None,
+            // Until the first new frame, the dimmed hold goes on rather than a stale bright one.
+            Action::Wake => {
+                if let Some(h) = self.hold.take() {
+                    self.last = Some(h);
+                }
+            }
+        }
+    }
+
+    /// The hold frame for the current settings: `output.idle_image`, else the last output
+    /// dimmed, else the last frame written, else the placeholder.
+    fn make_hold(&mut self, last_rgb: &Option<Frame>) -> Result<Frame> {
+        let rgb = self
+            .on_demand
+            .as_ref()
+            .and_then(|d| d.hold_rgb(last_rgb.as_ref()));
+        if let Some(rgb) = rgb {
+            if let Ok(f) = self.post_process(&rgb) {
+                return Ok(f);
+            }
+        }
+        match self.last.clone() {
+            Some(f) => Ok(f),
+            None => self.placeholder(),
         }
     }
 
@@ -194,11 +213,6 @@ impl Output {
                          camera, or every-frame pacing)"
                     )),
                 };
-                let r = r.map(|a| {
-                    if let Some(a) = a {
-                        self.pending_action = Some(a);
-                    }
-                });
                 let _ = ack.send(r);
             }
         }
@@ -364,12 +378,12 @@ impl Output {
                     recv(timer) -> _ => {}
                 }
                 let now = self.clock.now();
-                let acted = match self.pending_action.take() {
-                    Some(a) => Some(a),
-                    None => self.on_demand.as_mut().and_then(|d| d.poll(now)),
-                };
+                let acted = self
+                    .on_demand
+                    .as_mut()
+                    .and_then(|d| d.take_applied().or_else(|| d.poll(now)));
                 if let Some(a) = acted {
-                    self.demand_acted(a, &mut next_tick, &last_rgb);
+                    self.demand_acted(a, &mut next_tick);
                 }
             }
             let idle = self.on_demand.as_ref().is_some_and(|d| !d.live());
@@ -398,9 +412,9 @@ impl Output {
                     Taken::Closed => return Ok(()),
                     _ => {}
                 }
-                let hold = match self.hold.take().or_else(|| self.last.clone()) {
+                let hold = match self.hold.take() {
                     Some(f) => f,
-                    None => self.placeholder()?,
+                    None => self.make_hold(&last_rgb)?,
                 };
                 self.stats.repeated.fetch_add(1, Relaxed);
                 let go_on = self.write(&hold)?;

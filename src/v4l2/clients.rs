@@ -434,15 +434,23 @@ impl ClientWatcher {
     }
 
     /// The periodic re-check: re-subscribes to the driver's event (which sends the current
-    /// count again) and scans all of `/proc`, so a missed event or inotify record does not last.
+    /// count again) and, where that gives no count, scans all of `/proc`, so a missed event or
+    /// inotify record does not last.
     pub fn recheck(&mut self) -> Observation {
         self.drain_inotify();
         if self.event.is_some() {
+            // A module that does not send the current count on subscribing must not leave an
+            // old count standing: without a fresh one, the scan below decides.
+            self.event_count = None;
             self.unsubscribe();
             self.subscribe();
         }
         self.drain_events();
-        self.last = scan_proc(&self.proc_root, &self.node, self.own_pid, None);
+        if self.event.is_none() || self.event_count.is_none() {
+            // The full scan (a few ms on a busy desktop) only where the driver's count is
+            // missing: with the event, the driver's count is the truth.
+            self.last = scan_proc(&self.proc_root, &self.node, self.own_pid, None);
+        }
         self.observation()
     }
 

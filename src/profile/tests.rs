@@ -120,6 +120,7 @@ fn every_numeric_key_is_range_checked_in_profiles_and_set_alike() {
     let floats = [
         "source.fps",
         "output.fps",
+        "output.idle_fps",
         "model.lora.scale",
         "stream.guidance_scale",
         "stream.delta",

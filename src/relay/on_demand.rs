@@ -135,14 +135,18 @@ impl OnDemandRun {
         }
     }
 
-    /// A state change applied since the last call, outside [`OnDemandRun::poll`].
+    /// The state change applied since the last call (by a poll, a new sink or a command), for
+    /// the output stage to act on.
     pub(super) fn take_applied(&mut self) -> Option<Action> {
         self.applied.take()
     }
 
-    /// Looks at the readers (a full re-check when due) and acts; returns the action taken.
-    pub(super) fn poll(&mut self, now: Instant) -> Option<Action> {
-        let w = self.watch.as_mut()?;
+    /// Looks at the readers (a full re-check when due) and acts on the state machine's
+    /// decision ([`OnDemandRun::take_applied`]).
+    pub(super) fn poll(&mut self, now: Instant) {
+        let Some(w) = self.watch.as_mut() else {
+            return;
+        };
         let input = if self.machine.recheck_due(now) {
             Input::Rechecked(w.recheck())
         } else {
@@ -154,10 +158,10 @@ impl OnDemandRun {
                 }
             }
         };
-        let a = self.machine.step(now, input).filter(|&a| self.apply(a));
-        self.applied = None;
+        if let Some(a) = self.machine.step(now, input) {
+            self.apply(a);
+        }
         self.publish(now);
-        a
     }
 
     /// A `wake` / `sleep` / `auto` command.
@@ -183,12 +187,12 @@ impl OnDemandRun {
         Some(self.machine.next_deadline(now).min(now + LOOK_EVERY))
     }
 
-    /// Applies a state change; returns whether it changed anything (a wake of a running
+    /// Applies a state change, unless it is the state already applied (a wake of a running
     /// pipeline does not restart its transform in front of its viewers).
-    fn apply(&mut self, a: Action) -> bool {
+    fn apply(&mut self, a: Action) {
         let sleep = a == Action::Sleep;
         if sleep == self.asleep {
-            return false;
+            return;
         }
         self.asleep = sleep;
         self.applied = Some(a);
@@ -204,7 +208,6 @@ impl OnDemandRun {
                 self.wake_capture.wake();
             }
         }
-        true
     }
 
     fn publish(&self, now: Instant) {

@@ -378,10 +378,10 @@ impl Output {
                     recv(timer) -> _ => {}
                 }
                 let now = self.clock.now();
-                let acted = self
-                    .on_demand
-                    .as_mut()
-                    .and_then(|d| d.take_applied().or_else(|| d.poll(now)));
+                let acted = self.on_demand.as_mut().and_then(|d| {
+                    d.poll(now);
+                    d.take_applied()
+                });
                 if let Some(a) = acted {
                     self.demand_acted(a, &mut next_tick);
                 }

@@ -1,14 +1,16 @@
 //! The `sdcam` command line: the clap definitions and one dispatcher; each command lives in a
-//! module of its own (`run`, `bench`, `bench_unet`, `bench_relay`, `dev`; the logging set-up is
+//! module of its own (`run`, `bench`, `bench_unet`, `bench_taesd`, `bench_relay`, `dev`; the logging set-up is
 //! in [`crate::term`]), and `main.rs` only
 //! parses and calls [`main`].
 
 pub mod bench;
 pub mod bench_relay;
+pub mod bench_taesd;
 pub mod bench_unet;
 pub mod dev;
 pub mod devices;
 pub mod run;
+mod timing;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +53,8 @@ enum Cmd {
     BenchRelay(bench_relay::BenchRelayArgs),
     /// Time the full-size U-Net (random weights, f32 CPU) at given latent sizes.
     BenchUnet(bench_unet::BenchUnetArgs),
+    /// Time TAESD encode and decode (random weights, f32 CPU) at given image sizes.
+    BenchTaesd(bench_taesd::BenchTaesdArgs),
     /// Time the StreamDiffusion pipeline by stage, and the paper's comparisons (Stream Batch vs
     /// sequential, R-CFG types) side by side, on generated frames.
     Bench(bench::PipelineBenchArgs),
@@ -131,6 +135,7 @@ fn dispatch(cli: Cli, control: Option<Control>) -> anyhow::Result<()> {
         Some(Cmd::BenchRelay(b)) => bench_relay::run(&b),
         Some(Cmd::Bench(b)) => bench::run_command(&b),
         Some(Cmd::BenchUnet(b)) => bench_unet::run(&b),
+        Some(Cmd::BenchTaesd(b)) => bench_taesd::run(&b),
         Some(Cmd::Run(a)) => run::run_command(&a, control),
         Some(Cmd::Dev(d)) => dev::run(d),
         None => run::run_command(&cli.run, control),

@@ -215,7 +215,7 @@ impl Arch {
     }
 
     /// The TAESD config.
-    pub(crate) fn taesd_config(self) -> AutoencoderTinyConfig {
+    pub fn taesd_config(self) -> AutoencoderTinyConfig {
         config::parse(
             self.taesd_config_json(),
             "embedded madebyollin/taesd config.json",

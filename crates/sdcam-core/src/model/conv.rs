@@ -3,12 +3,29 @@
 //! in NCHW and neither the input nor the kernel is re-laid out per call (candle 0.11's CPU
 //! `conv2d` converts the input to NHWC and copies the kernel element by element on every call,
 //! which costs as much as the product itself for the 1280-channel convs at small latents).
-//! 1×1 convs are a plain matrix product. Other devices and dtypes use candle's `conv2d`.
+//! 1×1 convs are a plain matrix product; 3×3 stride-1 padding-1 convs over at least
+//! [`WINOGRAD_MIN_TILES`] output tiles take Winograd's F(2×2, 3×3) (`model::winograd`, 2.25×
+//! fewer multiply-adds; `SDCAM_WINOGRAD=0` in the environment turns it off, for comparisons).
+//! Other devices and dtypes use candle's `conv2d`.
 //!
 //! Drop-in for `candle_nn::{conv2d, Conv2d}`: same constructor, same tensor names. Used by the
 //! U-Net, TAESD and the VAE.
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+
+use crate::model::winograd::{transform_filter, Winograd};
+
+/// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
+/// below that the filter transform and the per-block overheads outweigh the saving.
+pub(crate) const WINOGRAD_MIN_TILES: usize = 256;
+
+/// Whether the Winograd path is on (`SDCAM_WINOGRAD=0` turns it off; read once).
+fn winograd_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SDCAM_WINOGRAD").map_or(true, |v| v.trim() != "0"))
+}
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution (see the module docs).
@@ -23,6 +40,9 @@ pub(crate) struct Conv2d {
     k_h: usize,
     k_w: usize,
     cfg: Conv2dConfig,
+    /// The Winograd filter transform `[16, c_out, c_in]`, made on first use; `None` when the
+    /// conv is not 3×3 with stride 1 and padding 1.
+    winograd: Option<OnceLock<Tensor>>,
 }
 
 /// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`].
@@ -50,6 +70,13 @@ impl Conv2d {
         let weight2d = w.reshape((c_out, c_in * k_h * k_w))?;
         let bias = inner.bias().map(|b| b.reshape((c_out, 1))).transpose()?;
         let cfg = *inner.config();
+        let winograd = (k_h == 3
+            && k_w == 3
+            && cfg.stride == 1
+            && cfg.padding == 1
+            && cfg.dilation == 1
+            && cfg.groups == 1)
+            .then(OnceLock::new);
         Ok(Self {
             inner,
             weight2d,
@@ -57,7 +84,31 @@ impl Conv2d {
             k_h,
             k_w,
             cfg,
+            winograd,
         })
+    }
+
+    /// The Winograd filter transform, if this conv takes that path for an `h × w` input.
+    fn winograd_filter(&self, h: usize, w: usize) -> Result<Option<Tensor>> {
+        let Some(cell) = &self.winograd else {
+            return Ok(None);
+        };
+        if h.div_ceil(2) * w.div_ceil(2) < WINOGRAD_MIN_TILES || !winograd_enabled() {
+            return Ok(None);
+        }
+        if let Some(u) = cell.get() {
+            return Ok(Some(u.clone()));
+        }
+        let (c_out, rows) = self.weight2d.dims2()?;
+        let c_in = rows / 9;
+        let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+        let u = Tensor::from_vec(
+            transform_filter(&w, c_out, c_in),
+            (16, c_out, c_in),
+            self.weight2d.device(),
+        )?;
+        // Two threads may both compute it; either result is the same.
+        Ok(Some(cell.get_or_init(|| u).clone()))
     }
 
     fn fast_path(&self, xs: &Tensor) -> bool {
@@ -85,6 +136,13 @@ impl Module for Conv2d {
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
         let xs = xs.contiguous()?;
         let (c_out, rows) = self.weight2d.dims2()?;
+        if let Some(u) = self.winograd_filter(h, w)? {
+            let ys = xs.apply_op2_no_bwd(&u, &Winograd { k: c_out })?;
+            return match &self.bias {
+                Some(bias) => ys.broadcast_add(&bias.reshape((c_out, 1, 1))?),
+                None => Ok(ys),
+            };
+        }
         if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
             // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
             let ys = xs.apply_op2_no_bwd(
@@ -373,6 +431,37 @@ mod tests {
                 .unwrap();
             let d = max_abs_diff(&got, &want);
             assert!(d / scale < 1e-5, "k{k} s{stride} {b}x{c_in}x{h}x{w}: {d}");
+        }
+    }
+
+    /// The Winograd path (3×3, stride 1, padding 1, at least `WINOGRAD_MIN_TILES` tiles)
+    /// equals candle's conv2d within 1e-5 of the output's scale: odd and even sizes, several
+    /// images, channel counts from 3 to TAESD's 64, and more rows of tiles than one block.
+    #[test]
+    fn winograd_path_matches_candle_conv2d() {
+        let dev = Device::Cpu;
+        for (b, c_in, c_out, h, w) in [
+            (2usize, 8usize, 5usize, 33usize, 37usize),
+            (1, 3, 16, 40, 31),
+            (1, 64, 64, 96, 80),
+            (1, 130, 7, 36, 64),
+        ] {
+            assert!(h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES);
+            let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &dev).unwrap();
+            let bs = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
+            let cfg = Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let inner = candle_nn::Conv2d::new(wt, Some(bs), cfg);
+            let conv = Conv2d::new(inner.clone()).unwrap();
+            assert!(conv.winograd_filter(h, w).unwrap().is_some() || !winograd_enabled());
+            let want = inner.forward(&x).unwrap();
+            let got = conv.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let d = crate::model::rel_err(&got, &want).unwrap();
+            assert!(d < 1e-5, "{b}x{c_in}x{h}x{w} → {c_out}: {d}");
         }
     }
 

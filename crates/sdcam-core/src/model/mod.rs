@@ -17,10 +17,12 @@ pub mod random_hub;
 pub mod resnet;
 pub mod scheduler;
 pub mod sd;
+pub(crate) mod softmax;
 pub mod taesd;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub(crate) mod winograd;
 
 use candle_core::{DType, Device, Tensor};
 

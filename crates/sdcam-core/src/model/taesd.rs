@@ -328,7 +328,10 @@ pub struct AutoencoderTiny {
 impl AutoencoderTiny {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint root (`encoder.layers.…`,
     /// `decoder.layers.…`).
-    pub(crate) fn new(vb: VarBuilder, cfg: &AutoencoderTinyConfig) -> Result<Self> {
+    ///
+    /// # Errors
+    /// A config this implementation does not support, or a missing or misshapen tensor.
+    pub fn new(vb: VarBuilder, cfg: &AutoencoderTinyConfig) -> Result<Self> {
         cfg.check().map_err(|u| {
             candle_core::Error::Msg(format!("unsupported AutoencoderTiny config: {u}"))
         })?;
@@ -341,13 +344,19 @@ impl AutoencoderTiny {
 
     /// Image [B, 3, H, W] in −1..1 → raw latents [B, latent_channels, H/8, W/8]
     /// (= diffusers `encode(x).latents`; not multiplied by `scaling_factor`).
-    pub(crate) fn encode(&self, image: &Tensor) -> Result<Tensor> {
+    ///
+    /// # Errors
+    /// A candle error (wrong rank or channel count).
+    pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
         self.encoder.forward(image)
     }
 
     /// Raw latents → image in −1..1 (= diffusers `decode(z).sample`; not clamped, and the
     /// latents are not divided by `scaling_factor` here).
-    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+    ///
+    /// # Errors
+    /// A candle error (wrong rank or channel count).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.decoder.forward(latents)
     }
 

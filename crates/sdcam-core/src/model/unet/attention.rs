@@ -9,8 +9,8 @@
 //! * cross-frame self-attention: `SelfAttnMode::CrossFrame` lets each sample's queries attend
 //!   to its own keys/values concatenated (token axis) with those of other samples of the batch.
 //!
-//! Attention kernel: `softmax(QKᵀ·scale)·V` with gemm matmuls and the fused
-//! `candle_nn::ops::softmax_last_dim`, with queries processed in chunks of `Q_CHUNK` rows so the
+//! Attention kernel: `softmax(QKᵀ·scale)·V` with gemm matmuls and the scaled softmax of
+//! `model::softmax` (vectorised `exp`, the scale folded in), with queries processed in chunks of `Q_CHUNK` rows so the
 //! score matrix of a 64×64 latent (4096×4096 per head) is never materialised whole. See
 //! `bench_attention_kernels` (ignored test) for the measurement against candle-nn's CPU flash
 //! attention.
@@ -27,6 +27,7 @@ use candle_nn::{
 };
 
 use crate::model::conv::{conv2d, Conv2d};
+use crate::model::softmax::scaled_softmax_last_dim;
 
 /// Query rows processed per block by the attention kernel (bounds the live score matrix to
 /// `batch · heads · Q_CHUNK · kv_len` floats).
@@ -157,13 +158,12 @@ pub(crate) fn attention_kernel(
     };
     let block = |q: &Tensor| -> Result<Tensor> {
         if upcast {
-            let w = (q.to_dtype(DType::F32)?.matmul(&kt)? * scale)?;
-            candle_nn::ops::softmax_last_dim(&w)?
+            let w = q.to_dtype(DType::F32)?.matmul(&kt)?;
+            scaled_softmax_last_dim(&w, scale)?
                 .to_dtype(dtype)?
                 .matmul(v)
         } else {
-            let w = (q.matmul(&kt)? * scale)?;
-            candle_nn::ops::softmax_last_dim(&w)?.matmul(v)
+            scaled_softmax_last_dim(&q.matmul(&kt)?, scale)?.matmul(v)
         }
     };
     if s <= Q_CHUNK {

@@ -1,0 +1,119 @@
+//! Timing for the component benchmarks (`bench-unet`, `bench-taesd`): warm-up calls, then timed
+//! calls, each started only once the rest of the machine is idle (bounded wait), as the Python
+//! peers (`scripts/bench/components_peer.py`, `unet_peer.py`) do, because small shared machines
+//! are noisy.
+
+use std::time::{Duration, Instant};
+
+/// Busy CPU seconds of the whole machine (user..steal in /proc/stat).
+fn machine_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((v.iter().sum::<u64>() - v[3] - v[4]) as f64 / tck)
+}
+
+/// CPU seconds used by this process.
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Waits until other processes use less than 10 % of the machine for two consecutive 1 s
+/// windows, at most `max_wait`. Returns whether the machine was idle.
+pub(crate) fn wait_idle(max_wait: Duration) -> bool {
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let start = Instant::now();
+    let mut ok = 0;
+    loop {
+        let (Some(b0), m0, w0) = (machine_busy_s(), own_cpu_s(), Instant::now()) else {
+            return false;
+        };
+        std::thread::sleep(Duration::from_secs(1));
+        let Some(b1) = machine_busy_s() else {
+            return false;
+        };
+        let others = (b1 - b0) - (own_cpu_s() - m0);
+        let frac = others / (w0.elapsed().as_secs_f64() * ncpu);
+        ok = if frac < 0.10 { ok + 1 } else { 0 };
+        if ok >= 2 {
+            return true;
+        }
+        if start.elapsed() > max_wait {
+            return false;
+        }
+    }
+}
+
+/// Timed calls of one benchmark: milliseconds per call, and how many started on an idle machine.
+pub(crate) struct Timing {
+    pub(crate) times_ms: Vec<f64>,
+    pub(crate) idle_iters: usize,
+}
+
+impl Timing {
+    /// Runs `call` `warmup` times untimed, then `iters` times timed (each after
+    /// [`wait_idle`] unless `no_gate`), checking each result with `check`.
+    ///
+    /// # Errors
+    /// The first error of `call` or `check`.
+    pub(crate) fn measure<T>(
+        warmup: usize,
+        iters: usize,
+        gate: Option<Duration>,
+        mut call: impl FnMut() -> anyhow::Result<T>,
+        check: impl Fn(&T) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        for _ in 0..warmup {
+            check(&std::hint::black_box(call()?))?;
+        }
+        let mut times_ms = Vec::with_capacity(iters);
+        let mut idle_iters = 0;
+        for _ in 0..iters {
+            if let Some(max_wait) = gate {
+                if wait_idle(max_wait) {
+                    idle_iters += 1;
+                }
+            }
+            let t = Instant::now();
+            let out = call()?;
+            times_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            check(&out)?;
+        }
+        Ok(Self {
+            times_ms,
+            idle_iters,
+        })
+    }
+
+    /// (median, min, mean) in ms.
+    pub(crate) fn summary(&self) -> (f64, f64, f64) {
+        let mut sorted = self.times_ms.clone();
+        let median = crate::cli::median(&mut sorted);
+        let min = sorted.first().copied().unwrap_or(0.0);
+        let mean = self.times_ms.iter().sum::<f64>() / self.times_ms.len().max(1) as f64;
+        (median, min, mean)
+    }
+
+    /// The times rounded to 0.1 ms (for JSON).
+    pub(crate) fn rounded(&self) -> Vec<f64> {
+        self.times_ms
+            .iter()
+            .map(|t| (t * 10.0).round() / 10.0)
+            .collect()
+    }
+}

@@ -30,13 +30,14 @@
 #   MIMALLOC_PURGE_DELAY=-1 (passed through to sdcam's allocator) keeps freed pages instead of
 #                returning them to the OS: RSS then stays at the allocator's high-water mark
 #                without the per-frame swings, so any growth (leak or fragmentation) shows
-#                plainly in a shorter run; sdcam itself runs with the default (1000 ms).
+#                plainly in a shorter run; sdcam itself sets 10 s (src/main.rs).
 #
 # rss.csv has one row per sample: seconds since start, VmRSS, VmHWM (peak), RssAnon, RssFile
 # (kB, from /proc/PID/status). Printed: the least-squares slope of VmRSS against time over the
 # samples after the warm-up, with its standard error, and the slopes of the RSS maxima and minima
 # of each window of 60 samples. RSS swings by up to 100 MiB within each frame (the U-Net's
-# temporaries, which mimalloc returns to the OS about a second after they are freed), so the
+# temporaries, which mimalloc returns to the OS 10 s after they are last used: between frames
+# only when frames are slower than that), so the
 # plain slope also follows the share of time spent inside frames, i.e. how busy the machine is;
 # the verdict uses the maxima (the peak of a frame, which a leak lifts and machine load does
 # not). The live heap (`heap live` in `stats`) is the leak test proper: it is flat when nothing

@@ -35,7 +35,7 @@ fn round(t: &mut Box<dyn Transform>, base: &LoadedProfile, n: u64) {
     let mut p = base.profile.clone();
     p.prompt = format!("{}, take {n}", base.profile.prompt);
     p.negative_prompt = format!("{}, take {n}", base.profile.negative_prompt);
-    p.stream.prompt_blend_frames = if n % 2 == 0 { 0 } else { 2 };
+    p.stream.prompt_blend_frames = if n.is_multiple_of(2) { 0 } else { 2 };
     t.apply(&sdcam::config::transform_options(&p)).unwrap();
     for i in 0..3 {
         let mut out = Vec::new();

@@ -327,15 +327,15 @@ def main():
     if a.peak_gemm:
         return peak_gemm(a)
 
-    import openvino as ov
-
     components = a.component or ["unet", "taesd"]
     engines = [e for e in IMPL if e in (a.engine or list(IMPL))]
-    core = ov.Core() if any(e.startswith("ov-") for e in engines) else None
-    ov_models = OVModels(core, a.ov_cache) if core else None
-    print(f"components_peer: openvino {ov.get_version()}"
-          + (f", CPU capabilities {core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}" if core else ""),
-          file=sys.stderr)
+    core = ov_models = None
+    if any(e.startswith("ov-") for e in engines):  # torch alone needs no OpenVINO
+        import openvino as ov
+        core = ov.Core()
+        ov_models = OVModels(core, a.ov_cache)
+        print(f"components_peer: openvino {ov.get_version()}, CPU capabilities "
+              f"{core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}", file=sys.stderr)
     from diffusers import AutoencoderTiny, UNet2DConditionModel
 
     if "unet" in components:

@@ -26,7 +26,11 @@ common=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --arch) archs+=("$2"); shift 2 ;;
-        --latent | --batch | --iters | --warmup | --timestep | --seed) common+=("$1" "$2"); shift 2 ;;
+        --batch)
+            # unet_peer.py takes one batch size; sdcam bench-unet would run several
+            [[ " ${common[*]} " != *" --batch "* ]] || { echo "unet.sh: one --batch at a time" >&2; exit 2; }
+            common+=("$1" "$2"); shift 2 ;;
+        --latent | --iters | --warmup | --timestep | --seed) common+=("$1" "$2"); shift 2 ;;
         -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unet.sh: unknown argument $1" >&2; exit 2 ;;
     esac

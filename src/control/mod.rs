@@ -186,7 +186,7 @@ pub(crate) fn read_commands_limited(
                 }
                 rest.clear();
             }
-            let limit = if max_line % 1024 == 0 {
+            let limit = if max_line.is_multiple_of(1024) {
                 format!("{} KiB", max_line / 1024)
             } else {
                 format!("{max_line} bytes")

@@ -432,7 +432,10 @@ mod tests {
 
     fn auto(w: u32, h: u32, side: u32) -> (u32, u32) {
         let s = stream_size(Auto, Auto, w, h, &PixelBudget::square(side, "test"));
-        assert!(s.width % 8 == 0 && s.height % 8 == 0, "{s}");
+        assert!(
+            s.width.is_multiple_of(8) && s.height.is_multiple_of(8),
+            "{s}"
+        );
         assert!((MIN_SIDE..=MAX_SIDE).contains(&s.width), "{s}");
         assert!((MIN_SIDE..=MAX_SIDE).contains(&s.height), "{s}");
         (s.width, s.height)

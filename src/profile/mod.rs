@@ -283,13 +283,13 @@ pub fn validate(p: &Profile) -> Vec<(String, String)> {
     num("output.height", o.height.into(), &mut err);
     num("output.fps", o.fps, &mut err);
     if o.kind == OutputKind::V4l2loopback {
-        if o.width % 2 != 0 {
+        if !o.width.is_multiple_of(2) {
             err(
                 "output.width",
                 format!("{} is odd; v4l2loopback needs an even width", o.width),
             );
         }
-        if o.format == OutputFormatName::I420 && o.height % 2 != 0 {
+        if o.format == OutputFormatName::I420 && !o.height.is_multiple_of(2) {
             err(
                 "output.height",
                 format!("{} is odd; i420 needs an even height", o.height),

@@ -283,7 +283,7 @@ impl TransformStage {
                     }
                     // Keep showing the last good frame; log the first and then every 100th error.
                     self.stats.transform_errors.fetch_add(1, Relaxed);
-                    if consecutive_errors % 100 == 0 {
+                    if consecutive_errors.is_multiple_of(100) {
                         tracing::error!("transform failed (output keeps the last frame): {e:#}");
                     }
                     consecutive_errors += 1;

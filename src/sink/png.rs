@@ -53,7 +53,7 @@ impl PngSink {
 
 impl Sink for PngSink {
     fn write(&mut self, frame: &Frame) -> StageResult<()> {
-        if self.n % self.every == 0 {
+        if self.n.is_multiple_of(self.every) {
             write_png(&self.dir.join(format!("frame_{:06}.png", self.n)), frame)?;
             self.written += 1;
         }

@@ -88,7 +88,8 @@ impl ComponentConfig for ClipTextConfig {
 
     fn check(&self) -> std::result::Result<(), Unsupported> {
         refuse_if(
-            self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0,
+            self.num_attention_heads == 0
+                || !self.hidden_size.is_multiple_of(self.num_attention_heads),
             "num_attention_heads",
             self.num_attention_heads,
             format!("must divide hidden_size ({})", self.hidden_size),
@@ -122,7 +123,7 @@ struct Attention {
 impl Attention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let h = cfg.hidden_size;
-        if h % cfg.num_attention_heads != 0 {
+        if !h.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!(
                 "CLIP hidden_size {h} is not a multiple of num_attention_heads {}",
                 cfg.num_attention_heads

@@ -4,7 +4,7 @@
 //! `conv2d` converts the input to NHWC and copies the kernel element by element on every call,
 //! which costs as much as the product itself for the 1280-channel convs at small latents).
 //! 1×1 convs are a plain matrix product; 3×3 stride-1 padding-1 convs over at least
-//! [`WINOGRAD_MIN_TILES`] output tiles take Winograd's F(2×2, 3×3) (`model::winograd`, 2.25×
+//! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take Winograd's F(2×2, 3×3) (`model::winograd`, 2.25×
 //! fewer multiply-adds; `SDCAM_WINOGRAD=0` in the environment turns it off, for comparisons).
 //! Other devices and dtypes use candle's `conv2d`.
 //!
@@ -20,6 +20,12 @@ use crate::model::winograd::{transform_filter, Winograd};
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
 /// below that the filter transform and the per-block overheads outweigh the saving.
 pub(crate) const WINOGRAD_MIN_TILES: usize = 256;
+
+/// Most (output × input) channel pairs of a conv that takes the Winograd path (640 × 1920: the
+/// U-Net's second level). Its cached filter transform is 16/9 of the conv's weight (at most
+/// 79 MB here), kept for the life of the model: about 110 MB for the U-Net at 256² images, 540 MB
+/// at 512²; wider convs keep im2col + GEMM.
+pub(crate) const WINOGRAD_MAX_CHANNEL_PAIRS: usize = 640 * 1920;
 
 /// Whether the Winograd path is on (`SDCAM_WINOGRAD=0` turns it off; read once).
 fn winograd_enabled() -> bool {
@@ -93,14 +99,17 @@ impl Conv2d {
         let Some(cell) = &self.winograd else {
             return Ok(None);
         };
-        if h.div_ceil(2) * w.div_ceil(2) < WINOGRAD_MIN_TILES || !winograd_enabled() {
+        let (c_out, rows) = self.weight2d.dims2()?;
+        let c_in = rows / 9;
+        if h.div_ceil(2) * w.div_ceil(2) < WINOGRAD_MIN_TILES
+            || c_out * c_in > WINOGRAD_MAX_CHANNEL_PAIRS
+            || !winograd_enabled()
+        {
             return Ok(None);
         }
         if let Some(u) = cell.get() {
             return Ok(Some(u.clone()));
         }
-        let (c_out, rows) = self.weight2d.dims2()?;
-        let c_in = rows / 9;
         let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
         let u = Tensor::from_vec(
             transform_filter(&w, c_out, c_in),

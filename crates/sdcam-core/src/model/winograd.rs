@@ -14,7 +14,7 @@
 //! `Y = Aᵀ·M·A` plus bias straight into the NCHW output.
 //!
 //! F(2×2, 3×3) only adds, subtracts and halves around the products, so in f32 it stays within
-//! a few 1e-7 of the direct convolution relative to the output's scale (tests below: < 1e-5).
+//! a few 1e-7 of the direct convolution relative to the output's scale (`conv.rs` tests: < 1e-5).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
@@ -83,7 +83,11 @@ impl Winograd {
             tw: w.div_ceil(2),
             th: h.div_ceil(2),
         };
-        let rows_per_block = (BLOCK_FLOATS / (16 * (c + k) * d.tw)).clamp(1, d.th);
+        // Blocks small enough for the cache, and at least four per thread so that every core
+        // gets work (each block's products run on one thread).
+        let for_cache = BLOCK_FLOATS / (16 * (c + k) * d.tw);
+        let for_threads = (b * d.th).div_ceil(4 * rayon::current_num_threads());
+        let rows_per_block = for_cache.min(for_threads).clamp(1, d.th);
         let blocks_per_image = d.th.div_ceil(rows_per_block);
         let mut out = vec![0f32; b * k * h * w];
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -126,12 +130,11 @@ impl Winograd {
                         );
                     }
                 }
-                let dst = out_ptr;
-                // SAFETY: this block writes output rows 2·ty0 .. min(2·ty1, h) of image `bi`
-                // for every channel, disjoint from every other block's, inside `out`, which
-                // outlives the parallel loop.
-                let image_out =
-                    unsafe { std::slice::from_raw_parts_mut(dst.0.add(bi * k * h * w), k * h * w) };
+                // SAFETY: `out` is `b·k·h·w` floats and outlives the parallel loop; this block
+                // writes only output rows 2·ty0 .. min(2·ty1, h) of image `bi` (every channel),
+                // which no other block writes.
+                let dst = out_ptr; // the whole wrapper, not its field (Send/Sync)
+                let image_out = unsafe { dst.0.add(bi * k * h * w) };
                 output_transform(m, d, (ty0, ty1), image_out, scratch);
             },
         );
@@ -238,18 +241,18 @@ fn input_transform(x: &[f32], d: Dims, (ty0, ty1): (usize, usize), v: &mut [f32]
 
 /// `Y = Aᵀ·M·A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]` for tile rows `ty0..ty1` from `m`
 /// (`[16, k, nt]`) into the image's output (`[k, h, w]`), cropping the last row/column of tiles
-/// where h or w is odd.
+/// where h or w is odd. `out` points at the image's output; only the rows of these tile rows
+/// are written, each through a slice of its own.
 fn output_transform(
     m: &[f32],
     d: Dims,
     (ty0, ty1): (usize, usize),
-    out: &mut [f32],
+    out: *mut f32,
     s: &mut Scratch,
 ) {
     let Dims { k, h, w, tw, .. } = d;
     let nt = (ty1 - ty0) * tw;
     for ki in 0..k {
-        let plane = &mut out[ki * h * w..][..h * w];
         for ty in ty0..ty1 {
             let base = (ty - ty0) * tw;
             let ms = |xi: usize| &m[(xi * k + ki) * nt + base..][..tw];
@@ -295,7 +298,9 @@ fn output_transform(
                 if oy >= h {
                     break;
                 }
-                let row = &mut plane[oy * w..][..w];
+                // SAFETY: row `oy` of channel `ki` lies inside the image's `k·h·w` floats
+                // (`oy < h`), and the caller gives this block these rows alone.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.add((ki * h + oy) * w), w) };
                 let (e, o) = (&ye[half * tw..][..tw], &yo[half * tw..][..tw]);
                 for ((pair, &a), &b) in row.chunks_exact_mut(2).zip(e).zip(o) {
                     pair[0] = a;

@@ -165,7 +165,11 @@ impl StreamDiffusion {
         noise: Noise,
     ) -> Result<Self> {
         let vsf = model.vae_scale_factor;
-        if p.width == 0 || p.height == 0 || p.width % vsf != 0 || p.height % vsf != 0 {
+        if p.width == 0
+            || p.height == 0
+            || !p.width.is_multiple_of(vsf)
+            || !p.height.is_multiple_of(vsf)
+        {
             bail!(
                 "stream size {}x{} must be a positive multiple of {vsf} in both directions",
                 p.width,

@@ -33,7 +33,7 @@ fn transformer(
     a: &StageAttn,
     c: &BlockCommon,
 ) -> Result<Transformer2DModel> {
-    if a.heads == 0 || channels % a.heads != 0 {
+    if a.heads == 0 || !channels.is_multiple_of(a.heads) {
         candle_core::bail!(
             "{channels} channels cannot be split into {} attention heads",
             a.heads

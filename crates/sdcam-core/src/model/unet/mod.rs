@@ -406,13 +406,13 @@ impl UNetConfig {
             "a U-Net without its output GroupNorm is not implemented",
         )?;
         refuse_if(
-            self.conv_in_kernel % 2 == 0,
+            self.conv_in_kernel.is_multiple_of(2),
             "conv_in_kernel",
             self.conv_in_kernel,
             "an even kernel is not implemented",
         )?;
         refuse_if(
-            self.conv_out_kernel % 2 == 0,
+            self.conv_out_kernel.is_multiple_of(2),
             "conv_out_kernel",
             self.conv_out_kernel,
             "an even kernel is not implemented",

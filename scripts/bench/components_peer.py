@@ -48,38 +48,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from unet_peer import wait_idle  # noqa: E402  (the idle gate, the same rule as sdcam's)
+
 warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside diffusers/transformers
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # the parity check catches frozen shapes
 
-_CLK = os.sysconf("SC_CLK_TCK")
-_NCPU = os.cpu_count() or 1
 IMPL = {"torch": "torch", "ov-f32": "openvino-f32", "ov-bf16": "openvino-bf16"}
-
-
-def _sys_busy_s():
-    """Busy CPU seconds of the whole machine (user..steal in /proc/stat)."""
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / _CLK
-
-
-def _my_cpu_s():
-    t = os.times()
-    return t.user + t.system
-
-
-def wait_idle(max_wait, threshold=0.10, window=1.0, need=2):
-    """True once other processes used < threshold of the machine for `need` consecutive
-    windows; False after max_wait s without that."""
-    start, ok = time.perf_counter(), 0
-    while True:
-        b0, m0, w0 = _sys_busy_s(), _my_cpu_s(), time.perf_counter()
-        time.sleep(window)
-        others = (_sys_busy_s() - b0) - (_my_cpu_s() - m0)
-        ok = ok + 1 if others / ((time.perf_counter() - w0) * _NCPU) < threshold else 0
-        if ok >= need:
-            return True
-        if time.perf_counter() - start > max_wait:
-            return False
 
 
 class UNetFn(torch.nn.Module):

@@ -3,14 +3,14 @@
 //! `scripts/bench/components_peer.py` (same JSON fields: `component` is `taesd-encode` or
 //! `taesd-decode`, `size` the image side in pixels).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Shape, Tensor};
 use clap::Args;
 use serde::Serialize;
 
-use crate::cli::timing::Timing;
+use crate::cli::timing::{Timing, TimingArgs, TimingFields};
 use crate::model::arch::{random_var_builder, Arch, RandomWeights};
 use crate::model::taesd::AutoencoderTiny;
 
@@ -23,24 +23,8 @@ pub struct BenchTaesdArgs {
     /// Images per call.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Timed calls per size and direction.
-    #[arg(long, default_value_t = 5)]
-    iters: usize,
-    /// Untimed calls before them.
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
-    /// Seed of the random weights and inputs.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Print one JSON object per line instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Do not wait for an idle machine before each timed call.
-    #[arg(long)]
-    no_gate: bool,
-    /// Longest wait for an idle machine, seconds (then it times anyway and says so).
-    #[arg(long, default_value_t = 60.0)]
-    idle_max_wait: f64,
+    #[command(flatten)]
+    timing: TimingArgs,
 }
 
 /// One result row; the Python peer prints the same fields.
@@ -51,15 +35,8 @@ struct Row {
     component: &'static str,
     size: usize,
     batch: usize,
-    iters: usize,
-    warmup: usize,
-    threads: usize,
-    median_ms: f64,
-    min_ms: f64,
-    mean_ms: f64,
-    times_ms: Vec<f64>,
-    /// Timed calls that started on an idle machine.
-    idle_iters: usize,
+    #[serde(flatten)]
+    timing: TimingFields,
 }
 
 /// Times TAESD as the flags say and prints one row per size and direction.
@@ -68,7 +45,7 @@ struct Row {
 /// Zero `--iters`/`--batch`, a size that is not a positive multiple of 8, or a failed call.
 pub fn run(a: &BenchTaesdArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        a.iters > 0 && a.batch > 0,
+        a.timing.iters > 0 && a.batch > 0,
         "--iters and --batch must be > 0"
     );
     if let Some(s) = a.sizes.iter().find(|&&s| s == 0 || s % 8 != 0) {
@@ -76,17 +53,16 @@ pub fn run(a: &BenchTaesdArgs) -> anyhow::Result<()> {
     }
     let dev = Device::Cpu;
     let t0 = Instant::now();
-    let vb = random_var_builder(DType::F32, &dev, a.seed);
+    let vb = random_var_builder(DType::F32, &dev, a.timing.seed);
     let taesd =
         AutoencoderTiny::new(vb, &Arch::SdTurbo.taesd_config()).context("building TAESD")?;
-    let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "bench-taesd: TAESD, random weights (seed {}), built in {:.2} s; f32 CPU, {threads} threads",
-        a.seed,
-        t0.elapsed().as_secs_f64()
+        "bench-taesd: TAESD, random weights (seed {}), built in {:.2} s; f32 CPU, {} threads",
+        a.timing.seed,
+        t0.elapsed().as_secs_f64(),
+        candle_core::utils::get_num_threads()
     );
-    let inputs = RandomWeights::new(a.seed ^ 0x5eed);
-    let gate = (!a.no_gate).then(|| Duration::from_secs_f64(a.idle_max_wait));
+    let inputs = RandomWeights::new(a.timing.seed ^ 0x5eed);
     for &size in &a.sizes {
         // An image in about −1..1 and latents with unit spread.
         let image = (inputs.tensor(&Shape::from((a.batch, 3, size, size)), "bench.image")? * 25.0)?;
@@ -106,45 +82,25 @@ pub fn run(a: &BenchTaesdArgs) -> anyhow::Result<()> {
         };
         for component in ["taesd-encode", "taesd-decode"] {
             let timing = if component == "taesd-encode" {
-                Timing::measure(
-                    a.warmup,
-                    a.iters,
-                    gate,
+                a.timing.measure(
                     || Ok(taesd.encode(&image)?),
                     shape_is(latents.dims().to_vec()),
                 )?
             } else {
-                Timing::measure(
-                    a.warmup,
-                    a.iters,
-                    gate,
+                a.timing.measure(
                     || Ok(taesd.decode(&latents)?),
                     shape_is(image.dims().to_vec()),
                 )?
             };
-            let (median_ms, min_ms, mean_ms) = timing.summary();
             let row = Row {
                 implementation: "sdcam",
                 component,
                 size,
                 batch: a.batch,
-                iters: a.iters,
-                warmup: a.warmup,
-                threads,
-                median_ms,
-                min_ms,
-                mean_ms,
-                times_ms: timing.rounded(),
-                idle_iters: timing.idle_iters,
+                timing: timing.fields(a.timing.warmup),
             };
-            if a.json {
-                println!("{}", serde_json::to_string(&row)?);
-            } else {
-                println!(
-                    "{component:13} size {size:4}  batch {}  median {median_ms:8.1} ms  min {min_ms:8.1} ms  ({} iters, {} on an idle machine)",
-                    a.batch, a.iters, row.idle_iters
-                );
-            }
+            let label = format!("{component:13} size {size:4}  batch {}", a.batch);
+            Timing::print(&row, &row.timing, a.timing.json, &label)?;
         }
     }
     Ok(())

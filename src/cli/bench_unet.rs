@@ -6,7 +6,7 @@
 //! Before every timed iteration it waits (bounded) until the rest of the machine is idle, as the
 //! Python peer's `bench_peer.py` does, because small shared machines are noisy.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::model::arch::{random_var_builder, Arch, RandomWeights};
 use crate::model::unet::UNet2DConditionModel;
@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use clap::Args;
 use serde::Serialize;
 
-use crate::cli::timing::Timing;
+use crate::cli::timing::{Timing, TimingArgs, TimingFields};
 
 /// The flags of `sdcam bench-unet`.
 #[derive(Args, Debug)]
@@ -29,30 +29,14 @@ pub struct BenchUnetArgs {
     /// Samples per forward, repeatable (the scaling table runs 1 to 4).
     #[arg(long = "batch", default_values_t = [1usize])]
     batches: Vec<usize>,
-    /// Timed forwards per latent size and mode.
-    #[arg(long, default_value_t = 5)]
-    iters: usize,
-    /// Untimed forwards before them.
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
     /// Diffusion timestep passed to the U-Net.
     #[arg(long, default_value_t = 500)]
     timestep: u32,
     /// Which calls to time: `kv` (forward_with_kv), `embeds` (forward), or both.
     #[arg(long = "mode", value_parser = ["kv", "embeds"], default_values_t = ["kv".to_string(), "embeds".to_string()])]
     modes: Vec<String>,
-    /// Seed of the random weights and inputs.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Print one JSON object per line instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Do not wait for an idle machine before each timed forward.
-    #[arg(long)]
-    no_gate: bool,
-    /// Longest wait for an idle machine, seconds (then it times anyway and says so).
-    #[arg(long, default_value_t = 60.0)]
-    idle_max_wait: f64,
+    #[command(flatten)]
+    timing: TimingArgs,
     /// Print the U-Net `config.json` of `--arch` and exit (for the Python peer).
     #[arg(long)]
     print_config: bool,
@@ -69,15 +53,8 @@ struct Row {
     latent: usize,
     batch: usize,
     timestep: u32,
-    iters: usize,
-    warmup: usize,
-    threads: usize,
-    median_ms: f64,
-    min_ms: f64,
-    mean_ms: f64,
-    times_ms: Vec<f64>,
-    /// Timed iterations that started on an idle machine.
-    idle_iters: usize,
+    #[serde(flatten)]
+    timing: TimingFields,
 }
 
 /// Times the U-Net as the flags say and prints one row per latent size and mode.
@@ -89,13 +66,13 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
         return crate::cli::print_out(a.arch.unet_config_json());
     }
     anyhow::ensure!(
-        a.iters > 0 && a.batches.iter().all(|&b| b > 0),
+        a.timing.iters > 0 && a.batches.iter().all(|&b| b > 0),
         "--iters and --batch must be > 0"
     );
     let dev = Device::Cpu;
     let cfg = a.arch.unet_config();
     let t0 = Instant::now();
-    let vb = random_var_builder(DType::F32, &dev, a.seed);
+    let vb = random_var_builder(DType::F32, &dev, a.timing.seed);
     let unet = UNet2DConditionModel::new(vb, &cfg).context("building the U-Net")?;
     let build_s = t0.elapsed().as_secs_f64();
     let cross = match cfg.cross_attention_dim {
@@ -105,18 +82,17 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
         "bench-unet: {} U-Net, random weights (seed {}), built in {build_s:.1} s; f32 CPU, {threads} threads",
-        a.arch, a.seed
+        a.arch, a.timing.seed
     );
 
     // Inputs with unit std, deterministic from the seed.
-    let inputs = RandomWeights::new(a.seed ^ 0x5eed);
+    let inputs = RandomWeights::new(a.timing.seed ^ 0x5eed);
     let unit = |shape: Shape, name: &str| inputs.tensor(&shape, name)? * 50.0;
     let embeds = unit(Shape::from((1, 77, cross)), "bench.encoder_hidden_states")?;
     let t1 = Instant::now();
     let kv = unet.precompute_prompt_kv(&embeds)?;
     let kv_ms = t1.elapsed().as_secs_f64() * 1e3;
     eprintln!("bench-unet: prompt K/V precomputed in {kv_ms:.0} ms");
-    let gate = (!a.no_gate).then(|| Duration::from_secs_f64(a.idle_max_wait));
 
     for &batch in &a.batches {
         let embeds_b = embeds.repeat((batch, 1, 1))?;
@@ -138,8 +114,7 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
                     );
                     Ok(())
                 };
-                let timing = Timing::measure(a.warmup, a.iters, gate, call, check)?;
-                let (median_ms, min_ms, mean_ms) = timing.summary();
+                let timing = a.timing.measure(call, check)?;
                 let row = Row {
                     implementation: "sdcam",
                     component: "unet",
@@ -152,23 +127,13 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
                     latent,
                     batch,
                     timestep: a.timestep,
-                    iters: a.iters,
-                    warmup: a.warmup,
-                    threads,
-                    median_ms,
-                    min_ms,
-                    mean_ms,
-                    times_ms: timing.rounded(),
-                    idle_iters: timing.idle_iters,
+                    timing: timing.fields(a.timing.warmup),
                 };
-                if a.json {
-                    println!("{}", serde_json::to_string(&row)?);
-                } else {
-                    println!(
-                        "{:9} {:16} latent {:3}  batch {}  median {:8.1} ms  min {:8.1} ms  ({} iters, {} on an idle machine)",
-                        row.arch, row.mode, latent, batch, row.median_ms, row.min_ms, a.iters, row.idle_iters
-                    );
-                }
+                let label = format!(
+                    "{:9} {:16} latent {latent:3}  batch {batch}",
+                    row.arch, row.mode
+                );
+                Timing::print(&row, &row.timing, a.timing.json, &label)?;
             }
         }
     }

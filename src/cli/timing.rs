@@ -59,6 +59,62 @@ pub(crate) fn wait_idle(max_wait: Duration) -> bool {
     }
 }
 
+/// The flags every component benchmark shares.
+#[derive(clap::Args, Debug)]
+pub(crate) struct TimingArgs {
+    /// Timed calls per shape.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) iters: usize,
+    /// Untimed calls before them.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup: usize,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Do not wait for an idle machine before each timed call.
+    #[arg(long)]
+    no_gate: bool,
+    /// Longest wait for an idle machine, seconds (then it times anyway and says so).
+    #[arg(long, default_value_t = 60.0)]
+    idle_max_wait: f64,
+}
+
+impl TimingArgs {
+    /// The idle gate's longest wait, or `None` with `--no-gate`.
+    pub(crate) fn gate(&self) -> Option<Duration> {
+        (!self.no_gate).then(|| Duration::from_secs_f64(self.idle_max_wait))
+    }
+
+    /// [`Timing::measure`] with these flags.
+    ///
+    /// # Errors
+    /// The first error of `call` or `check`.
+    pub(crate) fn measure<T>(
+        &self,
+        call: impl FnMut() -> anyhow::Result<T>,
+        check: impl Fn(&T) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Timing> {
+        Timing::measure(self.warmup, self.iters, self.gate(), call, check)
+    }
+}
+
+/// The timing fields every component benchmark row prints (the Python peers print the same).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct TimingFields {
+    pub(crate) iters: usize,
+    pub(crate) warmup: usize,
+    pub(crate) threads: usize,
+    pub(crate) median_ms: f64,
+    pub(crate) min_ms: f64,
+    pub(crate) mean_ms: f64,
+    pub(crate) times_ms: Vec<f64>,
+    /// Timed calls that started on an idle machine.
+    pub(crate) idle_iters: usize,
+}
+
 /// Timed calls of one benchmark: milliseconds per call, and how many started on an idle machine.
 pub(crate) struct Timing {
     pub(crate) times_ms: Vec<f64>,
@@ -100,20 +156,44 @@ impl Timing {
         })
     }
 
-    /// (median, min, mean) in ms.
-    pub(crate) fn summary(&self) -> (f64, f64, f64) {
+    /// Median, min and mean, the times rounded to 0.1 ms, and the run's settings.
+    pub(crate) fn fields(&self, warmup: usize) -> TimingFields {
         let mut sorted = self.times_ms.clone();
-        let median = crate::cli::median(&mut sorted);
-        let min = sorted.first().copied().unwrap_or(0.0);
-        let mean = self.times_ms.iter().sum::<f64>() / self.times_ms.len().max(1) as f64;
-        (median, min, mean)
+        let median_ms = crate::cli::median(&mut sorted);
+        TimingFields {
+            iters: self.times_ms.len(),
+            warmup,
+            threads: candle_core::utils::get_num_threads(),
+            median_ms,
+            min_ms: sorted.first().copied().unwrap_or(0.0),
+            mean_ms: self.times_ms.iter().sum::<f64>() / self.times_ms.len().max(1) as f64,
+            times_ms: self
+                .times_ms
+                .iter()
+                .map(|t| (t * 10.0).round() / 10.0)
+                .collect(),
+            idle_iters: self.idle_iters,
+        }
     }
 
-    /// The times rounded to 0.1 ms (for JSON).
-    pub(crate) fn rounded(&self) -> Vec<f64> {
-        self.times_ms
-            .iter()
-            .map(|t| (t * 10.0).round() / 10.0)
-            .collect()
+    /// Prints `row` as one JSON line, or `label` with the timing as a table line.
+    ///
+    /// # Errors
+    /// Serialising the row fails (it does not for these structs).
+    pub(crate) fn print<R: serde::Serialize>(
+        row: &R,
+        t: &TimingFields,
+        json: bool,
+        label: &str,
+    ) -> anyhow::Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(row)?);
+        } else {
+            println!(
+                "{label}  median {:8.1} ms  min {:8.1} ms  ({} iters, {} on an idle machine)",
+                t.median_ms, t.min_ms, t.iters, t.idle_iters
+            );
+        }
+        Ok(())
     }
 }

@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
 use crate::model::winograd::{transform_filter, Winograd};
+use crate::model::{cpu_f32, SendPtr};
 
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
 /// below that the filter transform and the per-block overheads outweigh the saving.
@@ -337,12 +338,6 @@ impl TiledConv {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint output regions to the tiles of one call.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 impl CustomOp2 for TiledConv {
     fn name(&self) -> &'static str {
         "sdcam-tiled-conv2d"
@@ -355,19 +350,14 @@ impl CustomOp2 for TiledConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(wt)) = (s1, s2) else {
-            candle_core::bail!("tiled conv2d: only f32 is implemented");
-        };
-        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("tiled conv2d: inputs must be contiguous");
-        };
+        let x = cpu_f32(s1, l1, "tiled conv2d")?;
+        let wt = cpu_f32(s2, l2, "tiled conv2d")?;
         let dims = l1.shape().dims4()?;
         let (c_out, rows) = l2.shape().dims2()?;
         if rows != dims.1 * self.0.k_h * self.0.k_w {
             candle_core::bail!("tiled conv2d: kernel does not match the input channels");
         }
-        let (out, shape) = self.run(&x[xs..xe], dims, &wt[ws..we], c_out);
+        let (out, shape) = self.run(x, dims, wt, c_out);
         Ok((CpuStorage::F32(out), shape))
     }
 }
@@ -378,15 +368,8 @@ impl CustomOp1 for Im2Col {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("im2col: only f32 is implemented");
-        };
-        let dims = layout.shape().dims4()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("im2col: the input must be contiguous");
-        };
-        let src = &data[start..end];
-        let (out, shape) = self.run(src, dims);
+        let src = cpu_f32(storage, layout, "im2col")?;
+        let (out, shape) = self.run(src, layout.shape().dims4()?);
         Ok((CpuStorage::F32(out), shape))
     }
 }

@@ -26,6 +26,33 @@ pub(crate) mod winograd;
 
 use candle_core::{DType, Device, Tensor};
 
+/// The f32 data of a contiguous CPU tensor, for the CPU kernels written as candle custom ops
+/// (`conv`, `winograd`, `softmax`); `op` names the op in the error.
+///
+/// # Errors
+/// Another dtype, or a non-contiguous layout.
+pub(crate) fn cpu_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: only f32 is implemented");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the inputs must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+/// A raw output pointer handed to the parallel tasks of one CPU kernel call, each of which
+/// writes a region no other task writes (the kernels' SAFETY comments say which).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only ever used for disjoint writes within one call, while the buffer is alive.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 /// max |a − b| / max |b|: the relative error used to compare with reference outputs (computed
 /// in f32 on the CPU, whatever device and dtype `a` is in). The shapes must be equal.
 ///

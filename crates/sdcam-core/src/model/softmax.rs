@@ -50,13 +50,7 @@ impl CustomOp1 for ScaledSoftmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("scaled softmax: only f32 is implemented");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("scaled softmax: the input must be contiguous");
-        };
-        let src = &data[start..end];
+        let src = crate::model::cpu_f32(storage, layout, "scaled softmax")?;
         let n = layout.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut dst = vec![0f32; src.len()];
         let kernel = pick_kernel();

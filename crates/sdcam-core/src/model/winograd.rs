@@ -18,6 +18,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
+use crate::model::{cpu_f32, SendPtr};
+
 /// Float budget of one block's `V` and `M` together (2 MiB: about one core's L2 on this
 /// project's machines), which sets how many rows of tiles a block holds.
 const BLOCK_FLOATS: usize = 512 << 10;
@@ -52,12 +54,6 @@ pub(crate) fn transform_filter(w: &[f32], k: usize, c: usize) -> Vec<f32> {
 pub(crate) struct Winograd {
     pub(crate) k: usize,
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint output rows to the blocks of one call.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Shapes of one call.
 #[derive(Clone, Copy)]
@@ -326,19 +322,14 @@ impl CustomOp2 for Winograd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("winograd conv: only f32 is implemented");
-        };
-        let (Some((xs, xe)), Some((us, ue))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("winograd conv: inputs must be contiguous");
-        };
+        let x = cpu_f32(s1, l1, "winograd conv")?;
+        let u = cpu_f32(s2, l2, "winograd conv")?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let (sixteen, k, uc) = l2.shape().dims3()?;
         if sixteen != 16 || k != self.k || uc != c {
             candle_core::bail!("winograd conv: the filter transform does not match the input");
         }
-        let out = self.run(&x[xs..xe], (b, c, h, w), &u[us..ue]);
+        let out = self.run(x, (b, c, h, w), u);
         Ok((CpuStorage::F32(out), Shape::from((b, k, h, w))))
     }
 }

@@ -277,7 +277,10 @@ def main():
     a.model = a.model or os.path.join(a.models_root, "sd-turbo-arch")
     # sdcam's candle and rayon pools read this; the peers get --threads (bench_peer.py uses 2)
     os.environ["RAYON_NUM_THREADS"] = str(a.threads)
-    components(a) if a.part == "components" else e2e(a)
+    if a.part == "components":
+        components(a)
+    else:
+        e2e(a)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
 use crate::model::winograd::{transform_filter, Winograd};
-use crate::model::{cpu_f32, SendPtr};
+use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
 /// below that the filter transform and the per-block overheads outweigh the saving.
@@ -42,7 +42,7 @@ pub(crate) struct Conv2d {
     inner: candle_nn::Conv2d,
     /// The weight as `[c_out, c_in·k_h·k_w]` (a view of the loaded tensor, no copy).
     weight2d: Tensor,
-    /// Bias as `[c_out, 1]` (broadcast over the pixels).
+    /// Bias as `[c_out, 1, 1]` (broadcast over the pixels of the NCHW output).
     bias: Option<Tensor>,
     k_h: usize,
     k_w: usize,
@@ -75,7 +75,7 @@ impl Conv2d {
         let w = inner.weight().contiguous()?;
         let (c_out, c_in, k_h, k_w) = w.dims4()?;
         let weight2d = w.reshape((c_out, c_in * k_h * k_w))?;
-        let bias = inner.bias().map(|b| b.reshape((c_out, 1))).transpose()?;
+        let bias = inner.bias().map(|b| b.reshape((c_out, 1, 1))).transpose()?;
         let cfg = *inner.config();
         let winograd = (k_h == 3
             && k_w == 3
@@ -146,47 +146,35 @@ impl Module for Conv2d {
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
         let xs = xs.contiguous()?;
         let (c_out, rows) = self.weight2d.dims2()?;
-        if let Some(u) = self.winograd_filter(h, w)? {
-            let ys = xs.apply_op2_no_bwd(&u, &Winograd { k: c_out })?;
-            return match &self.bias {
-                Some(bias) => ys.broadcast_add(&bias.reshape((c_out, 1, 1))?),
-                None => Ok(ys),
-            };
-        }
-        if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
+        let im2col = Im2Col {
+            k_h,
+            k_w,
+            stride: p.stride,
+            padding: p.padding,
+        };
+        // Every path gives the NCHW output `[b, c_out, oh, ow]` without the bias.
+        let ys = if let Some(u) = self.winograd_filter(h, w)? {
+            xs.apply_op2_no_bwd(&u, &Winograd { k: c_out })?
+        } else if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
             // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
-            let ys = xs.apply_op2_no_bwd(
-                &self.weight2d,
-                &TiledConv(Im2Col {
-                    k_h,
-                    k_w,
-                    stride: p.stride,
-                    padding: p.padding,
-                }),
-            )?;
-            return match &self.bias {
-                Some(bias) => ys.broadcast_add(&bias.reshape((c_out, 1, 1))?),
-                None => Ok(ys),
-            };
-        }
-        let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
-            xs.reshape((b, c_in, h * w))?
+            xs.apply_op2_no_bwd(&self.weight2d, &TiledConv(im2col))?
         } else {
-            xs.apply_op1_no_bwd(&Im2Col {
-                k_h,
-                k_w,
-                stride: p.stride,
-                padding: p.padding,
-            })?
+            let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
+                xs.reshape((b, c_in, h * w))?
+            } else {
+                xs.apply_op1_no_bwd(&im2col)?
+            };
+            // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
+            // which candle's CPU matmul runs as one product per sample.
+            self.weight2d
+                .broadcast_left(b)?
+                .matmul(&cols)?
+                .reshape((b, c_out, oh, ow))?
         };
-        // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
-        // which candle's CPU matmul runs as one product per sample.
-        let ys = self.weight2d.broadcast_left(b)?.matmul(&cols)?;
-        let ys = match &self.bias {
-            Some(bias) => ys.broadcast_add(bias)?,
-            None => ys,
-        };
-        ys.reshape((b, c_out, oh, ow))
+        match &self.bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        }
     }
 }
 
@@ -311,26 +299,12 @@ impl TiledConv {
                 // (`[oy0·ow, oy1·ow)` of image `bi`, for all c_out rows) inside `out`, which
                 // outlives the parallel loop; `wt` is `c_out × rows` and `cols` `rows × tn`.
                 unsafe {
-                    gemm::gemm(
-                        c_out,
-                        tn,
-                        rows,
+                    matmul_into(
+                        (c_out, tn, rows),
                         dst.0.add(bi * c_out * n + oy0 * ow),
-                        1,
-                        n as isize,
-                        false,
-                        wt.as_ptr(),
-                        1,
-                        rows as isize,
-                        cols.as_ptr(),
-                        1,
-                        tn as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        n,
+                        wt,
+                        cols,
                     );
                 }
             });

@@ -45,6 +45,47 @@ pub(crate) fn cpu_f32<'a>(
     Ok(&data[start..end])
 }
 
+/// `dst = lhs · rhs` on the calling thread, for the CPU kernels that run one product per
+/// parallel task: `lhs` is `m × k` and `rhs` `k × n`, both row-major and contiguous; `dst` is
+/// `m × n` row-major with rows `dst_row_stride` floats apart (overwritten, not read).
+///
+/// # Safety
+/// `lhs` must hold `m·k` floats, `rhs` `k·n`, and `dst` must be valid for writes at
+/// `i·dst_row_stride + j` for all `i < m`, `j < n`, with no other thread writing there.
+pub(crate) unsafe fn matmul_into(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+) {
+    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the caller's contract above; gemm reads lhs/rhs within m·k and k·n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// A raw output pointer handed to the parallel tasks of one CPU kernel call, each of which
 /// writes a region no other task writes (the kernels' SAFETY comments say which).
 #[derive(Clone, Copy)]

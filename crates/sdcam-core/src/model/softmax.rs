@@ -184,6 +184,7 @@ fn exp_nonpos(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testutil::max_abs_diff;
     use candle_core::Device;
 
     #[test]
@@ -219,16 +220,7 @@ mod tests {
             let d = crate::model::rel_err(&got, &want).unwrap();
             assert!(d < 1e-6, "{shape:?}: {d}");
             let sums = got.sum_keepdim(candle_core::D::Minus1).unwrap();
-            let err = (sums - 1.0)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = max_abs_diff(&sums, &sums.ones_like().unwrap());
             assert!(err < 1e-5, "{shape:?}: rows sum to 1 ± {err}");
         }
         // Each compiled copy on its own (the dispatch above takes only the widest).
@@ -237,6 +229,12 @@ mod tests {
             .collect();
         let mut want = vec![0f32; x.len()];
         softmax_row(&x, &mut want, 0.5);
+        let max_diff = |got: &[f32]| {
+            got.iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
         #[cfg(target_arch = "x86_64")]
         {
             let mut got = vec![0f32; x.len()];
@@ -245,22 +243,14 @@ mod tests {
             {
                 // SAFETY: the CPU reports avx2 and fma.
                 unsafe { softmax_row_avx2(&x, &mut got, 0.5) };
-                let d = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let d = max_diff(&got);
                 assert!(d < 1e-7, "avx2 copy: {d}");
             }
             #[cfg(feature = "avx512")]
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU reports avx512f.
                 unsafe { softmax_row_avx512(&x, &mut got, 0.5) };
-                let d = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let d = max_diff(&got);
                 assert!(d < 1e-7, "avx512 copy: {d}");
             }
         }

@@ -18,7 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
-use crate::model::{cpu_f32, SendPtr};
+use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Float budget of one block's `V` and `M` together (2 MiB: about one core's L2 on this
 /// project's machines), which sets how many rows of tiles a block holds.
@@ -103,26 +103,12 @@ impl Winograd {
                 for xi in 0..16 {
                     // SAFETY: u[ξ] is k×c, v[ξ] c×nt and m[ξ] k×nt, all inside their buffers.
                     unsafe {
-                        gemm::gemm(
-                            k,
-                            nt,
-                            c,
+                        matmul_into(
+                            (k, nt, c),
                             m.as_mut_ptr().add(xi * k * nt),
-                            1,
-                            nt as isize,
-                            false,
-                            u.as_ptr().add(xi * k * c),
-                            1,
-                            c as isize,
-                            v.as_ptr().add(xi * c * nt),
-                            1,
-                            nt as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
+                            nt,
+                            &u[xi * k * c..][..k * c],
+                            &v[xi * c * nt..][..c * nt],
                         );
                     }
                 }

@@ -10,6 +10,12 @@ CI="${CI:-}" cargo test --locked --workspace "$@"
 # The same component and stream goldens in f16 (half-precision tolerance,
 # sdcam::model::testing): the dtype a GPU runs in, exercised on the CPU.
 SDCAM_TEST_DTYPE=f16 cargo test --locked -p sdcam-core -p sdcam --lib --test stream_golden "$@" -- model:: stream_
+# And with bf16 products (model.dtype = "bf16" on the CPU) where the CPU has AVX512-BF16.
+if grep -qw avx512_bf16 /proc/cpuinfo; then
+    SDCAM_TEST_DTYPE=bf16 cargo test --locked -p sdcam-core -p sdcam --lib --test stream_golden "$@" -- model:: stream_
+else
+    echo "test.sh: this CPU lacks AVX512-BF16; the bf16-products goldens are skipped"
+fi
 # Real devices: a qemu VM with vivid and v4l2loopback, sdcam in between, ffmpeg/v4l2-ctl as
 # clients (tests/vm/README.md). Needs apt and about 2 minutes; SDCAM_SKIP_VM=1 skips it.
 if [[ "${SDCAM_SKIP_VM:-}" != 1 ]]; then

@@ -168,7 +168,9 @@ fn replay(path: &Path, case: &Value, models: &mut Models, frames_u8: &Tensor) ->
                 })
                 .collect();
             let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-            let x = images_from_rgb(&refs, w, h, models.dtype, &models.device).unwrap();
+            // The dtype the stream computes in (f32 for bf16 on the CPU: bf16 products only).
+            let (device, dtype) = stream.device_dtype();
+            let x = images_from_rgb(&refs, w, h, dtype, device).unwrap();
             stream.img2img(&x).unwrap()
         } else {
             stream.txt2img().unwrap()
@@ -196,7 +198,7 @@ fn stream_matches_the_python_reference() {
         candle_core::safetensors::load(dir().join("inputs.safetensors"), &Device::Cpu).unwrap();
     let frames_u8 = &inputs["frames_u8"];
     let (device, dtype) = testing::target().unwrap();
-    let tolerance = testing::tolerance(dtype, TOLERANCE);
+    let tolerance = testing::tolerance(&device, dtype, TOLERANCE);
     eprintln!("stream goldens on {device:?} in {dtype:?}, tolerance {tolerance:e}");
     let mut models = Models {
         loaded: HashMap::new(),

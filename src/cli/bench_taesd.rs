@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{Device, Shape, Tensor};
 use clap::Args;
 use serde::Serialize;
 
@@ -53,13 +53,14 @@ pub fn run(a: &BenchTaesdArgs) -> anyhow::Result<()> {
     }
     let dev = Device::Cpu;
     let t0 = Instant::now();
-    let vb = random_var_builder(DType::F32, &dev, a.timing.seed);
+    let vb = random_var_builder(a.timing.var_builder_dtype()?, &dev, a.timing.seed);
     let taesd =
         AutoencoderTiny::new(vb, &Arch::SdTurbo.taesd_config()).context("building TAESD")?;
     eprintln!(
-        "bench-taesd: TAESD, random weights (seed {}), built in {:.2} s; f32 CPU, {} threads",
+        "bench-taesd: TAESD, random weights (seed {}), built in {:.2} s; {} CPU, {} threads",
         a.timing.seed,
         t0.elapsed().as_secs_f64(),
+        a.timing.dtype.name(),
         candle_core::utils::get_num_threads()
     );
     let inputs = RandomWeights::new(a.timing.seed ^ 0x5eed);
@@ -97,7 +98,7 @@ pub fn run(a: &BenchTaesdArgs) -> anyhow::Result<()> {
                 component,
                 size,
                 batch: a.batch,
-                timing: timing.fields(a.timing.warmup),
+                timing: a.timing.fields(&timing),
             };
             let label = format!("{component:13} size {size:4}  batch {}", a.batch);
             Timing::print(&row, &row.timing, a.timing.json, &label)?;

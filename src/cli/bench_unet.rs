@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::model::arch::{random_var_builder, Arch, RandomWeights};
 use crate::model::unet::UNet2DConditionModel;
 use anyhow::Context;
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{Device, Shape, Tensor};
 use clap::Args;
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let cfg = a.arch.unet_config();
     let t0 = Instant::now();
-    let vb = random_var_builder(DType::F32, &dev, a.timing.seed);
+    let vb = random_var_builder(a.timing.var_builder_dtype()?, &dev, a.timing.seed);
     let unet = UNet2DConditionModel::new(vb, &cfg).context("building the U-Net")?;
     let build_s = t0.elapsed().as_secs_f64();
     let cross = match cfg.cross_attention_dim {
@@ -81,8 +81,8 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
     };
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "bench-unet: {} U-Net, random weights (seed {}), built in {build_s:.1} s; f32 CPU, {threads} threads",
-        a.arch, a.timing.seed
+        "bench-unet: {} U-Net, random weights (seed {}), built in {build_s:.1} s; {} CPU, {threads} threads",
+        a.arch, a.timing.seed, a.timing.dtype.name()
     );
 
     // Inputs with unit std, deterministic from the seed.
@@ -127,7 +127,7 @@ pub fn run(a: &BenchUnetArgs) -> anyhow::Result<()> {
                     latent,
                     batch,
                     timestep: a.timestep,
-                    timing: timing.fields(a.timing.warmup),
+                    timing: a.timing.fields(&timing),
                 };
                 let label = format!(
                     "{:9} {:16} latent {latent:3}  batch {batch}",

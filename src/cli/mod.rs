@@ -51,9 +51,9 @@ enum Cmd {
     Keys,
     /// Measure the relay's own per-frame cost (conversion and resizing, no model).
     BenchRelay(bench_relay::BenchRelayArgs),
-    /// Time the full-size U-Net (random weights, f32 CPU) at given latent sizes.
+    /// Time the full-size U-Net (random weights, CPU, f32 or bf16) at given latent sizes.
     BenchUnet(bench_unet::BenchUnetArgs),
-    /// Time TAESD encode and decode (random weights, f32 CPU) at given image sizes.
+    /// Time TAESD encode and decode (random weights, CPU, f32 or bf16) at given image sizes.
     BenchTaesd(bench_taesd::BenchTaesdArgs),
     /// Time the StreamDiffusion pipeline by stage, and the paper's comparisons (Stream Batch vs
     /// sequential, R-CFG types) side by side, on generated frames.

@@ -80,9 +80,52 @@ pub(crate) struct TimingArgs {
     /// Longest wait for an idle machine, seconds (then it times anyway and says so).
     #[arg(long, default_value_t = 60.0)]
     idle_max_wait: f64,
+    /// Number type: `f32`, or `bf16` as `model.dtype = "bf16"` runs on the CPU (f32
+    /// activations, bf16 matrix products; needs AVX512-BF16).
+    #[arg(long, value_enum, default_value_t = CpuDtype::F32)]
+    pub(crate) dtype: CpuDtype,
+}
+
+/// The number types the CPU component benchmarks run in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CpuDtype {
+    F32,
+    Bf16,
+}
+
+impl CpuDtype {
+    /// `f32` / `bf16`, for logs and rows.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
 }
 
 impl TimingArgs {
+    /// The dtype to build the component's `VarBuilder` in on the CPU (bf16 = bf16 products).
+    ///
+    /// # Errors
+    /// `--dtype bf16` on a CPU without AVX512-BF16.
+    pub(crate) fn var_builder_dtype(&self) -> anyhow::Result<candle_core::DType> {
+        match self.dtype {
+            CpuDtype::F32 => Ok(candle_core::DType::F32),
+            CpuDtype::Bf16 => {
+                anyhow::ensure!(
+                    crate::model::device::cpu_runs_bf16(),
+                    "--dtype bf16 needs AVX512-BF16, which this CPU lacks"
+                );
+                Ok(candle_core::DType::BF16)
+            }
+        }
+    }
+
+    /// The row fields of `timing`, with these flags' settings.
+    pub(crate) fn fields(&self, timing: &Timing) -> TimingFields {
+        timing.fields(self.warmup, self.dtype)
+    }
+
     /// The idle gate's longest wait, or `None` with `--no-gate`.
     pub(crate) fn gate(&self) -> Option<Duration> {
         (!self.no_gate).then(|| Duration::from_secs_f64(self.idle_max_wait))
@@ -104,6 +147,7 @@ impl TimingArgs {
 /// The timing fields every component benchmark row prints (the Python peers print the same).
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct TimingFields {
+    pub(crate) dtype: &'static str,
     pub(crate) iters: usize,
     pub(crate) warmup: usize,
     pub(crate) threads: usize,
@@ -157,10 +201,11 @@ impl Timing {
     }
 
     /// Median, min and mean, the times rounded to 0.1 ms, and the run's settings.
-    pub(crate) fn fields(&self, warmup: usize) -> TimingFields {
+    fn fields(&self, warmup: usize, dtype: CpuDtype) -> TimingFields {
         let mut sorted = self.times_ms.clone();
         let median_ms = crate::cli::median(&mut sorted);
         TimingFields {
+            dtype: dtype.name(),
             iters: self.times_ms.len(),
             warmup,
             threads: candle_core::utils::get_num_threads(),

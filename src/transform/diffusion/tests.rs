@@ -342,18 +342,51 @@ fn similarity_filter_answers_static_frames_from_the_last_output() {
     assert_eq!(t.skipped(), 6);
 }
 
+/// `model.dtype = "bf16"` on the CPU: f32 frames in and out, within bf16 rounding of the f32
+/// pipeline (the stream's bf16-products tolerance, `sdcam::model::testing`) and not equal to
+/// it; on a CPU without AVX512-BF16, a clear refusal that says what to use.
 #[test]
-fn bf16_on_the_cpu_is_refused_with_what_to_do() {
-    let m = ModelConfig {
+fn bf16_on_the_cpu_runs_close_to_f32_or_says_what_to_do() {
+    let config = |dtype| ModelConfig {
         id: fixture("models/tiny-sd15").display().to_string(),
-        dtype: crate::profile::DtypeName::Bf16,
+        tiny_vae: fixture("models/tiny-taesd").display().to_string(),
+        dtype,
+        lora: Vec::new(),
         ..Default::default()
     };
-    let e = format!(
-        "{:#}",
-        load_model(&config::model_options(&m)).err().unwrap()
+    let loaded = load_model(&config::model_options(&config(
+        crate::profile::DtypeName::Bf16,
+    )));
+    if !crate::model::device::cpu_runs_bf16() {
+        let e = format!("{:#}", loaded.err().unwrap());
+        assert!(e.contains("AVX512-BF16") && e.contains("f32"), "{e}");
+        return;
+    }
+    let bf16 = Arc::new(loaded.unwrap());
+    let f32 = Arc::new(
+        load_model(&config::model_options(&config(
+            crate::profile::DtypeName::F32,
+        )))
+        .unwrap(),
     );
-    assert!(e.contains("bf16") && e.contains("f32"), "{e}");
+    let p = profile(&[32, 45], CfgType::SelfNeg);
+    let (mut a, mut b) = (prepare(&bf16, &p), prepare(&f32, &p));
+    assert_eq!(
+        a.device_dtype().1,
+        DType::F32,
+        "bf16 on the CPU computes in f32"
+    );
+    for seq in 0..3 {
+        let x = image(seq);
+        let (ya, yb) = (a.img2img(&x).unwrap(), b.img2img(&x).unwrap());
+        assert_eq!(ya.dtype(), DType::F32);
+        let e = crate::model::rel_err(&ya, &yb).unwrap();
+        let tol = crate::model::testing::tolerance(&Device::Cpu, DType::BF16, 1e-3);
+        assert!(
+            e > 0.0 && e <= tol,
+            "frame {seq}: rel err {e} (tolerance {tol})"
+        );
+    }
 }
 
 #[test]

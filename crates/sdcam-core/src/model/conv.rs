@@ -6,16 +6,20 @@
 //! 1×1 convs are a plain matrix product; 3×3 stride-1 padding-1 convs over at least
 //! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take Winograd's F(2×2, 3×3) (`model::winograd`, 2.25×
 //! fewer multiply-adds; `SDCAM_WINOGRAD=0` in the environment turns it off, for comparisons).
-//! Other devices and dtypes use candle's `conv2d`.
+//! Other devices and dtypes use candle's `conv2d`. With `model.dtype = "bf16"` on the CPU
+//! ([`bf16_products`]) the same two paths multiply in bf16 (`model::bf16_gemm`): the weight
+//! (or the Winograd filter transform) is packed once, each tile of im2col (or each Winograd
+//! `V`) is packed as it is made.
 //!
 //! Drop-in for `candle_nn::{conv2d, Conv2d}`: same constructor, same tensor names. Used by the
 //! U-Net, TAESD and the VAE.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
-use crate::model::winograd::{transform_filter, Winograd};
+use crate::model::bf16_gemm::{self, bf16_products, f32_params, PackedA, PackedB};
+use crate::model::winograd::{transform_filter, Bf16Winograd, Winograd};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
@@ -50,9 +54,22 @@ pub(crate) struct Conv2d {
     /// The Winograd filter transform `[16, c_out, c_in]`, made on first use; `None` when the
     /// conv is not 3×3 with stride 1 and padding 1.
     winograd: Option<OnceLock<Tensor>>,
+    /// For bf16 products: the packed weight and filter transforms, made on first use (`None`:
+    /// f32 products).
+    bf16: Option<Arc<Bf16Filters>>,
 }
 
-/// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`].
+/// A conv's weights packed for bf16 products.
+#[derive(Debug, Default)]
+struct Bf16Filters {
+    /// `[c_out, c_in·k_h·k_w]`.
+    im2col: OnceLock<Arc<PackedA>>,
+    /// `U[ξ]` `[c_out, c_in]` for ξ < 16.
+    winograd: OnceLock<Arc<Vec<PackedA>>>,
+}
+
+/// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`], with bf16
+/// products where `vb` asks for them ([`bf16_products`]).
 pub(crate) fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -60,18 +77,34 @@ pub(crate) fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    Conv2d::new(candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        cfg,
-        vb,
-    )?)
+    let bf16 = bf16_products(&vb);
+    let inner = candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg, f32_params(vb))?;
+    Conv2d::with_products(inner, bf16)
+}
+
+/// `candle_nn::conv2d_no_bias` as a [`Conv2d`] (see [`conv2d`]).
+pub(crate) fn conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let bf16 = bf16_products(&vb);
+    let inner =
+        candle_nn::conv2d_no_bias(in_channels, out_channels, kernel_size, cfg, f32_params(vb))?;
+    Conv2d::with_products(inner, bf16)
 }
 
 impl Conv2d {
-    /// Wraps a candle convolution.
+    /// Wraps a candle convolution (f32 products).
+    #[cfg(test)]
     pub(crate) fn new(inner: candle_nn::Conv2d) -> Result<Self> {
+        Self::with_products(inner, false)
+    }
+
+    /// Wraps a candle convolution, with bf16 products on the CPU when `bf16`.
+    fn with_products(inner: candle_nn::Conv2d, bf16: bool) -> Result<Self> {
         let w = inner.weight().contiguous()?;
         let (c_out, c_in, k_h, k_w) = w.dims4()?;
         let weight2d = w.reshape((c_out, c_in * k_h * k_w))?;
@@ -92,7 +125,24 @@ impl Conv2d {
             k_w,
             cfg,
             winograd,
+            bf16: bf16.then(Default::default),
         })
+    }
+
+    /// Whether this conv takes the Winograd path for an `h × w` input.
+    fn takes_winograd(&self, h: usize, w: usize) -> Result<bool> {
+        let (c_out, rows) = self.weight2d.dims2()?;
+        Ok(self.winograd.is_some()
+            && h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES
+            && c_out * (rows / 9) <= WINOGRAD_MAX_CHANNEL_PAIRS
+            && winograd_enabled())
+    }
+
+    /// `U` `[16, c_out, c_in]` (row-major) of this 3×3 conv's weight.
+    fn filter_transform(&self) -> Result<Vec<f32>> {
+        let (c_out, rows) = self.weight2d.dims2()?;
+        let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+        Ok(transform_filter(&w, c_out, rows / 9))
     }
 
     /// The Winograd filter transform, if this conv takes that path for an `h × w` input.
@@ -100,25 +150,60 @@ impl Conv2d {
         let Some(cell) = &self.winograd else {
             return Ok(None);
         };
-        let (c_out, rows) = self.weight2d.dims2()?;
-        let c_in = rows / 9;
-        if h.div_ceil(2) * w.div_ceil(2) < WINOGRAD_MIN_TILES
-            || c_out * c_in > WINOGRAD_MAX_CHANNEL_PAIRS
-            || !winograd_enabled()
-        {
+        if !self.takes_winograd(h, w)? {
             return Ok(None);
         }
         if let Some(u) = cell.get() {
             return Ok(Some(u.clone()));
         }
-        let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+        let (c_out, rows) = self.weight2d.dims2()?;
         let u = Tensor::from_vec(
-            transform_filter(&w, c_out, c_in),
-            (16, c_out, c_in),
+            self.filter_transform()?,
+            (16, c_out, rows / 9),
             self.weight2d.device(),
         )?;
         // Two threads may both compute it; either result is the same.
         Ok(Some(cell.get_or_init(|| u).clone()))
+    }
+
+    /// The bf16 product for an `h × w` input (`f` this conv's packed weights): Winograd or
+    /// tiled im2col, each made on first use (two threads may both make one, with the same
+    /// result).
+    fn bf16_op(&self, f: &Bf16Filters, h: usize, w: usize) -> Result<Bf16Op> {
+        let (c_out, rows) = self.weight2d.dims2()?;
+        if self.takes_winograd(h, w)? {
+            let u = match f.winograd.get() {
+                Some(u) => u.clone(),
+                None => {
+                    let u = self.filter_transform()?;
+                    let c_in = rows / 9;
+                    let packed = u
+                        .chunks_exact(c_out * c_in)
+                        .map(|ux| PackedA::from_rows(ux, c_out, c_in, c_in, true))
+                        .collect();
+                    f.winograd.get_or_init(|| Arc::new(packed)).clone()
+                }
+            };
+            return Ok(Bf16Op::Winograd(Bf16Winograd { k: c_out, u }));
+        }
+        let a = match f.im2col.get() {
+            Some(a) => a.clone(),
+            None => {
+                let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+                let a = Arc::new(PackedA::from_rows(&w, c_out, rows, rows, true));
+                f.im2col.get_or_init(|| a).clone()
+            }
+        };
+        let p = &self.cfg;
+        Ok(Bf16Op::Im2Col(Bf16Conv {
+            im2col: Im2Col {
+                k_h: self.k_h,
+                k_w: self.k_w,
+                stride: p.stride,
+                padding: p.padding,
+            },
+            w: a,
+        }))
     }
 
     fn fast_path(&self, xs: &Tensor) -> bool {
@@ -145,6 +230,18 @@ impl Module for Conv2d {
         let oh = (h + 2 * p.padding - k_h) / p.stride + 1;
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
         let xs = xs.contiguous()?;
+        if let Some(f) = &self.bf16 {
+            if bf16_gemm::available() {
+                let ys = match self.bf16_op(f, h, w)? {
+                    Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op)?,
+                    Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op)?,
+                };
+                return match &self.bias {
+                    Some(bias) => ys.broadcast_add(bias),
+                    None => Ok(ys),
+                };
+            }
+        }
         let (c_out, rows) = self.weight2d.dims2()?;
         let im2col = Im2Col {
             k_h,
@@ -312,6 +409,98 @@ impl TiledConv {
     }
 }
 
+/// The two bf16 paths of [`Conv2d`].
+enum Bf16Op {
+    Winograd(Bf16Winograd),
+    Im2Col(Bf16Conv),
+}
+
+/// im2col + bf16 product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in cache)
+/// is packed to bf16 and multiplied by the packed weight straight into the NCHW output.
+struct Bf16Conv {
+    im2col: Im2Col,
+    /// `[c_out, c_in·k_h·k_w]` packed.
+    w: Arc<PackedA>,
+}
+
+/// Floats of one im2col tile on the bf16 path (512 KiB, plus half that packed).
+const BF16_TILE_FLOATS: usize = 128 << 10;
+/// Fewest output pixels of a tile on the bf16 path: the packed weight is read once per tile,
+/// and the product's panels are 32 pixels wide.
+const BF16_MIN_TILE_PIXELS: usize = 256;
+
+impl CustomOp1 for Bf16Conv {
+    fn name(&self) -> &'static str {
+        "sdcam-bf16-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = cpu_f32(storage, layout, "bf16 conv2d")?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let im = &self.im2col;
+        let rows = c * im.k_h * im.k_w;
+        if rows != self.w.cols() {
+            candle_core::bail!("bf16 conv2d: kernel does not match the input channels");
+        }
+        let c_out = self.w.rows();
+        let (oh, ow) = im.out_size(h, w);
+        let n = oh * ow;
+        // The whole image in one product where its im2col is small enough (small latents, wide
+        // layers: every tile would stream the whole packed weight again), else tiles of whole
+        // output rows, at least BF16_MIN_TILE_PIXELS each.
+        let tile_rows = if rows * n * 4 <= TILED_ABOVE_BYTES {
+            oh
+        } else {
+            (BF16_TILE_FLOATS / (rows * ow).max(1)).max(BF16_MIN_TILE_PIXELS.div_ceil(ow.max(1)))
+        }
+        .clamp(1, oh.max(1));
+        let tiles_per_image = oh.div_ceil(tile_rows);
+        let tiles = b * tiles_per_image;
+        let mut out = vec![0f32; b * c_out * n];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        // Few tiles (small images, wide layers): one tile at a time, each product on all
+        // threads; else tiles in parallel, each product on one.
+        let per_tile_parallel = tiles < 4 * rayon::current_num_threads();
+        let tile = |(cols, packed): &mut (Vec<f32>, PackedB), t: usize| {
+            let (bi, ti) = (t / tiles_per_image, t % tiles_per_image);
+            let oy0 = ti * tile_rows;
+            let oy1 = (oy0 + tile_rows).min(oh);
+            let tn = (oy1 - oy0) * ow;
+            cols.clear();
+            cols.resize(rows * tn, 0.0);
+            im.gather(
+                &x[bi * c * h * w..][..c * h * w],
+                (c, h, w),
+                (oy0, oy1),
+                cols,
+            );
+            packed.repack_rows(cols, rows, tn, tn, per_tile_parallel);
+            let dst = out_ptr;
+            // SAFETY: every tile writes a disjoint set of output columns (`[oy0·ow, oy1·ow)`
+            // of image `bi`, for all c_out rows) inside `out`, which outlives the loop.
+            unsafe {
+                bf16_gemm::matmul(
+                    &self.w,
+                    packed,
+                    dst.0.add(bi * c_out * n + oy0 * ow),
+                    n,
+                    per_tile_parallel,
+                );
+            }
+        };
+        if per_tile_parallel {
+            let mut scratch = (Vec::new(), PackedB::default());
+            (0..tiles).for_each(|t| tile(&mut scratch, t));
+        } else {
+            (0..tiles)
+                .into_par_iter()
+                .for_each_init(|| (Vec::new(), PackedB::default()), tile);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
+    }
+}
+
 impl CustomOp2 for TiledConv {
     fn name(&self) -> &'static str {
         "sdcam-tiled-conv2d"
@@ -428,6 +617,44 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let d = crate::model::rel_err(&got, &want).unwrap();
             assert!(d < 1e-5, "{b}x{c_in}x{h}x{w} → {c_out}: {d}");
+        }
+    }
+
+    /// The bf16 products (Winograd, im2col in one product, im2col in tiles, 1×1) stay within
+    /// bf16 rounding of candle's f32 conv2d: below 1e-2 of the output's scale, and not equal.
+    #[test]
+    fn bf16_paths_stay_within_rounding_of_candle_conv2d() {
+        if !bf16_gemm::available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        let dev = Device::Cpu;
+        for (k, stride, padding, b, c_in, c_out, h, w) in [
+            (3, 1, 1, 1, 64, 16, 40, 41),
+            (3, 1, 1, 2, 32, 9, 20, 20),
+            (3, 2, 1, 1, 128, 8, 257, 259),
+            (1, 1, 0, 1, 600, 4, 120, 120),
+            (3, 1, 1, 3, 5, 7, 9, 8),
+            (3, 2, 0, 1, 3, 33, 11, 12),
+        ] {
+            let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
+            let bs = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
+            let cfg = Conv2dConfig {
+                padding,
+                stride,
+                ..Default::default()
+            };
+            let inner = candle_nn::Conv2d::new(wt, Some(bs), cfg);
+            let conv = Conv2d::with_products(inner.clone(), true).unwrap();
+            let want = inner.forward(&x).unwrap();
+            let got = conv.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let e = crate::model::rel_err(&got, &want).unwrap();
+            assert!(
+                e > 0.0 && e < 1e-2,
+                "k{k} s{stride} p{padding} {b}x{c_in}x{h}x{w} → {c_out}: {e}"
+            );
         }
     }
 

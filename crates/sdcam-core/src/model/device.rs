@@ -31,7 +31,8 @@ pub enum DtypeName {
     F32,
     /// IEEE half precision (the fp16 weight variant is preferred).
     F16,
-    /// bfloat16 (the fp16 weight variant is preferred and converted on load).
+    /// bfloat16 (the fp16 weight variant is preferred and converted on load). On the CPU: f32
+    /// activations with bf16 matrix products in the U-Net and TAESD (needs AVX512-BF16).
     Bf16,
 }
 
@@ -77,6 +78,12 @@ pub fn select_dtype(name: DtypeName, device: &Device) -> (DType, &'static str) {
         DtypeName::Auto => (DType::F16, "auto: f16 on a GPU"),
         explicit => (dtype_for(explicit), "set in the profile"),
     }
+}
+
+/// Whether `model.dtype = "bf16"` runs on this machine's CPU (it needs AVX512-BF16: f32
+/// activations with bf16 matrix products, see `model::sd::compute_dtypes`).
+pub fn cpu_runs_bf16() -> bool {
+    crate::model::bf16_gemm::available()
 }
 
 /// The candle device for an explicit `model.device` (`auto` is [`select_device`]'s).

@@ -9,7 +9,10 @@
 
 use crate::model::conv::{conv2d, Conv2d};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{group_norm, linear, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::model::bf16_gemm::f32_params;
+use crate::model::linear::{linear, Linear};
 
 /// Hyper-parameters of one `ResnetBlock2D`.
 #[derive(Debug, Clone, Copy)]
@@ -54,13 +57,13 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: group_norm(c.groups, c.in_channels, c.eps, vb.pp("norm1"))?,
+            norm1: group_norm(c.groups, c.in_channels, c.eps, f32_params(vb.pp("norm1")))?,
             conv1: conv2d(c.in_channels, c.out_channels, 3, conv3, vb.pp("conv1"))?,
             time_emb_proj: c
                 .temb_channels
                 .map(|t| linear(t, c.out_channels, vb.pp("time_emb_proj")))
                 .transpose()?,
-            norm2: group_norm(c.groups, c.out_channels, c.eps, vb.pp("norm2"))?,
+            norm2: group_norm(c.groups, c.out_channels, c.eps, f32_params(vb.pp("norm2")))?,
             conv2: conv2d(c.out_channels, c.out_channels, 3, conv3, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor: c.output_scale_factor,

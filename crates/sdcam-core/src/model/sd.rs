@@ -32,7 +32,8 @@ pub struct ModelSpec {
     /// LoRAs (repo id, folder or `.safetensors` path) with their scales, fused in order.
     pub loras: Vec<(String, f32)>,
     /// The dtype every component computes in (and the weight variant preferred: `fp16` files
-    /// for F16/BF16 when the repo has them).
+    /// for F16/BF16 when the repo has them). BF16 on the CPU computes in f32 with bf16 matrix
+    /// products in the U-Net and VAE ([`compute_dtypes`]).
     pub dtype: DType,
 }
 
@@ -150,6 +151,29 @@ fn component_vb(
     Ok(VarBuilder::from_tensors(tensors, dtype, device))
 }
 
+/// For a model asked for in `dtype` on `device`: the dtype its activations (and its text
+/// encoder, which runs once per prompt) compute in, and the dtype its U-Net and VAE are built
+/// with. The same, except bf16
+/// on the CPU: f32 activations with bf16 products in the convs and linear layers of the U-Net
+/// and the VAE (TAESD or AutoencoderKL) (`model::bf16_gemm`: weights and each product's input rounded to bf16, sums in f32;
+/// norms, biases, attention scores and softmax in f32), the way OpenVINO and oneDNN run bf16 on
+/// a CPU.
+///
+/// # Errors
+/// bf16 on a CPU without AVX512-BF16.
+pub(crate) fn compute_dtypes(dtype: DType, device: &Device) -> Result<(DType, DType)> {
+    if !(device.is_cpu() && dtype == DType::BF16) {
+        return Ok((dtype, dtype));
+    }
+    if !super::bf16_gemm::available() {
+        bail!(
+            "model.dtype = \"bf16\" on the CPU needs AVX512-BF16 (Intel Cooper Lake / Sapphire \
+             Rapids or newer, AMD Zen 4 or newer), which this CPU lacks; use \"auto\" or \"f32\""
+        );
+    }
+    Ok((DType::F32, DType::BF16))
+}
+
 impl StableDiffusion {
     /// Resolves (cache first, then the hub unless offline) and loads every component.
     /// `random:sd-turbo` / `random:sd15` build the full-size architecture with random weights
@@ -174,7 +198,7 @@ impl StableDiffusion {
             }
             return Self::random(arch.parse()?, spec.dtype, device);
         }
-        let dtype = spec.dtype;
+        let (dtype, products) = compute_dtypes(spec.dtype, device)?;
         // First use: one download plan for the model, its tiny VAE and LoRAs (with a disk
         // check and progress); nothing when the cache already has them or offline.
         let lora_ids: Vec<String> = spec.loras.iter().map(|(id, _)| id.clone()).collect();
@@ -184,11 +208,11 @@ impl StableDiffusion {
             spec.tiny_vae.as_deref(),
             &lora_ids,
         );
-        download::prefetch(&requests, dtype, opts)?;
+        download::prefetch(&requests, spec.dtype, opts)?;
         let files = hub::resolve_model_for(
             &spec.id,
             spec.revision.as_deref(),
-            dtype,
+            spec.dtype,
             opts,
             spec.tiny_vae.is_none(),
         )?;
@@ -213,23 +237,23 @@ impl StableDiffusion {
 
         let unet_cfg = UNetConfig::from_file(&files.unet.config)?;
         check_fit(&unet_cfg, &text_cfg, &files)?;
-        let unet_vb = component_vb(&files.unet, &loras, LoraTarget::Unet, dtype, device)?;
+        let unet_vb = component_vb(&files.unet, &loras, LoraTarget::Unet, products, device)?;
         let unet = UNet2DConditionModel::new(unet_vb, &unet_cfg)
             .with_context(|| in_files("U-Net", &files.unet))?;
 
         let (vae, vae_desc) = match &spec.tiny_vae {
             Some(tiny) => {
-                let tf = hub::resolve_tiny_vae(tiny, None, dtype, opts)?;
+                let tf = hub::resolve_tiny_vae(tiny, None, spec.dtype, opts)?;
                 let cfg = AutoencoderTinyConfig::from_file(&tf.config)?;
                 check_latents(&unet_cfg, cfg.latent_channels, &tf.config)?;
-                let vb = hub::load_var_builder(&tf.weights, dtype, device)?;
+                let vb = hub::load_var_builder(&tf.weights, products, device)?;
                 let t = AutoencoderTiny::new(vb, &cfg).with_context(|| in_files("TAESD", &tf))?;
                 (Vae::Tiny(t), format!("TAESD {tiny}"))
             }
             None => {
                 let cfg = AutoencoderKLConfig::from_file(&files.vae.config)?;
                 check_latents(&unet_cfg, cfg.latent_channels, &files.vae.config)?;
-                let vb = hub::load_var_builder(&files.vae.weights, dtype, device)?;
+                let vb = hub::load_var_builder(&files.vae.weights, products, device)?;
                 let k =
                     AutoencoderKL::new(vb, &cfg).with_context(|| in_files("VAE", &files.vae))?;
                 (Vae::Kl(Box::new(k)), "its own VAE".to_string())
@@ -261,10 +285,11 @@ impl StableDiffusion {
     /// A full-size architecture with random weights (and a random TAESD), built in memory.
     pub(crate) fn random(arch: Arch, dtype: DType, device: &Device) -> Result<Self> {
         let seed = 0x5dca;
-        let vb = || random_var_builder(dtype, device, seed);
-        let text_encoder = ClipTextModel::new(vb(), &arch.text_config())?;
-        let unet = UNet2DConditionModel::new(vb(), &arch.unet_config())?;
-        let taesd = AutoencoderTiny::new(vb(), &arch.taesd_config())?;
+        let (dtype, products) = compute_dtypes(dtype, device)?;
+        let vb = |t| random_var_builder(t, device, seed);
+        let text_encoder = ClipTextModel::new(vb(dtype), &arch.text_config())?;
+        let unet = UNet2DConditionModel::new(vb(products), &arch.unet_config())?;
+        let taesd = AutoencoderTiny::new(vb(products), &arch.taesd_config())?;
         Ok(Self {
             tokenizer: arch.tokenizer()?,
             text_encoder,

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use crate::model::conv::Conv2d;
+use crate::model::conv::{conv2d, conv2d_no_bias, Conv2d};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
@@ -141,11 +141,11 @@ fn conv3(cin: usize, cout: usize, stride: usize, bias: bool, vb: VarBuilder) -> 
         stride,
         ..Default::default()
     };
-    Conv2d::new(if bias {
-        candle_nn::conv2d(cin, cout, 3, cfg, vb)?
+    if bias {
+        conv2d(cin, cout, 3, cfg, vb)
     } else {
-        candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb)?
-    })
+        conv2d_no_bias(cin, cout, 3, cfg, vb)
+    }
 }
 
 /// `AutoencoderTinyBlock`: `relu(conv(x) + skip(x))`.
@@ -160,13 +160,13 @@ struct TinyBlock {
 impl TinyBlock {
     fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
         let skip = if cin != cout {
-            Some(Conv2d::new(candle_nn::conv2d_no_bias(
+            Some(conv2d_no_bias(
                 cin,
                 cout,
                 1,
                 Default::default(),
                 vb.pp("skip"),
-            )?)?)
+            )?)
         } else {
             None
         };

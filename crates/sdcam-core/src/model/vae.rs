@@ -23,7 +23,10 @@ use std::path::Path;
 use crate::model::conv::Conv2d;
 use crate::model::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::model::bf16_gemm::f32_params;
+use crate::model::linear::{linear, Linear};
 use serde::Deserialize;
 
 use crate::model::config::{self, refuse_if, refuse_unless_positive, ComponentConfig, Unsupported};
@@ -165,7 +168,7 @@ fn conv(
         stride,
         ..Default::default()
     };
-    Conv2d::new(candle_nn::conv2d(cin, cout, k, cfg, vb)?)
+    crate::model::conv::conv2d(cin, cout, k, cfg, vb)
 }
 
 /// diffusers' `ResnetBlock2D` without time embedding, with the VAE's epsilon.
@@ -198,11 +201,16 @@ struct VaeAttention {
 impl VaeAttention {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
-            to_q: candle_nn::linear(channels, channels, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(channels, channels, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(channels, channels, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(channels, channels, vb.pp("to_out.0"))?,
+            group_norm: candle_nn::group_norm(
+                groups,
+                channels,
+                EPS,
+                f32_params(vb.pp("group_norm")),
+            )?,
+            to_q: linear(channels, channels, vb.pp("to_q"))?,
+            to_k: linear(channels, channels, vb.pp("to_k"))?,
+            to_v: linear(channels, channels, vb.pp("to_v"))?,
+            to_out: linear(channels, channels, vb.pp("to_out.0"))?,
             channels,
         })
     }
@@ -339,7 +347,12 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::new(last, groups, vb.pp("mid_block"))?,
-            conv_norm_out: candle_nn::group_norm(groups, last, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: candle_nn::group_norm(
+                groups,
+                last,
+                EPS,
+                f32_params(vb.pp("conv_norm_out")),
+            )?,
             conv_out: conv(last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -396,7 +409,12 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(groups, first, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: candle_nn::group_norm(
+                groups,
+                first,
+                EPS,
+                f32_params(vb.pp("conv_norm_out")),
+            )?,
             conv_out: conv(first, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }

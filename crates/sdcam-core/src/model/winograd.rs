@@ -18,6 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
+use crate::model::bf16_gemm::{self, PackedA, PackedB};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Float budget of one block's `V` and `M` together (2 MiB: about one core's L2 on this
@@ -68,60 +69,108 @@ struct Dims {
 }
 
 impl Winograd {
-    fn run(&self, x: &[f32], (b, c, h, w): (usize, usize, usize, usize), u: &[f32]) -> Vec<f32> {
-        use rayon::prelude::*;
-        let k = self.k;
-        let d = Dims {
-            c,
-            k,
-            h,
-            w,
-            tw: w.div_ceil(2),
-            th: h.div_ceil(2),
-        };
-        // Blocks small enough for the cache, and at least four per thread so that every core
-        // gets work (each block's products run on one thread).
-        let for_cache = BLOCK_FLOATS / (16 * (c + k) * d.tw);
-        let for_threads = (b * d.th).div_ceil(4 * rayon::current_num_threads());
-        let rows_per_block = for_cache.min(for_threads).clamp(1, d.th);
-        let blocks_per_image = d.th.div_ceil(rows_per_block);
-        let mut out = vec![0f32; b * k * h * w];
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..b * blocks_per_image).into_par_iter().for_each_init(
-            || (Vec::<f32>::new(), Vec::<f32>::new(), Scratch::new(w)),
-            |(v, m, scratch), blk| {
-                let (bi, ri) = (blk / blocks_per_image, blk % blocks_per_image);
-                let ty0 = ri * rows_per_block;
-                let ty1 = (ty0 + rows_per_block).min(d.th);
-                let nt = (ty1 - ty0) * d.tw;
-                v.clear();
-                v.resize(16 * c * nt, 0.0);
-                m.clear();
-                m.resize(16 * k * nt, 0.0);
-                let image = &x[bi * c * h * w..][..c * h * w];
-                input_transform(image, d, (ty0, ty1), v, scratch);
-                for xi in 0..16 {
-                    // SAFETY: u[ξ] is k×c, v[ξ] c×nt and m[ξ] k×nt, all inside their buffers.
-                    unsafe {
-                        matmul_into(
-                            (k, nt, c),
-                            m.as_mut_ptr().add(xi * k * nt),
-                            nt,
-                            &u[xi * k * c..][..k * c],
-                            &v[xi * c * nt..][..c * nt],
-                        );
-                    }
-                }
-                // SAFETY: `out` is `b·k·h·w` floats and outlives the parallel loop; this block
-                // writes only output rows 2·ty0 .. min(2·ty1, h) of image `bi` (every channel),
-                // which no other block writes.
-                let dst = out_ptr; // the whole wrapper, not its field (Send/Sync)
-                let image_out = unsafe { dst.0.add(bi * k * h * w) };
-                output_transform(m, d, (ty0, ty1), image_out, scratch);
-            },
-        );
-        out
+    fn run(&self, x: &[f32], dims: (usize, usize, usize, usize), u: &[f32]) -> Vec<f32> {
+        let (c, k) = (dims.1, self.k);
+        run_blocks(x, dims, k, 1, |xi, v, m, nt| {
+            // SAFETY: u[ξ] is k×c, v c×nt and m k×nt, as `run_blocks` hands them over.
+            unsafe { matmul_into((k, nt, c), m.as_mut_ptr(), nt, &u[xi * k * c..][..k * c], v) };
+        })
     }
+}
+
+/// The same convolution with bf16 products (`model.dtype = "bf16"` on the CPU): input
+/// `[b, c, h, w]` (f32, contiguous) → `[b, k, h, w]` f32 (no bias), the 16 filter transforms
+/// packed for `model::bf16_gemm` (`[k, c]` each); the transforms stay f32.
+pub(crate) struct Bf16Winograd {
+    pub(crate) k: usize,
+    pub(crate) u: std::sync::Arc<Vec<PackedA>>,
+}
+
+impl candle_core::CustomOp1 for Bf16Winograd {
+    fn name(&self) -> &'static str {
+        "sdcam-bf16-winograd-conv3x3"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(storage, layout, "bf16 winograd conv")?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let k = self.k;
+        if self.u.len() != 16 || self.u.iter().any(|u| u.rows() != k || u.cols() != c) {
+            candle_core::bail!("bf16 winograd conv: the filter transform does not match the input");
+        }
+        let out = run_blocks(x, (b, c, h, w), k, BF16_MIN_BLOCK_TILES, |xi, v, m, nt| {
+            let mut vb = PackedB::default();
+            vb.repack_rows(v, c, nt, nt, false);
+            // SAFETY: m is k×nt, written by this block alone.
+            unsafe { bf16_gemm::matmul(&self.u[xi], &vb, m.as_mut_ptr(), nt, false) };
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, k, h, w))))
+    }
+}
+
+/// Fewest tiles per block on the bf16 path: each block reads all 16 packed `U[ξ]` once, and
+/// the products' panels are 32 tiles wide.
+const BF16_MIN_BLOCK_TILES: usize = 64;
+
+/// The convolution block by block (see the module docs), with `product(ξ, V[ξ], M[ξ], nt)`
+/// computing `M[ξ] = U[ξ]·V[ξ]` for one block (`V[ξ]` `c × nt`, `M[ξ]` `k × nt`, row-major);
+/// blocks hold at least `min_tiles` tiles (whole rows of tiles) where the image has them.
+fn run_blocks(
+    x: &[f32],
+    (b, c, h, w): (usize, usize, usize, usize),
+    k: usize,
+    min_tiles: usize,
+    product: impl Fn(usize, &[f32], &mut [f32], usize) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let d = Dims {
+        c,
+        k,
+        h,
+        w,
+        tw: w.div_ceil(2),
+        th: h.div_ceil(2),
+    };
+    // Blocks small enough for the cache, and at least four per thread so that every core
+    // gets work (each block's products run on one thread).
+    let for_cache = BLOCK_FLOATS / (16 * (c + k) * d.tw);
+    let for_threads = (b * d.th).div_ceil(4 * rayon::current_num_threads());
+    let rows_per_block = for_cache
+        .min(for_threads)
+        .max(min_tiles.div_ceil(d.tw))
+        .clamp(1, d.th);
+    let blocks_per_image = d.th.div_ceil(rows_per_block);
+    let mut out = vec![0f32; b * k * h * w];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    (0..b * blocks_per_image).into_par_iter().for_each_init(
+        || (Vec::<f32>::new(), Vec::<f32>::new(), Scratch::new(w)),
+        |(v, m, scratch), blk| {
+            let (bi, ri) = (blk / blocks_per_image, blk % blocks_per_image);
+            let ty0 = ri * rows_per_block;
+            let ty1 = (ty0 + rows_per_block).min(d.th);
+            let nt = (ty1 - ty0) * d.tw;
+            v.clear();
+            v.resize(16 * c * nt, 0.0);
+            m.clear();
+            m.resize(16 * k * nt, 0.0);
+            let image = &x[bi * c * h * w..][..c * h * w];
+            input_transform(image, d, (ty0, ty1), v, scratch);
+            for (xi, (vx, mx)) in v
+                .chunks_exact(c * nt)
+                .zip(m.chunks_exact_mut(k * nt))
+                .enumerate()
+            {
+                product(xi, vx, mx, nt);
+            }
+            // SAFETY: `out` is `b·k·h·w` floats and outlives the parallel loop; this block
+            // writes only output rows 2·ty0 .. min(2·ty1, h) of image `bi` (every channel),
+            // which no other block writes.
+            let dst = out_ptr; // the whole wrapper, not its field (Send/Sync)
+            let image_out = unsafe { dst.0.add(bi * k * h * w) };
+            output_transform(m, d, (ty0, ty1), image_out, scratch);
+        },
+    );
+    out
 }
 
 /// Per-thread rows of the transforms.

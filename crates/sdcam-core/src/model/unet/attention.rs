@@ -21,12 +21,11 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{
-    group_norm, layer_norm, linear, linear_no_bias, Conv2dConfig, GroupNorm, LayerNorm, Linear,
-    VarBuilder,
-};
+use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
+use crate::model::bf16_gemm::f32_params;
 use crate::model::conv::{conv2d, Conv2d};
+use crate::model::linear::{linear, linear_no_bias, Linear};
 use crate::model::softmax::scaled_softmax_last_dim;
 
 /// Query rows processed per block by the attention kernel (bounds the live score matrix to
@@ -351,7 +350,7 @@ impl BasicTransformerBlock {
             dim
         };
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: layer_norm(dim, 1e-5, f32_params(vb.pp("norm1")))?,
             attn1: Attention::new(
                 vb.pp("attn1"),
                 dim,
@@ -360,7 +359,7 @@ impl BasicTransformerBlock {
                 head_dim,
                 upcast_attention,
             )?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: layer_norm(dim, 1e-5, f32_params(vb.pp("norm2")))?,
             attn2: Attention::new(
                 vb.pp("attn2"),
                 dim,
@@ -369,7 +368,7 @@ impl BasicTransformerBlock {
                 head_dim,
                 upcast_attention,
             )?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: layer_norm(dim, 1e-5, f32_params(vb.pp("norm3")))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
             only_cross_attention,
         })
@@ -465,7 +464,12 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: group_norm(c.norm_num_groups, c.in_channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(
+                c.norm_num_groups,
+                c.in_channels,
+                1e-6,
+                f32_params(vb.pp("norm")),
+            )?,
             proj_in,
             blocks,
             proj_out,

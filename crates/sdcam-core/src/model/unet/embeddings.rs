@@ -3,7 +3,9 @@
 //! (`linear_1` → SiLU → `linear_2`).
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::model::linear::{linear, Linear};
 
 /// Sinusoidal timestep projection, diffusers `Timesteps(num_channels, flip_sin_to_cos,
 /// downscale_freq_shift)` with `scale = 1` and `max_period = 10000`.

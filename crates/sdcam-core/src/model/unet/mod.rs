@@ -613,7 +613,12 @@ impl UNet2DConditionModel {
             )?);
         }
 
-        let conv_norm_out = group_norm(groups, boc[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = group_norm(
+            groups,
+            boc[0],
+            cfg.norm_eps,
+            crate::model::bf16_gemm::f32_params(vb.pp("conv_norm_out")),
+        )?;
         let conv_out = conv2d(
             boc[0],
             cfg.out_channels,

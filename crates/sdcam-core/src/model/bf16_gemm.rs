@@ -1,0 +1,590 @@
+//! Matrix products with bf16 inputs and f32 accumulation on x86-64 CPUs with AVX512-BF16
+//! (`vdpbf16ps`: 32 bf16 multiply-adds per instruction into 16 f32 sums, twice the f32 FMA
+//! rate), for `model.dtype = "bf16"` on the CPU (see `model::device`): the conv and linear
+//! weights are packed once, each call's activations are rounded to bf16 (round to nearest even)
+//! as they are packed, and the sums, outputs and everything around the products stay f32.
+//!
+//! Hand-written because no maintained Rust crate has a bf16 × bf16 → f32 product on this
+//! instruction (`gemm` 0.19 computes f16 only, in f32 after conversion, and has no bf16; candle's
+//! CPU matmul has no bf16 kernel at all). The layout is the usual one (GotoBLAS):
+//! - [`PackedA`]: `m × k`, rows in blocks of [`MR`]; for each block and each pair of columns
+//!   `(2p, 2p + 1)`, the [`MR`] rows' pairs side by side (one `u32` = two bf16, low half first).
+//! - [`PackedB`]: `k × n`, columns in panels of [`NR`]; for each panel and pair of rows
+//!   `(2p, 2p + 1)`, the [`NR`] columns' pairs side by side.
+//! - The microkernel keeps an `MR × NR` block of C in 16 zmm registers and, per pair of k,
+//!   loads one pair per row (broadcast) and two vectors of B. K is cut into chunks of [`KC`]
+//!   pairs so that one chunk of a B panel (16 KiB) stays in L1 and the task's chunk of A in L2.
+//!
+//! Accuracy: exact products of bf16 values summed in f32, so against an f32 product of the
+//! *rounded* inputs it differs only by summation order (tests: < 1e-5 relative); against the
+//! f32 product of the unrounded inputs, by the rounding of each input to 8 significant bits
+//! (about 2⁻⁹ relative per input).
+
+use std::sync::OnceLock;
+
+use candle_core::DType;
+use candle_nn::VarBuilder;
+
+/// Rows of A (and C) per microkernel call.
+pub(crate) const MR: usize = 8;
+/// Columns of B (and C) per panel: two vectors of 16 f32.
+pub(crate) const NR: usize = 32;
+/// Pairs of k per chunk: a B panel's chunk is `KC · NR · 4` bytes = 16 KiB.
+const KC: usize = 128;
+/// Rows of C per parallel task (A's chunk for them, `MC · KC · 4` = 96 KiB, stays in L2).
+const MC: usize = 192;
+/// Panels of C per parallel task.
+const NC_PANELS: usize = 8;
+
+/// Whether the conv and linear layers built from `vb` multiply in bf16 with these kernels:
+/// `model.dtype = "bf16"` on the CPU loads the U-Net and TAESD through a bf16 `VarBuilder` on
+/// the CPU, and this is how their layers know. Their parameters are still read in f32
+/// ([`f32_params`]): weights are packed to bf16 on first use, biases, norms and activations stay
+/// f32.
+pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {
+    vb.device().is_cpu() && vb.dtype() == DType::BF16
+}
+
+/// `vb` reading f32 where [`bf16_products`] holds (every parameter of such a model is computed
+/// with in f32), else `vb` unchanged.
+pub(crate) fn f32_params(vb: VarBuilder) -> VarBuilder {
+    if bf16_products(&vb) {
+        vb.set_dtype(DType::F32)
+    } else {
+        vb
+    }
+}
+
+/// Whether this CPU runs the kernels (AVX-512 F and BW, and AVX512-BF16; checked once).
+pub(crate) fn available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even), as its 16 bits; subnormals become zero of
+/// the same sign, as `vcvtne2ps2bf16` does, so that scalar and vector packing agree; NaN stays
+/// NaN.
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x40;
+    }
+    if b & 0x7f80_0000 == 0 {
+        return (b >> 16) as u16 & 0x8000;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[cfg(test)]
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// Two bf16 as one `u32`, `lo` (the even k) in the low half.
+fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
+}
+
+/// `row` (k values) as k/2 pairs (rounded up, the last one zero-padded) into `out`.
+fn pairs_of_row(row: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the features (checked); lengths as documented.
+        unsafe { pairs_of_row_avx512(row, out) };
+        return;
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
+        *o = pair(row[2 * p], hi);
+    }
+}
+
+/// [`pairs_of_row`] with AVX-512: 32 values (16 pairs) per `vcvtne2ps2bf16`, which keeps
+/// their order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let k = row.len();
+    let mut j = 0;
+    // SAFETY: loads of 32 floats at j < k − 31 and stores of 16 u32 at j/2 < out.len() − 15.
+    unsafe {
+        while j + 32 <= k {
+            let lo = _mm512_loadu_ps(row.as_ptr().add(j));
+            let hi = _mm512_loadu_ps(row.as_ptr().add(j + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(out.as_mut_ptr().add(j / 2).cast(), v);
+            j += 32;
+        }
+    }
+    for p in j / 2..k.div_ceil(2) {
+        let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
+        out[p] = pair(row[2 * p], hi);
+    }
+}
+
+/// The left operand, packed (see the module docs): `m × k`.
+#[derive(Debug, Clone)]
+pub(crate) struct PackedA {
+    data: Vec<u32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedA {
+    /// Pairs of k (k rounded up to even, the last pair zero-padded).
+    fn pairs(&self) -> usize {
+        self.k.div_ceil(2)
+    }
+
+    /// Packs `m × k` f32 values, element `(i, j)` at `src[i·row_stride + j]` (a conv weight
+    /// `[c_out, c_in·k_h·k_w]` once, or a linear layer's input on each call), on rayon's pool
+    /// when `parallel`.
+    ///
+    /// # Panics
+    /// `src` is too short for the shape.
+    pub(crate) fn from_rows(
+        src: &[f32],
+        m: usize,
+        k: usize,
+        row_stride: usize,
+        parallel: bool,
+    ) -> Self {
+        assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; m.div_ceil(MR) * kp * MR];
+        let pack_block = |(blk, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
+            row.resize(kp, 0);
+            for r in 0..MR.min(m - blk * MR) {
+                pairs_of_row(&src[(blk * MR + r) * row_stride..][..k], row);
+                for (p, &v) in row.iter().enumerate() {
+                    dst[p * MR + r] = v;
+                }
+            }
+        };
+        if parallel && kp > 0 {
+            use rayon::prelude::*;
+            data.par_chunks_mut(kp * MR)
+                .enumerate()
+                .for_each_init(Vec::new, |row, job| pack_block(job, row));
+        } else if kp > 0 {
+            let mut row = Vec::new();
+            data.chunks_mut(kp * MR)
+                .enumerate()
+                .for_each(|job| pack_block(job, &mut row));
+        }
+        Self { data, m, k }
+    }
+
+    /// Rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.k
+    }
+}
+
+/// The right operand, packed (see the module docs): `k × n`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PackedB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// Packs `k × n` f32 values, element `(i, j)` at `src[i·row_stride + j]` (the layout of
+    /// an im2col matrix or a Winograd `V`) into this buffer (reusing its allocation), on
+    /// rayon's pool when `parallel`.
+    ///
+    /// # Panics
+    /// `src` is too short for the shape.
+    pub(crate) fn repack_rows(
+        &mut self,
+        src: &[f32],
+        k: usize,
+        n: usize,
+        row_stride: usize,
+        parallel: bool,
+    ) {
+        assert!(k == 0 || src.len() >= (k - 1) * row_stride + n);
+        let kp = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        self.k = k;
+        self.n = n;
+        self.data.clear();
+        self.data.resize(panels * kp * NR, 0);
+        if kp == 0 || n == 0 {
+            return;
+        }
+        // Groups of panels: each reads NC_PANELS·NR consecutive columns of every row.
+        let group = kp * NR * NC_PANELS;
+        let pack = |(g, dst): (usize, &mut [u32])| {
+            let j0 = g * NR * NC_PANELS;
+            let cols = (n - j0).min(NR * NC_PANELS);
+            pack_b_columns(dst, src, (k, kp), (j0, cols), row_stride);
+        };
+        if parallel {
+            use rayon::prelude::*;
+            self.data.par_chunks_mut(group).enumerate().for_each(pack);
+        } else {
+            self.data.chunks_mut(group).enumerate().for_each(pack);
+        }
+    }
+
+    /// Packs the transpose of `n × k` f32 values (element `(j, i)` of the source, i.e. row
+    /// `j`, at `src[j·row_stride + i]`): a linear layer's weight `[out, in]` as the `in × out`
+    /// right operand of `x · Wᵀ`.
+    ///
+    /// # Panics
+    /// `src` is too short for the shape.
+    pub(crate) fn from_transposed(src: &[f32], n: usize, k: usize, row_stride: usize) -> Self {
+        assert!(n == 0 || src.len() >= (n - 1) * row_stride + k);
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        for j in 0..n {
+            let row = &src[j * row_stride..][..k];
+            for p in 0..kp {
+                let hi = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
+                data[((j / NR) * kp + p) * NR + j % NR] = pair(row[2 * p], hi);
+            }
+        }
+        Self { data, k, n }
+    }
+
+    /// Rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// Columns.
+    pub(crate) fn cols(&self) -> usize {
+        self.n
+    }
+}
+
+/// Columns `j0 .. j0 + cols` of the `k × n` source (`kp` pairs of rows) into `dst`, their
+/// panels in the packed layout.
+fn pack_b_columns(
+    dst: &mut [u32],
+    src: &[f32],
+    (k, kp): (usize, usize),
+    (j0, cols): (usize, usize),
+    stride: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the features (checked); the caller sized `dst` for the panels of
+        // these columns and `src` for k rows of `stride`.
+        unsafe { pack_b_columns_avx512(dst, src, (k, kp), (j0, cols), stride) };
+        return;
+    }
+    for p in 0..kp {
+        for j in 0..cols {
+            let lo = src[2 * p * stride + j0 + j];
+            let hi = if 2 * p + 1 < k {
+                src[(2 * p + 1) * stride + j0 + j]
+            } else {
+                0.0
+            };
+            dst[((j / NR) * kp + p) * NR + j % NR] = pair(lo, hi);
+        }
+    }
+}
+
+/// [`pack_b_columns`] with AVX-512: 16 columns of two rows per step, rounded by
+/// `vcvtne2ps2bf16` and interleaved by `vpermw`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_b_columns_avx512(
+    dst: &mut [u32],
+    src: &[f32],
+    (k, kp): (usize, usize),
+    (j0, cols): (usize, usize),
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    // Words of [r0 c0..c15 | r1 c0..c15] → r0c0 r1c0 r0c1 r1c1 …
+    let idx: [u16; 32] = std::array::from_fn(|i| ((i % 2) * 16 + i / 2) as u16);
+    // SAFETY (whole body): every load reads columns j0 + j .. + 16 of a row inside `src`
+    // (masked at the right edge), every store writes 16 u32 of one panel row inside `dst`.
+    unsafe {
+        let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+        let zero = _mm512_setzero_ps();
+        for p in 0..kp {
+            let r0 = src.as_ptr().add(2 * p * stride + j0);
+            let r1 = (2 * p + 1 < k).then(|| src.as_ptr().add((2 * p + 1) * stride + j0));
+            let mut j = 0;
+            while j < cols {
+                let left = cols - j;
+                let mask: __mmask16 = if left >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << left) - 1
+                };
+                let x0 = _mm512_maskz_loadu_ps(mask, r0.add(j));
+                let x1 = match r1 {
+                    Some(r1) => _mm512_maskz_loadu_ps(mask, r1.add(j)),
+                    None => zero,
+                };
+                let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+                let v = _mm512_permutexvar_epi16(idx, bf);
+                let at = ((j / NR) * kp + p) * NR + j % NR;
+                _mm512_storeu_si512(dst.as_mut_ptr().add(at).cast(), v);
+                j += 16;
+            }
+        }
+    }
+}
+
+/// A raw pointer to C shared by the parallel tasks of one product (each writes its own block).
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: used only for disjoint writes within one `matmul` call.
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+
+/// `C = A · B` (overwritten, not read), C `a.rows() × b.cols()` row-major with rows
+/// `c_row_stride` floats apart, on rayon's pool when `parallel` (else on the calling thread).
+///
+/// # Panics
+/// `a.cols() != b.rows()`, or the CPU lacks the features ([`available`]).
+///
+/// # Safety
+/// `c` must be valid for writes at `i·c_row_stride + j` for all `i < a.rows()`,
+/// `j < b.cols()`, with no other thread touching those elements during the call.
+pub(crate) unsafe fn matmul(
+    a: &PackedA,
+    b: &PackedB,
+    c: *mut f32,
+    c_row_stride: usize,
+    parallel: bool,
+) {
+    assert_eq!(a.cols(), b.rows(), "bf16 matmul: inner dimensions differ");
+    assert!(available(), "bf16 matmul: this CPU lacks AVX512-BF16");
+    let (m, n) = (a.rows(), b.cols());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let row_tasks = m.div_ceil(MC);
+    let panels = n.div_ceil(NR);
+    let col_tasks = panels.div_ceil(NC_PANELS);
+    let c = CPtr(c);
+    let task = move |t: usize| {
+        let (ti, tj) = (t / col_tasks, t % col_tasks);
+        let rows = (ti * MC)..((ti + 1) * MC).min(m);
+        let pans = (tj * NC_PANELS)..((tj + 1) * NC_PANELS).min(panels);
+        let c = c;
+        // SAFETY: the task writes the C block rows × pans·NR (clipped to n), disjoint from
+        // every other task's; the caller's contract covers the whole of C.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            block_avx512(a, b, c.0, c_row_stride, rows, pans);
+        }
+    };
+    let tasks = row_tasks * col_tasks;
+    if parallel && tasks > 1 {
+        use rayon::prelude::*;
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+/// One task's block of C: rows `rows` (a multiple of MR from the start, clipped at m) and
+/// panels `pans`, over all of K in chunks of [`KC`] pairs (the first chunk overwrites C, the
+/// others add to it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn block_avx512(
+    a: &PackedA,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    rows: std::ops::Range<usize>,
+    pans: std::ops::Range<usize>,
+) {
+    let kp = a.pairs();
+    let (m, n) = (a.rows(), b.cols());
+    let mut p0 = 0;
+    while p0 < kp {
+        let pc = KC.min(kp - p0);
+        for pan in pans.clone() {
+            let j0 = pan * NR;
+            let cols = NR.min(n - j0);
+            let bp = b.data[(pan * kp + p0) * NR..].as_ptr();
+            let mut i0 = rows.start;
+            while i0 < rows.end {
+                let r = MR.min(m - i0);
+                let ap = a.data[((i0 / MR) * kp + p0) * MR..].as_ptr();
+                // SAFETY: A's block i0/MR and B's panel hold pc pairs from p0 on; C's block
+                // (r rows × cols) is inside this task's region.
+                unsafe {
+                    micro_avx512(pc, ap, bp, c.add(i0 * ldc + j0), ldc, r, cols, p0 > 0);
+                }
+                i0 += MR;
+            }
+        }
+        p0 += pc;
+    }
+}
+
+/// `C[0..r, 0..cols] (+)= A_block · B_panel` over `pc` pairs of k: `a` points at the block's
+/// first pair (MR u32 per pair), `b` at the panel's (NR u32 per pair).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_avx512(
+    pc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): reads pc·MR u32 from `a` and pc·NR from `b`, the caller's blocks;
+    // writes r rows × cols columns of C (masked), the caller's block.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..pc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh =
+                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1: __mmask16 = if cols >= 32 {
+            0xffff
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        for (i, row) in acc.iter().enumerate().take(r) {
+            let dst = c.add(i * ldc);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
+            }
+            _mm512_mask_storeu_ps(dst, m0, v0);
+            _mm512_mask_storeu_ps(dst.add(16), m1, v1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn round(x: f32) -> f32 {
+        bf16_to_f32(bf16_bits(x))
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round(1.0), 1.0);
+        // 1 + 2⁻⁸ lies halfway between 1 and 1 + 2⁻⁷: ties to the even (1.0).
+        assert_eq!(round(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round(-2.5), -2.5);
+        assert!(round(f32::NAN).is_nan());
+        assert_eq!(round(f32::INFINITY), f32::INFINITY);
+        assert_eq!(round(1e-40).to_bits(), 0);
+        assert_eq!(round(-1e-40).to_bits(), 0x8000_0000);
+    }
+
+    /// The product equals an f32 product of the bf16-rounded inputs up to summation order, for
+    /// shapes that are not multiples of the blocks, odd k, k over several chunks, row strides
+    /// larger than the rows, and both ways of packing B.
+    #[test]
+    fn matches_f32_product_of_rounded_inputs() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        let mut seed = 7;
+        for (m, n, k) in [
+            (1, 1, 1),
+            (8, 32, 2),
+            (9, 33, 3),
+            (64, 100, 576),
+            (77, 320, 1024),
+            (200, 70, 301),
+            (3, 500, 2880),
+        ] {
+            let lda = k + 3;
+            let ldb = n + 5;
+            let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut seed)).collect();
+            let b: Vec<f32> = (0..k * ldb).map(|_| lcg(&mut seed)).collect();
+            let mut want = vec![0f64; m * n];
+            for i in 0..m {
+                for p in 0..k {
+                    let x = f64::from(round(a[i * lda + p]));
+                    for j in 0..n {
+                        want[i * n + j] += x * f64::from(round(b[p * ldb + j]));
+                    }
+                }
+            }
+            let pa = PackedA::from_rows(&a, m, k, lda, true);
+            let pa1 = PackedA::from_rows(&a, m, k, lda, false);
+            assert_eq!(pa.data, pa1.data);
+            let mut pb = PackedB::default();
+            pb.repack_rows(&b, k, n, ldb, true);
+            let mut pb1 = PackedB::default();
+            pb1.repack_rows(&b, k, n, ldb, false);
+            assert_eq!(pb.data, pb1.data);
+            // B given transposed, as a linear weight.
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * ldb + i / k]).collect();
+            let pbt = PackedB::from_transposed(&bt, n, k, k);
+            assert_eq!(pb.data, pbt.data, "{m}x{n}x{k}: the two packings differ");
+            let ldc = n + 2;
+            for parallel in [false, true] {
+                let mut c = vec![f32::NAN; m * ldc];
+                // SAFETY: c holds m rows of ldc ≥ n floats.
+                unsafe { matmul(&pa, &pb, c.as_mut_ptr(), ldc, parallel) };
+                let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1e-30);
+                for i in 0..m {
+                    for j in 0..n {
+                        let d = (f64::from(c[i * ldc + j]) - want[i * n + j]).abs() / scale;
+                        assert!(d < 1e-5, "{m}x{n}x{k} ({i},{j}): {d}");
+                    }
+                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
+}

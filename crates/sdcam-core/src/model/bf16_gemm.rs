@@ -136,7 +136,7 @@ unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
 }
 
 /// The left operand, packed (see the module docs): `m × k`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct PackedA {
     data: Vec<u32>,
     m: usize,
@@ -162,9 +162,36 @@ impl PackedA {
         row_stride: usize,
         parallel: bool,
     ) -> Self {
+        let mut a = Self {
+            data: Vec::new(),
+            m: 0,
+            k: 0,
+        };
+        a.repack_rows(src, m, k, row_stride, parallel);
+        a
+    }
+
+    /// [`PackedA::from_rows`] into this buffer (reusing its allocation).
+    ///
+    /// # Panics
+    /// `src` is too short for the shape.
+    pub(crate) fn repack_rows(
+        &mut self,
+        src: &[f32],
+        m: usize,
+        k: usize,
+        row_stride: usize,
+        parallel: bool,
+    ) {
         assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
         let kp = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(MR) * kp * MR];
+        self.m = m;
+        self.k = k;
+        self.data.clear();
+        self.data.resize(m.div_ceil(MR) * kp * MR, 0);
+        if kp == 0 {
+            return;
+        }
         let pack_block = |(blk, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
             row.resize(kp, 0);
             for r in 0..MR.min(m - blk * MR) {
@@ -174,18 +201,19 @@ impl PackedA {
                 }
             }
         };
-        if parallel && kp > 0 {
+        if parallel {
             use rayon::prelude::*;
-            data.par_chunks_mut(kp * MR)
+            self.data
+                .par_chunks_mut(kp * MR)
                 .enumerate()
                 .for_each_init(Vec::new, |row, job| pack_block(job, row));
-        } else if kp > 0 {
+        } else {
             let mut row = Vec::new();
-            data.chunks_mut(kp * MR)
+            self.data
+                .chunks_mut(kp * MR)
                 .enumerate()
                 .for_each(|job| pack_block(job, &mut row));
         }
-        Self { data, m, k }
     }
 
     /// Rows.
@@ -257,11 +285,12 @@ impl PackedB {
         assert!(n == 0 || src.len() >= (n - 1) * row_stride + k);
         let kp = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        let mut row = vec![0u32; kp];
         for j in 0..n {
-            let row = &src[j * row_stride..][..k];
-            for p in 0..kp {
-                let hi = if 2 * p + 1 < k { row[2 * p + 1] } else { 0.0 };
-                data[((j / NR) * kp + p) * NR + j % NR] = pair(row[2 * p], hi);
+            pairs_of_row(&src[j * row_stride..][..k], &mut row);
+            let base = (j / NR) * kp * NR + j % NR;
+            for (p, &v) in row.iter().enumerate() {
+                data[base + p * NR] = v;
             }
         }
         Self { data, k, n }

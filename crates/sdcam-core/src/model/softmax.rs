@@ -67,10 +67,11 @@ impl CustomOp1 for ScaledSoftmax {
     }
 }
 
-type RowKernel = fn(&[f32], &mut [f32], f32);
+/// `dst = softmax(scale · src)` for one row (`src.len() == dst.len()`, `scale > 0`).
+pub(crate) type RowKernel = fn(&[f32], &mut [f32], f32);
 
 /// The widest copy of [`softmax_row`] this CPU runs.
-fn pick_kernel() -> RowKernel {
+pub(crate) fn pick_kernel() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
         #[cfg(feature = "avx512")]

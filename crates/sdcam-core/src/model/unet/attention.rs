@@ -23,7 +23,8 @@ use std::cell::Cell;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
-use crate::model::bf16_gemm::f32_params;
+use crate::model::bf16_attention::Bf16Attention;
+use crate::model::bf16_gemm::{bf16_products, f32_params};
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::linear::{linear, linear_no_bias, Linear};
 use crate::model::softmax::scaled_softmax_last_dim;
@@ -191,6 +192,8 @@ pub(crate) struct Attention {
     head_dim: usize,
     scale: f64,
     upcast: bool,
+    /// Built for bf16 products ([`bf16_products`]): the attention takes [`Bf16Attention`].
+    bf16: bool,
 }
 
 impl Attention {
@@ -203,6 +206,7 @@ impl Attention {
         upcast: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let bf16 = bf16_products(&vb);
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
@@ -212,7 +216,22 @@ impl Attention {
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
+            bf16,
         })
+    }
+
+    /// `softmax(q·kᵀ·scale)·v` ([`attention_kernel`]'s shapes): with bf16 products on f32 CPU
+    /// tensors for a model built for them, else [`attention_kernel`].
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.bf16 && q.device().is_cpu() && q.dtype() == DType::F32 {
+            let op = Bf16Attention {
+                scale: self.scale as f32,
+            };
+            return q
+                .contiguous()?
+                .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+        }
+        attention_kernel(q, k, v, self.scale, self.upcast)
     }
 
     /// `[B, S, H·D]` → `[B, H, S, D]` contiguous.
@@ -253,7 +272,7 @@ impl Attention {
             }
             kb => candle_core::bail!("prompt K/V batch {kb} does not match sample batch {b}"),
         };
-        self.merge_heads_out(&attention_kernel(&q, &k, &v, self.scale, self.upcast)?)
+        self.merge_heads_out(&self.attend(&q, &k, &v)?)
     }
 
     /// Self-attention of `xs: [B, S, query_dim]` in the given mode.
@@ -264,15 +283,7 @@ impl Attention {
         let b = q.dim(0)?;
         let refs = match mode {
             SelfAttnMode::CrossFrame(r) if b > 1 => r,
-            _ => {
-                return self.merge_heads_out(&attention_kernel(
-                    &q,
-                    &k,
-                    &v,
-                    self.scale,
-                    self.upcast,
-                )?)
-            }
+            _ => return self.merge_heads_out(&self.attend(&q, &k, &v)?),
         };
         let mut outs = Vec::with_capacity(b);
         for i in 0..b {
@@ -288,7 +299,7 @@ impl Attention {
                 (Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)
             };
             let qi = q.narrow(0, i, 1)?;
-            outs.push(attention_kernel(&qi, &ki, &vi, self.scale, self.upcast)?);
+            outs.push(self.attend(&qi, &ki, &vi)?);
         }
         self.merge_heads_out(&Tensor::cat(&outs, 0)?)
     }

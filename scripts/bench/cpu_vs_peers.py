@@ -17,8 +17,14 @@ noisy machine hits all of them alike; every figure is a median over rounds of pe
     python3 scripts/bench/cpu_vs_peers.py e2e --sdcam before=/path/old --sdcam now=target/release/sdcam
 
 Several `--sdcam NAME=PATH` compare builds (before/after, or a `--no-default-features` build for
-the AVX2 path); ratios are against the first torch/OpenVINO figure of the same shape. The load
-average is printed with every table. Needs /opt/peer (../shared/peer/README.md), OpenVINO in it
+the AVX2 path); `NAME=PATH@bf16` runs that binary with bf16 products (`--dtype bf16`,
+`model.dtype = "bf16"`: f32 activations, bf16 matrix products; needs AVX512-BF16). Ratios are
+against the torch / OpenVINO f32 / OpenVINO bf16 figure of the same shape.
+
+    python3 scripts/bench/cpu_vs_peers.py e2e --sdcam f32=target/release/sdcam \
+        --sdcam bf16=target/release/sdcam@bf16
+
+The load average is printed with every table. Needs /opt/peer (../shared/peer/README.md), OpenVINO in it
 (`pip install openvino`) and the random-weight models of make_models.py.
 
 FLOP counts: TAESD's are exact (its convolutions, for the madebyollin/taesd layout); the
@@ -97,9 +103,11 @@ def components(a):
                     "--threads", str(a.threads)])[0]
     for rnd in range(a.rounds):
         load = loadavg()
-        for name, binary in a.sdcam:
+        for name, binary, dtype in a.sdcam:
             common = ["--iters", str(a.iters), "--warmup", str(a.warmup), "--json",
                       "--idle-max-wait", str(a.idle_max_wait)]
+            if dtype != "f32":
+                common += ["--dtype", dtype]
             for b in sorted({b for _, b in unet_shapes}):
                 lats = [lat for lat, bb in unet_shapes if bb == b]
                 cmd = [binary, "bench-unet", "--mode", "embeds", "--batch", str(b)]
@@ -134,7 +142,7 @@ def components(a):
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(peak=peak, rows=rows), f, indent=1)
-    render_components(rows, peak, [n for n, _ in a.sdcam])
+    render_components(rows, peak, [n for n, _, _ in a.sdcam])
 
 
 def _key(r):
@@ -157,7 +165,7 @@ def render_components(rows, peak, sdcam_names):
           f"at the start of each round: {'; '.join(loads)}")
     print(f"Measured f32 GEMM peak (torch, {peak['n']}³): {peak_g:.0f} GFLOP/s\n")
     head = "| component | shape | " + " | ".join(impls) + " | " + " | ".join(
-        f"{n} / torch | {n} / OV f32" for n in sdcam_names) + " | " + " | ".join(
+        f"{n} / torch | {n} / OV f32 | {n} / OV bf16" for n in sdcam_names) + " | " + " | ".join(
         f"{i} % of peak" for i in impls if i != "openvino-bf16") + " |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -170,7 +178,7 @@ def render_components(rows, peak, sdcam_names):
         cells = [f"{vals[i]:.0f}" if vals[i] else "–" for i in impls]
         ratios = []
         for n in sdcam_names:
-            for ref in ("torch", "openvino-f32"):
+            for ref in ("torch", "openvino-f32", "openvino-bf16"):
                 ok = vals.get(n) and vals.get(ref)
                 ratios.append(f"{vals[n] / vals[ref]:.2f}" if ok else "–")
         shares = [f"{100 * flops / (vals[i] * 1e-3) / 1e9 / peak_g:.0f} %" if vals[i] else "–"
@@ -199,8 +207,8 @@ def e2e(a):
                 continue
             folder = os.path.join(a.models_root, model)
             load = loadavg()
-            for name, binary in a.sdcam:
-                s = pvp.sdcam_row(binary, folder, size, t, cfg, True, a.frames, a.warmup)
+            for name, binary, dtype in a.sdcam:
+                s = pvp.sdcam_row(binary, folder, size, t, cfg, True, a.frames, a.warmup, dtype)
                 results.append(dict(impl=name, model=model, size=size, cfg=cfg, round=rnd,
                                     load=load, total=s["ms"]["total"], unet=s["ms"]["unet"],
                                     encdec=s["ms"]["encode"] + s["ms"]["decode"]))
@@ -214,9 +222,11 @@ def e2e(a):
     if a.out:
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
-    names = [n for n, _ in a.sdcam]
+    names = [n for n, _, _ in a.sdcam]
+    dtypes = ", ".join(f"{n} {d}" for n, _, d in a.sdcam)
     print(f"\nEnd to end: ms per frame (median of {a.frames} frames after {a.warmup} warm-up, "
-          f"per round: round 1 / round 2), TAESD, f32, {a.threads} threads; ratio = sdcam / torch")
+          f"per round: round 1 / round 2), TAESD, {a.threads} threads, {dtypes}, torch f32; "
+          f"ratio = sdcam / torch")
     head = ("| row | load (1/5/15 min) | " + " | ".join(f"{n} total" for n in names)
             + " | torch total | " + " | ".join(f"{n} / torch" for n in names)
             + " | " + " | ".join(f"{n} U-Net" for n in names) + " | torch U-Net | "
@@ -270,6 +280,7 @@ def main():
     a = ap.parse_args()
     a.sdcam = [tuple(s.split("=", 1)) for s in (a.sdcam or
                [f"now={os.path.join(ROOT, 'target', 'release', 'sdcam')}"])]
+    a.sdcam = [(n, *(p.rsplit("@", 1) if p.endswith("@bf16") else (p, "f32"))) for n, p in a.sdcam]
     a.latents = [int(x) for x in a.latents.split(",")]
     a.batches = [int(x) for x in a.batches.split(",")]
     a.sizes = [int(x) for x in a.sizes.split(",")]

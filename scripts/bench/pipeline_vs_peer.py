@@ -41,7 +41,7 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def sdcam_row(binary, folder, size, t, cfg, batch, frames, warmup):
+def sdcam_row(binary, folder, size, t, cfg, batch, frames, warmup, dtype="f32"):
     sets = [
         f"model.id={folder}",
         f"model.tiny_vae={folder}/taesd",
@@ -52,6 +52,8 @@ def sdcam_row(binary, folder, size, t, cfg, batch, frames, warmup):
         # the reference has no warm start; its first frames are warm-up anyway
         "stream.warm_start=false",
     ]
+    if dtype != "f32":  # older builds refuse bf16 on the CPU; f32 is their default there
+        sets.append(f"model.dtype=\"{dtype}\"")
     cmd = [binary, "bench", "--no-compare", "--json", "--size", f"{size}x{size}",
            "--frames", str(frames), "--warmup", str(warmup)]
     for s in sets:

@@ -54,8 +54,7 @@ impl ModelOptions {
 ///
 /// # Errors
 /// No such device/dtype on this machine (bf16 on a CPU without AVX512-BF16 included), or the
-/// model does not
-/// load (missing files, wrong configs: the message says which).
+/// model does not load (missing files, wrong configs: the message says which).
 pub fn load_model(m: &ModelOptions) -> Result<StableDiffusion> {
     let (device, device_why) = select_device(m.device)?;
     let (dtype, dtype_why) = select_dtype(m.dtype, &device);
@@ -63,15 +62,15 @@ pub fn load_model(m: &ModelOptions) -> Result<StableDiffusion> {
         "model: device {} ({device_why}), dtype {dtype:?} ({dtype_why})",
         crate::model::device::device_label(&device)
     );
-    if device.is_cpu() && dtype == candle_core::DType::BF16 {
-        tracing::info!(
-            "model: bf16 on the CPU = f32 activations with bf16 matrix products in the U-Net and \
-             TAESD (AVX512-BF16)"
-        );
-    }
     let t0 = std::time::Instant::now();
     let model = StableDiffusion::load(&m.spec(dtype), &device, &HubOptions::from_env())
         .with_context(|| format!("loading model {}", m.id))?;
+    if device.is_cpu() && dtype == candle_core::DType::BF16 {
+        tracing::info!(
+            "model: bf16 on the CPU = f32 activations with bf16 matrix products (AVX512-BF16) in \
+             the U-Net and the VAE"
+        );
+    }
     tracing::info!(
         "model: {} loaded in {:.1} s",
         model.description,

@@ -54,6 +54,13 @@ impl CustomOp3 for Bf16Attention {
             candle_core::bail!("bf16 attention: the scale must be > 0");
         }
         let heads = b * h;
+        if skv == 0 {
+            // No keys: an empty weighted sum.
+            return Ok((
+                CpuStorage::F32(vec![0f32; heads * s * d]),
+                Shape::from((b, h, s, d)),
+            ));
+        }
         // Kᵀ (`d × s_kv`) and V (`s_kv × d`) of every (sample, head), packed once.
         let packed: Vec<(PackedB, PackedB)> = (0..heads)
             .into_par_iter()
@@ -124,7 +131,10 @@ mod tests {
             let got = q.apply_op3_no_bwd(&k, &v, &op).unwrap();
             assert_eq!(got.dims(), want.dims());
             let e = crate::model::rel_err(&got, &want).unwrap();
-            assert!(e < 1e-2 && (e > 0.0 || d == 1), "{b}x{h}x{s}x{skv}x{d}: {e}");
+            assert!(
+                e < 1e-2 && (e > 0.0 || d == 1),
+                "{b}x{h}x{s}x{skv}x{d}: {e}"
+            );
         }
     }
 }

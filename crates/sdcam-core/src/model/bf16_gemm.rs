@@ -30,6 +30,7 @@ pub(crate) const MR: usize = 8;
 /// Columns of B (and C) per panel: two vectors of 16 f32.
 pub(crate) const NR: usize = 32;
 /// Pairs of k per chunk: a B panel's chunk is `KC · NR · 4` bytes = 16 KiB.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const KC: usize = 128;
 /// Rows of C per parallel task (A's chunk for them, `MC · KC · 4` = 96 KiB, stays in L2).
 const MC: usize = 192;
@@ -44,6 +45,23 @@ const NC_PANELS: usize = 8;
 pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {
     vb.device().is_cpu() && vb.dtype() == DType::BF16
 }
+
+/// [`bf16_products`] for a layer about to be built from `vb`, checked against this CPU.
+///
+/// # Errors
+/// bf16 products asked for on a CPU without AVX512-BF16 (the message says to use f32).
+pub(crate) fn products_for(vb: &VarBuilder) -> candle_core::Result<bool> {
+    let bf16 = bf16_products(vb);
+    if bf16 && !available() {
+        candle_core::bail!("{UNAVAILABLE}");
+    }
+    Ok(bf16)
+}
+
+/// Why bf16 products cannot run here, and what to do.
+pub(crate) const UNAVAILABLE: &str = "model.dtype = \"bf16\" on the CPU needs AVX512-BF16 (Intel \
+     Cooper Lake / Sapphire Rapids or newer, AMD Zen 4 or newer), which this CPU lacks; use \
+     \"auto\" or \"f32\"";
 
 /// `vb` reading f32 where [`bf16_products`] holds (every parameter of such a model is computed
 /// with in f32), else `vb` unchanged.
@@ -145,6 +163,7 @@ pub(crate) struct PackedA {
 
 impl PackedA {
     /// Pairs of k (k rounded up to even, the last pair zero-padded).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn pairs(&self) -> usize {
         self.k.div_ceil(2)
     }
@@ -383,6 +402,7 @@ unsafe fn pack_b_columns_avx512(
 
 /// A raw pointer to C shared by the parallel tasks of one product (each writes its own block).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct CPtr(*mut f32);
 // SAFETY: used only for disjoint writes within one `matmul` call.
 unsafe impl Send for CPtr {}
@@ -405,9 +425,21 @@ pub(crate) unsafe fn matmul(
     parallel: bool,
 ) {
     assert_eq!(a.cols(), b.rows(), "bf16 matmul: inner dimensions differ");
+    assert!(
+        a.rows() <= 1 || c_row_stride >= b.cols(),
+        "bf16 matmul: C's rows overlap"
+    );
     assert!(available(), "bf16 matmul: this CPU lacks AVX512-BF16");
     let (m, n) = (a.rows(), b.cols());
     if m == 0 || n == 0 {
+        return;
+    }
+    if a.cols() == 0 {
+        // An empty sum: C = 0.
+        for i in 0..m {
+            // SAFETY: row i of C, n floats, as the caller's contract says.
+            unsafe { std::ptr::write_bytes(c.add(i * c_row_stride), 0, n) };
+        }
         return;
     }
     let row_tasks = m.div_ceil(MC);
@@ -425,6 +457,9 @@ pub(crate) unsafe fn matmul(
         unsafe {
             block_avx512(a, b, c.0, c_row_stride, rows, pans);
         }
+        // Unreachable elsewhere: `available()` is false there (asserted above).
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (rows, pans, c);
     };
     let tasks = row_tasks * col_tasks;
     if parallel && tasks > 1 {
@@ -517,13 +552,20 @@ unsafe fn micro_avx512(
         };
         for (i, row) in acc.iter().enumerate().take(r) {
             let dst = c.add(i * ldc);
+            // Columns 16.. may lie past C's end where cols ≤ 16 (their mask is then empty):
+            // no `add` beyond the allocation.
+            let dst1 = dst.wrapping_add(16);
             let (mut v0, mut v1) = (row[0], row[1]);
             if accumulate {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
+                if m1 != 0 {
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst1));
+                }
             }
             _mm512_mask_storeu_ps(dst, m0, v0);
-            _mm512_mask_storeu_ps(dst.add(16), m1, v1);
+            if m1 != 0 {
+                _mm512_mask_storeu_ps(dst1, m1, v1);
+            }
         }
     }
 }
@@ -567,6 +609,7 @@ mod tests {
         }
         let mut seed = 7;
         for (m, n, k) in [
+            (3, 5, 0),
             (1, 1, 1),
             (8, 32, 2),
             (9, 33, 3),

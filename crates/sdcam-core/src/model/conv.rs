@@ -7,7 +7,7 @@
 //! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take Winograd's F(2×2, 3×3) (`model::winograd`, 2.25×
 //! fewer multiply-adds; `SDCAM_WINOGRAD=0` in the environment turns it off, for comparisons).
 //! Other devices and dtypes use candle's `conv2d`. With `model.dtype = "bf16"` on the CPU
-//! ([`bf16_products`]) the same two paths multiply in bf16 (`model::bf16_gemm`): the weight
+//! ([`bf16_gemm::bf16_products`]) the same two paths multiply in bf16 (`model::bf16_gemm`): the weight
 //! (or the Winograd filter transform) is packed once, each tile of im2col (or each Winograd
 //! `V`) is packed as it is made.
 //!
@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
-use crate::model::bf16_gemm::{self, bf16_products, f32_params, PackedA, PackedB};
+use crate::model::bf16_gemm::{self, f32_params, products_for, PackedA, PackedB};
 use crate::model::winograd::{transform_filter, Bf16Winograd, Winograd};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
@@ -69,7 +69,8 @@ struct Bf16Filters {
 }
 
 /// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`], with bf16
-/// products where `vb` asks for them ([`bf16_products`]).
+/// products where `vb` asks for them ([`bf16_gemm::bf16_products`]; an error on a CPU without
+/// AVX512-BF16).
 pub(crate) fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -77,7 +78,7 @@ pub(crate) fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let bf16 = bf16_products(&vb);
+    let bf16 = products_for(&vb)?;
     let inner = candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg, f32_params(vb))?;
     Conv2d::with_products(inner, bf16)
 }
@@ -90,7 +91,7 @@ pub(crate) fn conv2d_no_bias(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let bf16 = bf16_products(&vb);
+    let bf16 = products_for(&vb)?;
     let inner =
         candle_nn::conv2d_no_bias(in_channels, out_channels, kernel_size, cfg, f32_params(vb))?;
     Conv2d::with_products(inner, bf16)
@@ -423,7 +424,8 @@ struct Bf16Conv {
     w: Arc<PackedA>,
 }
 
-/// Floats of one im2col tile on the bf16 path (512 KiB, plus half that packed).
+/// Floats of one im2col tile on the bf16 path (512 KiB, plus half that packed), or of one
+/// output row where a row is more (then [`BF16_MIN_TILE_PIXELS`] wins).
 const BF16_TILE_FLOATS: usize = 128 << 10;
 /// Fewest output pixels of a tile on the bf16 path: the packed weight is read once per tile,
 /// and the product's panels are 32 pixels wide.

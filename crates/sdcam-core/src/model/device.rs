@@ -32,7 +32,7 @@ pub enum DtypeName {
     /// IEEE half precision (the fp16 weight variant is preferred).
     F16,
     /// bfloat16 (the fp16 weight variant is preferred and converted on load). On the CPU: f32
-    /// activations with bf16 matrix products in the U-Net and TAESD (needs AVX512-BF16).
+    /// activations with bf16 matrix products in the U-Net and the VAE (needs AVX512-BF16).
     Bf16,
 }
 

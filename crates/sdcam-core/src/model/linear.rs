@@ -1,6 +1,7 @@
-//! Linear layers (`y = x·Wᵀ + b`, diffusers `nn.Linear`) for the U-Net: candle's `Linear`, or on
-//! the CPU with `model.dtype = "bf16"` the bf16 product of `model::bf16_gemm` against the weight
-//! packed once (see [`bf16_products`]).
+//! Linear layers (`y = x·Wᵀ + b`, diffusers `nn.Linear`) for the U-Net and the VAE: candle's
+//! `Linear`, or on the CPU with `model.dtype = "bf16"` the bf16 product of `model::bf16_gemm`
+//! against the weight packed once (see `bf16_gemm::bf16_products`; building one on a CPU
+//! without AVX512-BF16 is an error).
 //!
 //! Drop-in for `candle_nn::{linear, linear_no_bias, Linear}`: same constructors, same tensor
 //! names (`weight` `[out, in]`, `bias` `[out]`).
@@ -10,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::model::bf16_gemm::{self, bf16_products, f32_params, PackedA, PackedB};
+use crate::model::bf16_gemm::{self, f32_params, products_for, PackedA, PackedB};
 use crate::model::cpu_f32;
 
 /// A linear layer (see the module docs).
@@ -23,14 +24,14 @@ pub(crate) struct Linear {
 
 /// `candle_nn::linear`: weight `[out, in]` and bias `[out]` from `vb`.
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let bf16 = bf16_products(&vb);
+    let bf16 = products_for(&vb)?;
     let inner = candle_nn::linear(in_dim, out_dim, f32_params(vb))?;
     Ok(Linear::wrap(inner, bf16))
 }
 
 /// `candle_nn::linear_no_bias`: weight `[out, in]` from `vb`.
 pub(crate) fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let bf16 = bf16_products(&vb);
+    let bf16 = products_for(&vb)?;
     let inner = candle_nn::linear_no_bias(in_dim, out_dim, f32_params(vb))?;
     Ok(Linear::wrap(inner, bf16))
 }
@@ -90,7 +91,7 @@ impl CustomOp1 for Bf16Linear {
         if dims.last() != Some(&k) {
             candle_core::bail!("bf16 linear: input {dims:?} does not end in {k}");
         }
-        let m = x.len() / k.max(1);
+        let m: usize = dims[..dims.len() - 1].iter().product();
         let a = PackedA::from_rows(x, m, k, k, true);
         let mut out = vec![0f32; m * n];
         // SAFETY: `out` is m × n, written by this call alone.

@@ -166,10 +166,7 @@ pub(crate) fn compute_dtypes(dtype: DType, device: &Device) -> Result<(DType, DT
         return Ok((dtype, dtype));
     }
     if !super::bf16_gemm::available() {
-        bail!(
-            "model.dtype = \"bf16\" on the CPU needs AVX512-BF16 (Intel Cooper Lake / Sapphire \
-             Rapids or newer, AMD Zen 4 or newer), which this CPU lacks; use \"auto\" or \"f32\""
-        );
+        bail!("{}", super::bf16_gemm::UNAVAILABLE);
     }
     Ok((DType::F32, DType::BF16))
 }

@@ -24,7 +24,7 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
 use crate::model::bf16_attention::Bf16Attention;
-use crate::model::bf16_gemm::{bf16_products, f32_params};
+use crate::model::bf16_gemm::{f32_params, products_for};
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::linear::{linear, linear_no_bias, Linear};
 use crate::model::softmax::scaled_softmax_last_dim;
@@ -192,7 +192,8 @@ pub(crate) struct Attention {
     head_dim: usize,
     scale: f64,
     upcast: bool,
-    /// Built for bf16 products ([`bf16_products`]): the attention takes [`Bf16Attention`].
+    /// Built for bf16 products (`bf16_gemm::bf16_products`): the attention takes
+    /// [`Bf16Attention`].
     bf16: bool,
 }
 
@@ -206,7 +207,7 @@ impl Attention {
         upcast: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
-        let bf16 = bf16_products(&vb);
+        let bf16 = products_for(&vb)?;
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,

@@ -545,25 +545,34 @@ mod tests {
     use crate::model::testutil::max_abs_diff;
     use candle_core::Device;
 
+    /// A random input `[b, c_in, h, w]` and a random candle conv (`k × k`, stride, padding,
+    /// with or without bias) for the comparisons below.
+    fn random_case(
+        (k, stride, padding, bias): (usize, usize, usize, bool),
+        (b, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
+    ) -> (Tensor, candle_nn::Conv2d) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
+        let bs = bias.then(|| Tensor::randn(0f32, 1., c_out, &dev).unwrap());
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        (x, candle_nn::Conv2d::new(wt, bs, cfg))
+    }
+
     /// The tiled path (large images) equals candle's conv2d too, with tiles that do not divide
     /// the image evenly, several images and strides.
     #[test]
     fn tiled_path_matches_candle_conv2d() {
-        let dev = Device::Cpu;
         for (k, stride, padding, b, c_in, c_out, h, w) in [
             (3, 1, 1, 2, 64, 16, 161, 150),
             (3, 2, 1, 1, 128, 8, 257, 259),
             (1, 1, 0, 1, 600, 4, 120, 120),
         ] {
-            let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
-            let bs = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
-            let cfg = Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let inner = candle_nn::Conv2d::new(wt, Some(bs), cfg);
+            let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::new(inner.clone()).unwrap();
             let rows = c_in * k * k;
             let (oh, ow) = (
@@ -596,7 +605,6 @@ mod tests {
     /// images, channel counts from 3 to TAESD's 64, and more rows of tiles than one block.
     #[test]
     fn winograd_path_matches_candle_conv2d() {
-        let dev = Device::Cpu;
         for (b, c_in, c_out, h, w) in [
             (2usize, 8usize, 5usize, 33usize, 37usize),
             (1, 3, 16, 40, 31),
@@ -604,14 +612,7 @@ mod tests {
             (1, 130, 7, 36, 64),
         ] {
             assert!(h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES);
-            let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &dev).unwrap();
-            let bs = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
-            let cfg = Conv2dConfig {
-                padding: 1,
-                ..Default::default()
-            };
-            let inner = candle_nn::Conv2d::new(wt, Some(bs), cfg);
+            let (x, inner) = random_case((3, 1, 1, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::new(inner.clone()).unwrap();
             assert!(conv.winograd_filter(h, w).unwrap().is_some() || !winograd_enabled());
             let want = inner.forward(&x).unwrap();
@@ -630,7 +631,6 @@ mod tests {
             eprintln!("skipped: this CPU lacks AVX512-BF16");
             return;
         }
-        let dev = Device::Cpu;
         for (k, stride, padding, b, c_in, c_out, h, w) in [
             (3, 1, 1, 1, 64, 16, 40, 41),
             (3, 1, 1, 2, 32, 9, 20, 20),
@@ -639,15 +639,7 @@ mod tests {
             (3, 1, 1, 3, 5, 7, 9, 8),
             (3, 2, 0, 1, 3, 33, 11, 12),
         ] {
-            let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
-            let bs = Tensor::randn(0f32, 1., c_out, &dev).unwrap();
-            let cfg = Conv2dConfig {
-                padding,
-                stride,
-                ..Default::default()
-            };
-            let inner = candle_nn::Conv2d::new(wt, Some(bs), cfg);
+            let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::with_products(inner.clone(), true).unwrap();
             let want = inner.forward(&x).unwrap();
             let got = conv.forward(&x).unwrap();
@@ -663,7 +655,6 @@ mod tests {
     /// Equal to candle's conv2d for every kernel/stride/padding the U-Net uses, and more.
     #[test]
     fn matches_candle_conv2d() {
-        let dev = Device::Cpu;
         for (k, stride, padding, bias) in [
             (3, 1, 1, true),
             (3, 2, 1, true),
@@ -674,15 +665,7 @@ mod tests {
             (3, 1, 0, true),
         ] {
             for (b, c_in, c_out, h, w) in [(1, 5, 7, 9, 8), (2, 3, 4, 6, 11), (3, 8, 2, 3, 3)] {
-                let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
-                let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
-                let bs = bias.then(|| Tensor::randn(0f32, 1., c_out, &dev).unwrap());
-                let cfg = Conv2dConfig {
-                    padding,
-                    stride,
-                    ..Default::default()
-                };
-                let inner = candle_nn::Conv2d::new(wt, bs, cfg);
+                let (x, inner) = random_case((k, stride, padding, bias), (b, c_in, c_out, h, w));
                 let conv = Conv2d::new(inner.clone()).unwrap();
                 let want = inner.forward(&x).unwrap();
                 let got = conv.forward(&x).unwrap();

@@ -25,6 +25,8 @@ use std::sync::OnceLock;
 use candle_core::DType;
 use candle_nn::VarBuilder;
 
+use crate::model::SendPtr;
+
 /// Rows of A (and C) per microkernel call.
 pub(crate) const MR: usize = 8;
 /// Columns of B (and C) per panel: two vectors of 16 f32.
@@ -153,6 +155,49 @@ unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
     }
 }
 
+/// The rows of an `m × k` source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`, in
+/// blocks of `width` rows: for each block and each pair of columns, the block's rows' pairs
+/// side by side (rows past `m` zero). With `width` = [`MR`] this is [`PackedA`]'s layout; with
+/// [`NR`] and the transpose of B as the source, [`PackedB`]'s. On rayon's pool when `parallel`.
+///
+/// # Panics
+/// `src` is too short for the shape.
+fn pack_row_blocks(
+    dst: &mut Vec<u32>,
+    src: &[f32],
+    (m, k, row_stride): (usize, usize, usize),
+    width: usize,
+    parallel: bool,
+) {
+    assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
+    let kp = k.div_ceil(2);
+    dst.clear();
+    dst.resize(m.div_ceil(width) * kp * width, 0);
+    if kp == 0 {
+        return;
+    }
+    let pack_block = |(blk, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
+        row.resize(kp, 0);
+        for r in 0..width.min(m - blk * width) {
+            pairs_of_row(&src[(blk * width + r) * row_stride..][..k], row);
+            for (p, &v) in row.iter().enumerate() {
+                dst[p * width + r] = v;
+            }
+        }
+    };
+    if parallel {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(kp * width)
+            .enumerate()
+            .for_each_init(Vec::new, |row, job| pack_block(job, row));
+    } else {
+        let mut row = Vec::new();
+        dst.chunks_mut(kp * width)
+            .enumerate()
+            .for_each(|job| pack_block(job, &mut row));
+    }
+}
+
 /// The left operand, packed (see the module docs): `m × k`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PackedA {
@@ -202,37 +247,9 @@ impl PackedA {
         row_stride: usize,
         parallel: bool,
     ) {
-        assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
-        let kp = k.div_ceil(2);
         self.m = m;
         self.k = k;
-        self.data.clear();
-        self.data.resize(m.div_ceil(MR) * kp * MR, 0);
-        if kp == 0 {
-            return;
-        }
-        let pack_block = |(blk, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
-            row.resize(kp, 0);
-            for r in 0..MR.min(m - blk * MR) {
-                pairs_of_row(&src[(blk * MR + r) * row_stride..][..k], row);
-                for (p, &v) in row.iter().enumerate() {
-                    dst[p * MR + r] = v;
-                }
-            }
-        };
-        if parallel {
-            use rayon::prelude::*;
-            self.data
-                .par_chunks_mut(kp * MR)
-                .enumerate()
-                .for_each_init(Vec::new, |row, job| pack_block(job, row));
-        } else {
-            let mut row = Vec::new();
-            self.data
-                .chunks_mut(kp * MR)
-                .enumerate()
-                .for_each(|job| pack_block(job, &mut row));
-        }
+        pack_row_blocks(&mut self.data, src, (m, k, row_stride), MR, parallel);
     }
 
     /// Rows.
@@ -301,17 +318,9 @@ impl PackedB {
     /// # Panics
     /// `src` is too short for the shape.
     pub(crate) fn from_transposed(src: &[f32], n: usize, k: usize, row_stride: usize) -> Self {
-        assert!(n == 0 || src.len() >= (n - 1) * row_stride + k);
-        let kp = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
-        let mut row = vec![0u32; kp];
-        for j in 0..n {
-            pairs_of_row(&src[j * row_stride..][..k], &mut row);
-            let base = (j / NR) * kp * NR + j % NR;
-            for (p, &v) in row.iter().enumerate() {
-                data[base + p * NR] = v;
-            }
-        }
+        // Bᵀ's rows are B's columns: packed in blocks of NR rows, they are B's panels.
+        let mut data = Vec::new();
+        pack_row_blocks(&mut data, src, (n, k, row_stride), NR, false);
         Self { data, k, n }
     }
 
@@ -355,6 +364,16 @@ fn pack_b_columns(
     }
 }
 
+/// The mask of the first `n` of 16 lanes (all of them for `n ≥ 16`).
+#[cfg(target_arch = "x86_64")]
+fn first_lanes(n: usize) -> u16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// [`pack_b_columns`] with AVX-512: 16 columns of two rows per step, rounded by
 /// `vcvtne2ps2bf16` and interleaved by `vpermw`.
 #[cfg(target_arch = "x86_64")]
@@ -379,12 +398,7 @@ unsafe fn pack_b_columns_avx512(
             let r1 = (2 * p + 1 < k).then(|| src.as_ptr().add((2 * p + 1) * stride + j0));
             let mut j = 0;
             while j < cols {
-                let left = cols - j;
-                let mask: __mmask16 = if left >= 16 {
-                    0xffff
-                } else {
-                    (1u16 << left) - 1
-                };
+                let mask = first_lanes(cols - j);
                 let x0 = _mm512_maskz_loadu_ps(mask, r0.add(j));
                 let x1 = match r1 {
                     Some(r1) => _mm512_maskz_loadu_ps(mask, r1.add(j)),
@@ -399,14 +413,6 @@ unsafe fn pack_b_columns_avx512(
         }
     }
 }
-
-/// A raw pointer to C shared by the parallel tasks of one product (each writes its own block).
-#[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-struct CPtr(*mut f32);
-// SAFETY: used only for disjoint writes within one `matmul` call.
-unsafe impl Send for CPtr {}
-unsafe impl Sync for CPtr {}
 
 /// `C = A · B` (overwritten, not read), C `a.rows() × b.cols()` row-major with rows
 /// `c_row_stride` floats apart, on rayon's pool when `parallel` (else on the calling thread).
@@ -445,7 +451,7 @@ pub(crate) unsafe fn matmul(
     let row_tasks = m.div_ceil(MC);
     let panels = n.div_ceil(NR);
     let col_tasks = panels.div_ceil(NC_PANELS);
-    let c = CPtr(c);
+    let c = SendPtr(c);
     let task = move |t: usize| {
         let (ti, tj) = (t / col_tasks, t % col_tasks);
         let rows = (ti * MC)..((ti + 1) * MC).min(m);
@@ -538,18 +544,7 @@ unsafe fn micro_avx512(
                 row[1] = _mm512_dpbf16_ps(row[1], av, b1);
             }
         }
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1: __mmask16 = if cols >= 32 {
-            0xffff
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
+        let (m0, m1) = (first_lanes(cols), first_lanes(cols.saturating_sub(16)));
         for (i, row) in acc.iter().enumerate().take(r) {
             let dst = c.add(i * ldc);
             // Columns 16.. may lie past C's end where cols ≤ 16 (their mask is then empty):

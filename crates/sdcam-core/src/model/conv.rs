@@ -170,7 +170,7 @@ impl Conv2d {
     /// The bf16 product for an `h × w` input (`f` this conv's packed weights): Winograd or
     /// tiled im2col, each made on first use (two threads may both make one, with the same
     /// result).
-    fn bf16_op(&self, f: &Bf16Filters, h: usize, w: usize) -> Result<Bf16Op> {
+    fn bf16_op(&self, f: &Bf16Filters, h: usize, w: usize, im2col: Im2Col) -> Result<Bf16Op> {
         let (c_out, rows) = self.weight2d.dims2()?;
         if self.takes_winograd(h, w)? {
             let u = match f.winograd.get() {
@@ -195,16 +195,7 @@ impl Conv2d {
                 f.im2col.get_or_init(|| a).clone()
             }
         };
-        let p = &self.cfg;
-        Ok(Bf16Op::Im2Col(Bf16Conv {
-            im2col: Im2Col {
-                k_h: self.k_h,
-                k_w: self.k_w,
-                stride: p.stride,
-                padding: p.padding,
-            },
-            w: a,
-        }))
+        Ok(Bf16Op::Im2Col(Bf16Conv { im2col, w: a }))
     }
 
     fn fast_path(&self, xs: &Tensor) -> bool {
@@ -231,18 +222,6 @@ impl Module for Conv2d {
         let oh = (h + 2 * p.padding - k_h) / p.stride + 1;
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
         let xs = xs.contiguous()?;
-        if let Some(f) = &self.bf16 {
-            if bf16_gemm::available() {
-                let ys = match self.bf16_op(f, h, w)? {
-                    Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op)?,
-                    Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op)?,
-                };
-                return match &self.bias {
-                    Some(bias) => ys.broadcast_add(bias),
-                    None => Ok(ys),
-                };
-            }
-        }
         let (c_out, rows) = self.weight2d.dims2()?;
         let im2col = Im2Col {
             k_h,
@@ -251,7 +230,13 @@ impl Module for Conv2d {
             padding: p.padding,
         };
         // Every path gives the NCHW output `[b, c_out, oh, ow]` without the bias.
-        let ys = if let Some(u) = self.winograd_filter(h, w)? {
+        let ys = if let Some(f) = &self.bf16 {
+            // Built only where the CPU runs bf16 products (`products_for`).
+            match self.bf16_op(f, h, w, im2col)? {
+                Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op)?,
+                Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op)?,
+            }
+        } else if let Some(u) = self.winograd_filter(h, w)? {
             xs.apply_op2_no_bwd(&u, &Winograd { k: c_out })?
         } else if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
             // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
@@ -279,6 +264,7 @@ impl Module for Conv2d {
 /// NCHW `[b, c, h, w]` → `[b, c·k_h·k_w, oh·ow]`: row `(c, i, j)` holds input channel `c`
 /// shifted by kernel tap `(i, j)` (zero outside the image), the order of the kernel's
 /// `[c_out, c_in, k_h, k_w]` flattening.
+#[derive(Clone, Copy)]
 struct Im2Col {
     k_h: usize,
     k_w: usize,
@@ -338,6 +324,62 @@ impl Im2Col {
         }
     }
 
+    /// im2col + product tile by tile, into a new NCHW output `[b, c_out, oh, ow]`: each tile of
+    /// `tile_rows` whole output rows of one image is gathered (`[c·k_h·k_w, tn]`, in cache) and
+    /// handed to `product(scratch, cols, tn, dst)`, which must write the `c_out × tn` product at
+    /// `dst` with rows `oh·ow` floats apart. Tiles run in parallel when `parallel`, each thread
+    /// with its own `scratch` from `init`.
+    #[allow(clippy::too_many_arguments)]
+    fn tiles<S>(
+        &self,
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        c_out: usize,
+        tile_rows: usize,
+        parallel: bool,
+        init: impl Fn() -> S + Sync + Send,
+        product: impl Fn(&mut S, &[f32], usize, *mut f32) + Sync + Send,
+    ) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (oh, ow) = self.out_size(h, w);
+        let rows = c * self.k_h * self.k_w;
+        let n = oh * ow;
+        let tiles_per_image = oh.div_ceil(tile_rows);
+        let mut out = vec![0f32; b * c_out * n];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let tile = |(cols, scratch): &mut (Vec<f32>, S), t: usize| {
+            let (bi, ti) = (t / tiles_per_image, t % tiles_per_image);
+            let oy0 = ti * tile_rows;
+            let oy1 = (oy0 + tile_rows).min(oh);
+            let tn = (oy1 - oy0) * ow;
+            cols.clear();
+            cols.resize(rows * tn, 0.0);
+            self.gather(
+                &x[bi * c * h * w..][..c * h * w],
+                (c, h, w),
+                (oy0, oy1),
+                cols,
+            );
+            let dst = out_ptr;
+            // SAFETY: in bounds (image `bi`, output pixel oy0·ow); every tile writes a disjoint
+            // set of output columns (`[oy0·ow, oy1·ow)` of image `bi`, for all c_out rows)
+            // inside `out`, which outlives the loop.
+            product(scratch, cols, tn, unsafe {
+                dst.0.add(bi * c_out * n + oy0 * ow)
+            });
+        };
+        let tiles = b * tiles_per_image;
+        if parallel {
+            (0..tiles)
+                .into_par_iter()
+                .for_each_init(|| (Vec::new(), init()), tile);
+        } else {
+            let mut scratch = (Vec::new(), init());
+            (0..tiles).for_each(|t| tile(&mut scratch, t));
+        }
+        out
+    }
+
     fn run(&self, src: &[f32], (b, c, h, w): (usize, usize, usize, usize)) -> (Vec<f32>, Shape) {
         let (oh, ow) = self.out_size(h, w);
         let rows = c * self.k_h * self.k_w;
@@ -372,40 +414,24 @@ impl TiledConv {
         wt: &[f32],
         c_out: usize,
     ) -> (Vec<f32>, Shape) {
-        use rayon::prelude::*;
         let (oh, ow) = self.0.out_size(h, w);
         let rows = c * self.0.k_h * self.0.k_w;
         let n = oh * ow;
         // Whole output rows per tile keep the gather simple.
         let tile_rows = (TILE_FLOATS / (rows * ow)).clamp(1, oh);
-        let tiles_per_image = oh.div_ceil(tile_rows);
-        let mut out = vec![0f32; b * c_out * n];
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..b * tiles_per_image)
-            .into_par_iter()
-            .for_each_init(Vec::<f32>::new, |cols, t| {
-                let (bi, ti) = (t / tiles_per_image, t % tiles_per_image);
-                let oy0 = ti * tile_rows;
-                let oy1 = (oy0 + tile_rows).min(oh);
-                let tn = (oy1 - oy0) * ow;
-                cols.clear();
-                cols.resize(rows * tn, 0.0);
-                let image = &x[bi * c * h * w..][..c * h * w];
-                self.0.gather(image, (c, h, w), (oy0, oy1), cols);
-                let dst = out_ptr;
-                // SAFETY: every tile writes a disjoint set of output columns
-                // (`[oy0·ow, oy1·ow)` of image `bi`, for all c_out rows) inside `out`, which
-                // outlives the parallel loop; `wt` is `c_out × rows` and `cols` `rows × tn`.
-                unsafe {
-                    matmul_into(
-                        (c_out, tn, rows),
-                        dst.0.add(bi * c_out * n + oy0 * ow),
-                        n,
-                        wt,
-                        cols,
-                    );
-                }
-            });
+        let out = self.0.tiles(
+            x,
+            (b, c, h, w),
+            c_out,
+            tile_rows,
+            true,
+            || (),
+            |_, cols, tn, dst| {
+                // SAFETY: `dst` takes the c_out × tn product with rows n apart (`tiles`);
+                // `wt` is `c_out × rows` and `cols` `rows × tn`.
+                unsafe { matmul_into((c_out, tn, rows), dst, n, wt, cols) };
+            },
+        );
         (out, Shape::from((b, c_out, oh, ow)))
     }
 }
@@ -437,7 +463,6 @@ impl CustomOp1 for Bf16Conv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let x = cpu_f32(storage, layout, "bf16 conv2d")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let im = &self.im2col;
@@ -457,48 +482,22 @@ impl CustomOp1 for Bf16Conv {
             (BF16_TILE_FLOATS / (rows * ow).max(1)).max(BF16_MIN_TILE_PIXELS.div_ceil(ow.max(1)))
         }
         .clamp(1, oh.max(1));
-        let tiles_per_image = oh.div_ceil(tile_rows);
-        let tiles = b * tiles_per_image;
-        let mut out = vec![0f32; b * c_out * n];
-        let out_ptr = SendPtr(out.as_mut_ptr());
         // Few tiles (small images, wide layers): one tile at a time, each product on all
         // threads; else tiles in parallel, each product on one.
-        let per_tile_parallel = tiles < 4 * rayon::current_num_threads();
-        let tile = |(cols, packed): &mut (Vec<f32>, PackedB), t: usize| {
-            let (bi, ti) = (t / tiles_per_image, t % tiles_per_image);
-            let oy0 = ti * tile_rows;
-            let oy1 = (oy0 + tile_rows).min(oh);
-            let tn = (oy1 - oy0) * ow;
-            cols.clear();
-            cols.resize(rows * tn, 0.0);
-            im.gather(
-                &x[bi * c * h * w..][..c * h * w],
-                (c, h, w),
-                (oy0, oy1),
-                cols,
-            );
-            packed.repack_rows(cols, rows, tn, tn, per_tile_parallel);
-            let dst = out_ptr;
-            // SAFETY: every tile writes a disjoint set of output columns (`[oy0·ow, oy1·ow)`
-            // of image `bi`, for all c_out rows) inside `out`, which outlives the loop.
-            unsafe {
-                bf16_gemm::matmul(
-                    &self.w,
-                    packed,
-                    dst.0.add(bi * c_out * n + oy0 * ow),
-                    n,
-                    per_tile_parallel,
-                );
-            }
-        };
-        if per_tile_parallel {
-            let mut scratch = (Vec::new(), PackedB::default());
-            (0..tiles).for_each(|t| tile(&mut scratch, t));
-        } else {
-            (0..tiles)
-                .into_par_iter()
-                .for_each_init(|| (Vec::new(), PackedB::default()), tile);
-        }
+        let per_tile_parallel = b * oh.div_ceil(tile_rows) < 4 * rayon::current_num_threads();
+        let out = im.tiles(
+            x,
+            (b, c, h, w),
+            c_out,
+            tile_rows,
+            !per_tile_parallel,
+            PackedB::default,
+            |packed, cols, tn, dst| {
+                packed.repack_rows(cols, rows, tn, tn, per_tile_parallel);
+                // SAFETY: `dst` takes the c_out × tn product with rows n apart (`tiles`).
+                unsafe { bf16_gemm::matmul(&self.w, packed, dst, n, per_tile_parallel) };
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
     }
 }

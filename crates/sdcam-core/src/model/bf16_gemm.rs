@@ -40,8 +40,8 @@ const MC: usize = 192;
 const NC_PANELS: usize = 8;
 
 /// Whether the conv and linear layers built from `vb` multiply in bf16 with these kernels:
-/// `model.dtype = "bf16"` on the CPU loads the U-Net and TAESD through a bf16 `VarBuilder` on
-/// the CPU, and this is how their layers know. Their parameters are still read in f32
+/// `model.dtype = "bf16"` on the CPU loads the U-Net and the VAE through a bf16 `VarBuilder`
+/// on the CPU, and this is how their layers know. Their parameters are still read in f32
 /// ([`f32_params`]): weights are packed to bf16 on first use, biases, norms and activations stay
 /// f32.
 pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {

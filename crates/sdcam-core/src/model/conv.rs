@@ -4,12 +4,12 @@
 //! `conv2d` converts the input to NHWC and copies the kernel element by element on every call,
 //! which costs as much as the product itself for the 1280-channel convs at small latents).
 //! 1×1 convs are a plain matrix product; 3×3 stride-1 padding-1 convs over at least
-//! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take Winograd's F(2×2, 3×3) (`model::winograd`, 2.25×
-//! fewer multiply-adds; `SDCAM_WINOGRAD=0` in the environment turns it off, for comparisons).
-//! Other devices and dtypes use candle's `conv2d`. With `model.dtype = "bf16"` on the CPU
-//! ([`bf16_gemm::bf16_products`]) the same two paths multiply in bf16 (`model::bf16_gemm`): the weight
-//! (or the Winograd filter transform) is packed once, each tile of im2col (or each Winograd
-//! `V`) is packed as it is made.
+//! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take
+//! Winograd's F(2×2, 3×3) (`model::winograd`, 2.25× fewer multiply-adds; `SDCAM_WINOGRAD=0` in
+//! the environment turns it off, for comparisons). Other devices and dtypes use candle's
+//! `conv2d`. With `model.dtype = "bf16"` on the CPU ([`bf16_gemm::bf16_products`]) the same
+//! paths multiply in bf16 (`model::bf16_gemm`): the weight (or the Winograd filter transform) is
+//! packed once, each tile of im2col (or each Winograd `V`) is packed as it is made.
 //!
 //! Drop-in for `candle_nn::{conv2d, Conv2d}`: same constructor, same tensor names. Used by the
 //! U-Net, TAESD and the VAE.

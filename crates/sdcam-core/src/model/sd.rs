@@ -153,11 +153,10 @@ fn component_vb(
 
 /// For a model asked for in `dtype` on `device`: the dtype its activations (and its text
 /// encoder, which runs once per prompt) compute in, and the dtype its U-Net and VAE are built
-/// with. The same, except bf16
-/// on the CPU: f32 activations with bf16 products in the convs and linear layers of the U-Net
-/// and the VAE (TAESD or AutoencoderKL) (`model::bf16_gemm`: weights and each product's input rounded to bf16, sums in f32;
-/// norms, biases, attention scores and softmax in f32), the way OpenVINO and oneDNN run bf16 on
-/// a CPU.
+/// with. The same, except bf16 on the CPU: f32 activations with bf16 products in the convs and
+/// linear layers of the U-Net and the VAE (TAESD or AutoencoderKL) and in the U-Net's attention
+/// (`model::bf16_gemm`: weights and each product's input rounded to bf16, sums in f32; norms,
+/// biases, attention scores and softmax in f32), the way OpenVINO and oneDNN run bf16 on a CPU.
 ///
 /// # Errors
 /// bf16 on a CPU without AVX512-BF16.

@@ -11,6 +11,10 @@
 //! paths multiply in bf16 (`model::bf16_gemm`): the weight (or the Winograd filter transform) is
 //! packed once, each tile of im2col (or each Winograd `V`) is packed as it is made.
 //!
+//! On these CPU paths the bias, and where the caller asks ([`Conv2d::forward_fused`]) a residual
+//! and a ReLU, are applied by the kernel to each output row as it is written ([`Epilogue`]),
+//! not in passes of their own over the whole output.
+//!
 //! Drop-in for `candle_nn::{conv2d, Conv2d}`: same constructor, same tensor names. Used by the
 //! U-Net, TAESD and the VAE.
 
@@ -48,6 +52,8 @@ pub(crate) struct Conv2d {
     weight2d: Tensor,
     /// Bias as `[c_out, 1, 1]` (broadcast over the pixels of the NCHW output).
     bias: Option<Tensor>,
+    /// The same bias as floats where it is an f32 CPU tensor (for the kernels' epilogue).
+    bias_f32: Option<Arc<[f32]>>,
     k_h: usize,
     k_w: usize,
     cfg: Conv2dConfig,
@@ -110,6 +116,12 @@ impl Conv2d {
         let (c_out, c_in, k_h, k_w) = w.dims4()?;
         let weight2d = w.reshape((c_out, c_in * k_h * k_w))?;
         let bias = inner.bias().map(|b| b.reshape((c_out, 1, 1))).transpose()?;
+        let bias_f32 = match inner.bias() {
+            Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => {
+                Some(Arc::from(b.to_vec1::<f32>()?))
+            }
+            _ => None,
+        };
         let cfg = *inner.config();
         let winograd = (k_h == 3
             && k_w == 3
@@ -122,6 +134,7 @@ impl Conv2d {
             inner,
             weight2d,
             bias,
+            bias_f32,
             k_h,
             k_w,
             cfg,
@@ -170,7 +183,14 @@ impl Conv2d {
     /// The bf16 product for an `h × w` input (`f` this conv's packed weights): Winograd or
     /// tiled im2col, each made on first use (two threads may both make one, with the same
     /// result).
-    fn bf16_op(&self, f: &Bf16Filters, h: usize, w: usize, im2col: Im2Col) -> Result<Bf16Op> {
+    fn bf16_op<'a>(
+        &self,
+        f: &Bf16Filters,
+        h: usize,
+        w: usize,
+        im2col: Im2Col,
+        epilogue: Epilogue<'a>,
+    ) -> Result<Bf16Op<'a>> {
         let (c_out, rows) = self.weight2d.dims2()?;
         if self.takes_winograd(h, w)? {
             let u = match f.winograd.get() {
@@ -185,7 +205,11 @@ impl Conv2d {
                     f.winograd.get_or_init(|| Arc::new(packed)).clone()
                 }
             };
-            return Ok(Bf16Op::Winograd(Bf16Winograd { k: c_out, u }));
+            return Ok(Bf16Op::Winograd(Bf16Winograd {
+                k: c_out,
+                u,
+                epilogue,
+            }));
         }
         let a = match f.im2col.get() {
             Some(a) => a.clone(),
@@ -195,7 +219,11 @@ impl Conv2d {
                 f.im2col.get_or_init(|| a).clone()
             }
         };
-        Ok(Bf16Op::Im2Col(Bf16Conv { im2col, w: a }))
+        Ok(Bf16Op::Im2Col(Bf16Conv {
+            im2col,
+            w: a,
+            epilogue,
+        }))
     }
 
     fn fast_path(&self, xs: &Tensor) -> bool {
@@ -205,58 +233,181 @@ impl Conv2d {
             && self.cfg.groups == 1
             && self.cfg.dilation == 1
             && xs.rank() == 4
+            && (self.bias.is_none() || self.bias_f32.is_some())
     }
-}
 
-impl Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `relu(conv(x))` (see [`Conv2d::forward_fused`]).
+    pub(crate) fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_fused(xs, None, true)
+    }
+
+    /// `conv(x) + residual`, then ReLU where `relu`: on the CPU paths the kernel applies both
+    /// to each output row as it writes it (the residual must have the output's shape), else
+    /// they are tensor ops after the convolution. Same values as the separate ops: the sums
+    /// are made in the same order.
+    ///
+    /// # Errors
+    /// Shapes that do not fit (the input, or a residual that is not the output's shape).
+    pub(crate) fn forward_fused(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let unfused = |ys: Tensor| -> Result<Tensor> {
+            let ys = match residual {
+                Some(r) => (ys + r)?,
+                None => ys,
+            };
+            if relu {
+                ys.relu()
+            } else {
+                Ok(ys)
+            }
+        };
         if !self.fast_path(xs) {
-            return self.inner.forward(xs);
+            return unfused(self.inner.forward(xs)?);
         }
         let (b, c_in, h, w) = xs.dims4()?;
         let p = &self.cfg;
         let (k_h, k_w) = (self.k_h, self.k_w);
         if h + 2 * p.padding < k_h || w + 2 * p.padding < k_w {
-            return self.inner.forward(xs);
+            return unfused(self.inner.forward(xs)?);
         }
         let oh = (h + 2 * p.padding - k_h) / p.stride + 1;
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
-        let xs = xs.contiguous()?;
         let (c_out, rows) = self.weight2d.dims2()?;
+        // The residual as floats, read in place (held for the call), where it is an f32 CPU
+        // tensor of the output's shape; anything else is added after the convolution.
+        let residual = match residual {
+            Some(r) if r.dims() == [b, c_out, oh, ow] && r.dtype() == DType::F32 => {
+                Some(r.contiguous()?)
+            }
+            // Added as a tensor (candle's shape and dtype errors).
+            Some(_) => return unfused(self.forward_fused(xs, None, false)?),
+            None => None,
+        };
+        let guard = residual.as_ref().map(|r| r.storage_and_layout());
+        let residual_f32 = match &guard {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                    Some(&v[layout.start_offset()..][..b * c_out * oh * ow])
+                }
+                _ => candle_core::bail!("conv: the residual must be on the CPU like the input"),
+            },
+            None => None,
+        };
+        let epilogue = Epilogue {
+            bias: self.bias_f32.as_deref(),
+            residual: residual_f32,
+            relu,
+            base: 0,
+        };
+        let xs = xs.contiguous()?;
         let im2col = Im2Col {
             k_h,
             k_w,
             stride: p.stride,
             padding: p.padding,
         };
-        // Every path gives the NCHW output `[b, c_out, oh, ow]` without the bias.
-        let ys = if let Some(f) = &self.bf16 {
+        // The fused paths give `[b, c_out, oh, ow]` with the epilogue applied.
+        if let Some(f) = &self.bf16 {
             // Built only where the CPU runs bf16 products (`products_for`).
-            match self.bf16_op(f, h, w, im2col)? {
-                Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op)?,
-                Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op)?,
-            }
-        } else if let Some(u) = self.winograd_filter(h, w)? {
-            xs.apply_op2_no_bwd(&u, &Winograd { k: c_out })?
-        } else if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
-            // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
-            xs.apply_op2_no_bwd(&self.weight2d, &TiledConv(im2col))?
-        } else {
-            let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
-                xs.reshape((b, c_in, h * w))?
-            } else {
-                xs.apply_op1_no_bwd(&im2col)?
+            return match self.bf16_op(f, h, w, im2col, epilogue)? {
+                Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op),
+                Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op),
             };
-            // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
-            // which candle's CPU matmul runs as one product per sample.
-            self.weight2d
-                .broadcast_left(b)?
-                .matmul(&cols)?
-                .reshape((b, c_out, oh, ow))?
+        }
+        if let Some(u) = self.winograd_filter(h, w)? {
+            return xs.apply_op2_no_bwd(&u, &Winograd { k: c_out, epilogue });
+        }
+        if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
+            // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
+            return xs.apply_op2_no_bwd(&self.weight2d, &TiledConv { im2col, epilogue });
+        }
+        let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
+            xs.reshape((b, c_in, h * w))?
+        } else {
+            xs.apply_op1_no_bwd(&im2col)?
         };
-        match &self.bias {
-            Some(bias) => ys.broadcast_add(bias),
-            None => Ok(ys),
+        // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
+        // which candle's CPU matmul runs as one product per sample.
+        let ys = self
+            .weight2d
+            .broadcast_left(b)?
+            .matmul(&cols)?
+            .reshape((b, c_out, oh, ow))?;
+        let ys = match &self.bias {
+            Some(bias) => ys.broadcast_add(bias)?,
+            None => ys,
+        };
+        drop(guard);
+        unfused(ys)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_fused(xs, None, false)
+    }
+}
+
+/// What a conv's kernel does to each output row as it writes it, instead of passes of their own
+/// over the whole output: `relu?(conv + bias + residual)`, summed in that order (the order of
+/// the separate tensor ops, so the values are the same).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    /// One value per output channel.
+    pub(crate) bias: Option<&'a [f32]>,
+    /// Of the whole output's shape (NCHW, contiguous).
+    pub(crate) residual: Option<&'a [f32]>,
+    pub(crate) relu: bool,
+    /// Offset added to the residual offsets given to [`Epilogue::apply`] ([`Epilogue::image`]).
+    base: usize,
+}
+
+impl Epilogue<'_> {
+    /// Errors where the bias is not `channels` long or the residual not `len`.
+    pub(crate) fn check(&self, channels: usize, len: usize, op: &str) -> Result<()> {
+        if self.bias.is_some_and(|b| b.len() != channels)
+            || self.residual.is_some_and(|r| r.len() != len)
+        {
+            candle_core::bail!("{op}: the bias or residual does not match the output");
+        }
+        Ok(())
+    }
+
+    /// The same epilogue for offsets counted from `offset` (an image of the batch).
+    pub(crate) fn image(self, offset: usize) -> Self {
+        Self {
+            base: self.base + offset,
+            ..self
+        }
+    }
+
+    /// Applies the epilogue to `row`, output channel `ch`, which starts at `at` in the output
+    /// (from the [`Epilogue::image`] offset).
+    #[inline]
+    pub(crate) fn apply(&self, ch: usize, at: usize, row: &mut [f32]) {
+        let b = self.bias.map(|b| b[ch]);
+        match (self.residual, self.relu) {
+            (None, false) => {
+                if let Some(b) = b {
+                    row.iter_mut().for_each(|v| *v += b);
+                }
+            }
+            (None, true) => {
+                let b = b.unwrap_or(0.0);
+                row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+            }
+            (Some(r), relu) => {
+                let r = &r[self.base + at..][..row.len()];
+                let b = b.unwrap_or(0.0);
+                for (v, &r) in row.iter_mut().zip(r) {
+                    let s = *v + b + r;
+                    *v = if relu { s.max(0.0) } else { s };
+                }
+            }
         }
     }
 }
@@ -327,8 +478,9 @@ impl Im2Col {
     /// im2col + product tile by tile, into a new NCHW output `[b, c_out, oh, ow]`: each tile of
     /// `tile_rows` whole output rows of one image is gathered (`[c·k_h·k_w, tn]`, in cache) and
     /// handed to `product(scratch, cols, tn, dst)`, which must write the `c_out × tn` product at
-    /// `dst` with rows `oh·ow` floats apart. Tiles run in parallel when `parallel`, each thread
-    /// with its own `scratch` from `init`.
+    /// `dst` with rows `oh·ow` floats apart; then each of its rows gets `epilogue`. Tiles run in
+    /// parallel when `parallel`, each thread with its own `scratch` from `init` (else the
+    /// epilogue runs in parallel over the channels: the product is then parallel itself).
     #[allow(clippy::too_many_arguments)]
     fn tiles<S>(
         &self,
@@ -337,6 +489,7 @@ impl Im2Col {
         c_out: usize,
         tile_rows: usize,
         parallel: bool,
+        epilogue: Epilogue,
         init: impl Fn() -> S + Sync + Send,
         product: impl Fn(&mut S, &[f32], usize, *mut f32) + Sync + Send,
     ) -> Vec<f32> {
@@ -367,6 +520,21 @@ impl Im2Col {
             product(scratch, cols, tn, unsafe {
                 dst.0.add(bi * c_out * n + oy0 * ow)
             });
+            let epilogue = epilogue.image(bi * c_out * n);
+            let row = |ch: usize| {
+                let out = dst; // the whole wrapper, not its field (Send/Sync)
+                let at = ch * n + oy0 * ow;
+                // SAFETY: this tile's columns of channel `ch` (see above), written by the
+                // product just now and by nothing else during the loop.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(bi * c_out * n + at), tn) };
+                epilogue.apply(ch, at, row);
+            };
+            if parallel {
+                (0..c_out).for_each(row);
+            } else {
+                (0..c_out).into_par_iter().for_each(row);
+            }
         };
         let tiles = b * tiles_per_image;
         if parallel {
@@ -403,10 +571,14 @@ const TILED_ABOVE_BYTES: usize = 32 << 20;
 const TILE_FLOATS: usize = 256 << 10;
 
 /// im2col + product, one tile of output pixels at a time, tiles in parallel; the product writes
-/// straight into the NCHW output (`x` NCHW contiguous, `w` `[c_out, c_in·k_h·k_w]`).
-struct TiledConv(Im2Col);
+/// straight into the NCHW output (`x` NCHW contiguous, `w` `[c_out, c_in·k_h·k_w]`), then the
+/// epilogue.
+struct TiledConv<'a> {
+    im2col: Im2Col,
+    epilogue: Epilogue<'a>,
+}
 
-impl TiledConv {
+impl TiledConv<'_> {
     fn run(
         &self,
         x: &[f32],
@@ -414,17 +586,18 @@ impl TiledConv {
         wt: &[f32],
         c_out: usize,
     ) -> (Vec<f32>, Shape) {
-        let (oh, ow) = self.0.out_size(h, w);
-        let rows = c * self.0.k_h * self.0.k_w;
+        let (oh, ow) = self.im2col.out_size(h, w);
+        let rows = c * self.im2col.k_h * self.im2col.k_w;
         let n = oh * ow;
         // Whole output rows per tile keep the gather simple.
         let tile_rows = (TILE_FLOATS / (rows * ow)).clamp(1, oh);
-        let out = self.0.tiles(
+        let out = self.im2col.tiles(
             x,
             (b, c, h, w),
             c_out,
             tile_rows,
             true,
+            self.epilogue,
             || (),
             |_, cols, tn, dst| {
                 // SAFETY: `dst` takes the c_out × tn product with rows n apart (`tiles`);
@@ -437,17 +610,18 @@ impl TiledConv {
 }
 
 /// The two bf16 paths of [`Conv2d`].
-enum Bf16Op {
-    Winograd(Bf16Winograd),
-    Im2Col(Bf16Conv),
+enum Bf16Op<'a> {
+    Winograd(Bf16Winograd<'a>),
+    Im2Col(Bf16Conv<'a>),
 }
 
 /// im2col + bf16 product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in cache)
 /// is packed to bf16 and multiplied by the packed weight straight into the NCHW output.
-struct Bf16Conv {
+struct Bf16Conv<'a> {
     im2col: Im2Col,
     /// `[c_out, c_in·k_h·k_w]` packed.
     w: Arc<PackedA>,
+    epilogue: Epilogue<'a>,
 }
 
 /// Floats of one im2col tile on the bf16 path (512 KiB, plus half that packed), or of one
@@ -457,7 +631,7 @@ const BF16_TILE_FLOATS: usize = 128 << 10;
 /// and the product's panels are 32 pixels wide.
 const BF16_MIN_TILE_PIXELS: usize = 256;
 
-impl CustomOp1 for Bf16Conv {
+impl CustomOp1 for Bf16Conv<'_> {
     fn name(&self) -> &'static str {
         "sdcam-bf16-conv2d"
     }
@@ -473,6 +647,7 @@ impl CustomOp1 for Bf16Conv {
         let c_out = self.w.rows();
         let (oh, ow) = im.out_size(h, w);
         let n = oh * ow;
+        self.epilogue.check(c_out, b * c_out * n, "bf16 conv2d")?;
         // The whole image in one product where its im2col is small enough (small latents, wide
         // layers: every tile would stream the whole packed weight again), else tiles of whole
         // output rows, at least BF16_MIN_TILE_PIXELS each.
@@ -491,6 +666,7 @@ impl CustomOp1 for Bf16Conv {
             c_out,
             tile_rows,
             !per_tile_parallel,
+            self.epilogue,
             PackedB::default,
             |packed, cols, tn, dst| {
                 packed.repack_rows(cols, rows, tn, tn, per_tile_parallel);
@@ -502,7 +678,7 @@ impl CustomOp1 for Bf16Conv {
     }
 }
 
-impl CustomOp2 for TiledConv {
+impl CustomOp2 for TiledConv<'_> {
     fn name(&self) -> &'static str {
         "sdcam-tiled-conv2d"
     }
@@ -518,9 +694,12 @@ impl CustomOp2 for TiledConv {
         let wt = cpu_f32(s2, l2, "tiled conv2d")?;
         let dims = l1.shape().dims4()?;
         let (c_out, rows) = l2.shape().dims2()?;
-        if rows != dims.1 * self.0.k_h * self.0.k_w {
+        if rows != dims.1 * self.im2col.k_h * self.im2col.k_w {
             candle_core::bail!("tiled conv2d: kernel does not match the input channels");
         }
+        let (oh, ow) = self.im2col.out_size(dims.2, dims.3);
+        self.epilogue
+            .check(c_out, dims.0 * c_out * oh * ow, "tiled conv2d")?;
         let (out, shape) = self.run(x, dims, wt, c_out);
         Ok((CpuStorage::F32(out), shape))
     }
@@ -560,6 +739,57 @@ mod tests {
             ..Default::default()
         };
         (x, candle_nn::Conv2d::new(wt, bs, cfg))
+    }
+
+    /// `forward_fused` gives exactly (bit for bit) what the separate ops give, conv without
+    /// bias, then `+ bias`, `+ residual`, ReLU, on every path: plain im2col, 1×1, Winograd and
+    /// tiled in f32, and Winograd and im2col with bf16 products where the CPU has them.
+    #[test]
+    fn fused_epilogue_equals_separate_ops() {
+        let cases = [
+            (3, 1, 1, 2, 8, 5, 9, 7),      // im2col
+            (1, 1, 0, 1, 16, 6, 10, 10),   // 1×1
+            (3, 1, 1, 2, 8, 12, 40, 37),   // Winograd
+            (3, 2, 1, 1, 64, 8, 300, 290), // tiled
+        ];
+        let bf16_too = bf16_gemm::available();
+        for (k, stride, padding, b, c_in, c_out, h, w) in cases {
+            let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
+            let bias = inner.bias().unwrap().clone();
+            let no_bias = candle_nn::Conv2d::new(inner.weight().clone(), None, *inner.config());
+            for bf16 in [false, true] {
+                if bf16 && !bf16_too {
+                    continue;
+                }
+                let conv = Conv2d::with_products(inner.clone(), bf16).unwrap();
+                let plain = Conv2d::with_products(no_bias.clone(), bf16).unwrap();
+                let ys = plain.forward(&x).unwrap();
+                let residual = Tensor::randn(0f32, 1., ys.shape(), &Device::Cpu).unwrap();
+                let with_bias = ys
+                    .broadcast_add(&bias.reshape((c_out, 1, 1)).unwrap())
+                    .unwrap();
+                for (res, relu) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let mut want = with_bias.clone();
+                    if res {
+                        want = (want + &residual).unwrap();
+                    }
+                    if relu {
+                        want = want.relu().unwrap();
+                    }
+                    let got = conv
+                        .forward_fused(&x, res.then_some(&residual), relu)
+                        .unwrap();
+                    assert_eq!(
+                        max_abs_diff(&got, &want),
+                        0.0,
+                        "k{k} s{stride} {b}x{c_in}x{h}x{w} bf16 {bf16} residual {res} relu {relu}"
+                    );
+                }
+                // A residual of another shape is an error, not a read out of bounds.
+                let wrong = Tensor::zeros((b, c_out + 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+                assert!(conv.forward_fused(&x, Some(&wrong), true).is_err());
+            }
+        }
     }
 
     /// The tiled path (large images) equals candle's conv2d too, with tiles that do not divide

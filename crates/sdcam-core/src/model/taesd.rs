@@ -182,14 +182,14 @@ impl TinyBlock {
 
 impl Module for TinyBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv0.forward(xs)?.relu()?;
-        let h = self.conv2.forward(&h)?.relu()?;
-        let h = self.conv4.forward(&h)?;
+        // relu(conv4(…) + skip) with the add and the ReLU in conv4's kernel (`forward_fused`).
+        let h = self.conv0.forward_relu(xs)?;
+        let h = self.conv2.forward_relu(&h)?;
         let skip = match &self.skip {
             Some(s) => s.forward(xs)?,
             None => xs.clone(),
         };
-        (h + skip)?.relu()
+        self.conv4.forward_fused(&h, Some(&skip), true)
     }
 }
 
@@ -216,8 +216,21 @@ impl Module for Layer {
     }
 }
 
+/// The layers in order; a conv followed by a ReLU runs as one ([`Conv2d::forward_relu`]).
 fn run(layers: &[Layer], xs: &Tensor) -> Result<Tensor> {
-    layers.iter().try_fold(xs.clone(), |x, l| l.forward(&x))
+    let mut x = xs.clone();
+    let mut i = 0;
+    while i < layers.len() {
+        x = match (&layers[i], layers.get(i + 1)) {
+            (Layer::Conv(c), Some(Layer::Relu)) => {
+                i += 1;
+                c.forward_relu(&x)?
+            }
+            (l, _) => l.forward(&x)?,
+        };
+        i += 1;
+    }
+    Ok(x)
 }
 
 /// diffusers' `EncoderTiny`.

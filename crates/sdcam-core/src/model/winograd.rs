@@ -19,6 +19,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
 use crate::model::bf16_gemm::{self, PackedA, PackedB};
+use crate::model::conv::Epilogue;
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Float budget of one block's `V` and `M` together (2 MiB: about one core's L2 on this
@@ -51,9 +52,10 @@ pub(crate) fn transform_filter(w: &[f32], k: usize, c: usize) -> Vec<f32> {
 }
 
 /// The convolution as a candle op: input `[b, c, h, w]` (f32, contiguous), transformed filter
-/// `[16, k, c]` from [`transform_filter`] → `[b, k, h, w]` (no bias; the caller adds it).
-pub(crate) struct Winograd {
+/// `[16, k, c]` from [`transform_filter`] → `[b, k, h, w]`, with `epilogue` applied.
+pub(crate) struct Winograd<'a> {
     pub(crate) k: usize,
+    pub(crate) epilogue: Epilogue<'a>,
 }
 
 /// Shapes of one call.
@@ -68,25 +70,36 @@ struct Dims {
     th: usize,
 }
 
-impl Winograd {
+impl Winograd<'_> {
     fn run(&self, x: &[f32], dims: (usize, usize, usize, usize), u: &[f32]) -> Vec<f32> {
         let (c, k) = (dims.1, self.k);
-        run_blocks(x, dims, k, 1, |xi, v, m, nt| {
-            // SAFETY: u[ξ] is k×c, v c×nt and m k×nt, as `run_blocks` hands them over.
-            unsafe { matmul_into((k, nt, c), m.as_mut_ptr(), nt, &u[xi * k * c..][..k * c], v) };
-        })
+        run_blocks(
+            x,
+            dims,
+            k,
+            1,
+            self.epilogue,
+            || (),
+            |_, xi, v, m, nt| {
+                // SAFETY: u[ξ] is k×c, v c×nt and m k×nt, as `run_blocks` hands them over.
+                unsafe {
+                    matmul_into((k, nt, c), m.as_mut_ptr(), nt, &u[xi * k * c..][..k * c], v)
+                };
+            },
+        )
     }
 }
 
 /// The same convolution with bf16 products (`model.dtype = "bf16"` on the CPU): input
-/// `[b, c, h, w]` (f32, contiguous) → `[b, k, h, w]` f32 (no bias), the 16 filter transforms
-/// packed for `model::bf16_gemm` (`[k, c]` each); the transforms stay f32.
-pub(crate) struct Bf16Winograd {
+/// `[b, c, h, w]` (f32, contiguous) → `[b, k, h, w]` f32 (after the epilogue), the 16 filter
+/// transforms packed for `model::bf16_gemm` (`[k, c]` each); the transforms stay f32.
+pub(crate) struct Bf16Winograd<'a> {
     pub(crate) k: usize,
     pub(crate) u: std::sync::Arc<Vec<PackedA>>,
+    pub(crate) epilogue: Epilogue<'a>,
 }
 
-impl candle_core::CustomOp1 for Bf16Winograd {
+impl candle_core::CustomOp1 for Bf16Winograd<'_> {
     fn name(&self) -> &'static str {
         "sdcam-bf16-winograd-conv3x3"
     }
@@ -98,12 +111,21 @@ impl candle_core::CustomOp1 for Bf16Winograd {
         if self.u.len() != 16 || self.u.iter().any(|u| u.rows() != k || u.cols() != c) {
             candle_core::bail!("bf16 winograd conv: the filter transform does not match the input");
         }
-        let out = run_blocks(x, (b, c, h, w), k, BF16_MIN_BLOCK_TILES, |xi, v, m, nt| {
-            let mut vb = PackedB::default();
-            vb.repack_rows(v, c, nt, nt, false);
-            // SAFETY: m is k×nt, written by this block alone.
-            unsafe { bf16_gemm::matmul(&self.u[xi], &vb, m.as_mut_ptr(), nt, false) };
-        });
+        self.epilogue
+            .check(k, b * k * h * w, "bf16 winograd conv")?;
+        let out = run_blocks(
+            x,
+            (b, c, h, w),
+            k,
+            BF16_MIN_BLOCK_TILES,
+            self.epilogue,
+            PackedB::default,
+            |vb, xi, v, m, nt| {
+                vb.repack_rows(v, c, nt, nt, false);
+                // SAFETY: m is k×nt, written by this block alone.
+                unsafe { bf16_gemm::matmul(&self.u[xi], vb, m.as_mut_ptr(), nt, false) };
+            },
+        );
         Ok((CpuStorage::F32(out), Shape::from((b, k, h, w))))
     }
 }
@@ -112,15 +134,19 @@ impl candle_core::CustomOp1 for Bf16Winograd {
 /// the products' panels are 32 tiles wide.
 const BF16_MIN_BLOCK_TILES: usize = 64;
 
-/// The convolution block by block (see the module docs), with `product(ξ, V[ξ], M[ξ], nt)`
-/// computing `M[ξ] = U[ξ]·V[ξ]` for one block (`V[ξ]` `c × nt`, `M[ξ]` `k × nt`, row-major);
-/// blocks hold at least `min_tiles` tiles (whole rows of tiles) where the image has them.
-fn run_blocks(
+/// The convolution block by block (see the module docs), with `product(scratch, ξ, V[ξ], M[ξ],
+/// nt)` computing `M[ξ] = U[ξ]·V[ξ]` for one block (`V[ξ]` `c × nt`, `M[ξ]` `k × nt`,
+/// row-major; M is overwritten, not read), `scratch` the thread's own from `init`; blocks hold
+/// at least `min_tiles` tiles (whole rows of tiles) where the image has them. Each output row
+/// gets `epilogue` as it is written.
+fn run_blocks<S>(
     x: &[f32],
     (b, c, h, w): (usize, usize, usize, usize),
     k: usize,
     min_tiles: usize,
-    product: impl Fn(usize, &[f32], &mut [f32], usize) + Sync,
+    epilogue: Epilogue,
+    init: impl Fn() -> S + Sync + Send,
+    product: impl Fn(&mut S, usize, &[f32], &mut [f32], usize) + Sync,
 ) -> Vec<f32> {
     use rayon::prelude::*;
     let d = Dims {
@@ -143,16 +169,23 @@ fn run_blocks(
     let mut out = vec![0f32; b * k * h * w];
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * blocks_per_image).into_par_iter().for_each_init(
-        || (Vec::<f32>::new(), Vec::<f32>::new(), Scratch::new(w)),
-        |(v, m, scratch), blk| {
+        || {
+            (
+                Vec::<f32>::new(),
+                Vec::<f32>::new(),
+                Scratch::new(w),
+                init(),
+            )
+        },
+        |(v, m, scratch, state), blk| {
             let (bi, ri) = (blk / blocks_per_image, blk % blocks_per_image);
             let ty0 = ri * rows_per_block;
             let ty1 = (ty0 + rows_per_block).min(d.th);
             let nt = (ty1 - ty0) * d.tw;
-            v.clear();
-            v.resize(16 * c * nt, 0.0);
-            m.clear();
-            m.resize(16 * k * nt, 0.0);
+            // The input transform writes all of V and the products all of M: grown, never
+            // cleared (zeroing them per block cost TAESD about a tenth of its time).
+            let v = grown(v, 16 * c * nt);
+            let m = grown(m, 16 * k * nt);
             let image = &x[bi * c * h * w..][..c * h * w];
             input_transform(image, d, (ty0, ty1), v, scratch);
             for (xi, (vx, mx)) in v
@@ -160,17 +193,26 @@ fn run_blocks(
                 .zip(m.chunks_exact_mut(k * nt))
                 .enumerate()
             {
-                product(xi, vx, mx, nt);
+                product(state, xi, vx, mx, nt);
             }
             // SAFETY: `out` is `b·k·h·w` floats and outlives the parallel loop; this block
             // writes only output rows 2·ty0 .. min(2·ty1, h) of image `bi` (every channel),
             // which no other block writes.
             let dst = out_ptr; // the whole wrapper, not its field (Send/Sync)
             let image_out = unsafe { dst.0.add(bi * k * h * w) };
-            output_transform(m, d, (ty0, ty1), image_out, scratch);
+            let epilogue = epilogue.image(bi * k * h * w);
+            output_transform(m, d, (ty0, ty1), image_out, epilogue, scratch);
         },
     );
     out
+}
+
+/// The first `n` floats of `buf`, grown to hold them (old contents kept, new ones zero).
+fn grown(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
 }
 
 /// Per-thread rows of the transforms.
@@ -273,12 +315,14 @@ fn input_transform(x: &[f32], d: Dims, (ty0, ty1): (usize, usize), v: &mut [f32]
 /// `Y = Aᵀ·M·A` with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]` for tile rows `ty0..ty1` from `m`
 /// (`[16, k, nt]`) into the image's output (`[k, h, w]`), cropping the last row/column of tiles
 /// where h or w is odd. `out` points at the image's output; only the rows of these tile rows
-/// are written, each through a slice of its own.
+/// are written, each through a slice of its own, and each gets `epilogue` (offsets within the
+/// image) once written.
 fn output_transform(
     m: &[f32],
     d: Dims,
     (ty0, ty1): (usize, usize),
     out: *mut f32,
+    epilogue: Epilogue,
     s: &mut Scratch,
 ) {
     let Dims { k, h, w, tw, .. } = d;
@@ -340,12 +384,13 @@ fn output_transform(
                 if w % 2 == 1 {
                     row[w - 1] = e[tw - 1];
                 }
+                epilogue.apply(ki, (ki * h + oy) * w, row);
             }
         }
     }
 }
 
-impl CustomOp2 for Winograd {
+impl CustomOp2 for Winograd<'_> {
     fn name(&self) -> &'static str {
         "sdcam-winograd-conv3x3"
     }
@@ -364,6 +409,7 @@ impl CustomOp2 for Winograd {
         if sixteen != 16 || k != self.k || uc != c {
             candle_core::bail!("winograd conv: the filter transform does not match the input");
         }
+        self.epilogue.check(k, b * k * h * w, "winograd conv")?;
         let out = self.run(x, (b, c, h, w), u);
         Ok((CpuStorage::F32(out), Shape::from((b, k, h, w))))
     }

@@ -448,14 +448,20 @@ pub(crate) unsafe fn matmul(
         }
         return;
     }
-    let row_tasks = m.div_ceil(MC);
+    let blocks = m.div_ceil(MR);
     let panels = n.div_ceil(NR);
-    let col_tasks = panels.div_ceil(NC_PANELS);
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let (row_tasks, col_tasks) = task_grid(blocks, panels, threads);
     let c = SendPtr(c);
     let task = move |t: usize| {
         let (ti, tj) = (t / col_tasks, t % col_tasks);
-        let rows = (ti * MC)..((ti + 1) * MC).min(m);
-        let pans = (tj * NC_PANELS)..((tj + 1) * NC_PANELS).min(panels);
+        let rows = (even_split(blocks, row_tasks, ti) * MR)
+            ..(even_split(blocks, row_tasks, ti + 1) * MR).min(m);
+        let pans = even_split(panels, col_tasks, tj)..even_split(panels, col_tasks, tj + 1);
         let c = c;
         // SAFETY: the task writes the C block rows × pans·NR (clipped to n), disjoint from
         // every other task's; the caller's contract covers the whole of C.
@@ -474,6 +480,36 @@ pub(crate) unsafe fn matmul(
     } else {
         (0..tasks).for_each(task);
     }
+}
+
+/// How many parts to cut `blocks` row blocks and `panels` column panels of C into, for
+/// `threads` threads: each task at most [`MC`] rows and [`NC_PANELS`] panels (its A and B in
+/// cache), and, among the few grids a little finer than that, the one whose slowest thread has
+/// the least work when the tasks, cut evenly ([`even_split`]), are shared out in waves (e.g.
+/// 1280 rows on 2 threads: 8 tasks of 160 rows, not 7 of up to 192, 4 against 3 on the two
+/// threads).
+fn task_grid(blocks: usize, panels: usize, threads: usize) -> (usize, usize) {
+    let rows0 = blocks.div_ceil(MC / MR);
+    let cols0 = panels.div_ceil(NC_PANELS);
+    if threads <= 1 {
+        return (rows0, cols0);
+    }
+    let mut best = (usize::MAX, rows0, cols0);
+    for rows in rows0..=(rows0 + threads).min(blocks) {
+        for cols in cols0..=(cols0 + threads).min(panels) {
+            let waves = (rows * cols).div_ceil(threads);
+            let cost = waves * blocks.div_ceil(rows) * panels.div_ceil(cols);
+            if cost < best.0 {
+                best = (cost, rows, cols);
+            }
+        }
+    }
+    (best.1, best.2)
+}
+
+/// Start of part `i` of `n` items cut into `parts` nearly equal parts (`i = parts` gives `n`).
+fn even_split(n: usize, parts: usize, i: usize) -> usize {
+    i * n / parts
 }
 
 /// One task's block of C: rows `rows` (a multiple of MR from the start, clipped at m) and
@@ -504,8 +540,15 @@ unsafe fn block_avx512(
                 let ap = a.data[((i0 / MR) * kp + p0) * MR..].as_ptr();
                 // SAFETY: A's block i0/MR and B's panel hold pc pairs from p0 on; C's block
                 // (r rows × cols) is inside this task's region.
+                let ci = c.add(i0 * ldc + j0);
                 unsafe {
-                    micro_avx512(pc, ap, bp, c.add(i0 * ldc + j0), ldc, r, cols, p0 > 0);
+                    if cols > 16 {
+                        micro_avx512::<2>(pc, ap, bp, ci, ldc, r, cols, p0 > 0);
+                    } else {
+                        // A panel of 16 columns or fewer (the last, or all of a narrow C): the
+                        // upper half's products would all be discarded.
+                        micro_avx512::<1>(pc, ap, bp, ci, ldc, r, cols, p0 > 0);
+                    }
                 }
                 i0 += MR;
             }
@@ -515,11 +558,12 @@ unsafe fn block_avx512(
 }
 
 /// `C[0..r, 0..cols] (+)= A_block · B_panel` over `pc` pairs of k: `a` points at the block's
-/// first pair (MR u32 per pair), `b` at the panel's (NR u32 per pair).
+/// first pair (MR u32 per pair), `b` at the panel's (NR u32 per pair); `V` vectors of 16
+/// columns (2, or 1 where `cols ≤ 16`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_avx512(
+unsafe fn micro_avx512<const V: usize>(
     pc: usize,
     a: *const u32,
     b: *const u32,
@@ -533,15 +577,20 @@ unsafe fn micro_avx512(
     // SAFETY (whole body): reads pc·MR u32 from `a` and pc·NR from `b`, the caller's blocks;
     // writes r rows × cols columns of C (masked), the caller's block.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
         for p in 0..pc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR).cast()));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16).cast()));
+            let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    b.add(p * NR + 16 * v).cast(),
+                ));
+            }
             for (i, row) in acc.iter_mut().enumerate() {
                 let av: __m512bh =
                     std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
-                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+                for (acc, &bv) in row.iter_mut().zip(&bv) {
+                    *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                }
             }
         }
         let (m0, m1) = (first_lanes(cols), first_lanes(cols.saturating_sub(16)));
@@ -550,7 +599,7 @@ unsafe fn micro_avx512(
             // Columns 16.. may lie past C's end where cols ≤ 16 (their mask is then empty):
             // no `add` beyond the allocation.
             let dst1 = dst.wrapping_add(16);
-            let (mut v0, mut v1) = (row[0], row[1]);
+            let (mut v0, mut v1) = (row[0], row[V - 1]);
             if accumulate {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
                 if m1 != 0 {
@@ -597,6 +646,28 @@ mod tests {
     /// shapes that are not multiples of the blocks, odd k, k over several chunks, row strides
     /// larger than the rows, and both ways of packing B.
     #[test]
+    fn task_grid_covers_c_in_cache_sized_balanced_tasks() {
+        for (blocks, panels, threads) in [(160, 1, 2), (8, 40, 2), (1, 1, 2), (33, 9, 3), (5, 7, 1)]
+        {
+            let (rows, cols) = task_grid(blocks, panels, threads);
+            assert!(rows >= 1 && rows <= blocks && cols >= 1 && cols <= panels);
+            for (parts, n, most) in [(rows, blocks, MC / MR), (cols, panels, NC_PANELS)] {
+                assert_eq!(even_split(n, parts, 0), 0);
+                assert_eq!(even_split(n, parts, parts), n);
+                for i in 0..parts {
+                    let len = even_split(n, parts, i + 1) - even_split(n, parts, i);
+                    assert!(
+                        len >= 1 && len <= most,
+                        "{blocks}x{panels}: part {i} of {parts}"
+                    );
+                }
+            }
+        }
+        // 1280 rows, one panel, two threads: 8 tasks of 20 blocks (4 + 4), not 7 (4 + 3).
+        assert_eq!(task_grid(160, 1, 2), (8, 1));
+    }
+
+    #[test]
     fn matches_f32_product_of_rounded_inputs() {
         if !available() {
             eprintln!("skipped: this CPU lacks AVX512-BF16");
@@ -612,6 +683,9 @@ mod tests {
             (77, 320, 1024),
             (200, 70, 301),
             (3, 500, 2880),
+            (400, 16, 130),
+            (250, 12, 40),
+            (24, 600, 64),
         ] {
             let lda = k + 3;
             let ldb = n + 5;

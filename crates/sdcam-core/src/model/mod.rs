@@ -13,6 +13,7 @@ pub mod config;
 pub mod conv;
 pub mod device;
 pub mod download;
+pub(crate) mod geglu;
 pub mod hub;
 pub(crate) mod linear;
 pub mod lora;

@@ -154,7 +154,7 @@ fn softmax_row(src: &[f32], dst: &mut [f32], scale: f32) {
 
 /// `eˣ` for `x ≤ 0` (see the module docs); `x < −87.3` gives 0.
 #[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
+pub(crate) fn exp_nonpos(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that n·LN2_HI is exact for the n that occur here.
     const LN2_HI: f32 = 0.693_359_4;

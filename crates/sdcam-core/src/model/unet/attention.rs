@@ -20,12 +20,13 @@
 
 use std::cell::Cell;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
 
 use crate::model::bf16_attention::Bf16Attention;
 use crate::model::bf16_gemm::{f32_params, products_for};
 use crate::model::conv::{conv2d, Conv2d};
+use crate::model::geglu::geglu;
 use crate::model::linear::{linear, linear_no_bias, Linear};
 use crate::model::softmax::scaled_softmax_last_dim;
 
@@ -325,11 +326,8 @@ impl FeedForward {
 
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let a = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.out.forward(&(a * gate)?)
+        let h = geglu(&self.proj.forward(xs)?)?;
+        self.out.forward(&h)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod conv;
 pub mod device;
 pub mod download;
 pub(crate) mod geglu;
+pub(crate) mod group_norm;
 pub mod hub;
 pub(crate) mod linear;
 pub mod lora;

@@ -9,7 +9,9 @@
 
 use crate::model::conv::{conv2d, Conv2d};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::model::group_norm::{group_norm, GroupNorm};
 
 use crate::model::bf16_gemm::f32_params;
 use crate::model::linear::{linear, Linear};
@@ -73,31 +75,26 @@ impl ResnetBlock2D {
     /// `xs`: `[B, C_in, H, W]`, `temb`: `[B, temb_channels]` (when the block has a time
     /// embedding) → `[B, C_out, H, W]`.
     pub(crate) fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(xs)?)?;
-        let mut h = self.conv1.forward(&h)?;
-        match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj
-                    .forward(&candle_nn::ops::silu(temb)?)?
-                    .unsqueeze(D::Minus1)?
-                    .unsqueeze(D::Minus1)?;
-                h = h.broadcast_add(&t)?;
-            }
-            (None, None) => {}
+        // Fused where the CPU kernels run (same sums as the separate ops): norm + SiLU, the
+        // time embedding added inside norm2 (`norm2(h + t)`, `h + t` is used nowhere else), and
+        // the shortcut added by conv2's kernel.
+        let h = self.norm1.forward_silu(xs)?;
+        let h = self.conv1.forward(&h)?;
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => Some(proj.forward(&candle_nn::ops::silu(temb)?)?),
+            (None, None) => None,
             (Some(_), None) => candle_core::bail!("ResnetBlock2D: time embedding missing"),
             (None, Some(_)) => candle_core::bail!("ResnetBlock2D: block has no time embedding"),
-        }
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?;
-        let h = self.conv2.forward(&h)?;
+        };
+        let h = self.norm2.forward_ext(&h, t.as_ref(), true)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
-            Ok(out)
+            self.conv2.forward_fused(&h, Some(&shortcut), false)
         } else {
-            out / self.output_scale_factor
+            (shortcut + self.conv2.forward(&h)?)? / self.output_scale_factor
         }
     }
 }

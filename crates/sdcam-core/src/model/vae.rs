@@ -23,7 +23,9 @@ use std::path::Path;
 use crate::model::conv::Conv2d;
 use crate::model::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::model::group_norm::{group_norm, GroupNorm};
 
 use crate::model::bf16_gemm::f32_params;
 use crate::model::linear::{linear, Linear};
@@ -201,12 +203,7 @@ struct VaeAttention {
 impl VaeAttention {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            group_norm: candle_nn::group_norm(
-                groups,
-                channels,
-                EPS,
-                f32_params(vb.pp("group_norm")),
-            )?,
+            group_norm: group_norm(groups, channels, EPS, f32_params(vb.pp("group_norm")))?,
             to_q: linear(channels, channels, vb.pp("to_q"))?,
             to_k: linear(channels, channels, vb.pp("to_k"))?,
             to_v: linear(channels, channels, vb.pp("to_v"))?,
@@ -347,12 +344,7 @@ impl Encoder {
             conv_in,
             down_blocks,
             mid_block: MidBlock::new(last, groups, vb.pp("mid_block"))?,
-            conv_norm_out: candle_nn::group_norm(
-                groups,
-                last,
-                EPS,
-                f32_params(vb.pp("conv_norm_out")),
-            )?,
+            conv_norm_out: group_norm(groups, last, EPS, f32_params(vb.pp("conv_norm_out")))?,
             conv_out: conv(last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -365,7 +357,7 @@ impl Module for Encoder {
             xs = b.forward(&xs)?;
         }
         let xs = self.mid_block.forward(&xs)?;
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
@@ -409,12 +401,7 @@ impl Decoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(
-                groups,
-                first,
-                EPS,
-                f32_params(vb.pp("conv_norm_out")),
-            )?,
+            conv_norm_out: group_norm(groups, first, EPS, f32_params(vb.pp("conv_norm_out")))?,
             conv_out: conv(first, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
@@ -427,7 +414,7 @@ impl Module for Decoder {
         for b in &self.up_blocks {
             xs = b.forward(&xs)?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -21,12 +21,13 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{group_norm, layer_norm, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
 use crate::model::bf16_attention::Bf16Attention;
 use crate::model::bf16_gemm::{f32_params, products_for};
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::geglu::geglu;
+use crate::model::group_norm::{group_norm, GroupNorm};
 use crate::model::linear::{linear, linear_no_bias, Linear};
 use crate::model::softmax::scaled_softmax_last_dim;
 

@@ -23,8 +23,9 @@ pub mod embeddings;
 pub(crate) use crate::model::resnet;
 
 use crate::model::conv::{conv2d, Conv2d};
+use crate::model::group_norm::{group_norm, GroupNorm};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 pub use crate::model::config::OneOrMany;
@@ -780,7 +781,7 @@ impl UNet2DConditionModel {
                 candle_core::bail!("PromptKv does not match this U-Net (layer count differs)");
             }
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -34,9 +34,10 @@ pub(crate) const NR: usize = 32;
 /// Pairs of k per chunk: a B panel's chunk is `KC · NR · 4` bytes = 16 KiB.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const KC: usize = 128;
-/// Rows of C per parallel task (A's chunk for them, `MC · KC · 4` = 96 KiB, stays in L2).
+/// Most rows of C per parallel task (A's chunk for them, `MC · KC · 4` = 96 KiB, stays in L2;
+/// [`task_grid`] may cut finer).
 const MC: usize = 192;
-/// Panels of C per parallel task.
+/// Most panels of C per parallel task ([`task_grid`] may cut finer).
 const NC_PANELS: usize = 8;
 
 /// Whether the conv and linear layers built from `vb` multiply in bf16 with these kernels:
@@ -495,8 +496,10 @@ fn task_grid(blocks: usize, panels: usize, threads: usize) -> (usize, usize) {
         return (rows0, cols0);
     }
     let mut best = (usize::MAX, rows0, cols0);
-    for rows in rows0..=(rows0 + threads).min(blocks) {
-        for cols in cols0..=(cols0 + threads).min(panels) {
+    // A few grids finer than the coarsest are enough to even out the waves.
+    let extra = threads.min(8);
+    for rows in rows0..=(rows0 + extra).min(blocks) {
+        for cols in cols0..=(cols0 + extra).min(panels) {
             let waves = (rows * cols).div_ceil(threads);
             let cost = waves * blocks.div_ceil(rows) * panels.div_ceil(cols);
             if cost < best.0 {
@@ -574,6 +577,7 @@ unsafe fn micro_avx512<const V: usize>(
     accumulate: bool,
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(V == 2 || cols <= 16, "one vector holds 16 columns");
     // SAFETY (whole body): reads pc·MR u32 from `a` and pc·NR from `b`, the caller's blocks;
     // writes r rows × cols columns of C (masked), the caller's block.
     unsafe {
@@ -642,9 +646,8 @@ mod tests {
         assert_eq!(round(-1e-40).to_bits(), 0x8000_0000);
     }
 
-    /// The product equals an f32 product of the bf16-rounded inputs up to summation order, for
-    /// shapes that are not multiples of the blocks, odd k, k over several chunks, row strides
-    /// larger than the rows, and both ways of packing B.
+    /// The task grid cuts C into non-empty parts within MC rows and NC_PANELS panels that
+    /// cover it, and evens out the waves where the coarsest grid would not.
     #[test]
     fn task_grid_covers_c_in_cache_sized_balanced_tasks() {
         for (blocks, panels, threads) in [(160, 1, 2), (8, 40, 2), (1, 1, 2), (33, 9, 3), (5, 7, 1)]
@@ -667,6 +670,9 @@ mod tests {
         assert_eq!(task_grid(160, 1, 2), (8, 1));
     }
 
+    /// The product equals an f32 product of the bf16-rounded inputs up to summation order, for
+    /// shapes that are not multiples of the blocks, odd k, k over several chunks, row strides
+    /// larger than the rows, and both ways of packing B.
     #[test]
     fn matches_f32_product_of_rounded_inputs() {
         if !available() {

@@ -11,9 +11,10 @@
 //! paths multiply in bf16 (`model::bf16_gemm`): the weight (or the Winograd filter transform) is
 //! packed once, each tile of im2col (or each Winograd `V`) is packed as it is made.
 //!
-//! On these CPU paths the bias, and where the caller asks ([`Conv2d::forward_fused`]) a residual
-//! and a ReLU, are applied by the kernel to each output row as it is written ([`Epilogue`]),
-//! not in passes of their own over the whole output.
+//! On the Winograd, tiled and bf16 paths the bias, and where the caller asks
+//! ([`Conv2d::forward_fused`]) a residual and a ReLU, are applied by the kernel to each output
+//! row as it is written ([`Epilogue`]), not in passes of their own over the whole output (the
+//! small-im2col and 1×1 convs, one candle product each, add them as tensor ops).
 //!
 //! Drop-in for `candle_nn::{conv2d, Conv2d}`: same constructor, same tensor names. Used by the
 //! U-Net, TAESD and the VAE.
@@ -241,13 +242,15 @@ impl Conv2d {
         self.forward_fused(xs, None, true)
     }
 
-    /// `conv(x) + residual`, then ReLU where `relu`: on the CPU paths the kernel applies both
-    /// to each output row as it writes it (the residual must have the output's shape), else
-    /// they are tensor ops after the convolution. Same values as the separate ops: the sums
-    /// are made in the same order.
+    /// `conv(x) + residual`, then ReLU where `relu`. On the CPU's Winograd, tiled and bf16
+    /// paths the kernel applies the bias, the residual and the ReLU to each output row as it
+    /// writes it; elsewhere (other devices and dtypes, and the small-im2col and 1×1 convs that
+    /// are one candle product) they are tensor ops after the convolution. Same values either
+    /// way: the sums are made in the same order.
     ///
     /// # Errors
-    /// Shapes that do not fit (the input, or a residual that is not the output's shape).
+    /// An input that does not fit the conv, or a residual that is not f32 of the output's
+    /// shape (checked before the convolution runs) or not on the input's device.
     pub(crate) fn forward_fused(
         &self,
         xs: &Tensor,
@@ -277,16 +280,46 @@ impl Conv2d {
         let oh = (h + 2 * p.padding - k_h) / p.stride + 1;
         let ow = (w + 2 * p.padding - k_w) / p.stride + 1;
         let (c_out, rows) = self.weight2d.dims2()?;
-        // The residual as floats, read in place (held for the call), where it is an f32 CPU
-        // tensor of the output's shape; anything else is added after the convolution.
-        let residual = match residual {
-            Some(r) if r.dims() == [b, c_out, oh, ow] && r.dtype() == DType::F32 => {
-                Some(r.contiguous()?)
+        if let Some(r) = residual {
+            if r.dims() != [b, c_out, oh, ow] || r.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "conv: residual {:?} {:?} does not fit the output [{b}, {c_out}, {oh}, {ow}] f32",
+                    r.dims(),
+                    r.dtype()
+                );
             }
-            // Added as a tensor (candle's shape and dtype errors).
-            Some(_) => return unfused(self.forward_fused(xs, None, false)?),
-            None => None,
+        }
+        let xs = xs.contiguous()?;
+        let im2col = Im2Col {
+            k_h,
+            k_w,
+            stride: p.stride,
+            padding: p.padding,
         };
+        let tiled = rows * oh * ow * 4 > TILED_ABOVE_BYTES;
+        if self.bf16.is_none() && !tiled && !self.takes_winograd(h, w)? {
+            // Small im2col or 1×1: one candle product, then the bias, residual and ReLU as
+            // tensor ops.
+            let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
+                xs.reshape((b, c_in, h * w))?
+            } else {
+                xs.apply_op1_no_bwd(&im2col)?
+            };
+            // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
+            // which candle's CPU matmul runs as one product per sample.
+            let ys = self
+                .weight2d
+                .broadcast_left(b)?
+                .matmul(&cols)?
+                .reshape((b, c_out, oh, ow))?;
+            let ys = match &self.bias {
+                Some(bias) => ys.broadcast_add(bias)?,
+                None => ys,
+            };
+            return unfused(ys);
+        }
+        // The kernels' paths: the residual's floats read in place (held for the call).
+        let residual = residual.map(Tensor::contiguous).transpose()?;
         let guard = residual.as_ref().map(|r| r.storage_and_layout());
         let residual_f32 = match &guard {
             Some((storage, layout)) => match &**storage {
@@ -303,14 +336,7 @@ impl Conv2d {
             relu,
             base: 0,
         };
-        let xs = xs.contiguous()?;
-        let im2col = Im2Col {
-            k_h,
-            k_w,
-            stride: p.stride,
-            padding: p.padding,
-        };
-        // The fused paths give `[b, c_out, oh, ow]` with the epilogue applied.
+        // Each gives `[b, c_out, oh, ow]` with the epilogue applied.
         if let Some(f) = &self.bf16 {
             // Built only where the CPU runs bf16 products (`products_for`).
             return match self.bf16_op(f, h, w, im2col, epilogue)? {
@@ -318,31 +344,11 @@ impl Conv2d {
                 Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op),
             };
         }
-        if let Some(u) = self.winograd_filter(h, w)? {
-            return xs.apply_op2_no_bwd(&u, &Winograd { k: c_out, epilogue });
-        }
-        if rows * oh * ow * 4 > TILED_ABOVE_BYTES {
+        match self.winograd_filter(h, w)? {
+            Some(u) => xs.apply_op2_no_bwd(&u, &Winograd { k: c_out, epilogue }),
             // A full im2col would not fit in cache (TAESD/VAE at full resolution): tiles.
-            return xs.apply_op2_no_bwd(&self.weight2d, &TiledConv { im2col, epilogue });
+            None => xs.apply_op2_no_bwd(&self.weight2d, &TiledConv { im2col, epilogue }),
         }
-        let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
-            xs.reshape((b, c_in, h * w))?
-        } else {
-            xs.apply_op1_no_bwd(&im2col)?
-        };
-        // [c_out, K] @ [b, K, oh·ow]: the weight is broadcast over the batch (stride 0),
-        // which candle's CPU matmul runs as one product per sample.
-        let ys = self
-            .weight2d
-            .broadcast_left(b)?
-            .matmul(&cols)?
-            .reshape((b, c_out, oh, ow))?;
-        let ys = match &self.bias {
-            Some(bias) => ys.broadcast_add(bias)?,
-            None => ys,
-        };
-        drop(guard);
-        unfused(ys)
     }
 }
 
@@ -375,6 +381,11 @@ impl Epilogue<'_> {
             candle_core::bail!("{op}: the bias or residual does not match the output");
         }
         Ok(())
+    }
+
+    /// Whether it leaves the output as it is (no bias, residual or ReLU).
+    pub(crate) fn is_noop(&self) -> bool {
+        self.bias.is_none() && self.residual.is_none() && !self.relu
     }
 
     /// The same epilogue for offsets counted from `offset` (an image of the batch).
@@ -520,6 +531,9 @@ impl Im2Col {
             product(scratch, cols, tn, unsafe {
                 dst.0.add(bi * c_out * n + oy0 * ow)
             });
+            if epilogue.is_noop() {
+                return;
+            }
             let epilogue = epilogue.image(bi * c_out * n);
             let row = |ch: usize| {
                 let out = dst; // the whole wrapper, not its field (Send/Sync)
@@ -742,15 +756,17 @@ mod tests {
     }
 
     /// `forward_fused` gives exactly (bit for bit) what the separate ops give, conv without
-    /// bias, then `+ bias`, `+ residual`, ReLU, on every path: plain im2col, 1×1, Winograd and
-    /// tiled in f32, and Winograd and im2col with bf16 products where the CPU has them.
+    /// bias, then `+ bias`, `+ residual`, ReLU, on every path: in f32 the tensor-op path
+    /// (small im2col, 1×1) and the kernels' epilogue (Winograd, tiled, two images each so that
+    /// the second image's offsets are checked), and with bf16 products, where the CPU has
+    /// them, the epilogue of every case (im2col and Winograd).
     #[test]
     fn fused_epilogue_equals_separate_ops() {
         let cases = [
             (3, 1, 1, 2, 8, 5, 9, 7),      // im2col
             (1, 1, 0, 1, 16, 6, 10, 10),   // 1×1
             (3, 1, 1, 2, 8, 12, 40, 37),   // Winograd
-            (3, 2, 1, 1, 64, 8, 300, 290), // tiled
+            (3, 2, 1, 2, 64, 8, 300, 290), // tiled
         ];
         let bf16_too = bf16_gemm::available();
         for (k, stride, padding, b, c_in, c_out, h, w) in cases {

@@ -16,7 +16,7 @@
 //! Sums are made in 16 f32 lanes per channel and added up in f64, so they are no less accurate
 //! than candle's; the output differs from candle's only by rounding (tests: < 1e-5 relative).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::softmax::exp_nonpos;
@@ -82,11 +82,19 @@ impl GroupNorm {
                 dims
             );
         }
-        if let (Some(shift), [b, c, ..]) = (shift, dims) {
-            if shift.dims() != [*b, *c] {
-                candle_core::bail!("GroupNorm: shift {:?}, expected [{b}, {c}]", shift.dims());
-            }
-        }
+        // The shift as [b, channels] (a [1, channels] one is broadcast over the batch).
+        let (b, c) = (dims[0], dims[1]);
+        let shift = shift
+            .map(|s| {
+                s.broadcast_as((b, c)).map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "GroupNorm: shift {:?}, expected [{b}, {c}]",
+                        s.dims()
+                    ))
+                })
+            })
+            .transpose()?;
+        let shift = shift.as_ref();
         match &self.affine {
             Some((weight, bias))
                 if xs.device().is_cpu()
@@ -107,7 +115,12 @@ impl GroupNorm {
             }
             _ => {
                 let xs = match shift {
-                    Some(s) => xs.broadcast_add(&s.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?,
+                    Some(s) => {
+                        // [b, c, 1, …, 1]: one value per (sample, channel), any rank.
+                        let mut to = vec![1; dims.len()];
+                        to[..2].copy_from_slice(&[b, c]);
+                        xs.broadcast_add(&s.reshape(to)?)?
+                    }
                     None => xs.clone(),
                 };
                 let ys = self.inner.forward(&xs)?;
@@ -302,7 +315,7 @@ fn normalize_group(src: &[f32], dst: &mut [f32], g: Group) {
 mod tests {
     use super::*;
     use crate::model::testutil::max_abs_diff;
-    use candle_core::Device;
+    use candle_core::{Device, D};
     use candle_nn::VarMap;
 
     fn relative(got: &Tensor, want: &Tensor) -> f32 {
@@ -375,6 +388,39 @@ mod tests {
                 assert!(d < 1e-5, "{dims:?} shift {with_shift} silu {silu}: {d}");
             }
         }
+    }
+
+    /// Other dtypes take candle's ops, the shift broadcast over every spatial axis (rank 3 and
+    /// 5 too) and over the batch when it is `[1, channels]`.
+    #[test]
+    fn fallback_takes_any_rank_and_a_batch_wide_shift() {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F64, &dev);
+        let gn = group_norm(2, 4, 1e-5, vb).unwrap();
+        assert!(gn.affine.is_none(), "f64 parameters take the fallback");
+        for dims in [vec![2, 4, 6], vec![2, 4, 3, 5], vec![2, 4, 2, 3, 2]] {
+            let x = Tensor::randn(0f64, 1., dims.as_slice(), &dev).unwrap();
+            let shift = Tensor::randn(0f64, 1., (1, 4), &dev).unwrap();
+            let got = gn.forward_ext(&x, Some(&shift), true).unwrap();
+            let mut s = shift.clone();
+            for _ in 2..dims.len() {
+                s = s.unsqueeze(D::Minus1).unwrap();
+            }
+            let want =
+                candle_nn::ops::silu(&gn.inner.forward(&x.broadcast_add(&s).unwrap()).unwrap())
+                    .unwrap();
+            assert_eq!(got.dims(), dims.as_slice());
+            assert!(
+                max_abs_diff(
+                    &got.to_dtype(DType::F32).unwrap(),
+                    &want.to_dtype(DType::F32).unwrap()
+                ) < 1e-6
+            );
+        }
+        let x = Tensor::zeros((2, 4, 3), DType::F64, &dev).unwrap();
+        let wrong = Tensor::zeros((3, 4), DType::F64, &dev).unwrap();
+        assert!(gn.forward_ext(&x, Some(&wrong), false).is_err());
     }
 
     #[test]

@@ -314,22 +314,9 @@ fn normalize_group(src: &[f32], dst: &mut [f32], g: Group) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testutil::max_abs_diff;
+    use crate::model::testutil::{max_abs_diff, max_rel_diff};
     use candle_core::{Device, D};
     use candle_nn::VarMap;
-
-    fn relative(got: &Tensor, want: &Tensor) -> f32 {
-        let scale = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        max_abs_diff(got, want) / scale
-    }
 
     /// The fused op against candle's GroupNorm, `+ shift` and `silu` in f64, with a random γ, β,
     /// an offset input (where the one-pass variance would lose digits), 1-D and 2-D spatial
@@ -384,7 +371,7 @@ mod tests {
                     .forward_ext(&x, with_shift.then_some(&shift), silu)
                     .unwrap();
                 assert_eq!(got.dims(), want.dims());
-                let d = relative(&got, &want);
+                let d = max_rel_diff(&got, &want);
                 assert!(d < 1e-5, "{dims:?} shift {with_shift} silu {silu}: {d}");
             }
         }

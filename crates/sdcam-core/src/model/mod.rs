@@ -224,6 +224,19 @@ pub(crate) mod testutil {
             .unwrap()
     }
 
+    /// max |got − want| / max |want| (the goldens' measure), in f32 on the CPU.
+    pub(crate) fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+        let scale = want
+            .to_device(&Device::Cpu)
+            .and_then(|w| w.to_dtype(DType::F32))
+            .and_then(|w| w.abs())
+            .and_then(|w| w.flatten_all())
+            .and_then(|w| w.max(0))
+            .and_then(|w| w.to_scalar::<f32>())
+            .unwrap();
+        max_abs_diff(got, want) / scale
+    }
+
     /// `tests/fixtures/<rel>` ([`super::testing::fixtures_dir`]).
     pub(crate) fn fixture(rel: &str) -> PathBuf {
         super::testing::fixtures_dir().join(rel)

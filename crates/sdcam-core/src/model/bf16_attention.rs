@@ -121,7 +121,17 @@ mod tests {
         }
         let dev = Device::Cpu;
         for (b, h, s, skv, d) in [(1, 1, 1, 1, 1), (2, 3, 130, 77, 40), (1, 5, 64, 300, 64)] {
-            let t = |n: usize| Tensor::randn(0f32, 1., (b, h, n, d), &dev).unwrap();
+            // Seeded (candle's CPU randn is not): the bound holds for these inputs, not by luck
+            // of the draw.
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(7);
+            let mut t = |n: usize| {
+                let v: Vec<f32> = (0..b * h * n * d)
+                    .map(|_| {
+                        rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng)
+                    })
+                    .collect();
+                Tensor::from_vec(v, (b, h, n, d), &dev).unwrap()
+            };
             let (q, k, v) = (t(s), t(skv), t(skv));
             let scale = 1.0 / (d as f64).sqrt();
             let want = attention_kernel(&q, &k, &v, scale, false).unwrap();

@@ -15,6 +15,16 @@
 //!   loads one pair per row (broadcast) and two vectors of B. K is cut into chunks of [`KC`]
 //!   pairs so that one chunk of a B panel (16 KiB) stays in L1 and the task's chunk of A in L2.
 //!
+//! On CPUs with AMX-BF16 (Intel Sapphire Rapids and newer) the same products run on the tile
+//! unit instead ([`Kernel::Amx`]: `tdpbf16ps` multiplies a 16 × 32 bf16 tile of A by a 32 × 16
+//! tile of B into 16 × 16 f32 sums, 16 times the work of one `vdpbf16ps`); the operands are then
+//! packed for tile loads: A row-major (pairs of k side by side, rows padded to [`MR_AMX`]), B as
+//! above, and k padded with zero pairs to a multiple of [`KT`] in both. `SDCAM_AMX=0` keeps the
+//! AVX-512 kernel (to compare the two). Linux hands a process the tile registers only when it
+//! asks (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); where that fails the AVX-512
+//! kernel runs. The tile instructions are written as inline assembly: Rust's AMX intrinsics
+//! are not stable.
+//!
 //! Accuracy: exact products of bf16 values summed in f32, so against an f32 product of the
 //! *rounded* inputs it differs only by summation order (tests: < 1e-5 relative); against the
 //! f32 product of the unrounded inputs, by the rounding of each input to 8 significant bits
@@ -39,6 +49,90 @@ const KC: usize = 128;
 const MC: usize = 192;
 /// Most panels of C per parallel task ([`task_grid`] may cut finer).
 const NC_PANELS: usize = 8;
+/// Pairs of k per AMX tile step (a tile row holds 64 bytes: 16 pairs).
+pub(crate) const KT: usize = 16;
+/// Rows of C per AMX block (two tiles of A, 16 rows each).
+pub(crate) const MR_AMX: usize = 32;
+
+/// Which kernel a packed operand is laid out for (both operands of a product must agree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Kernel {
+    /// `vdpbf16ps` on zmm registers (AVX512-BF16).
+    #[default]
+    Avx512,
+    /// `tdpbf16ps` on tiles (AMX-BF16).
+    Amx,
+}
+
+impl Kernel {
+    /// The kernel for this process: AMX where the CPU has it, Linux grants the tiles and
+    /// `SDCAM_AMX` is not `0` (decided once), else AVX-512.
+    pub(crate) fn current() -> Self {
+        static K: OnceLock<Kernel> = OnceLock::new();
+        *K.get_or_init(|| {
+            let off = std::env::var("SDCAM_AMX").is_ok_and(|v| v.trim() == "0");
+            if !off && amx_available() {
+                tracing::debug!("bf16 products on AMX tiles");
+                Kernel::Amx
+            } else {
+                Kernel::Avx512
+            }
+        })
+    }
+
+    /// Pairs of k stored per row (A) or per panel (B): `kp`, or `kp` rounded up to whole tile
+    /// steps for AMX (the extra pairs are zero).
+    fn pair_stride(self, kp: usize) -> usize {
+        match self {
+            Kernel::Avx512 => kp,
+            Kernel::Amx => kp.div_ceil(KT) * KT,
+        }
+    }
+
+    /// Rows of C (and of packed A) per block.
+    fn block_rows(self) -> usize {
+        match self {
+            Kernel::Avx512 => MR,
+            Kernel::Amx => MR_AMX,
+        }
+    }
+}
+
+/// Whether AMX-BF16 can run here: CPUID reports AMX-TILE and AMX-BF16 (leaf 7, EDX bits 24 and
+/// 22), the AVX-512 kernels are available (for packing and the edges), and Linux grants this
+/// process the tile data state (asked once; granted for every thread).
+fn amx_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    {
+        // CPUID leaf 7 exists on every x86-64 CPU that has AVX-512 (checked first).
+        let edx = available().then(|| std::arch::x86_64::__cpuid_count(7, 0).edx);
+        let Some(edx) = edx else { return false };
+        if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 {
+            return false;
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a request for a permission; no memory is passed.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(
+                "AMX: Linux refused the tile state ({}); bf16 products on AVX-512",
+                std::io::Error::last_os_error()
+            );
+        }
+        r == 0
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    {
+        false
+    }
+}
 
 /// Whether the conv and linear layers built from `vb` multiply in bf16 with these kernels:
 /// `model.dtype = "bf16"` on the CPU loads the U-Net and the VAE through a bf16 `VarBuilder`
@@ -157,23 +251,25 @@ unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
 }
 
 /// The rows of an `m × k` source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`, in
-/// blocks of `width` rows: for each block and each pair of columns, the block's rows' pairs
-/// side by side (rows past `m` zero). With `width` = [`MR`] this is [`PackedA`]'s layout; with
-/// [`NR`] and the transpose of B as the source, [`PackedB`]'s. On rayon's pool when `parallel`.
+/// blocks of `width` rows: for each block and each of `ks` pairs of columns, the block's rows'
+/// pairs side by side (rows past `m` and pairs past k zero). With `width` = [`MR`] this is
+/// [`PackedA`]'s AVX-512 layout; with [`NR`] and the transpose of B as the source,
+/// [`PackedB`]'s. On rayon's pool when `parallel`.
 ///
 /// # Panics
-/// `src` is too short for the shape.
+/// `src` is too short for the shape, or `ks` below k's pairs.
 fn pack_row_blocks(
     dst: &mut Vec<u32>,
     src: &[f32],
     (m, k, row_stride): (usize, usize, usize),
-    width: usize,
+    (width, ks): (usize, usize),
     parallel: bool,
 ) {
     assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
     let kp = k.div_ceil(2);
+    assert!(ks >= kp);
     dst.clear();
-    dst.resize(m.div_ceil(width) * kp * width, 0);
+    dst.resize(m.div_ceil(width) * ks * width, 0);
     if kp == 0 {
         return;
     }
@@ -188,14 +284,61 @@ fn pack_row_blocks(
     };
     if parallel {
         use rayon::prelude::*;
-        dst.par_chunks_mut(kp * width)
+        dst.par_chunks_mut(ks * width)
             .enumerate()
             .for_each_init(Vec::new, |row, job| pack_block(job, row));
     } else {
         let mut row = Vec::new();
-        dst.chunks_mut(kp * width)
+        dst.chunks_mut(ks * width)
             .enumerate()
             .for_each(|job| pack_block(job, &mut row));
+    }
+}
+
+/// The rows of an `m × k` source (as [`pack_row_blocks`]) into `dst` in AMX tiles: rows in
+/// slices of 16, each slice `ks / KT` tiles of 16 rows × [`KT`] pairs (1 KiB, row-major), so
+/// that element `(i, p)` lies at `((i / 16)·ks + p − p % KT)·16 + (i % 16)·KT + p % KT`; pairs
+/// past k and rows from `m` up to the next multiple of [`MR_AMX`] zero. On rayon's pool when
+/// `parallel`.
+///
+/// # Panics
+/// `src` is too short for the shape, or `ks` is below k's pairs or not a multiple of [`KT`].
+fn pack_rows_amx(
+    dst: &mut Vec<u32>,
+    src: &[f32],
+    (m, k, row_stride): (usize, usize, usize),
+    ks: usize,
+    parallel: bool,
+) {
+    assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
+    let kp = k.div_ceil(2);
+    assert!(ks >= kp && ks.is_multiple_of(KT));
+    dst.clear();
+    dst.resize(m.div_ceil(MR_AMX) * MR_AMX * ks, 0);
+    if kp == 0 || m == 0 {
+        return;
+    }
+    let slices = m.div_ceil(16);
+    let pack = |(sl, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
+        row.resize(kp, 0);
+        for r in 0..16.min(m - sl * 16) {
+            pairs_of_row(&src[(sl * 16 + r) * row_stride..][..k], row);
+            for (t, chunk) in row.chunks(KT).enumerate() {
+                dst[t * 16 * KT + r * KT..][..chunk.len()].copy_from_slice(chunk);
+            }
+        }
+    };
+    let dst = &mut dst[..slices * 16 * ks];
+    if parallel && slices > 1 {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(16 * ks)
+            .enumerate()
+            .for_each_init(Vec::new, |row, job| pack(job, row));
+    } else {
+        let mut row = Vec::new();
+        dst.chunks_mut(16 * ks)
+            .enumerate()
+            .for_each(|job| pack(job, &mut row));
     }
 }
 
@@ -205,13 +348,14 @@ pub(crate) struct PackedA {
     data: Vec<u32>,
     m: usize,
     k: usize,
+    kernel: Kernel,
 }
 
 impl PackedA {
-    /// Pairs of k (k rounded up to even, the last pair zero-padded).
+    /// Pairs of k stored per row ([`Kernel::pair_stride`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn pairs(&self) -> usize {
-        self.k.div_ceil(2)
+        self.kernel.pair_stride(self.k.div_ceil(2))
     }
 
     /// Packs `m × k` f32 values, element `(i, j)` at `src[i·row_stride + j]` (a conv weight
@@ -227,11 +371,7 @@ impl PackedA {
         row_stride: usize,
         parallel: bool,
     ) -> Self {
-        let mut a = Self {
-            data: Vec::new(),
-            m: 0,
-            k: 0,
-        };
+        let mut a = Self::default();
         a.repack_rows(src, m, k, row_stride, parallel);
         a
     }
@@ -248,9 +388,27 @@ impl PackedA {
         row_stride: usize,
         parallel: bool,
     ) {
+        self.repack_rows_for(Kernel::current(), src, (m, k, row_stride), parallel);
+    }
+
+    /// [`PackedA::repack_rows`] for `kernel`.
+    fn repack_rows_for(
+        &mut self,
+        kernel: Kernel,
+        src: &[f32],
+        (m, k, row_stride): (usize, usize, usize),
+        parallel: bool,
+    ) {
         self.m = m;
         self.k = k;
-        pack_row_blocks(&mut self.data, src, (m, k, row_stride), MR, parallel);
+        self.kernel = kernel;
+        let ks = self.pairs();
+        match kernel {
+            Kernel::Avx512 => {
+                pack_row_blocks(&mut self.data, src, (m, k, row_stride), (MR, ks), parallel);
+            }
+            Kernel::Amx => pack_rows_amx(&mut self.data, src, (m, k, row_stride), ks, parallel),
+        }
     }
 
     /// Rows.
@@ -262,6 +420,12 @@ impl PackedA {
     pub(crate) fn cols(&self) -> usize {
         self.k
     }
+
+    /// For operands packed for [`Kernel::Amx`]: the tiles (see [`pack_rows_amx`]) and the pairs
+    /// of k per row (a multiple of [`KT`]).
+    pub(crate) fn amx_tiles(&self) -> Option<(&[u32], usize)> {
+        (self.kernel == Kernel::Amx).then(|| (&self.data[..], self.pairs()))
+    }
 }
 
 /// The right operand, packed (see the module docs): `k × n`.
@@ -270,6 +434,7 @@ pub(crate) struct PackedB {
     data: Vec<u32>,
     k: usize,
     n: usize,
+    kernel: Kernel,
 }
 
 impl PackedB {
@@ -287,22 +452,35 @@ impl PackedB {
         row_stride: usize,
         parallel: bool,
     ) {
+        self.repack_rows_for(Kernel::current(), src, (k, n, row_stride), parallel);
+    }
+
+    /// [`PackedB::repack_rows`] for `kernel`.
+    fn repack_rows_for(
+        &mut self,
+        kernel: Kernel,
+        src: &[f32],
+        (k, n, row_stride): (usize, usize, usize),
+        parallel: bool,
+    ) {
         assert!(k == 0 || src.len() >= (k - 1) * row_stride + n);
         let kp = k.div_ceil(2);
+        let ks = kernel.pair_stride(kp);
         let panels = n.div_ceil(NR);
         self.k = k;
         self.n = n;
+        self.kernel = kernel;
         self.data.clear();
-        self.data.resize(panels * kp * NR, 0);
+        self.data.resize(panels * ks * NR, 0);
         if kp == 0 || n == 0 {
             return;
         }
         // Groups of panels: each reads NC_PANELS·NR consecutive columns of every row.
-        let group = kp * NR * NC_PANELS;
+        let group = ks * NR * NC_PANELS;
         let pack = |(g, dst): (usize, &mut [u32])| {
             let j0 = g * NR * NC_PANELS;
             let cols = (n - j0).min(NR * NC_PANELS);
-            pack_b_columns(dst, src, (k, kp), (j0, cols), row_stride);
+            pack_b_columns(dst, src, (k, kp, ks), (j0, cols), row_stride);
         };
         if parallel {
             use rayon::prelude::*;
@@ -319,10 +497,26 @@ impl PackedB {
     /// # Panics
     /// `src` is too short for the shape.
     pub(crate) fn from_transposed(src: &[f32], n: usize, k: usize, row_stride: usize) -> Self {
+        Self::from_transposed_for(Kernel::current(), src, (n, k, row_stride))
+    }
+
+    /// [`PackedB::from_transposed`] for `kernel`.
+    fn from_transposed_for(
+        kernel: Kernel,
+        src: &[f32],
+        (n, k, row_stride): (usize, usize, usize),
+    ) -> Self {
         // Bᵀ's rows are B's columns: packed in blocks of NR rows, they are B's panels.
         let mut data = Vec::new();
-        pack_row_blocks(&mut data, src, (n, k, row_stride), NR, false);
-        Self { data, k, n }
+        let ks = kernel.pair_stride(k.div_ceil(2));
+        pack_row_blocks(&mut data, src, (n, k, row_stride), (NR, ks), false);
+        Self { data, k, n, kernel }
+    }
+
+    /// Pairs of k stored per panel ([`Kernel::pair_stride`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn pairs(&self) -> usize {
+        self.kernel.pair_stride(self.k.div_ceil(2))
     }
 
     /// Rows.
@@ -337,11 +531,11 @@ impl PackedB {
 }
 
 /// Columns `j0 .. j0 + cols` of the `k × n` source (`kp` pairs of rows) into `dst`, their
-/// panels in the packed layout.
+/// panels in the packed layout (`ks` pairs per panel, those past `kp` left as they are).
 fn pack_b_columns(
     dst: &mut [u32],
     src: &[f32],
-    (k, kp): (usize, usize),
+    (k, kp, ks): (usize, usize, usize),
     (j0, cols): (usize, usize),
     stride: usize,
 ) {
@@ -349,7 +543,7 @@ fn pack_b_columns(
     if available() {
         // SAFETY: the CPU has the features (checked); the caller sized `dst` for the panels of
         // these columns and `src` for k rows of `stride`.
-        unsafe { pack_b_columns_avx512(dst, src, (k, kp), (j0, cols), stride) };
+        unsafe { pack_b_columns_avx512(dst, src, (k, kp, ks), (j0, cols), stride) };
         return;
     }
     for p in 0..kp {
@@ -360,7 +554,57 @@ fn pack_b_columns(
             } else {
                 0.0
             };
-            dst[((j / NR) * kp + p) * NR + j % NR] = pair(lo, hi);
+            dst[((j / NR) * ks + p) * NR + j % NR] = pair(lo, hi);
+        }
+    }
+}
+
+/// `out[j]` = the pair (`r0[j]`, `r1[j]`) for j < `r0.len()` (`r1` zero where `None`): two rows
+/// of a source interleaved as a B operand's pairs are (a channel pair of an image row for
+/// `model::amx_conv`).
+///
+/// # Panics
+/// `r1` or `out` shorter than `r0`.
+pub(crate) fn interleave_pairs(r0: &[f32], r1: Option<&[f32]>, out: &mut [u32]) {
+    let n = r0.len();
+    assert!(out.len() >= n && r1.is_none_or(|r1| r1.len() >= n));
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the features (checked); lengths asserted.
+        unsafe { interleave_pairs_avx512(r0, r1, out) };
+        return;
+    }
+    for (j, o) in out[..n].iter_mut().enumerate() {
+        *o = pair(r0[j], r1.map_or(0.0, |r1| r1[j]));
+    }
+}
+
+/// [`interleave_pairs`] with AVX-512: 16 pairs per step, rounded by `vcvtne2ps2bf16` and
+/// interleaved by `vpermw` (as [`pack_b_columns_avx512`]).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW and AVX512-BF16; `r1` and `out` at least as long as `r0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave_pairs_avx512(r0: &[f32], r1: Option<&[f32]>, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let n = r0.len();
+    let idx: [u16; 32] = std::array::from_fn(|i| ((i % 2) * 16 + i / 2) as u16);
+    // SAFETY: loads and stores masked to the lanes below n of slices at least n long.
+    unsafe {
+        let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+        let mut j = 0;
+        while j < n {
+            let mask = first_lanes(n - j);
+            let x0 = _mm512_maskz_loadu_ps(mask, r0.as_ptr().add(j));
+            let x1 = match r1 {
+                Some(r1) => _mm512_maskz_loadu_ps(mask, r1.as_ptr().add(j)),
+                None => _mm512_setzero_ps(),
+            };
+            let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+            let v = _mm512_permutexvar_epi16(idx, bf);
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(j).cast(), mask, v);
+            j += 16;
         }
     }
 }
@@ -382,7 +626,7 @@ fn first_lanes(n: usize) -> u16 {
 unsafe fn pack_b_columns_avx512(
     dst: &mut [u32],
     src: &[f32],
-    (k, kp): (usize, usize),
+    (k, kp, ks): (usize, usize, usize),
     (j0, cols): (usize, usize),
     stride: usize,
 ) {
@@ -407,7 +651,7 @@ unsafe fn pack_b_columns_avx512(
                 };
                 let bf: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
                 let v = _mm512_permutexvar_epi16(idx, bf);
-                let at = ((j / NR) * kp + p) * NR + j % NR;
+                let at = ((j / NR) * ks + p) * NR + j % NR;
                 _mm512_storeu_si512(dst.as_mut_ptr().add(at).cast(), v);
                 j += 16;
             }
@@ -432,6 +676,10 @@ pub(crate) unsafe fn matmul(
     parallel: bool,
 ) {
     assert_eq!(a.cols(), b.rows(), "bf16 matmul: inner dimensions differ");
+    assert_eq!(
+        a.kernel, b.kernel,
+        "bf16 matmul: operands packed for different kernels"
+    );
     assert!(
         a.rows() <= 1 || c_row_stride >= b.cols(),
         "bf16 matmul: C's rows overlap"
@@ -449,26 +697,32 @@ pub(crate) unsafe fn matmul(
         }
         return;
     }
-    let blocks = m.div_ceil(MR);
+    let kernel = a.kernel;
+    let mr = kernel.block_rows();
+    let blocks = m.div_ceil(mr);
     let panels = n.div_ceil(NR);
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
         1
     };
-    let (row_tasks, col_tasks) = task_grid(blocks, panels, threads);
+    let (row_tasks, col_tasks) = task_grid(blocks, panels, threads, MC / mr);
     let c = SendPtr(c);
     let task = move |t: usize| {
         let (ti, tj) = (t / col_tasks, t % col_tasks);
-        let rows = (even_split(blocks, row_tasks, ti) * MR)
-            ..(even_split(blocks, row_tasks, ti + 1) * MR).min(m);
+        let rows = (even_split(blocks, row_tasks, ti) * mr)
+            ..(even_split(blocks, row_tasks, ti + 1) * mr).min(m);
         let pans = even_split(panels, col_tasks, tj)..even_split(panels, col_tasks, tj + 1);
         let c = c;
         // SAFETY: the task writes the C block rows × pans·NR (clipped to n), disjoint from
-        // every other task's; the caller's contract covers the whole of C.
+        // every other task's; the caller's contract covers the whole of C. AMX operands exist
+        // only where `Kernel::current` found the tiles usable.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            block_avx512(a, b, c.0, c_row_stride, rows, pans);
+            match kernel {
+                Kernel::Avx512 => block_avx512(a, b, c.0, c_row_stride, rows, pans),
+                Kernel::Amx => block_amx(a, b, c.0, c_row_stride, rows, pans),
+            }
         }
         // Unreachable elsewhere: `available()` is false there (asserted above).
         #[cfg(not(target_arch = "x86_64"))]
@@ -484,13 +738,13 @@ pub(crate) unsafe fn matmul(
 }
 
 /// How many parts to cut `blocks` row blocks and `panels` column panels of C into, for
-/// `threads` threads: each task at most [`MC`] rows and [`NC_PANELS`] panels (its A and B in
-/// cache), and, among the few grids a little finer than that, the one whose slowest thread has
+/// `threads` threads: each task at most `max_blocks` row blocks ([`MC`] rows) and
+/// [`NC_PANELS`] panels (its A and B in cache), and, among the few grids a little finer than that, the one whose slowest thread has
 /// the least work when the tasks, cut evenly ([`even_split`]), are shared out in waves (e.g.
 /// 1280 rows on 2 threads: 8 tasks of 160 rows, not 7 of up to 192, 4 against 3 on the two
 /// threads).
-fn task_grid(blocks: usize, panels: usize, threads: usize) -> (usize, usize) {
-    let rows0 = blocks.div_ceil(MC / MR);
+fn task_grid(blocks: usize, panels: usize, threads: usize, max_blocks: usize) -> (usize, usize) {
+    let rows0 = blocks.div_ceil(max_blocks);
     let cols0 = panels.div_ceil(NC_PANELS);
     if threads <= 1 {
         return (rows0, cols0);
@@ -618,6 +872,131 @@ unsafe fn micro_avx512<const V: usize>(
     }
 }
 
+/// The tile configuration `ldtilecfg` reads (palette 1): all eight tiles 16 rows of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[repr(C, align(64))]
+pub(crate) struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) const TILES_16X64: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+/// [`block_avx512`] on AMX tiles: for each panel and each block of [`MR_AMX`] rows, the
+/// 32 × 32 block of C in tiles 0–3, over all of k in steps of [`KT`] pairs (tiles 4–5 the two
+/// 16-row slices of A, each one contiguous KiB; 6–7 the panel's two halves of 16 columns), then
+/// stored to C (straight where the block is whole, else through a scratch block clipped to C's
+/// edge).
+///
+/// # Safety
+/// As [`block_avx512`], with operands packed for [`Kernel::Amx`] (so the process holds the tile
+/// permission).
+#[cfg(target_arch = "x86_64")]
+unsafe fn block_amx(
+    a: &PackedA,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    rows: std::ops::Range<usize>,
+    pans: std::ops::Range<usize>,
+) {
+    use std::arch::asm;
+    /// 64-byte aligned block of 32 × 32 floats (scratch for a block at C's edge).
+    #[repr(C, align(64))]
+    struct Block([f32; MR_AMX * NR]);
+    let ks = a.pairs();
+    debug_assert_eq!(ks, b.pairs());
+    debug_assert_eq!(ks % KT, 0);
+    let (m, n) = (a.rows(), b.cols());
+    let mut edge = Block([0.0; MR_AMX * NR]);
+    // SAFETY (whole body): tile loads read 1 KiB tiles of A (rows i0 .. i0 + 32 exist: packed A
+    // pads to MR_AMX rows; steps of KT pairs below ks) and 16 rows of 64 bytes of B's panel
+    // (pairs s .. s + KT, all NR columns, padded); stores write C's block inside this task's
+    // region (whole blocks only) or the scratch block.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &TILES_16X64, options(nostack, readonly));
+        for pan in pans {
+            let j0 = pan * NR;
+            let cols = NR.min(n - j0);
+            let bp = b.data.as_ptr().add(pan * ks * NR);
+            let mut i0 = rows.start;
+            while i0 < rows.end {
+                let r = MR_AMX.min(m - i0);
+                // Two 16-row slices, each ks/KT tiles of 16 × 16 u32.
+                let ap0 = a.data.as_ptr().add(i0 * ks);
+                let ap1 = ap0.add(16 * ks);
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                let mut s = 0;
+                while s < ks {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {lda}*1]",
+                        "tileloadd tmm6, [{b0} + {ldb}*1]",
+                        "tileloadd tmm7, [{b1} + {ldb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm5, [{a1} + {lda}*1]",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) ap0.add(s * 16),
+                        a1 = in(reg) ap1.add(s * 16),
+                        b0 = in(reg) bp.add(s * NR),
+                        b1 = in(reg) bp.add(s * NR + 16),
+                        lda = in(reg) 64usize,
+                        ldb = in(reg) NR * 4,
+                        options(nostack, readonly)
+                    );
+                    s += KT;
+                }
+                let whole = r == MR_AMX && cols == NR;
+                let (cp, ldcb) = if whole {
+                    (c.add(i0 * ldc + j0), ldc * 4)
+                } else {
+                    (edge.0.as_mut_ptr(), NR * 4)
+                };
+                asm!(
+                    "tilestored [{c0} + {ldc}*1], tmm0",
+                    "tilestored [{c1} + {ldc}*1], tmm1",
+                    "tilestored [{c2} + {ldc}*1], tmm2",
+                    "tilestored [{c3} + {ldc}*1], tmm3",
+                    c0 = in(reg) cp,
+                    c1 = in(reg) cp.add(16),
+                    c2 = in(reg) cp.byte_add(16 * ldcb),
+                    c3 = in(reg) cp.byte_add(16 * ldcb).add(16),
+                    ldc = in(reg) ldcb,
+                    options(nostack)
+                );
+                if !whole {
+                    for i in 0..r {
+                        std::ptr::copy_nonoverlapping(
+                            edge.0.as_ptr().add(i * NR),
+                            c.add((i0 + i) * ldc + j0),
+                            cols,
+                        );
+                    }
+                }
+                i0 += MR_AMX;
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,7 +1031,7 @@ mod tests {
     fn task_grid_covers_c_in_cache_sized_balanced_tasks() {
         for (blocks, panels, threads) in [(160, 1, 2), (8, 40, 2), (1, 1, 2), (33, 9, 3), (5, 7, 1)]
         {
-            let (rows, cols) = task_grid(blocks, panels, threads);
+            let (rows, cols) = task_grid(blocks, panels, threads, MC / MR);
             assert!(rows >= 1 && rows <= blocks && cols >= 1 && cols <= panels);
             for (parts, n, most) in [(rows, blocks, MC / MR), (cols, panels, NC_PANELS)] {
                 assert_eq!(even_split(n, parts, 0), 0);
@@ -667,7 +1046,7 @@ mod tests {
             }
         }
         // 1280 rows, one panel, two threads: 8 tasks of 20 blocks (4 + 4), not 7 (4 + 3).
-        assert_eq!(task_grid(160, 1, 2), (8, 1));
+        assert_eq!(task_grid(160, 1, 2, MC / MR), (8, 1));
     }
 
     /// The product equals an f32 product of the bf16-rounded inputs up to summation order, for
@@ -706,31 +1085,56 @@ mod tests {
                     }
                 }
             }
-            let pa = PackedA::from_rows(&a, m, k, lda, true);
-            let pa1 = PackedA::from_rows(&a, m, k, lda, false);
-            assert_eq!(pa.data, pa1.data);
-            let mut pb = PackedB::default();
-            pb.repack_rows(&b, k, n, ldb, true);
-            let mut pb1 = PackedB::default();
-            pb1.repack_rows(&b, k, n, ldb, false);
-            assert_eq!(pb.data, pb1.data);
-            // B given transposed, as a linear weight.
-            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * ldb + i / k]).collect();
-            let pbt = PackedB::from_transposed(&bt, n, k, k);
-            assert_eq!(pb.data, pbt.data, "{m}x{n}x{k}: the two packings differ");
-            let ldc = n + 2;
-            for parallel in [false, true] {
-                let mut c = vec![f32::NAN; m * ldc];
-                // SAFETY: c holds m rows of ldc ≥ n floats.
-                unsafe { matmul(&pa, &pb, c.as_mut_ptr(), ldc, parallel) };
-                let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1e-30);
-                for i in 0..m {
-                    for j in 0..n {
-                        let d = (f64::from(c[i * ldc + j]) - want[i * n + j]).abs() / scale;
-                        assert!(d < 1e-5, "{m}x{n}x{k} ({i},{j}): {d}");
-                    }
-                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+            for kernel in kernels() {
+                let mut pa = PackedA::default();
+                pa.repack_rows_for(kernel, &a, (m, k, lda), true);
+                let mut pa1 = PackedA::default();
+                pa1.repack_rows_for(kernel, &a, (m, k, lda), false);
+                assert_eq!(pa.data, pa1.data);
+                let mut pb = PackedB::default();
+                pb.repack_rows_for(kernel, &b, (k, n, ldb), true);
+                let mut pb1 = PackedB::default();
+                pb1.repack_rows_for(kernel, &b, (k, n, ldb), false);
+                assert_eq!(pb.data, pb1.data);
+                // B given transposed, as a linear weight.
+                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * ldb + i / k]).collect();
+                let pbt = PackedB::from_transposed_for(kernel, &bt, (n, k, k));
+                assert_eq!(pb.data, pbt.data, "{m}x{n}x{k}: the two packings differ");
+                check_product(&pa, &pb, &want, (m, n, k), kernel);
+            }
+        }
+    }
+
+    /// The kernels this CPU runs: AVX-512 always (where the tests run at all), AMX where
+    /// [`Kernel::current`] picked it.
+    fn kernels() -> Vec<Kernel> {
+        let mut k = vec![Kernel::Avx512];
+        if Kernel::current() == Kernel::Amx {
+            k.push(Kernel::Amx);
+        }
+        k
+    }
+
+    /// `a · b` (serial and parallel) against `want` (`m × n`, f64), C's padding untouched.
+    fn check_product(
+        pa: &PackedA,
+        pb: &PackedB,
+        want: &[f64],
+        (m, n, k): (usize, usize, usize),
+        kernel: Kernel,
+    ) {
+        let ldc = n + 2;
+        for parallel in [false, true] {
+            let mut c = vec![f32::NAN; m * ldc];
+            // SAFETY: c holds m rows of ldc ≥ n floats.
+            unsafe { matmul(pa, pb, c.as_mut_ptr(), ldc, parallel) };
+            let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1e-30);
+            for i in 0..m {
+                for j in 0..n {
+                    let d = (f64::from(c[i * ldc + j]) - want[i * n + j]).abs() / scale;
+                    assert!(d < 1e-5, "{kernel:?} {m}x{n}x{k} ({i},{j}): {d}");
                 }
+                assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
             }
         }
     }

@@ -23,6 +23,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
+use crate::model::amx_conv::{self, AmxConv3x3};
 use crate::model::bf16_gemm::{self, f32_params, products_for, PackedA, PackedB};
 use crate::model::winograd::{transform_filter, Bf16Winograd, Winograd};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
@@ -73,6 +74,8 @@ struct Bf16Filters {
     im2col: OnceLock<Arc<PackedA>>,
     /// `U[ξ]` `[c_out, c_in]` for ξ < 16.
     winograd: OnceLock<Arc<Vec<PackedA>>>,
+    /// The nine taps `[c_out, c_in]` for `model::amx_conv`.
+    amx_taps: OnceLock<Arc<Vec<PackedA>>>,
 }
 
 /// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`], with bf16
@@ -193,6 +196,18 @@ impl Conv2d {
         epilogue: Epilogue<'a>,
     ) -> Result<Bf16Op<'a>> {
         let (c_out, rows) = self.weight2d.dims2()?;
+        // 3×3, stride 1, padding 1 (what Winograd takes) on AMX tiles where the shapes fit.
+        if self.winograd.is_some() && amx_conv::applies(c_out, w) {
+            let taps = match f.amx_taps.get() {
+                Some(t) => t.clone(),
+                None => {
+                    let wt = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+                    let taps = Arc::new(amx_conv::pack_taps(&wt, c_out, rows / 9));
+                    f.amx_taps.get_or_init(|| taps).clone()
+                }
+            };
+            return Ok(Bf16Op::Amx(AmxConv3x3 { taps, epilogue }));
+        }
         if self.takes_winograd(h, w)? {
             let u = match f.winograd.get() {
                 Some(u) => u.clone(),
@@ -342,6 +357,7 @@ impl Conv2d {
             return match self.bf16_op(f, h, w, im2col, epilogue)? {
                 Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op),
                 Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op),
+                Bf16Op::Amx(op) => xs.apply_op1_no_bwd(&op),
             };
         }
         match self.winograd_filter(h, w)? {
@@ -623,10 +639,11 @@ impl TiledConv<'_> {
     }
 }
 
-/// The two bf16 paths of [`Conv2d`].
+/// The bf16 paths of [`Conv2d`].
 enum Bf16Op<'a> {
     Winograd(Bf16Winograd<'a>),
     Im2Col(Bf16Conv<'a>),
+    Amx(AmxConv3x3<'a>),
 }
 
 /// im2col + bf16 product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in cache)
@@ -767,6 +784,7 @@ mod tests {
             (1, 1, 0, 1, 16, 6, 10, 10),   // 1×1
             (3, 1, 1, 2, 8, 12, 40, 37),   // Winograd
             (3, 2, 1, 2, 64, 8, 300, 290), // tiled
+            (3, 1, 1, 2, 8, 32, 6, 48),    // AMX tiles (bf16, where the CPU has them)
         ];
         let bf16_too = bf16_gemm::available();
         for (k, stride, padding, b, c_in, c_out, h, w) in cases {
@@ -874,6 +892,9 @@ mod tests {
             (1, 1, 0, 1, 600, 4, 120, 120),
             (3, 1, 1, 3, 5, 7, 9, 8),
             (3, 2, 0, 1, 3, 33, 11, 12),
+            // AMX tiles (where the CPU has them): odd channels, a 16-pixel last block, 2 images.
+            (3, 1, 1, 2, 37, 64, 7, 48),
+            (3, 1, 1, 1, 64, 32, 5, 32),
         ] {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::with_products(inner.clone(), true).unwrap();

@@ -5,6 +5,7 @@
 //! Each component mirrors its diffusers counterpart: configs are plain structs read from the
 //! component's `config.json`, and `VarBuilder` paths follow the diffusers tensor names.
 
+pub(crate) mod amx_conv;
 pub mod arch;
 pub(crate) mod bf16_attention;
 pub(crate) mod bf16_gemm;

@@ -1,0 +1,270 @@
+//! 3×3 convolutions (stride 1, padding 1) straight on AMX tiles, for `model.dtype = "bf16"` on
+//! CPUs with AMX-BF16 ([`bf16_gemm::Kernel::Amx`]): an implicit GEMM, as oneDNN runs them.
+//!
+//! The input image is converted once to bf16 channel pairs, zero-padded by one pixel:
+//! `[h + 2][c_in/2 rounded up to 16][w + 2]`, one `u32` (two channels) per pixel. For an output
+//! row and 32 output pixels, kernel tap `(ky, kx)`'s 16 pairs of input channels × 16 pixels are
+//! then one tile load from that array (row stride `w + 2` pairs), with no im2col matrix and no
+//! Winograd transform: the tap's weight `[c_out, c_in]` (packed once, like a product's A) times
+//! that tile, summed over the nine taps in the tile registers. Each 32 × 32 block of output
+//! (channels × pixels) is stored straight into the NCHW output (row stride `h·w`), then the
+//! epilogue (bias, residual, ReLU) runs over its rows.
+//!
+//! Taken where the output channels are a multiple of 32 and the width a multiple of 16 (the
+//! tile shapes); other convs keep `model::conv`'s paths. Hand-written like `model::bf16_gemm`,
+//! for the same reason (no crate has bf16 tile kernels), in the same inline assembly.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, Layout, Result, Shape};
+
+use crate::model::bf16_gemm::{self, Kernel, PackedA, KT, MR_AMX};
+use crate::model::conv::Epilogue;
+use crate::model::{cpu_f32, SendPtr};
+
+/// Whether a 3×3, stride-1, padding-1 conv with `c_out` output channels over images `w` wide
+/// runs here ([`Kernel::Amx`] in use, tile-shaped sizes).
+pub(crate) fn applies(c_out: usize, w: usize) -> bool {
+    Kernel::current() == Kernel::Amx
+        && c_out.is_multiple_of(MR_AMX)
+        && w.is_multiple_of(16)
+        && w > 0
+}
+
+/// The nine taps of a 3×3 weight `[c_out, c_in·9]` (row-major, as `Conv2d` holds it), each
+/// `[c_out, c_in]` packed for [`Kernel::Amx`], tap `ky·3 + kx`.
+pub(crate) fn pack_taps(weight2d: &[f32], c_out: usize, c_in: usize) -> Vec<PackedA> {
+    (0..9)
+        .map(|t| {
+            let tap: Vec<f32> = (0..c_out * c_in)
+                .map(|i| weight2d[(i / c_in) * c_in * 9 + (i % c_in) * 9 + t])
+                .collect();
+            PackedA::from_rows(&tap, c_out, c_in, c_in, true)
+        })
+        .collect()
+}
+
+/// The convolution as a candle op: input `[b, c_in, h, w]` (f32, contiguous) → output
+/// `[b, c_out, h, w]` f32 after the epilogue.
+pub(crate) struct AmxConv3x3<'a> {
+    /// [`pack_taps`] of the weight.
+    pub(crate) taps: Arc<Vec<PackedA>>,
+    pub(crate) epilogue: Epilogue<'a>,
+}
+
+impl candle_core::CustomOp1 for AmxConv3x3<'_> {
+    fn name(&self) -> &'static str {
+        "sdcam-amx-conv3x3"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(storage, layout, "amx conv")?;
+        let (b, c, h, w) = layout.shape().dims4()?;
+        let k = self.taps.first().map_or(0, PackedA::rows);
+        let tiles: Vec<(&[u32], usize)> = self.taps.iter().filter_map(PackedA::amx_tiles).collect();
+        if tiles.len() != 9
+            || self.taps.iter().any(|t| t.rows() != k || t.cols() != c)
+            || !applies(k, w)
+        {
+            candle_core::bail!("amx conv: the packed taps do not match the input");
+        }
+        let n = h * w;
+        self.epilogue.check(k, b * k * n, "amx conv")?;
+        let ks = tiles[0].1;
+        let w2 = w + 2;
+        let blocks = k / MR_AMX;
+        // Tasks (channel block, output row): row-major where the taps are larger than an
+        // image's converted input (the U-Net: each thread keeps its channel block's taps in
+        // cache across rows), else row by row with every channel block (TAESD: the few input
+        // rows a row needs stay in cache for all blocks).
+        let rows_inner = 9 * k * ks >= (h + 2) * ks * w2;
+        let len = b * k * n;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let mut xp = Vec::new();
+        for bi in 0..b {
+            convert_image(&x[bi * c * n..][..c * n], (c, h, w), ks, &mut xp);
+            // SAFETY: image bi of `out`'s allocation, written below by disjoint (channel block,
+            // row) tasks.
+            let dst = SendPtr(unsafe { out.as_mut_ptr().add(bi * k * n) });
+            let epilogue = self.epilogue.image(bi * k * n);
+            let xp = &xp[..];
+            let tiles = &tiles[..];
+            let task = move |t: usize| {
+                let (blk, oy) = if rows_inner {
+                    (t / h, t % h)
+                } else {
+                    (t % blocks, t / blocks)
+                };
+                let io = blk * MR_AMX;
+                let dst = dst;
+                // SAFETY: `xp` holds (h + 2)·ks·(w + 2) pairs, the taps k rows of ks pairs
+                // (padded to MR_AMX rows); this task writes every pixel of rows io .. io + 32 ×
+                // output row oy of the image, which no other task writes.
+                unsafe { row_block(tiles, xp, (ks, w2, h, w), (io, oy), dst.0) };
+                for ch in io..io + MR_AMX {
+                    let at = ch * n + oy * w;
+                    // SAFETY: this task's row of channel ch, written just now.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), w) };
+                    epilogue.apply(ch, at, row);
+                }
+            };
+            use rayon::prelude::*;
+            (0..blocks * h).into_par_iter().for_each(task);
+        }
+        // SAFETY: the tasks wrote all b·k·h·w floats (every channel block, row and pixel).
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), Shape::from((b, k, h, w))))
+    }
+}
+
+/// One image `[c, h, w]` into `xp` as `[h + 2][ks][w + 2]` channel pairs in bf16, zero outside
+/// the image and past its channels (see the module docs).
+fn convert_image(x: &[f32], (c, h, w): (usize, usize, usize), ks: usize, xp: &mut Vec<u32>) {
+    use rayon::prelude::*;
+    let w2 = w + 2;
+    let n = h * w;
+    let kp = c.div_ceil(2);
+    // Every element is written below (pairs or zeros), so the buffer is not cleared first.
+    xp.resize((h + 2) * ks * w2, 0);
+    xp.par_chunks_mut(ks * w2).enumerate().for_each(|(y, row)| {
+        if y == 0 || y == h + 1 {
+            row.fill(0);
+            return;
+        }
+        let y = y - 1;
+        for (p, pr) in row.chunks_exact_mut(w2).enumerate() {
+            if p >= kp {
+                pr.fill(0);
+                continue;
+            }
+            let r0 = &x[2 * p * n + y * w..][..w];
+            let r1 = (2 * p + 1 < c).then(|| &x[(2 * p + 1) * n + y * w..][..w]);
+            pr[0] = 0;
+            pr[w + 1] = 0;
+            bf16_gemm::interleave_pairs(r0, r1, &mut pr[1..=w]);
+        }
+    });
+}
+
+/// Output row `oy`, channels `io .. io + 32`, all of its pixels in blocks of 32 (or 16 at the
+/// end): per block, tiles 0–3 sum the nine taps × `ks / KT` steps (tiles 4–5 the tap's two
+/// 16-row slices of weight, 6–7 two 16-pixel tiles of the converted input), then are stored
+/// into the NCHW output at `dst` (row stride `h·w` floats).
+///
+/// # Safety
+/// As the caller states: `xp` and the taps hold what the shapes say, `dst` the whole image's
+/// output, and the process holds the tile permission ([`Kernel::Amx`]).
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_block(
+    taps: &[(&[u32], usize)],
+    xp: &[u32],
+    (ks, w2, h, w): (usize, usize, usize, usize),
+    (io, oy): (usize, usize),
+    dst: *mut f32,
+) {
+    use std::arch::asm;
+    let ldb = w2 * 4;
+    let ldc = h * w * 4;
+    // SAFETY (whole body): every load reads 16 rows of 64 bytes inside the taps' tiles (rows
+    // io .. io + 32, steps below ks) or inside `xp` (rows oy .. oy + 2 of the padded image,
+    // pairs below ks, pixels x0 + kx .. + 16 ≤ w + 2); every store writes 16 channels × 16
+    // pixels of row oy inside the image's output.
+    unsafe {
+        asm!("ldtilecfg [{}]", in(reg) &bf16_gemm::TILES_16X64, options(nostack, readonly));
+        let mut x0 = 0;
+        while x0 < w {
+            let two = x0 + 32 <= w;
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for (t, &(a, _)) in taps.iter().enumerate() {
+                let (ky, kx) = (t / 3, t % 3);
+                let ap0 = a.as_ptr().add(io * ks);
+                let ap1 = ap0.add(16 * ks);
+                let bp = xp.as_ptr().add((oy + ky) * ks * w2 + x0 + kx);
+                let mut s = 0;
+                while s < ks {
+                    let b0 = bp.add(s * w2);
+                    if two {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {lda}*1]",
+                            "tileloadd tmm6, [{b0} + {ldb}*1]",
+                            "tileloadd tmm7, [{b1} + {ldb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm5, [{a1} + {lda}*1]",
+                            "tdpbf16ps tmm1, tmm4, tmm7",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            "tdpbf16ps tmm3, tmm5, tmm7",
+                            a0 = in(reg) ap0.add(s * 16),
+                            a1 = in(reg) ap1.add(s * 16),
+                            b0 = in(reg) b0,
+                            b1 = in(reg) b0.add(16),
+                            lda = in(reg) 64usize,
+                            ldb = in(reg) ldb,
+                            options(nostack, readonly)
+                        );
+                    } else {
+                        asm!(
+                            "tileloadd tmm4, [{a0} + {lda}*1]",
+                            "tileloadd tmm6, [{b0} + {ldb}*1]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm5, [{a1} + {lda}*1]",
+                            "tdpbf16ps tmm2, tmm5, tmm6",
+                            a0 = in(reg) ap0.add(s * 16),
+                            a1 = in(reg) ap1.add(s * 16),
+                            b0 = in(reg) b0,
+                            lda = in(reg) 64usize,
+                            ldb = in(reg) ldb,
+                            options(nostack, readonly)
+                        );
+                    }
+                    s += KT;
+                }
+            }
+            let c0 = dst.add(io * h * w + oy * w + x0);
+            let c2 = c0.byte_add(16 * ldc);
+            if two {
+                asm!(
+                    "tilestored [{c0} + {ldc}*1], tmm0",
+                    "tilestored [{c1} + {ldc}*1], tmm1",
+                    "tilestored [{c2} + {ldc}*1], tmm2",
+                    "tilestored [{c3} + {ldc}*1], tmm3",
+                    c0 = in(reg) c0,
+                    c1 = in(reg) c0.add(16),
+                    c2 = in(reg) c2,
+                    c3 = in(reg) c2.add(16),
+                    ldc = in(reg) ldc,
+                    options(nostack)
+                );
+                x0 += 32;
+            } else {
+                asm!(
+                    "tilestored [{c0} + {ldc}*1], tmm0",
+                    "tilestored [{c2} + {ldc}*1], tmm2",
+                    c0 = in(reg) c0,
+                    c2 = in(reg) c2,
+                    ldc = in(reg) ldc,
+                    options(nostack)
+                );
+                x0 += 16;
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// Unreachable elsewhere: [`applies`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn row_block(
+    _: &[(&[u32], usize)],
+    _: &[u32],
+    _: (usize, usize, usize, usize),
+    _: (usize, usize),
+    _: *mut f32,
+) {
+    unreachable!("AMX is x86-64 only")
+}

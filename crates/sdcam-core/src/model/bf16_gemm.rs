@@ -426,6 +426,12 @@ impl PackedA {
     pub(crate) fn amx_tiles(&self) -> Option<(&[u32], usize)> {
         (self.kernel == Kernel::Amx).then(|| (&self.data[..], self.pairs()))
     }
+
+    /// For operands packed for [`Kernel::Avx512`]: the blocks of [`MR`] rows (for each block
+    /// and pair of k, the block's rows' pairs side by side) and the pairs of k per row.
+    pub(crate) fn avx512_blocks(&self) -> Option<(&[u32], usize)> {
+        (self.kernel == Kernel::Avx512).then(|| (&self.data[..], self.pairs()))
+    }
 }
 
 /// The right operand, packed (see the module docs): `k × n`.
@@ -561,7 +567,7 @@ fn pack_b_columns(
 
 /// `out[j]` = the pair (`r0[j]`, `r1[j]`) for j < `r0.len()` (`r1` zero where `None`): two rows
 /// of a source interleaved as a B operand's pairs are (a channel pair of an image row for
-/// `model::amx_conv`).
+/// `model::direct_conv`).
 ///
 /// # Panics
 /// `r1` or `out` shorter than `r0`.
@@ -611,7 +617,7 @@ unsafe fn interleave_pairs_avx512(r0: &[f32], r1: Option<&[f32]>, out: &mut [u32
 
 /// The mask of the first `n` of 16 lanes (all of them for `n ≥ 16`).
 #[cfg(target_arch = "x86_64")]
-fn first_lanes(n: usize) -> u16 {
+pub(crate) fn first_lanes(n: usize) -> u16 {
     if n >= 16 {
         0xffff
     } else {

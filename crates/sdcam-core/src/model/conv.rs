@@ -9,7 +9,9 @@
 //! the environment turns it off, for comparisons). Other devices and dtypes use candle's
 //! `conv2d`. With `model.dtype = "bf16"` on the CPU ([`bf16_gemm::bf16_products`]) the same
 //! paths multiply in bf16 (`model::bf16_gemm`): the weight (or the Winograd filter transform) is
-//! packed once, each tile of im2col (or each Winograd `V`) is packed as it is made.
+//! packed once, each tile of im2col (or each Winograd `V`) is packed as it is made; 3×3
+//! stride-1 convs with few input channels (all of them on AMX, where the tiles fit) run as a
+//! direct implicit GEMM instead (`model::direct_conv`).
 //!
 //! On the Winograd, tiled and bf16 paths the bias, and where the caller asks
 //! ([`Conv2d::forward_fused`]) a residual and a ReLU, are applied by the kernel to each output
@@ -23,8 +25,8 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
-use crate::model::amx_conv::{self, AmxConv3x3};
 use crate::model::bf16_gemm::{self, f32_params, products_for, PackedA, PackedB};
+use crate::model::direct_conv::{self, DirectConv3x3};
 use crate::model::winograd::{transform_filter, Bf16Winograd, Winograd};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
@@ -74,8 +76,8 @@ struct Bf16Filters {
     im2col: OnceLock<Arc<PackedA>>,
     /// `U[ξ]` `[c_out, c_in]` for ξ < 16.
     winograd: OnceLock<Arc<Vec<PackedA>>>,
-    /// The nine taps `[c_out, c_in]` for `model::amx_conv`.
-    amx_taps: OnceLock<Arc<Vec<PackedA>>>,
+    /// The nine taps `[c_out, c_in]` for `model::direct_conv`.
+    direct_taps: OnceLock<Arc<Vec<PackedA>>>,
 }
 
 /// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`], with bf16
@@ -184,8 +186,8 @@ impl Conv2d {
         Ok(Some(cell.get_or_init(|| u).clone()))
     }
 
-    /// The bf16 product for an `h × w` input (`f` this conv's packed weights): Winograd or
-    /// tiled im2col, each made on first use (two threads may both make one, with the same
+    /// The bf16 product for an `h × w` input (`f` this conv's packed weights): the direct 3×3
+    /// conv, Winograd or tiled im2col, each's packed weights made on first use (two threads may both make one, with the same
     /// result).
     fn bf16_op<'a>(
         &self,
@@ -196,17 +198,18 @@ impl Conv2d {
         epilogue: Epilogue<'a>,
     ) -> Result<Bf16Op<'a>> {
         let (c_out, rows) = self.weight2d.dims2()?;
-        // 3×3, stride 1, padding 1 (what Winograd takes) on AMX tiles where the shapes fit.
-        if self.winograd.is_some() && amx_conv::applies(c_out, w) {
-            let taps = match f.amx_taps.get() {
+        // 3×3, stride 1, padding 1 (what Winograd takes) as a direct conv where it is faster
+        // (AMX tiles where the shapes fit, AVX-512 where the channels are few).
+        if self.winograd.is_some() && direct_conv::applies(rows / 9, c_out, w) {
+            let taps = match f.direct_taps.get() {
                 Some(t) => t.clone(),
                 None => {
                     let wt = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
-                    let taps = Arc::new(amx_conv::pack_taps(&wt, c_out, rows / 9));
-                    f.amx_taps.get_or_init(|| taps).clone()
+                    let taps = Arc::new(direct_conv::pack_taps(&wt, c_out, rows / 9));
+                    f.direct_taps.get_or_init(|| taps).clone()
                 }
             };
-            return Ok(Bf16Op::Amx(AmxConv3x3 { taps, epilogue }));
+            return Ok(Bf16Op::Direct(DirectConv3x3 { taps, epilogue }));
         }
         if self.takes_winograd(h, w)? {
             let u = match f.winograd.get() {
@@ -357,7 +360,7 @@ impl Conv2d {
             return match self.bf16_op(f, h, w, im2col, epilogue)? {
                 Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op),
                 Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op),
-                Bf16Op::Amx(op) => xs.apply_op1_no_bwd(&op),
+                Bf16Op::Direct(op) => xs.apply_op1_no_bwd(&op),
             };
         }
         match self.winograd_filter(h, w)? {
@@ -643,7 +646,7 @@ impl TiledConv<'_> {
 enum Bf16Op<'a> {
     Winograd(Bf16Winograd<'a>),
     Im2Col(Bf16Conv<'a>),
-    Amx(AmxConv3x3<'a>),
+    Direct(DirectConv3x3<'a>),
 }
 
 /// im2col + bf16 product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in cache)
@@ -776,7 +779,7 @@ mod tests {
     /// bias, then `+ bias`, `+ residual`, ReLU, on every path: in f32 the tensor-op path
     /// (small im2col, 1×1) and the kernels' epilogue (Winograd, tiled, two images each so that
     /// the second image's offsets are checked), and with bf16 products, where the CPU has
-    /// them, the epilogue of every case (im2col and Winograd).
+    /// them, the epilogue of every case (im2col, direct and Winograd).
     #[test]
     fn fused_epilogue_equals_separate_ops() {
         let cases = [
@@ -784,7 +787,8 @@ mod tests {
             (1, 1, 0, 1, 16, 6, 10, 10),   // 1×1
             (3, 1, 1, 2, 8, 12, 40, 37),   // Winograd
             (3, 2, 1, 2, 64, 8, 300, 290), // tiled
-            (3, 1, 1, 2, 8, 32, 6, 48),    // AMX tiles (bf16, where the CPU has them)
+            (3, 1, 1, 2, 8, 32, 6, 48),    // direct conv (bf16: AMX tiles or AVX-512)
+            (3, 1, 1, 2, 136, 8, 32, 31),  // bf16 Winograd (too wide for the AVX-512 direct)
         ];
         let bf16_too = bf16_gemm::available();
         for (k, stride, padding, b, c_in, c_out, h, w) in cases {
@@ -895,6 +899,8 @@ mod tests {
             // AMX tiles (where the CPU has them): odd channels, a 16-pixel last block, 2 images.
             (3, 1, 1, 2, 37, 64, 7, 48),
             (3, 1, 1, 1, 64, 32, 5, 32),
+            // Wider than the AVX-512 direct conv takes: Winograd.
+            (3, 1, 1, 2, 136, 12, 32, 33),
         ] {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::with_products(inner.clone(), true).unwrap();
@@ -905,6 +911,69 @@ mod tests {
             assert!(
                 e > 0.0 && e < 1e-2,
                 "k{k} s{stride} p{padding} {b}x{c_in}x{h}x{w} → {c_out}: {e}"
+            );
+        }
+    }
+
+    /// Which bf16 path `conv` takes for an `h × w` input.
+    fn bf16_path(conv: &Conv2d, h: usize, w: usize) -> &'static str {
+        let im2col = Im2Col {
+            k_h: conv.k_h,
+            k_w: conv.k_w,
+            stride: conv.cfg.stride,
+            padding: conv.cfg.padding,
+        };
+        let epilogue = Epilogue {
+            bias: None,
+            residual: None,
+            relu: false,
+            base: 0,
+        };
+        let f = conv.bf16.as_ref().expect("bf16 products");
+        match conv.bf16_op(f, h, w, im2col, epilogue).unwrap() {
+            Bf16Op::Winograd(_) => "winograd",
+            Bf16Op::Im2Col(_) => "im2col",
+            Bf16Op::Direct(_) => "direct",
+        }
+    }
+
+    /// The AVX-512 direct 3×3 conv (`model::direct_conv`) on the edges of its runs of 32
+    /// pixels (widths 1 to 49), partial blocks of 8 output channels, odd input channels (a
+    /// half-empty last pair) and two images: within bf16 rounding of candle's f32 conv2d, and
+    /// the path it is meant to be (TAESD's 64 channels direct, the U-Net's 320 Winograd).
+    #[test]
+    fn bf16_direct_conv_edges() {
+        if !bf16_gemm::available() || bf16_gemm::Kernel::current() != bf16_gemm::Kernel::Avx512 {
+            eprintln!("skipped: this CPU lacks AVX512-BF16 or runs AMX");
+            return;
+        }
+        for (b, c_in, c_out, h, w) in [
+            (1, 1, 1, 1, 1),
+            (2, 3, 9, 4, 15),
+            (1, 7, 8, 3, 16),
+            (1, 64, 17, 2, 17),
+            (2, 33, 4, 5, 31),
+            (1, 128, 3, 3, 32),
+            (1, 2, 24, 6, 33),
+            (1, 5, 7, 2, 49),
+        ] {
+            let (x, inner) = random_case((3, 1, 1, true), (b, c_in, c_out, h, w));
+            let conv = Conv2d::with_products(inner.clone(), true).unwrap();
+            assert_eq!(bf16_path(&conv, h, w), "direct", "{c_in} channels, {h}x{w}");
+            let want = inner.forward(&x).unwrap();
+            let got = conv.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let e = crate::model::rel_err(&got, &want).unwrap();
+            assert!(e < 1e-2, "{b}x{c_in}x{h}x{w} → {c_out}: {e}");
+        }
+        // The wider cases of the other bf16 tests.
+        for (c_in, h, w) in [(320, 32, 32), (136, 32, 33), (136, 32, 31)] {
+            let (_, inner) = random_case((3, 1, 1, true), (1, c_in, 8, h, w));
+            let conv = Conv2d::with_products(inner, true).unwrap();
+            assert_eq!(
+                bf16_path(&conv, h, w),
+                "winograd",
+                "{c_in} channels, {h}x{w}"
             );
         }
     }

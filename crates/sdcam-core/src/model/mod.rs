@@ -5,7 +5,6 @@
 //! Each component mirrors its diffusers counterpart: configs are plain structs read from the
 //! component's `config.json`, and `VarBuilder` paths follow the diffusers tensor names.
 
-pub(crate) mod amx_conv;
 pub mod arch;
 pub(crate) mod bf16_attention;
 pub(crate) mod bf16_gemm;
@@ -13,6 +12,7 @@ pub mod clip;
 pub mod config;
 pub mod conv;
 pub mod device;
+pub(crate) mod direct_conv;
 pub mod download;
 pub(crate) mod geglu;
 pub(crate) mod group_norm;

@@ -1,34 +1,55 @@
-//! 3×3 convolutions (stride 1, padding 1) straight on AMX tiles, for `model.dtype = "bf16"` on
-//! CPUs with AMX-BF16 ([`bf16_gemm::Kernel::Amx`]): an implicit GEMM, as oneDNN runs them.
+//! 3×3 convolutions (stride 1, padding 1) as an implicit GEMM for `model.dtype = "bf16"` on the
+//! CPU, as oneDNN runs them: on AMX tiles ([`bf16_gemm::Kernel::Amx`]) or with `vdpbf16ps` on
+//! zmm registers ([`bf16_gemm::Kernel::Avx512`]).
 //!
 //! The input image is converted once to bf16 channel pairs, zero-padded by one pixel:
-//! `[h + 2][c_in/2 rounded up to 16][w + 2]`, one `u32` (two channels) per pixel. For an output
-//! row and 32 output pixels, kernel tap `(ky, kx)`'s 16 pairs of input channels × 16 pixels are
-//! then one tile load from that array (row stride `w + 2` pairs), with no im2col matrix and no
-//! Winograd transform: the tap's weight `[c_out, c_in]` (packed once, like a product's A) times
-//! that tile, summed over the nine taps in the tile registers. Each 32 × 32 block of output
-//! (channels × pixels) is stored straight into the NCHW output (row stride `h·w`), then the
-//! epilogue (bias, residual, ReLU) runs over its rows.
+//! `[h + 2][pairs][w + 2]`, one `u32` (two channels) per pixel, `pairs` = `c_in/2` rounded up
+//! (to 16 for AMX). For an output row and a run of output pixels, kernel tap `(ky, kx)`'s pairs
+//! of input channels × pixels are then read straight from that array (row stride `w + 2`
+//! pairs: one tile load on AMX, one vector load per pair and 16 pixels on AVX-512), with no
+//! im2col matrix and no Winograd transform: the tap's weight `[c_out, c_in]` (packed once, like
+//! a product's A) times those pixels, summed over the nine taps in registers. Each block of
+//! output (channels × pixels) is stored straight into the NCHW output, then the epilogue (bias,
+//! residual, ReLU) runs over its rows.
 //!
-//! Taken where the output channels are a multiple of 32 and the width a multiple of 16 (the
-//! tile shapes); other convs keep `model::conv`'s paths. Hand-written like `model::bf16_gemm`,
-//! for the same reason (no crate has bf16 tile kernels), in the same inline assembly.
+//! AMX takes every such conv whose output channels are a multiple of 32 and width a multiple of
+//! 16 (the tile shapes). On AVX-512 the direct conv does 2.25× the multiply-adds of
+//! `model::winograd`'s F(2×2, 3×3), but skips its transforms, which cost as much as the products
+//! where the channels are few: it takes the convs with at most [`AVX512_MAX_CHANNELS`] input
+//! channels (TAESD's 64-channel convs at full resolution), Winograd the U-Net's wider ones.
+//! Other convs keep `model::conv`'s paths. Hand-written like `model::bf16_gemm`, for the same
+//! reason (no crate has bf16 kernels for these layouts), with the same instructions.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 
-use crate::model::bf16_gemm::{self, Kernel, PackedA, KT, MR_AMX};
+use crate::model::bf16_gemm::{self, Kernel, PackedA, KT, MR, MR_AMX};
 use crate::model::conv::Epilogue;
 use crate::model::{cpu_f32, SendPtr};
 
-/// Whether a 3×3, stride-1, padding-1 conv with `c_out` output channels over images `w` wide
-/// runs here ([`Kernel::Amx`] in use, tile-shaped sizes).
-pub(crate) fn applies(c_out: usize, w: usize) -> bool {
-    Kernel::current() == Kernel::Amx
-        && c_out.is_multiple_of(MR_AMX)
-        && w.is_multiple_of(16)
-        && w > 0
+/// Pixels per run of [`row_block_avx512`] (two vectors of 16: 16 accumulators; three, with 24,
+/// measured slower).
+const RUN: usize = 32;
+
+/// Most input channels of a conv that [`Kernel::Avx512`] runs directly (more go to Winograd).
+pub(crate) const AVX512_MAX_CHANNELS: usize = 128;
+
+/// Whether a 3×3, stride-1, padding-1 conv from `c_in` to `c_out` channels over images `w`
+/// wide runs here: on AMX where the shapes fit its tiles, on AVX-512 where the input has few
+/// channels (see the module docs); never with `SDCAM_DIRECT_CONV=0` (read once; for
+/// comparisons: Winograd or im2col then take these convs).
+pub(crate) fn applies(c_in: usize, c_out: usize, w: usize) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let on =
+        *ON.get_or_init(|| std::env::var("SDCAM_DIRECT_CONV").map_or(true, |v| v.trim() != "0"));
+    if !on || w == 0 || c_out == 0 || c_in == 0 {
+        return false;
+    }
+    match Kernel::current() {
+        Kernel::Amx => c_out.is_multiple_of(MR_AMX) && w.is_multiple_of(16),
+        Kernel::Avx512 => bf16_gemm::available() && c_in <= AVX512_MAX_CHANNELS,
+    }
 }
 
 /// The nine taps of a 3×3 weight `[c_out, c_in·9]` (row-major, as `Conv2d` holds it), each
@@ -46,33 +67,46 @@ pub(crate) fn pack_taps(weight2d: &[f32], c_out: usize, c_in: usize) -> Vec<Pack
 
 /// The convolution as a candle op: input `[b, c_in, h, w]` (f32, contiguous) → output
 /// `[b, c_out, h, w]` f32 after the epilogue.
-pub(crate) struct AmxConv3x3<'a> {
+pub(crate) struct DirectConv3x3<'a> {
     /// [`pack_taps`] of the weight.
     pub(crate) taps: Arc<Vec<PackedA>>,
     pub(crate) epilogue: Epilogue<'a>,
 }
 
-impl candle_core::CustomOp1 for AmxConv3x3<'_> {
+impl candle_core::CustomOp1 for DirectConv3x3<'_> {
     fn name(&self) -> &'static str {
-        "sdcam-amx-conv3x3"
+        "sdcam-direct-conv3x3"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(storage, layout, "amx conv")?;
+        let x = cpu_f32(storage, layout, "direct conv")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let k = self.taps.first().map_or(0, PackedA::rows);
-        let tiles: Vec<(&[u32], usize)> = self.taps.iter().filter_map(PackedA::amx_tiles).collect();
+        let kernel = Kernel::current();
+        let (rows_per_block, tiles): (usize, Vec<(&[u32], usize)>) = match kernel {
+            Kernel::Amx => (
+                MR_AMX,
+                self.taps.iter().filter_map(PackedA::amx_tiles).collect(),
+            ),
+            Kernel::Avx512 => (
+                MR,
+                self.taps
+                    .iter()
+                    .filter_map(PackedA::avx512_blocks)
+                    .collect(),
+            ),
+        };
         if tiles.len() != 9
             || self.taps.iter().any(|t| t.rows() != k || t.cols() != c)
-            || !applies(k, w)
+            || !applies(c, k, w)
         {
-            candle_core::bail!("amx conv: the packed taps do not match the input");
+            candle_core::bail!("direct conv: the packed taps do not match the input");
         }
         let n = h * w;
-        self.epilogue.check(k, b * k * n, "amx conv")?;
+        self.epilogue.check(k, b * k * n, "direct conv")?;
         let ks = tiles[0].1;
         let w2 = w + 2;
-        let blocks = k / MR_AMX;
+        let blocks = k.div_ceil(rows_per_block);
         // Tasks (channel block, output row): row-major where the taps are larger than an
         // image's converted input (the U-Net: each thread keeps its channel block's taps in
         // cache across rows), else row by row with every channel block (TAESD: the few input
@@ -95,13 +129,21 @@ impl candle_core::CustomOp1 for AmxConv3x3<'_> {
                 } else {
                     (t % blocks, t / blocks)
                 };
-                let io = blk * MR_AMX;
+                let io = blk * rows_per_block;
+                let r = rows_per_block.min(k - io);
                 let dst = dst;
                 // SAFETY: `xp` holds (h + 2)·ks·(w + 2) pairs, the taps k rows of ks pairs
-                // (padded to MR_AMX rows); this task writes every pixel of rows io .. io + 32 ×
-                // output row oy of the image, which no other task writes.
-                unsafe { row_block(tiles, xp, (ks, w2, h, w), (io, oy), dst.0) };
-                for ch in io..io + MR_AMX {
+                // (padded to whole blocks of rows); this task writes every pixel of channels
+                // io .. io + r × output row oy of the image, which no other task writes.
+                unsafe {
+                    match kernel {
+                        Kernel::Amx => row_block(tiles, xp, (ks, w2, h, w), (io, oy), dst.0),
+                        Kernel::Avx512 => {
+                            row_block_avx512(tiles, xp, (ks, w2, h, w), (io, oy, r), dst.0)
+                        }
+                    }
+                };
+                for ch in io..io + r {
                     let at = ch * n + oy * w;
                     // SAFETY: this task's row of channel ch, written just now.
                     let row = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), w) };
@@ -255,6 +297,110 @@ unsafe fn row_block(
         }
         asm!("tilerelease", options(nostack, nomem));
     }
+}
+
+/// Output row `oy`, channels `io .. io + r` (`r` ≤ [`MR`]), all of its pixels in runs of 32
+/// (16 or fewer at the end): per run, the [`MR`] × 32 block of output in 16 zmm registers sums
+/// the nine taps × `kp` pairs (per pair: the tap's [`MR`] weights broadcast, two vectors of 16
+/// pixels of the converted input), then is stored into the NCHW output at `dst` (row stride
+/// `h·w` floats).
+///
+/// # Safety
+/// As the caller states: `xp` and the taps hold what the shapes say (taps packed for
+/// [`Kernel::Avx512`]), `dst` the whole image's output, and the CPU has AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn row_block_avx512(
+    taps: &[(&[u32], usize)],
+    xp: &[u32],
+    (ks, w2, h, w): (usize, usize, usize, usize),
+    (io, oy, r): (usize, usize, usize),
+    dst: *mut f32,
+) {
+    let ldc = h * w;
+    let mut x0 = 0;
+    while x0 < w {
+        let cols = (w - x0).min(RUN);
+        // SAFETY: as the caller states; the run x0 .. x0 + cols lies inside row oy.
+        unsafe {
+            let c = dst.add(io * ldc + oy * w + x0);
+            match cols.div_ceil(16) {
+                3 => run_avx512::<3>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols),
+                2 => run_avx512::<2>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols),
+                _ => run_avx512::<1>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols),
+            }
+        }
+        x0 += RUN;
+    }
+}
+
+/// One run of `cols` pixels (`V` vectors of 16) of [`row_block_avx512`], stored at `c`.
+///
+/// # Safety
+/// As [`row_block_avx512`]'s; `cols` ≤ 16·V and the run inside the row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_avx512<const V: usize>(
+    taps: &[(&[u32], usize)],
+    xp: &[u32],
+    (ks, w2): (usize, usize),
+    (io, oy, x0): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    r: usize,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let m: [u16; V] = std::array::from_fn(|v| bf16_gemm::first_lanes(cols.saturating_sub(16 * v)));
+    // SAFETY (whole body): tap t's block io/MR holds kp·MR u32 from (io/MR)·kp·MR; the masked
+    // loads read pixels x0 + kx .. x0 + kx + cols ≤ w + 2 of padded rows oy + ky < h + 2, pairs
+    // below kp ≤ ks; the masked stores write r rows × cols pixels of the output.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        for (t, &(a, kp)) in taps.iter().enumerate() {
+            let (ky, kx) = (t / 3, t % 3);
+            let ap = a.as_ptr().add((io / MR) * kp * MR);
+            let bp = xp.as_ptr().add((oy + ky) * ks * w2 + x0 + kx);
+            for p in 0..kp {
+                let b = bp.add(p * w2);
+                let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = std::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi32(
+                        m[v],
+                        b.add(16 * v).cast(),
+                    ));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*ap.add(p * MR + i) as i32));
+                    for (acc, &bv) in row.iter_mut().zip(&bv) {
+                        *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                    }
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(r) {
+            let d = c.add(i * ldc);
+            for (v, &x) in row.iter().enumerate() {
+                if m[v] != 0 {
+                    _mm512_mask_storeu_ps(d.wrapping_add(16 * v), m[v], x);
+                }
+            }
+        }
+    }
+}
+
+/// Unreachable elsewhere: [`applies`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn row_block_avx512(
+    _: &[(&[u32], usize)],
+    _: &[u32],
+    _: (usize, usize, usize, usize),
+    _: (usize, usize, usize),
+    _: *mut f32,
+) {
+    unreachable!("AVX-512 is x86-64 only")
 }
 
 /// Unreachable elsewhere: [`applies`] is false off x86-64.

@@ -30,6 +30,7 @@ use crate::model::{cpu_f32, SendPtr};
 
 /// Pixels per run of [`row_block_avx512`] (two vectors of 16: 16 accumulators; three, with 24,
 /// measured slower).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const RUN: usize = 32;
 
 /// Most input channels of a conv that [`Kernel::Avx512`] runs directly (more go to Winograd).
@@ -53,7 +54,7 @@ pub(crate) fn applies(c_in: usize, c_out: usize, w: usize) -> bool {
 }
 
 /// The nine taps of a 3×3 weight `[c_out, c_in·9]` (row-major, as `Conv2d` holds it), each
-/// `[c_out, c_in]` packed for [`Kernel::Amx`], tap `ky·3 + kx`.
+/// `[c_out, c_in]` packed for the kernel in use ([`Kernel::current`]), tap `ky·3 + kx`.
 pub(crate) fn pack_taps(weight2d: &[f32], c_out: usize, c_in: usize) -> Vec<PackedA> {
     (0..9)
         .map(|t| {
@@ -300,7 +301,7 @@ unsafe fn row_block(
 }
 
 /// Output row `oy`, channels `io .. io + r` (`r` ≤ [`MR`]), all of its pixels in runs of 32
-/// (16 or fewer at the end): per run, the [`MR`] × 32 block of output in 16 zmm registers sums
+/// (the last one shorter): per run, the [`MR`] × 32 block of output in 16 zmm registers sums
 /// the nine taps × `kp` pairs (per pair: the tap's [`MR`] weights broadcast, two vectors of 16
 /// pixels of the converted input), then is stored into the NCHW output at `dst` (row stride
 /// `h·w` floats).
@@ -324,10 +325,10 @@ unsafe fn row_block_avx512(
         // SAFETY: as the caller states; the run x0 .. x0 + cols lies inside row oy.
         unsafe {
             let c = dst.add(io * ldc + oy * w + x0);
-            match cols.div_ceil(16) {
-                3 => run_avx512::<3>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols),
-                2 => run_avx512::<2>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols),
-                _ => run_avx512::<1>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols),
+            if cols > 16 {
+                run_avx512::<2>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols);
+            } else {
+                run_avx512::<1>(taps, xp, (ks, w2), (io, oy, x0), c, ldc, r, cols);
             }
         }
         x0 += RUN;

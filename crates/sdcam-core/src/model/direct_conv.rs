@@ -338,7 +338,7 @@ unsafe fn row_block_avx512(
 /// One run of `cols` pixels (`V` vectors of 16) of [`row_block_avx512`], stored at `c`.
 ///
 /// # Safety
-/// As [`row_block_avx512`]'s; `cols` ≤ 16·V and the run inside the row.
+/// As [`row_block_avx512`]'s; `V` = ⌈`cols`/16⌉ and the run inside the row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -353,6 +353,10 @@ unsafe fn run_avx512<const V: usize>(
     cols: usize,
 ) {
     use std::arch::x86_64::*;
+    debug_assert!(
+        cols.div_ceil(16) == V,
+        "one vector per 16 pixels of the run"
+    );
     let m: [u16; V] = std::array::from_fn(|v| bf16_gemm::first_lanes(cols.saturating_sub(16 * v)));
     // SAFETY (whole body): tap t's block io/MR holds kp·MR u32 from (io/MR)·kp·MR; the masked
     // loads read pixels x0 + kx .. x0 + kx + cols ≤ w + 2 of padded rows oy + ky < h + 2, pairs
@@ -381,12 +385,12 @@ unsafe fn run_avx512<const V: usize>(
                 }
             }
         }
+        // V = ⌈cols / 16⌉ (the caller's choice), so no mask is empty and every vector's
+        // first pixel lies inside the run.
         for (i, row) in acc.iter().enumerate().take(r) {
             let d = c.add(i * ldc);
             for (v, &x) in row.iter().enumerate() {
-                if m[v] != 0 {
-                    _mm512_mask_storeu_ps(d.wrapping_add(16 * v), m[v], x);
-                }
+                _mm512_mask_storeu_ps(d.add(16 * v), m[v], x);
             }
         }
     }

@@ -7,13 +7,15 @@
 //! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take
 //! Winograd's F(2×2, 3×3) (`model::winograd`, 2.25× fewer multiply-adds; `SDCAM_WINOGRAD=0` in
 //! the environment turns it off, for comparisons). Other devices and dtypes use candle's
-//! `conv2d`. With `model.dtype = "bf16"` on the CPU ([`bf16_gemm::bf16_products`]) the same
-//! paths multiply in bf16 (`model::bf16_gemm`): the weight (or the Winograd filter transform) is
-//! packed once, each tile of im2col (or each Winograd `V`) is packed as it is made; 3×3
-//! stride-1 convs with few input channels (all of them on AMX, where the tiles fit) run as a
-//! direct implicit GEMM instead (`model::direct_conv`).
+//! `conv2d`. Where `packed_gemm::products_for` picks a kernel (f32 on CPUs with AVX-512, bf16
+//! with `model.dtype = "bf16"`) the same paths multiply with `model::packed_gemm`'s packed
+//! products instead of candle's: the weight (or the Winograd filter transform) is packed once,
+//! each tile of im2col (or each Winograd `V`) is packed as it is made; in bf16, 3×3 stride-1
+//! convs with few input channels (all of them on AMX, where the tiles fit) run as a direct
+//! implicit GEMM instead (`model::direct_conv`). The candle-product paths stay for CPUs
+//! without AVX-512 (and `SDCAM_F32_KERNEL=0`).
 //!
-//! On the Winograd, tiled and bf16 paths the bias, and where the caller asks
+//! On the Winograd, tiled and packed paths the bias, and where the caller asks
 //! ([`Conv2d::forward_fused`]) a residual and a ReLU, are applied by the kernel to each output
 //! row as it is written ([`Epilogue`]), not in passes of their own over the whole output (the
 //! small-im2col and 1×1 convs, one candle product each, add them as tensor ops).
@@ -25,9 +27,9 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 
-use crate::model::bf16_gemm::{self, f32_params, products_for, PackedA, PackedB};
 use crate::model::direct_conv::{self, DirectConv3x3};
-use crate::model::winograd::{transform_filter, Bf16Winograd, Winograd};
+use crate::model::packed_gemm::{self, f32_params, products_for, Kernel, PackedA, PackedB};
+use crate::model::winograd::{transform_filter, PackedWinograd, Winograd};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
@@ -64,14 +66,16 @@ pub(crate) struct Conv2d {
     /// The Winograd filter transform `[16, c_out, c_in]`, made on first use; `None` when the
     /// conv is not 3×3 with stride 1 and padding 1.
     winograd: Option<OnceLock<Tensor>>,
-    /// For bf16 products: the packed weight and filter transforms, made on first use (`None`:
+    /// For the packed products: their kernel, the packed weight and filter transforms, made
+    /// on first use (`None`: candle's products).
     /// f32 products).
-    bf16: Option<Arc<Bf16Filters>>,
+    packed: Option<Arc<PackedFilters>>,
 }
 
-/// A conv's weights packed for bf16 products.
+/// A conv's weights packed for the products of `kernel`.
 #[derive(Debug, Default)]
-struct Bf16Filters {
+struct PackedFilters {
+    kernel: Kernel,
     /// `[c_out, c_in·k_h·k_w]`.
     im2col: OnceLock<Arc<PackedA>>,
     /// `U[ξ]` `[c_out, c_in]` for ξ < 16.
@@ -80,9 +84,9 @@ struct Bf16Filters {
     direct_taps: OnceLock<Arc<Vec<PackedA>>>,
 }
 
-/// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`], with bf16
-/// products where `vb` asks for them ([`bf16_gemm::bf16_products`]; an error on a CPU without
-/// AVX512-BF16).
+/// `candle_nn::conv2d` (weight `[out, in, k, k]`, bias `[out]`) as a [`Conv2d`], with the
+/// packed products `packed_gemm::products_for` picks for `vb` (an error where it asks for bf16
+/// on a CPU without AVX512-BF16).
 pub(crate) fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -90,9 +94,9 @@ pub(crate) fn conv2d(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let bf16 = products_for(&vb)?;
+    let kernel = products_for(&vb)?;
     let inner = candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg, f32_params(vb))?;
-    Conv2d::with_products(inner, bf16)
+    Conv2d::with_products(inner, kernel)
 }
 
 /// `candle_nn::conv2d_no_bias` as a [`Conv2d`] (see [`conv2d`]).
@@ -103,21 +107,21 @@ pub(crate) fn conv2d_no_bias(
     cfg: Conv2dConfig,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let bf16 = products_for(&vb)?;
+    let kernel = products_for(&vb)?;
     let inner =
         candle_nn::conv2d_no_bias(in_channels, out_channels, kernel_size, cfg, f32_params(vb))?;
-    Conv2d::with_products(inner, bf16)
+    Conv2d::with_products(inner, kernel)
 }
 
 impl Conv2d {
-    /// Wraps a candle convolution (f32 products).
+    /// Wraps a candle convolution (candle's f32 products).
     #[cfg(test)]
     pub(crate) fn new(inner: candle_nn::Conv2d) -> Result<Self> {
-        Self::with_products(inner, false)
+        Self::with_products(inner, None)
     }
 
-    /// Wraps a candle convolution, with bf16 products on the CPU when `bf16`.
-    fn with_products(inner: candle_nn::Conv2d, bf16: bool) -> Result<Self> {
+    /// Wraps a candle convolution, with the packed products of `kernel` on the CPU where given.
+    fn with_products(inner: candle_nn::Conv2d, kernel: Option<Kernel>) -> Result<Self> {
         let w = inner.weight().contiguous()?;
         let (c_out, c_in, k_h, k_w) = w.dims4()?;
         let weight2d = w.reshape((c_out, c_in * k_h * k_w))?;
@@ -145,7 +149,12 @@ impl Conv2d {
             k_w,
             cfg,
             winograd,
-            bf16: bf16.then(Default::default),
+            packed: kernel.map(|kernel| {
+                Arc::new(PackedFilters {
+                    kernel,
+                    ..Default::default()
+                })
+            }),
         })
     }
 
@@ -186,30 +195,30 @@ impl Conv2d {
         Ok(Some(cell.get_or_init(|| u).clone()))
     }
 
-    /// The bf16 product for an `h × w` input (`f` this conv's packed weights): the direct 3×3
+    /// The packed product for an `h × w` input (`f` this conv's packed weights): the direct 3×3
     /// conv, Winograd or tiled im2col, each's packed weights made on first use (two threads may both make one, with the same
     /// result).
-    fn bf16_op<'a>(
+    fn packed_op<'a>(
         &self,
-        f: &Bf16Filters,
+        f: &PackedFilters,
         h: usize,
         w: usize,
         im2col: Im2Col,
         epilogue: Epilogue<'a>,
-    ) -> Result<Bf16Op<'a>> {
+    ) -> Result<PackedOp<'a>> {
         let (c_out, rows) = self.weight2d.dims2()?;
         // 3×3, stride 1, padding 1 (what Winograd takes) as a direct conv where it is faster
         // (AMX tiles where the shapes fit, AVX-512 where the channels are few).
-        if self.winograd.is_some() && direct_conv::applies(rows / 9, c_out, w) {
+        if self.winograd.is_some() && direct_conv::applies(f.kernel, rows / 9, c_out, w) {
             let taps = match f.direct_taps.get() {
                 Some(t) => t.clone(),
                 None => {
                     let wt = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
-                    let taps = Arc::new(direct_conv::pack_taps(&wt, c_out, rows / 9));
+                    let taps = Arc::new(direct_conv::pack_taps(f.kernel, &wt, c_out, rows / 9));
                     f.direct_taps.get_or_init(|| taps).clone()
                 }
             };
-            return Ok(Bf16Op::Direct(DirectConv3x3 { taps, epilogue }));
+            return Ok(PackedOp::Direct(DirectConv3x3 { taps, epilogue }));
         }
         if self.takes_winograd(h, w)? {
             let u = match f.winograd.get() {
@@ -219,12 +228,12 @@ impl Conv2d {
                     let c_in = rows / 9;
                     let packed = u
                         .chunks_exact(c_out * c_in)
-                        .map(|ux| PackedA::from_rows(ux, c_out, c_in, c_in, true))
+                        .map(|ux| PackedA::from_rows(f.kernel, ux, (c_out, c_in, c_in), true))
                         .collect();
                     f.winograd.get_or_init(|| Arc::new(packed)).clone()
                 }
             };
-            return Ok(Bf16Op::Winograd(Bf16Winograd {
+            return Ok(PackedOp::Winograd(PackedWinograd {
                 k: c_out,
                 u,
                 epilogue,
@@ -234,11 +243,11 @@ impl Conv2d {
             Some(a) => a.clone(),
             None => {
                 let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
-                let a = Arc::new(PackedA::from_rows(&w, c_out, rows, rows, true));
+                let a = Arc::new(PackedA::from_rows(f.kernel, &w, (c_out, rows, rows), true));
                 f.im2col.get_or_init(|| a).clone()
             }
         };
-        Ok(Bf16Op::Im2Col(Bf16Conv {
+        Ok(PackedOp::Im2Col(PackedConv {
             im2col,
             w: a,
             epilogue,
@@ -260,7 +269,7 @@ impl Conv2d {
         self.forward_fused(xs, None, true)
     }
 
-    /// `conv(x) + residual`, then ReLU where `relu`. On the CPU's Winograd, tiled and bf16
+    /// `conv(x) + residual`, then ReLU where `relu`. On the CPU's Winograd, tiled and packed
     /// paths the kernel applies the bias, the residual and the ReLU to each output row as it
     /// writes it; elsewhere (other devices and dtypes, and the small-im2col and 1×1 convs that
     /// are one candle product) they are tensor ops after the convolution. Same values either
@@ -315,7 +324,7 @@ impl Conv2d {
             padding: p.padding,
         };
         let tiled = rows * oh * ow * 4 > TILED_ABOVE_BYTES;
-        if self.bf16.is_none() && !tiled && !self.takes_winograd(h, w)? {
+        if self.packed.is_none() && !tiled && !self.takes_winograd(h, w)? {
             // Small im2col or 1×1: one candle product, then the bias, residual and ReLU as
             // tensor ops.
             let cols = if k_h == 1 && k_w == 1 && p.stride == 1 && p.padding == 0 {
@@ -355,12 +364,12 @@ impl Conv2d {
             base: 0,
         };
         // Each gives `[b, c_out, oh, ow]` with the epilogue applied.
-        if let Some(f) = &self.bf16 {
-            // Built only where the CPU runs bf16 products (`products_for`).
-            return match self.bf16_op(f, h, w, im2col, epilogue)? {
-                Bf16Op::Winograd(op) => xs.apply_op1_no_bwd(&op),
-                Bf16Op::Im2Col(op) => xs.apply_op1_no_bwd(&op),
-                Bf16Op::Direct(op) => xs.apply_op1_no_bwd(&op),
+        if let Some(f) = &self.packed {
+            // Built only where the CPU runs the kernel (`products_for`).
+            return match self.packed_op(f, h, w, im2col, epilogue)? {
+                PackedOp::Winograd(op) => xs.apply_op1_no_bwd(&op),
+                PackedOp::Im2Col(op) => xs.apply_op1_no_bwd(&op),
+                PackedOp::Direct(op) => xs.apply_op1_no_bwd(&op),
             };
         }
         match self.winograd_filter(h, w)? {
@@ -642,53 +651,55 @@ impl TiledConv<'_> {
     }
 }
 
-/// The bf16 paths of [`Conv2d`].
-enum Bf16Op<'a> {
-    Winograd(Bf16Winograd<'a>),
-    Im2Col(Bf16Conv<'a>),
+/// The packed-product paths of [`Conv2d`].
+enum PackedOp<'a> {
+    Winograd(PackedWinograd<'a>),
+    Im2Col(PackedConv<'a>),
     Direct(DirectConv3x3<'a>),
 }
 
-/// im2col + bf16 product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in cache)
-/// is packed to bf16 and multiplied by the packed weight straight into the NCHW output.
-struct Bf16Conv<'a> {
+/// im2col + packed product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in
+/// cache) is packed (to bf16 pairs, or as f32) and multiplied by the packed weight straight
+/// into the NCHW output.
+struct PackedConv<'a> {
     im2col: Im2Col,
     /// `[c_out, c_in·k_h·k_w]` packed.
     w: Arc<PackedA>,
     epilogue: Epilogue<'a>,
 }
 
-/// Floats of one im2col tile on the bf16 path (512 KiB, plus half that packed), or of one
-/// output row where a row is more (then [`BF16_MIN_TILE_PIXELS`] wins).
-const BF16_TILE_FLOATS: usize = 128 << 10;
-/// Fewest output pixels of a tile on the bf16 path: the packed weight is read once per tile,
+/// Floats of one im2col tile on the packed path (512 KiB, plus half or all of that packed), or
+/// of one output row where a row is more (then [`PACKED_MIN_TILE_PIXELS`] wins).
+const PACKED_TILE_FLOATS: usize = 128 << 10;
+/// Fewest output pixels of a tile on the packed path: the packed weight is read once per tile,
 /// and the product's panels are 32 pixels wide.
-const BF16_MIN_TILE_PIXELS: usize = 256;
+const PACKED_MIN_TILE_PIXELS: usize = 256;
 
-impl CustomOp1 for Bf16Conv<'_> {
+impl CustomOp1 for PackedConv<'_> {
     fn name(&self) -> &'static str {
-        "sdcam-bf16-conv2d"
+        "sdcam-packed-conv2d"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(storage, layout, "bf16 conv2d")?;
+        let x = cpu_f32(storage, layout, "packed conv2d")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let im = &self.im2col;
         let rows = c * im.k_h * im.k_w;
         if rows != self.w.cols() {
-            candle_core::bail!("bf16 conv2d: kernel does not match the input channels");
+            candle_core::bail!("packed conv2d: kernel does not match the input channels");
         }
         let c_out = self.w.rows();
         let (oh, ow) = im.out_size(h, w);
         let n = oh * ow;
-        self.epilogue.check(c_out, b * c_out * n, "bf16 conv2d")?;
+        self.epilogue.check(c_out, b * c_out * n, "packed conv2d")?;
         // The whole image in one product where its im2col is small enough (small latents, wide
         // layers: every tile would stream the whole packed weight again), else tiles of whole
-        // output rows, at least BF16_MIN_TILE_PIXELS each.
+        // output rows, at least PACKED_MIN_TILE_PIXELS each.
         let tile_rows = if rows * n * 4 <= TILED_ABOVE_BYTES {
             oh
         } else {
-            (BF16_TILE_FLOATS / (rows * ow).max(1)).max(BF16_MIN_TILE_PIXELS.div_ceil(ow.max(1)))
+            (PACKED_TILE_FLOATS / (rows * ow).max(1))
+                .max(PACKED_MIN_TILE_PIXELS.div_ceil(ow.max(1)))
         }
         .clamp(1, oh.max(1));
         // Few tiles (small images, wide layers): one tile at a time, each product on all
@@ -703,9 +714,9 @@ impl CustomOp1 for Bf16Conv<'_> {
             self.epilogue,
             PackedB::default,
             |packed, cols, tn, dst| {
-                packed.repack_rows(cols, rows, tn, tn, per_tile_parallel);
+                packed.repack_rows(self.w.kernel(), cols, (rows, tn, tn), per_tile_parallel);
                 // SAFETY: `dst` takes the c_out × tn product with rows n apart (`tiles`).
-                unsafe { bf16_gemm::matmul(&self.w, packed, dst, n, per_tile_parallel) };
+                unsafe { packed_gemm::matmul(&self.w, packed, dst, n, per_tile_parallel) };
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
@@ -778,8 +789,8 @@ mod tests {
     /// `forward_fused` gives exactly (bit for bit) what the separate ops give, conv without
     /// bias, then `+ bias`, `+ residual`, ReLU, on every path: in f32 the tensor-op path
     /// (small im2col, 1×1) and the kernels' epilogue (Winograd, tiled, two images each so that
-    /// the second image's offsets are checked), and with bf16 products, where the CPU has
-    /// them, the epilogue of every case (im2col, direct and Winograd).
+    /// the second image's offsets are checked), and with the packed products (f32 and bf16),
+    /// where the CPU has them, the epilogue of every case (im2col, direct and Winograd).
     #[test]
     fn fused_epilogue_equals_separate_ops() {
         let cases = [
@@ -791,17 +802,20 @@ mod tests {
             (3, 1, 1, 2, 7, 13, 5, 21),    // direct on AVX-512: a partial block of channels
             (3, 1, 1, 2, 136, 8, 32, 31),  // bf16 Winograd (too wide for the AVX-512 direct)
         ];
-        let bf16_too = bf16_gemm::available();
+        let mut kernels = vec![None];
+        if let Some(k) = Kernel::f32() {
+            kernels.push(Some(k));
+        }
+        if packed_gemm::available() {
+            kernels.push(Some(Kernel::bf16()));
+        }
         for (k, stride, padding, b, c_in, c_out, h, w) in cases {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let bias = inner.bias().unwrap().clone();
             let no_bias = candle_nn::Conv2d::new(inner.weight().clone(), None, *inner.config());
-            for bf16 in [false, true] {
-                if bf16 && !bf16_too {
-                    continue;
-                }
-                let conv = Conv2d::with_products(inner.clone(), bf16).unwrap();
-                let plain = Conv2d::with_products(no_bias.clone(), bf16).unwrap();
+            for &kernel in &kernels {
+                let conv = Conv2d::with_products(inner.clone(), kernel).unwrap();
+                let plain = Conv2d::with_products(no_bias.clone(), kernel).unwrap();
                 let ys = plain.forward(&x).unwrap();
                 let residual = Tensor::randn(0f32, 1., ys.shape(), &Device::Cpu).unwrap();
                 let with_bias = ys
@@ -821,7 +835,7 @@ mod tests {
                     assert_eq!(
                         max_abs_diff(&got, &want),
                         0.0,
-                        "k{k} s{stride} {b}x{c_in}x{h}x{w} bf16 {bf16} residual {res} relu {relu}"
+                        "k{k} s{stride} {b}x{c_in}x{h}x{w} {kernel:?} residual {res} relu {relu}"
                     );
                 }
                 // A residual of another shape is an error, not a read out of bounds.
@@ -886,7 +900,7 @@ mod tests {
     /// bf16 rounding of candle's f32 conv2d: below 1e-2 of the output's scale, and not equal.
     #[test]
     fn bf16_paths_stay_within_rounding_of_candle_conv2d() {
-        if !bf16_gemm::available() {
+        if !packed_gemm::available() {
             eprintln!("skipped: this CPU lacks AVX512-BF16");
             return;
         }
@@ -904,7 +918,7 @@ mod tests {
             (3, 1, 1, 2, 136, 12, 32, 33),
         ] {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
-            let conv = Conv2d::with_products(inner.clone(), true).unwrap();
+            let conv = Conv2d::with_products(inner.clone(), Some(Kernel::bf16())).unwrap();
             let want = inner.forward(&x).unwrap();
             let got = conv.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
@@ -916,8 +930,43 @@ mod tests {
         }
     }
 
-    /// Which bf16 path `conv` takes for an `h × w` input.
-    fn bf16_path(conv: &Conv2d, h: usize, w: usize) -> &'static str {
+    /// The f32 packed products (AVX-512 F, `Kernel::F32`) on every path they take (Winograd,
+    /// im2col in one product and in tiles, 1×1, strided; never the direct conv) equal
+    /// candle's conv2d up to summation order: within 1e-5 of the output's scale.
+    #[test]
+    fn f32_packed_paths_match_candle_conv2d() {
+        let Some(kernel) = Kernel::f32() else {
+            eprintln!("skipped: this CPU lacks AVX-512 (or SDCAM_F32_KERNEL=0)");
+            return;
+        };
+        for (k, stride, padding, b, c_in, c_out, h, w, path) in [
+            (3, 1, 1, 1, 64, 16, 40, 41, "winograd"),
+            (3, 1, 1, 2, 32, 9, 20, 20, "im2col"),
+            (3, 1, 1, 3, 5, 7, 9, 8, "im2col"),
+            (3, 2, 1, 1, 128, 8, 257, 259, "im2col"),
+            (1, 1, 0, 1, 600, 4, 120, 120, "im2col"),
+            (3, 2, 0, 1, 3, 33, 11, 12, "im2col"),
+            (3, 1, 1, 2, 136, 12, 32, 33, "winograd"),
+            (3, 1, 1, 2, 8, 32, 6, 48, "im2col"),
+        ] {
+            let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
+            let conv = Conv2d::with_products(inner.clone(), Some(kernel)).unwrap();
+            if winograd_enabled() {
+                assert_eq!(packed_path(&conv, h, w), path, "{c_in} channels, {h}x{w}");
+            }
+            let want = inner.forward(&x).unwrap();
+            let got = conv.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let e = crate::model::rel_err(&got, &want).unwrap();
+            assert!(
+                e < 1e-5,
+                "k{k} s{stride} p{padding} {b}x{c_in}x{h}x{w} → {c_out}: {e}"
+            );
+        }
+    }
+
+    /// Which packed path `conv` takes for an `h × w` input.
+    fn packed_path(conv: &Conv2d, h: usize, w: usize) -> &'static str {
         let im2col = Im2Col {
             k_h: conv.k_h,
             k_w: conv.k_w,
@@ -930,11 +979,11 @@ mod tests {
             relu: false,
             base: 0,
         };
-        let f = conv.bf16.as_ref().expect("bf16 products");
-        match conv.bf16_op(f, h, w, im2col, epilogue).unwrap() {
-            Bf16Op::Winograd(_) => "winograd",
-            Bf16Op::Im2Col(_) => "im2col",
-            Bf16Op::Direct(_) => "direct",
+        let f = conv.packed.as_ref().expect("packed products");
+        match conv.packed_op(f, h, w, im2col, epilogue).unwrap() {
+            PackedOp::Winograd(_) => "winograd",
+            PackedOp::Im2Col(_) => "im2col",
+            PackedOp::Direct(_) => "direct",
         }
     }
 
@@ -945,8 +994,8 @@ mod tests {
     #[test]
     fn bf16_direct_conv_edges() {
         let off = |var: &str| std::env::var(var).is_ok_and(|v| v.trim() == "0");
-        if !bf16_gemm::available()
-            || bf16_gemm::Kernel::current() != bf16_gemm::Kernel::Avx512
+        if !packed_gemm::available()
+            || Kernel::bf16() != Kernel::Avx512
             || off("SDCAM_DIRECT_CONV")
             || off("SDCAM_WINOGRAD")
         {
@@ -964,8 +1013,12 @@ mod tests {
             (1, 5, 7, 2, 49),
         ] {
             let (x, inner) = random_case((3, 1, 1, true), (b, c_in, c_out, h, w));
-            let conv = Conv2d::with_products(inner.clone(), true).unwrap();
-            assert_eq!(bf16_path(&conv, h, w), "direct", "{c_in} channels, {h}x{w}");
+            let conv = Conv2d::with_products(inner.clone(), Some(Kernel::Avx512)).unwrap();
+            assert_eq!(
+                packed_path(&conv, h, w),
+                "direct",
+                "{c_in} channels, {h}x{w}"
+            );
             let want = inner.forward(&x).unwrap();
             let got = conv.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
@@ -975,9 +1028,9 @@ mod tests {
         // The wider cases of the other bf16 tests.
         for (c_in, h, w) in [(320, 32, 32), (136, 32, 33), (136, 32, 31)] {
             let (_, inner) = random_case((3, 1, 1, true), (1, c_in, 8, h, w));
-            let conv = Conv2d::with_products(inner, true).unwrap();
+            let conv = Conv2d::with_products(inner, Some(Kernel::Avx512)).unwrap();
             assert_eq!(
-                bf16_path(&conv, h, w),
+                packed_path(&conv, h, w),
                 "winograd",
                 "{c_in} channels, {h}x{w}"
             );

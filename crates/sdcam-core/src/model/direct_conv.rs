@@ -1,6 +1,6 @@
 //! 3×3 convolutions (stride 1, padding 1) as an implicit GEMM for `model.dtype = "bf16"` on the
-//! CPU, as oneDNN runs them: on AMX tiles ([`bf16_gemm::Kernel::Amx`]) or with `vdpbf16ps` on
-//! zmm registers ([`bf16_gemm::Kernel::Avx512`]).
+//! CPU, as oneDNN runs them: on AMX tiles ([`packed_gemm::Kernel::Amx`]) or with `vdpbf16ps` on
+//! zmm registers ([`packed_gemm::Kernel::Avx512`]).
 //!
 //! The input image is converted once to bf16 channel pairs, zero-padded by one pixel:
 //! `[h + 2][pairs][w + 2]`, one `u32` (two channels) per pixel, `pairs` = `c_in/2` rounded up
@@ -17,15 +17,15 @@
 //! `model::winograd`'s F(2×2, 3×3), but skips its transforms, which cost as much as the products
 //! where the channels are few: it takes the convs with at most [`AVX512_MAX_CHANNELS`] input
 //! channels (TAESD's 64-channel convs at full resolution), Winograd the U-Net's wider ones.
-//! Other convs keep `model::conv`'s paths. Hand-written like `model::bf16_gemm`, for the same
+//! Other convs keep `model::conv`'s paths. Hand-written like `model::packed_gemm`, for the same
 //! reason (no crate has bf16 kernels for these layouts), with the same instructions.
 
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 
-use crate::model::bf16_gemm::{self, Kernel, PackedA, KT, MR, MR_AMX};
 use crate::model::conv::Epilogue;
+use crate::model::packed_gemm::{self, Kernel, PackedA, KT, MR, MR_AMX};
 use crate::model::{cpu_f32, SendPtr};
 
 /// Pixels per run of [`row_block_avx512`] (two vectors of 16: 16 accumulators; three, with 24,
@@ -37,31 +37,38 @@ const RUN: usize = 32;
 pub(crate) const AVX512_MAX_CHANNELS: usize = 128;
 
 /// Whether a 3×3, stride-1, padding-1 conv from `c_in` to `c_out` channels over images `w`
-/// wide runs here: on AMX where the shapes fit its tiles, on AVX-512 where the input has few
-/// channels (see the module docs); never with `SDCAM_DIRECT_CONV=0` (read once; for
-/// comparisons: Winograd or im2col then take these convs).
-pub(crate) fn applies(c_in: usize, c_out: usize, w: usize) -> bool {
+/// wide runs here with `kernel`'s products: on AMX where the shapes fit its tiles, on AVX-512
+/// BF16 where the input has few channels (see the module docs), not in f32; never with
+/// `SDCAM_DIRECT_CONV=0` (read once; for comparisons: Winograd or im2col then take these
+/// convs).
+pub(crate) fn applies(kernel: Kernel, c_in: usize, c_out: usize, w: usize) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let on =
         *ON.get_or_init(|| std::env::var("SDCAM_DIRECT_CONV").map_or(true, |v| v.trim() != "0"));
     if !on || w == 0 || c_out == 0 || c_in == 0 {
         return false;
     }
-    match Kernel::current() {
+    match kernel {
         Kernel::Amx => c_out.is_multiple_of(MR_AMX) && w.is_multiple_of(16),
-        Kernel::Avx512 => bf16_gemm::available() && c_in <= AVX512_MAX_CHANNELS,
+        Kernel::Avx512 => packed_gemm::available() && c_in <= AVX512_MAX_CHANNELS,
+        Kernel::F32 => false,
     }
 }
 
 /// The nine taps of a 3×3 weight `[c_out, c_in·9]` (row-major, as `Conv2d` holds it), each
-/// `[c_out, c_in]` packed for the kernel in use ([`Kernel::current`]), tap `ky·3 + kx`.
-pub(crate) fn pack_taps(weight2d: &[f32], c_out: usize, c_in: usize) -> Vec<PackedA> {
+/// `[c_out, c_in]` packed for `kernel` (one that [`applies`]), tap `ky·3 + kx`.
+pub(crate) fn pack_taps(
+    kernel: Kernel,
+    weight2d: &[f32],
+    c_out: usize,
+    c_in: usize,
+) -> Vec<PackedA> {
     (0..9)
         .map(|t| {
             let tap: Vec<f32> = (0..c_out * c_in)
                 .map(|i| weight2d[(i / c_in) * c_in * 9 + (i % c_in) * 9 + t])
                 .collect();
-            PackedA::from_rows(&tap, c_out, c_in, c_in, true)
+            PackedA::from_rows(kernel, &tap, (c_out, c_in, c_in), true)
         })
         .collect()
 }
@@ -83,7 +90,7 @@ impl candle_core::CustomOp1 for DirectConv3x3<'_> {
         let x = cpu_f32(storage, layout, "direct conv")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let k = self.taps.first().map_or(0, PackedA::rows);
-        let kernel = Kernel::current();
+        let kernel = self.taps.first().map_or(Kernel::F32, PackedA::kernel);
         let (rows_per_block, tiles): (usize, Vec<(&[u32], usize)>) = match kernel {
             Kernel::Amx => (
                 MR_AMX,
@@ -96,10 +103,12 @@ impl candle_core::CustomOp1 for DirectConv3x3<'_> {
                     .filter_map(PackedA::avx512_blocks)
                     .collect(),
             ),
+            // Never packed for the direct conv (`applies`): the check below fails.
+            Kernel::F32 => (MR, Vec::new()),
         };
         if tiles.len() != 9
             || self.taps.iter().any(|t| t.rows() != k || t.cols() != c)
-            || !applies(c, k, w)
+            || !applies(kernel, c, k, w)
         {
             candle_core::bail!("direct conv: the packed taps do not match the input");
         }
@@ -142,6 +151,7 @@ impl candle_core::CustomOp1 for DirectConv3x3<'_> {
                         Kernel::Avx512 => {
                             row_block_avx512(tiles, xp, (ks, w2, h, w), (io, oy, r), dst.0)
                         }
+                        Kernel::F32 => unreachable!("checked by `applies`"),
                     }
                 };
                 for ch in io..io + r {
@@ -184,7 +194,7 @@ fn convert_image(x: &[f32], (c, h, w): (usize, usize, usize), ks: usize, xp: &mu
             let r1 = (2 * p + 1 < c).then(|| &x[(2 * p + 1) * n + y * w..][..w]);
             pr[0] = 0;
             pr[w + 1] = 0;
-            bf16_gemm::interleave_pairs(r0, r1, &mut pr[1..=w]);
+            packed_gemm::interleave_pairs(r0, r1, &mut pr[1..=w]);
         }
     });
 }
@@ -213,7 +223,7 @@ unsafe fn row_block(
     // pairs below ks, pixels x0 + kx .. + 16 ≤ w + 2); every store writes 16 channels × 16
     // pixels of row oy inside the image's output.
     unsafe {
-        asm!("ldtilecfg [{}]", in(reg) &bf16_gemm::TILES_16X64, options(nostack, readonly));
+        asm!("ldtilecfg [{}]", in(reg) &packed_gemm::TILES_16X64, options(nostack, readonly));
         let mut x0 = 0;
         while x0 < w {
             let two = x0 + 32 <= w;
@@ -357,7 +367,8 @@ unsafe fn run_avx512<const V: usize>(
         cols.div_ceil(16) == V,
         "one vector per 16 pixels of the run"
     );
-    let m: [u16; V] = std::array::from_fn(|v| bf16_gemm::first_lanes(cols.saturating_sub(16 * v)));
+    let m: [u16; V] =
+        std::array::from_fn(|v| packed_gemm::first_lanes(cols.saturating_sub(16 * v)));
     // SAFETY (whole body): tap t's block io/MR holds kp·MR u32 from (io/MR)·kp·MR; the masked
     // loads read pixels x0 + kx .. x0 + kx + cols ≤ w + 2 of padded rows oy + ky < h + 2, pairs
     // below kp ≤ ks; the masked stores write r rows × cols pixels of the output.

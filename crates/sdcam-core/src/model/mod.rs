@@ -6,8 +6,6 @@
 //! component's `config.json`, and `VarBuilder` paths follow the diffusers tensor names.
 
 pub mod arch;
-pub(crate) mod bf16_attention;
-pub(crate) mod bf16_gemm;
 pub mod clip;
 pub mod config;
 pub mod conv;
@@ -19,6 +17,8 @@ pub(crate) mod group_norm;
 pub mod hub;
 pub(crate) mod linear;
 pub mod lora;
+pub(crate) mod packed_attention;
+pub(crate) mod packed_gemm;
 pub mod random_hub;
 pub mod resnet;
 pub mod scheduler;

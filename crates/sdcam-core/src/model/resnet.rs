@@ -13,8 +13,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::model::group_norm::{group_norm, GroupNorm};
 
-use crate::model::bf16_gemm::f32_params;
 use crate::model::linear::{linear, Linear};
+use crate::model::packed_gemm::f32_params;
 
 /// Hyper-parameters of one `ResnetBlock2D`.
 #[derive(Debug, Clone, Copy)]

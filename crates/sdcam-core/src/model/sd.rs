@@ -155,7 +155,7 @@ fn component_vb(
 /// encoder, which runs once per prompt) compute in, and the dtype its U-Net and VAE are built
 /// with. The same, except bf16 on the CPU: f32 activations with bf16 products in the convs and
 /// linear layers of the U-Net and the VAE (TAESD or AutoencoderKL) and in the U-Net's attention
-/// (`model::bf16_gemm`: weights and each product's input rounded to bf16, sums in f32; norms,
+/// (`model::packed_gemm`: weights and each product's input rounded to bf16, sums in f32; norms,
 /// biases, attention scores and softmax in f32), the way OpenVINO and oneDNN run bf16 on a CPU.
 ///
 /// # Errors
@@ -164,8 +164,8 @@ pub(crate) fn compute_dtypes(dtype: DType, device: &Device) -> Result<(DType, DT
     if !(device.is_cpu() && dtype == DType::BF16) {
         return Ok((dtype, dtype));
     }
-    if !super::bf16_gemm::available() {
-        bail!("{}", super::bf16_gemm::UNAVAILABLE);
+    if !super::packed_gemm::available() {
+        bail!("{}", super::packed_gemm::UNAVAILABLE);
     }
     Ok((DType::F32, DType::BF16))
 }

@@ -27,8 +27,8 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::model::group_norm::{group_norm, GroupNorm};
 
-use crate::model::bf16_gemm::f32_params;
 use crate::model::linear::{linear, Linear};
+use crate::model::packed_gemm::f32_params;
 use serde::Deserialize;
 
 use crate::model::config::{self, refuse_if, refuse_unless_positive, ComponentConfig, Unsupported};

@@ -18,8 +18,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
-use crate::model::bf16_gemm::{self, PackedA, PackedB};
 use crate::model::conv::Epilogue;
+use crate::model::packed_gemm::{self, PackedA, PackedB};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Float budget of one block's `V` and `M` together (2 MiB: about one core's L2 on this
@@ -90,49 +90,52 @@ impl Winograd<'_> {
     }
 }
 
-/// The same convolution with bf16 products (`model.dtype = "bf16"` on the CPU): input
+/// The same convolution with the packed products of `model::packed_gemm` (bf16, or f32 on CPUs
+/// with AVX-512: the kernel the filter transforms were packed for): input
 /// `[b, c, h, w]` (f32, contiguous) → `[b, k, h, w]` f32 (after the epilogue), the 16 filter
-/// transforms packed for `model::bf16_gemm` (`[k, c]` each); the transforms stay f32.
-pub(crate) struct Bf16Winograd<'a> {
+/// transforms packed (`[k, c]` each); the transforms stay f32.
+pub(crate) struct PackedWinograd<'a> {
     pub(crate) k: usize,
     pub(crate) u: std::sync::Arc<Vec<PackedA>>,
     pub(crate) epilogue: Epilogue<'a>,
 }
 
-impl candle_core::CustomOp1 for Bf16Winograd<'_> {
+impl candle_core::CustomOp1 for PackedWinograd<'_> {
     fn name(&self) -> &'static str {
-        "sdcam-bf16-winograd-conv3x3"
+        "sdcam-packed-winograd-conv3x3"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_f32(storage, layout, "bf16 winograd conv")?;
+        let x = cpu_f32(storage, layout, "packed winograd conv")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let k = self.k;
         if self.u.len() != 16 || self.u.iter().any(|u| u.rows() != k || u.cols() != c) {
-            candle_core::bail!("bf16 winograd conv: the filter transform does not match the input");
+            candle_core::bail!(
+                "packed winograd conv: the filter transform does not match the input"
+            );
         }
         self.epilogue
-            .check(k, b * k * h * w, "bf16 winograd conv")?;
+            .check(k, b * k * h * w, "packed winograd conv")?;
         let out = run_blocks(
             x,
             (b, c, h, w),
             k,
-            BF16_MIN_BLOCK_TILES,
+            PACKED_MIN_BLOCK_TILES,
             self.epilogue,
             PackedB::default,
             |vb, xi, v, m, nt| {
-                vb.repack_rows(v, c, nt, nt, false);
+                vb.repack_rows(self.u[xi].kernel(), v, (c, nt, nt), false);
                 // SAFETY: m is k×nt, written by this block alone.
-                unsafe { bf16_gemm::matmul(&self.u[xi], vb, m.as_mut_ptr(), nt, false) };
+                unsafe { packed_gemm::matmul(&self.u[xi], vb, m.as_mut_ptr(), nt, false) };
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, k, h, w))))
     }
 }
 
-/// Fewest tiles per block on the bf16 path: each block reads all 16 packed `U[ξ]` once, and
+/// Fewest tiles per block on the packed path: each block reads all 16 packed `U[ξ]` once, and
 /// the products' panels are 32 tiles wide.
-const BF16_MIN_BLOCK_TILES: usize = 64;
+const PACKED_MIN_BLOCK_TILES: usize = 64;
 
 /// The convolution block by block (see the module docs), with `product(scratch, ξ, V[ξ], M[ξ],
 /// nt)` computing `M[ξ] = U[ξ]·V[ξ]` for one block (`V[ξ]` `c × nt`, `M[ξ]` `k × nt`,

@@ -23,12 +23,12 @@ use std::cell::Cell;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 
-use crate::model::bf16_attention::Bf16Attention;
-use crate::model::bf16_gemm::{f32_params, products_for};
 use crate::model::conv::{conv2d, Conv2d};
 use crate::model::geglu::geglu;
 use crate::model::group_norm::{group_norm, GroupNorm};
 use crate::model::linear::{linear, linear_no_bias, Linear};
+use crate::model::packed_attention::PackedAttention;
+use crate::model::packed_gemm::{f32_params, products_for, Kernel};
 use crate::model::softmax::scaled_softmax_last_dim;
 
 /// Query rows processed per block by the attention kernel (bounds the live score matrix to
@@ -194,9 +194,9 @@ pub(crate) struct Attention {
     head_dim: usize,
     scale: f64,
     upcast: bool,
-    /// Built for bf16 products (`bf16_gemm::bf16_products`): the attention takes
-    /// [`Bf16Attention`].
-    bf16: bool,
+    /// The kernel of the packed products it was built for (`packed_gemm::products_for`): the
+    /// attention takes [`PackedAttention`] on it (`None`: [`attention_kernel`]).
+    packed: Option<Kernel>,
 }
 
 impl Attention {
@@ -209,7 +209,7 @@ impl Attention {
         upcast: bool,
     ) -> Result<Self> {
         let inner = heads * head_dim;
-        let bf16 = products_for(&vb)?;
+        let packed = products_for(&vb)?;
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
@@ -219,16 +219,20 @@ impl Attention {
             head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
-            bf16,
+            packed,
         })
     }
 
-    /// `softmax(q·kᵀ·scale)·v` ([`attention_kernel`]'s shapes): with bf16 products on f32 CPU
-    /// tensors for a model built for them, else [`attention_kernel`].
+    /// `softmax(q·kᵀ·scale)·v` ([`attention_kernel`]'s shapes): with the packed products (bf16
+    /// or f32) on f32 CPU tensors for a model built for them, else [`attention_kernel`].
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        if self.bf16 && q.device().is_cpu() && q.dtype() == DType::F32 {
-            let op = Bf16Attention {
+        if let Some(kernel) = self
+            .packed
+            .filter(|_| q.device().is_cpu() && q.dtype() == DType::F32)
+        {
+            let op = PackedAttention {
                 scale: self.scale as f32,
+                kernel,
             };
             return q
                 .contiguous()?

@@ -618,7 +618,7 @@ impl UNet2DConditionModel {
             groups,
             boc[0],
             cfg.norm_eps,
-            crate::model::bf16_gemm::f32_params(vb.pp("conv_norm_out")),
+            crate::model::packed_gemm::f32_params(vb.pp("conv_norm_out")),
         )?;
         let conv_out = conv2d(
             boc[0],

@@ -1,19 +1,29 @@
-//! Matrix products with bf16 inputs and f32 accumulation on x86-64 CPUs with AVX512-BF16
-//! (`vdpbf16ps`: 32 bf16 multiply-adds per instruction into 16 f32 sums, twice the f32 FMA
-//! rate), for `model.dtype = "bf16"` on the CPU (see `model::device`): the conv and linear
-//! weights are packed once, each call's activations are rounded to bf16 (round to nearest even)
-//! as they are packed, and the sums, outputs and everything around the products stay f32.
+//! Matrix products on packed operands for x86-64 CPUs with AVX-512, with f32 sums: in bf16 on
+//! CPUs with AVX512-BF16 (`vdpbf16ps`: 32 bf16 multiply-adds per instruction into 16 f32
+//! sums, twice the f32 FMA rate), for `model.dtype = "bf16"` on the CPU (see `model::device`),
+//! and in f32 ([`Kernel::F32`], `vfmadd231ps`) for the f32 models on any CPU with AVX-512 F
+//! ([`products_for`]). The conv and linear weights are packed once; in bf16 each call's
+//! activations are rounded to bf16 (round to nearest even) as they are packed, and the sums,
+//! outputs and everything around the products stay f32.
 //!
 //! Hand-written because no maintained Rust crate has a bf16 × bf16 → f32 product on this
 //! instruction (`gemm` 0.19 computes f16 only, in f32 after conversion, and has no bf16; candle's
-//! CPU matmul has no bf16 kernel at all). The layout is the usual one (GotoBLAS):
+//! CPU matmul has no bf16 kernel at all). The f32 kernel shares the layout, tasks and
+//! epilogues: against `gemm` 0.19's f32 product (which packs both operands on every call, and
+//! whose edge kernels took a fifth of the U-Net's product time) it keeps the weights packed
+//! and reads the activations' rows in place; the sd-turbo U-Net took 0.6–0.8 of the time
+//! (issue 14). The layout is the usual one (GotoBLAS):
 //! - [`PackedA`]: `m × k`, rows in blocks of [`MR`]; for each block and each pair of columns
 //!   `(2p, 2p + 1)`, the [`MR`] rows' pairs side by side (one `u32` = two bf16, low half first).
+//!   In f32, A's rows as they are (the microkernel broadcasts each value from its row, so
+//!   nothing needs interleaving, and [`matmul_rows`] reads an activation without a copy).
 //! - [`PackedB`]: `k × n`, columns in panels of [`NR`]; for each panel and pair of rows
-//!   `(2p, 2p + 1)`, the [`NR`] columns' pairs side by side.
-//! - The microkernel keeps an `MR × NR` block of C in 16 zmm registers and, per pair of k,
-//!   loads one pair per row (broadcast) and two vectors of B. K is cut into chunks of [`KC`]
-//!   pairs so that one chunk of a B panel (16 KiB) stays in L1 and the task's chunk of A in L2.
+//!   `(2p, 2p + 1)`, the [`NR`] columns' pairs side by side (in f32, for each row of k, the
+//!   [`NR`] columns' values).
+//! - The microkernel keeps an `MR × NR` block of C in 16 zmm registers and, per pair of k (or
+//!   k in f32), loads one pair per row (broadcast) and two vectors of B. K is cut into chunks
+//!   of [`KC`] slots so that one chunk of a B panel (16 KiB) stays in L1 and the task's chunk
+//!   of A in L2.
 //!
 //! On CPUs with AMX-BF16 (Intel Sapphire Rapids and newer) the same products run on the tile
 //! unit instead ([`Kernel::Amx`]: `tdpbf16ps` multiplies a 16 × 32 bf16 tile of A by a 32 × 16
@@ -28,7 +38,8 @@
 //! Accuracy: exact products of bf16 values summed in f32, so against an f32 product of the
 //! *rounded* inputs it differs only by summation order (tests: < 1e-5 relative); against the
 //! f32 product of the unrounded inputs, by the rounding of each input to 8 significant bits
-//! (about 2⁻⁹ relative per input).
+//! (about 2⁻⁹ relative per input). The f32 kernel differs from any other f32 product only by
+//! summation order.
 
 use std::sync::OnceLock;
 
@@ -62,12 +73,15 @@ pub(crate) enum Kernel {
     Avx512,
     /// `tdpbf16ps` on tiles (AMX-BF16).
     Amx,
+    /// `vfmadd231ps` on zmm registers (AVX-512 F): f32 operands as they are, no rounding (the
+    /// f32 models' products on such CPUs, [`Kernel::f32`]).
+    F32,
 }
 
 impl Kernel {
-    /// The kernel for this process: AMX where the CPU has it, Linux grants the tiles and
+    /// The bf16 kernel for this process: AMX where the CPU has it, Linux grants the tiles and
     /// `SDCAM_AMX` is not `0` (decided once), else AVX-512.
-    pub(crate) fn current() -> Self {
+    pub(crate) fn bf16() -> Self {
         static K: OnceLock<Kernel> = OnceLock::new();
         *K.get_or_init(|| {
             let off = std::env::var("SDCAM_AMX").is_ok_and(|v| v.trim() == "0");
@@ -80,19 +94,48 @@ impl Kernel {
         })
     }
 
-    /// Pairs of k stored per row (A) or per panel (B): `kp`, or `kp` rounded up to whole tile
-    /// steps for AMX (the extra pairs are zero).
-    fn pair_stride(self, kp: usize) -> usize {
+    /// The f32 kernel where this CPU has AVX-512 F and `SDCAM_F32_KERNEL` is not `0` (read
+    /// once; with `0`, f32 products take candle's `gemm`, as on CPUs without AVX-512).
+    pub(crate) fn f32() -> Option<Self> {
+        static ON: OnceLock<bool> = OnceLock::new();
+        let on = *ON.get_or_init(|| {
+            let off = std::env::var("SDCAM_F32_KERNEL").is_ok_and(|v| v.trim() == "0");
+            !off && f32_available()
+        });
+        on.then_some(Kernel::F32)
+    }
+
+    /// Whether this CPU runs the kernel.
+    fn runs_here(self) -> bool {
         match self {
-            Kernel::Avx512 => kp,
-            Kernel::Amx => kp.div_ceil(KT) * KT,
+            Kernel::Avx512 | Kernel::Amx => available(),
+            Kernel::F32 => f32_available(),
+        }
+    }
+
+    /// Values of k per slot of the packed operands: a bf16 pair, or one f32.
+    fn per_slot(self) -> usize {
+        match self {
+            Kernel::Avx512 | Kernel::Amx => 2,
+            Kernel::F32 => 1,
+        }
+    }
+
+    /// Slots (`u32`) stored per row (A) or per panel (B) for `k` values: pairs of k (the last
+    /// zero-padded where k is odd), rounded up to whole tile steps for AMX (the extra pairs are
+    /// zero); k f32 values for [`Kernel::F32`].
+    fn slots(self, k: usize) -> usize {
+        match self {
+            Kernel::Avx512 => k.div_ceil(2),
+            Kernel::Amx => k.div_ceil(2).div_ceil(KT) * KT,
+            Kernel::F32 => k,
         }
     }
 
     /// Rows of C (and of packed A) per block.
     fn block_rows(self) -> usize {
         match self {
-            Kernel::Avx512 => MR,
+            Kernel::Avx512 | Kernel::F32 => MR,
             Kernel::Amx => MR_AMX,
         }
     }
@@ -143,16 +186,24 @@ pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {
     vb.device().is_cpu() && vb.dtype() == DType::BF16
 }
 
-/// [`bf16_products`] for a layer about to be built from `vb`, checked against this CPU.
+/// The kernel the products of a layer about to be built from `vb` run on: the bf16 kernel
+/// ([`Kernel::bf16`]) where [`bf16_products`] holds, the f32 one ([`Kernel::f32`]) for f32 on
+/// a CPU with AVX-512, else `None` (candle's products: other devices, or CPUs without AVX-512).
 ///
 /// # Errors
 /// bf16 products asked for on a CPU without AVX512-BF16 (the message says to use f32).
-pub(crate) fn products_for(vb: &VarBuilder) -> candle_core::Result<bool> {
-    let bf16 = bf16_products(vb);
-    if bf16 && !available() {
-        candle_core::bail!("{UNAVAILABLE}");
+pub(crate) fn products_for(vb: &VarBuilder) -> candle_core::Result<Option<Kernel>> {
+    if bf16_products(vb) {
+        if !available() {
+            candle_core::bail!("{UNAVAILABLE}");
+        }
+        return Ok(Some(Kernel::bf16()));
     }
-    Ok(bf16)
+    Ok(if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+        Kernel::f32()
+    } else {
+        None
+    })
 }
 
 /// Why bf16 products cannot run here, and what to do.
@@ -187,6 +238,22 @@ pub(crate) fn available() -> bool {
     })
 }
 
+/// Whether this CPU runs the f32 kernel (AVX-512 F; checked once). Never in a build without
+/// the `avx512` feature: that build measures the AVX2/FMA path (see `Cargo.toml`).
+pub(crate) fn f32_available() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
+        {
+            is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(all(target_arch = "x86_64", feature = "avx512")))]
+        {
+            false
+        }
+    })
+}
+
 /// `x` rounded to bf16 (to nearest, ties to even), as its 16 bits; subnormals become zero of
 /// the same sign, as `vcvtne2ps2bf16` does, so that scalar and vector packing agree; NaN stays
 /// NaN.
@@ -210,6 +277,19 @@ fn bf16_to_f32(bits: u16) -> f32 {
 /// Two bf16 as one `u32`, `lo` (the even k) in the low half.
 fn pair(lo: f32, hi: f32) -> u32 {
     u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
+}
+
+/// `row` (k values) as [`Kernel::slots`] into `out` (its first `kernel.slots(k)`, AMX's
+/// padding excluded): k/2 bf16 pairs (rounded up, the last one zero-padded), or the k f32
+/// values' bits.
+fn slots_of_row(kernel: Kernel, row: &[f32], out: &mut [u32]) {
+    if kernel == Kernel::F32 {
+        for (o, &x) in out.iter_mut().zip(row) {
+            *o = x.to_bits();
+        }
+    } else {
+        pairs_of_row(row, out);
+    }
 }
 
 /// `row` (k values) as k/2 pairs (rounded up, the last one zero-padded) into `out`.
@@ -251,22 +331,22 @@ unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
 }
 
 /// The rows of an `m × k` source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`, in
-/// blocks of `width` rows: for each block and each of `ks` pairs of columns, the block's rows'
-/// pairs side by side (rows past `m` and pairs past k zero). With `width` = [`MR`] this is
-/// [`PackedA`]'s AVX-512 layout; with [`NR`] and the transpose of B as the source,
-/// [`PackedB`]'s. On rayon's pool when `parallel`.
+/// blocks of `width` rows: for each block and each of `ks` slots of columns (a bf16 pair, or
+/// one f32 for [`Kernel::F32`]), the block's rows' slots side by side (rows past `m` and slots
+/// past k zero). With `width` = [`MR`] this is [`PackedA`]'s AVX-512 layout; with [`NR`] and
+/// the transpose of B as the source, [`PackedB`]'s. On rayon's pool when `parallel`.
 ///
 /// # Panics
-/// `src` is too short for the shape, or `ks` below k's pairs.
+/// `src` is too short for the shape, or `ks` below k's slots.
 fn pack_row_blocks(
     dst: &mut Vec<u32>,
     src: &[f32],
     (m, k, row_stride): (usize, usize, usize),
-    (width, ks): (usize, usize),
+    (width, ks, kernel): (usize, usize, Kernel),
     parallel: bool,
 ) {
     assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
-    let kp = k.div_ceil(2);
+    let kp = k.div_ceil(kernel.per_slot());
     assert!(ks >= kp);
     dst.clear();
     dst.resize(m.div_ceil(width) * ks * width, 0);
@@ -276,7 +356,7 @@ fn pack_row_blocks(
     let pack_block = |(blk, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
         row.resize(kp, 0);
         for r in 0..width.min(m - blk * width) {
-            pairs_of_row(&src[(blk * width + r) * row_stride..][..k], row);
+            slots_of_row(kernel, &src[(blk * width + r) * row_stride..][..k], row);
             for (p, &v) in row.iter().enumerate() {
                 dst[p * width + r] = v;
             }
@@ -292,6 +372,21 @@ fn pack_row_blocks(
         dst.chunks_mut(ks * width)
             .enumerate()
             .for_each(|job| pack_block(job, &mut row));
+    }
+}
+
+/// The rows of an `m × k` f32 source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`
+/// as they are, `k` apart: [`PackedA`]'s layout for [`Kernel::F32`], whose microkernel
+/// broadcasts each element straight from its row (so nothing is interleaved).
+///
+/// # Panics
+/// `src` is too short for the shape.
+fn copy_rows(dst: &mut Vec<u32>, src: &[f32], (m, k, row_stride): (usize, usize, usize)) {
+    assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
+    dst.clear();
+    dst.reserve(m * k);
+    for i in 0..m {
+        dst.extend(src[i * row_stride..][..k].iter().map(|x| x.to_bits()));
     }
 }
 
@@ -352,27 +447,31 @@ pub(crate) struct PackedA {
 }
 
 impl PackedA {
-    /// Pairs of k stored per row ([`Kernel::pair_stride`]).
+    /// Slots of k stored per row ([`Kernel::slots`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn pairs(&self) -> usize {
-        self.kernel.pair_stride(self.k.div_ceil(2))
+        self.kernel.slots(self.k)
     }
 
-    /// Packs `m × k` f32 values, element `(i, j)` at `src[i·row_stride + j]` (a conv weight
-    /// `[c_out, c_in·k_h·k_w]` once, or a linear layer's input on each call), on rayon's pool
-    /// when `parallel`.
+    /// The kernel it is packed for.
+    pub(crate) fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// Packs for `kernel` `m × k` f32 values, element `(i, j)` at `src[i·row_stride + j]` (a
+    /// conv weight `[c_out, c_in·k_h·k_w]` once, or a linear layer's input on each call), on
+    /// rayon's pool when `parallel`.
     ///
     /// # Panics
     /// `src` is too short for the shape.
     pub(crate) fn from_rows(
+        kernel: Kernel,
         src: &[f32],
-        m: usize,
-        k: usize,
-        row_stride: usize,
+        (m, k, row_stride): (usize, usize, usize),
         parallel: bool,
     ) -> Self {
         let mut a = Self::default();
-        a.repack_rows(src, m, k, row_stride, parallel);
+        a.repack_rows(kernel, src, (m, k, row_stride), parallel);
         a
     }
 
@@ -381,18 +480,6 @@ impl PackedA {
     /// # Panics
     /// `src` is too short for the shape.
     pub(crate) fn repack_rows(
-        &mut self,
-        src: &[f32],
-        m: usize,
-        k: usize,
-        row_stride: usize,
-        parallel: bool,
-    ) {
-        self.repack_rows_for(Kernel::current(), src, (m, k, row_stride), parallel);
-    }
-
-    /// [`PackedA::repack_rows`] for `kernel`.
-    fn repack_rows_for(
         &mut self,
         kernel: Kernel,
         src: &[f32],
@@ -404,10 +491,15 @@ impl PackedA {
         self.kernel = kernel;
         let ks = self.pairs();
         match kernel {
-            Kernel::Avx512 => {
-                pack_row_blocks(&mut self.data, src, (m, k, row_stride), (MR, ks), parallel);
-            }
+            Kernel::Avx512 => pack_row_blocks(
+                &mut self.data,
+                src,
+                (m, k, row_stride),
+                (MR, ks, kernel),
+                parallel,
+            ),
             Kernel::Amx => pack_rows_amx(&mut self.data, src, (m, k, row_stride), ks, parallel),
+            Kernel::F32 => copy_rows(&mut self.data, src, (m, k, row_stride)),
         }
     }
 
@@ -444,25 +536,13 @@ pub(crate) struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `k × n` f32 values, element `(i, j)` at `src[i·row_stride + j]` (the layout of
-    /// an im2col matrix or a Winograd `V`) into this buffer (reusing its allocation), on
-    /// rayon's pool when `parallel`.
+    /// Packs for `kernel` `k × n` f32 values, element `(i, j)` at `src[i·row_stride + j]` (the
+    /// layout of an im2col matrix or a Winograd `V`) into this buffer (reusing its
+    /// allocation), on rayon's pool when `parallel`.
     ///
     /// # Panics
     /// `src` is too short for the shape.
     pub(crate) fn repack_rows(
-        &mut self,
-        src: &[f32],
-        k: usize,
-        n: usize,
-        row_stride: usize,
-        parallel: bool,
-    ) {
-        self.repack_rows_for(Kernel::current(), src, (k, n, row_stride), parallel);
-    }
-
-    /// [`PackedB::repack_rows`] for `kernel`.
-    fn repack_rows_for(
         &mut self,
         kernel: Kernel,
         src: &[f32],
@@ -470,8 +550,8 @@ impl PackedB {
         parallel: bool,
     ) {
         assert!(k == 0 || src.len() >= (k - 1) * row_stride + n);
-        let kp = k.div_ceil(2);
-        let ks = kernel.pair_stride(kp);
+        let kp = k.div_ceil(kernel.per_slot());
+        let ks = kernel.slots(k);
         let panels = n.div_ceil(NR);
         self.k = k;
         self.n = n;
@@ -486,7 +566,11 @@ impl PackedB {
         let pack = |(g, dst): (usize, &mut [u32])| {
             let j0 = g * NR * NC_PANELS;
             let cols = (n - j0).min(NR * NC_PANELS);
-            pack_b_columns(dst, src, (k, kp, ks), (j0, cols), row_stride);
+            if kernel == Kernel::F32 {
+                copy_b_columns(dst, src, (k, ks), (j0, cols), row_stride);
+            } else {
+                pack_b_columns(dst, src, (k, kp, ks), (j0, cols), row_stride);
+            }
         };
         if parallel {
             use rayon::prelude::*;
@@ -496,33 +580,28 @@ impl PackedB {
         }
     }
 
-    /// Packs the transpose of `n × k` f32 values (element `(j, i)` of the source, i.e. row
-    /// `j`, at `src[j·row_stride + i]`): a linear layer's weight `[out, in]` as the `in × out`
-    /// right operand of `x · Wᵀ`.
+    /// Packs for `kernel` the transpose of `n × k` f32 values (element `(j, i)` of the source,
+    /// i.e. row `j`, at `src[j·row_stride + i]`): a linear layer's weight `[out, in]` as the
+    /// `in × out` right operand of `x · Wᵀ`.
     ///
     /// # Panics
     /// `src` is too short for the shape.
-    pub(crate) fn from_transposed(src: &[f32], n: usize, k: usize, row_stride: usize) -> Self {
-        Self::from_transposed_for(Kernel::current(), src, (n, k, row_stride))
-    }
-
-    /// [`PackedB::from_transposed`] for `kernel`.
-    fn from_transposed_for(
+    pub(crate) fn from_transposed(
         kernel: Kernel,
         src: &[f32],
         (n, k, row_stride): (usize, usize, usize),
     ) -> Self {
         // Bᵀ's rows are B's columns: packed in blocks of NR rows, they are B's panels.
         let mut data = Vec::new();
-        let ks = kernel.pair_stride(k.div_ceil(2));
-        pack_row_blocks(&mut data, src, (n, k, row_stride), (NR, ks), false);
+        let ks = kernel.slots(k);
+        pack_row_blocks(&mut data, src, (n, k, row_stride), (NR, ks, kernel), false);
         Self { data, k, n, kernel }
     }
 
-    /// Pairs of k stored per panel ([`Kernel::pair_stride`]).
+    /// Slots of k stored per panel ([`Kernel::slots`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn pairs(&self) -> usize {
-        self.kernel.pair_stride(self.k.div_ceil(2))
+        self.kernel.slots(self.k)
     }
 
     /// Rows.
@@ -533,6 +612,26 @@ impl PackedB {
     /// Columns.
     pub(crate) fn cols(&self) -> usize {
         self.n
+    }
+}
+
+/// Columns `j0 .. j0 + cols` of the `k × n` f32 source into `dst`, their panels in
+/// [`Kernel::F32`]'s layout (`ks` rows per panel; columns past the source's left as they are).
+fn copy_b_columns(
+    dst: &mut [u32],
+    src: &[f32],
+    (k, ks): (usize, usize),
+    (j0, cols): (usize, usize),
+    stride: usize,
+) {
+    for p in 0..k {
+        let row = &src[p * stride + j0..][..cols];
+        for (pan, chunk) in row.chunks(NR).enumerate() {
+            let at = (pan * ks + p) * NR;
+            for (d, &x) in dst[at..at + chunk.len()].iter_mut().zip(chunk) {
+                *d = x.to_bits();
+            }
+        }
     }
 }
 
@@ -681,21 +780,91 @@ pub(crate) unsafe fn matmul(
     c_row_stride: usize,
     parallel: bool,
 ) {
-    assert_eq!(a.cols(), b.rows(), "bf16 matmul: inner dimensions differ");
+    let a = ARef {
+        data: &a.data,
+        m: a.m,
+        k: a.k,
+        lda: a.pairs(),
+        kernel: a.kernel,
+    };
+    // SAFETY: the caller's contract.
+    unsafe { matmul_ref(&a, b, c, c_row_stride, parallel) };
+}
+
+/// [`matmul`] with A given as f32 rows (`m × k`, element `(i, j)` at `a[i·lda + j]`) for B's
+/// kernel: read as they are by [`Kernel::F32`]'s microkernel (a linear layer's input, or
+/// attention's queries and probabilities, without a copy), packed into `scratch` (reusing its
+/// allocation) for the bf16 kernels.
+///
+/// # Panics
+/// As [`matmul`]; also `a` too short for the shape.
+///
+/// # Safety
+/// As [`matmul`].
+pub(crate) unsafe fn matmul_rows(
+    scratch: &mut PackedA,
+    a: &[f32],
+    (m, k, lda): (usize, usize, usize),
+    b: &PackedB,
+    (c, c_row_stride): (*mut f32, usize),
+    parallel: bool,
+) {
+    assert!(m == 0 || (lda >= k && a.len() >= (m - 1) * lda + k));
+    if b.kernel != Kernel::F32 {
+        scratch.repack_rows(b.kernel, a, (m, k, lda), parallel);
+        // SAFETY: the caller's contract.
+        unsafe { matmul(scratch, b, c, c_row_stride, parallel) };
+        return;
+    }
+    // SAFETY: f32 and u32 have the same size and alignment; the view reads the same floats
+    // (as bits).
+    let data = unsafe { std::slice::from_raw_parts(a.as_ptr().cast::<u32>(), a.len()) };
+    let a = ARef {
+        data,
+        m,
+        k,
+        lda,
+        kernel: Kernel::F32,
+    };
+    // SAFETY: the caller's contract.
+    unsafe { matmul_ref(&a, b, c, c_row_stride, parallel) };
+}
+
+/// The left operand of a product as the kernels read it: packed ([`PackedA`]) or, for
+/// [`Kernel::F32`], f32 rows as they are.
+struct ARef<'a> {
+    data: &'a [u32],
+    m: usize,
+    k: usize,
+    /// Slots from one row to the next ([`Kernel::F32`]), or slots per row of a packed block.
+    lda: usize,
+    kernel: Kernel,
+}
+
+/// [`matmul`] on an [`ARef`].
+///
+/// # Safety
+/// As [`matmul`].
+unsafe fn matmul_ref(a: &ARef, b: &PackedB, c: *mut f32, c_row_stride: usize, parallel: bool) {
+    assert_eq!(a.k, b.rows(), "packed matmul: inner dimensions differ");
     assert_eq!(
         a.kernel, b.kernel,
-        "bf16 matmul: operands packed for different kernels"
+        "packed matmul: operands packed for different kernels"
     );
     assert!(
-        a.rows() <= 1 || c_row_stride >= b.cols(),
-        "bf16 matmul: C's rows overlap"
+        a.m <= 1 || c_row_stride >= b.cols(),
+        "packed matmul: C's rows overlap"
     );
-    assert!(available(), "bf16 matmul: this CPU lacks AVX512-BF16");
-    let (m, n) = (a.rows(), b.cols());
+    let kernel = a.kernel;
+    assert!(
+        kernel.runs_here(),
+        "packed matmul: this CPU lacks the instructions of {kernel:?}"
+    );
+    let (m, n) = (a.m, b.cols());
     if m == 0 || n == 0 {
         return;
     }
-    if a.cols() == 0 {
+    if a.k == 0 {
         // An empty sum: C = 0.
         for i in 0..m {
             // SAFETY: row i of C, n floats, as the caller's contract says.
@@ -703,7 +872,6 @@ pub(crate) unsafe fn matmul(
         }
         return;
     }
-    let kernel = a.kernel;
     let mr = kernel.block_rows();
     let blocks = m.div_ceil(mr);
     let panels = n.div_ceil(NR);
@@ -722,11 +890,12 @@ pub(crate) unsafe fn matmul(
         let c = c;
         // SAFETY: the task writes the C block rows × pans·NR (clipped to n), disjoint from
         // every other task's; the caller's contract covers the whole of C. AMX operands exist
-        // only where `Kernel::current` found the tiles usable.
+        // only where `Kernel::bf16` found the tiles usable.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match kernel {
-                Kernel::Avx512 => block_avx512(a, b, c.0, c_row_stride, rows, pans),
+                Kernel::Avx512 => block_avx512::<false>(a, b, c.0, c_row_stride, rows, pans),
+                Kernel::F32 => block_avx512::<true>(a, b, c.0, c_row_stride, rows, pans),
                 Kernel::Amx => block_amx(a, b, c.0, c_row_stride, rows, pans),
             }
         }
@@ -776,20 +945,23 @@ fn even_split(n: usize, parts: usize, i: usize) -> usize {
 }
 
 /// One task's block of C: rows `rows` (a multiple of MR from the start, clipped at m) and
-/// panels `pans`, over all of K in chunks of [`KC`] pairs (the first chunk overwrites C, the
-/// others add to it).
+/// panels `pans`, over all of K in chunks of [`KC`] slots (the first chunk overwrites C, the
+/// others add to it); bf16 pairs ([`micro_avx512`]), or f32 values ([`micro_f32`]) where `F32`.
+///
+/// # Safety
+/// As [`matmul`]; the CPU runs the operands' kernel.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn block_avx512(
-    a: &PackedA,
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<const F32: bool>(
+    a: &ARef,
     b: &PackedB,
     c: *mut f32,
     ldc: usize,
     rows: std::ops::Range<usize>,
     pans: std::ops::Range<usize>,
 ) {
-    let kp = a.pairs();
-    let (m, n) = (a.rows(), b.cols());
+    let kp = b.pairs();
+    let (m, n) = (a.m, b.cols());
     let mut p0 = 0;
     while p0 < kp {
         let pc = KC.min(kp - p0);
@@ -800,17 +972,24 @@ unsafe fn block_avx512(
             let mut i0 = rows.start;
             while i0 < rows.end {
                 let r = MR.min(m - i0);
-                let ap = a.data[((i0 / MR) * kp + p0) * MR..].as_ptr();
-                // SAFETY: A's block i0/MR and B's panel hold pc pairs from p0 on; C's block
-                // (r rows × cols) is inside this task's region.
+                // F32: A's rows as they are (kp = k apart); bf16: blocks of MR rows.
+                let ap = if F32 {
+                    a.data[i0 * a.lda + p0..].as_ptr()
+                } else {
+                    a.data[((i0 / MR) * kp + p0) * MR..].as_ptr()
+                };
+                // SAFETY: A's block i0/MR and B's panel hold pc slots from p0 on; C's block
+                // (r rows × cols) is inside this task's region; the CPU runs the kernel. A
+                // panel of 16 columns or fewer (the last, or all of a narrow C) takes one
+                // vector: the upper half's products would all be discarded.
                 let ci = c.add(i0 * ldc + j0);
+                let acc = p0 > 0;
                 unsafe {
-                    if cols > 16 {
-                        micro_avx512::<2>(pc, ap, bp, ci, ldc, r, cols, p0 > 0);
-                    } else {
-                        // A panel of 16 columns or fewer (the last, or all of a narrow C): the
-                        // upper half's products would all be discarded.
-                        micro_avx512::<1>(pc, ap, bp, ci, ldc, r, cols, p0 > 0);
+                    match (F32, cols > 16) {
+                        (false, true) => micro_avx512::<2>(pc, ap, bp, ci, ldc, r, cols, acc),
+                        (false, false) => micro_avx512::<1>(pc, ap, bp, ci, ldc, r, cols, acc),
+                        (true, true) => micro_f32::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
+                        (true, false) => micro_f32::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
                     }
                 }
                 i0 += MR;
@@ -857,7 +1036,74 @@ unsafe fn micro_avx512<const V: usize>(
                 }
             }
         }
-        let (m0, m1) = (first_lanes(cols), first_lanes(cols.saturating_sub(16)));
+        store_block(&acc, c, ldc, r, cols, accumulate);
+    }
+}
+
+/// [`micro_avx512`] in f32 ([`Kernel::F32`]) over `pc` values of k: `a` points at row 0's
+/// first value of A's rows as they are (`lda` apart; the `r` rows from there, of which rows
+/// past `r` repeat the last so that nothing past A is read), `b` at the panel's (NR f32 per
+/// k); one broadcast per row and one `vfmadd231ps` per row and vector of B for each k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_f32<const V: usize>(
+    pc: usize,
+    (a, lda): (*const u32, usize),
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(V == 2 || cols <= 16, "one vector holds 16 columns");
+    debug_assert!(r >= 1);
+    let b = b.cast::<f32>();
+    // SAFETY (whole body): reads pc floats of r rows of A from `a` and pc·NR from `b`, the
+    // caller's blocks; writes r rows × cols columns of C (masked), the caller's block.
+    unsafe {
+        let rows: [*const f32; MR] =
+            std::array::from_fn(|i| a.cast::<f32>().add(i.min(r - 1) * lda));
+        let mut acc = [[_mm512_setzero_ps(); V]; MR];
+        for p in 0..pc {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm512_loadu_ps(b.add(p * NR + 16 * v));
+            }
+            for (row, &ai) in acc.iter_mut().zip(&rows) {
+                let av = _mm512_set1_ps(*ai.add(p));
+                for (acc, &bv) in row.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(av, bv, *acc);
+                }
+            }
+        }
+        store_block(&acc, c, ldc, r, cols, accumulate);
+    }
+}
+
+/// Writes (or, where `accumulate`, adds to) `C[0..r, 0..cols]` the microkernel's sums `acc`
+/// (row i, vector v: columns 16·v .. 16·v + 16), masked at `cols`.
+///
+/// # Safety
+/// C's r rows × cols columns from `c` (rows `ldc` apart) are the caller's to write; `V` is 2
+/// or `cols ≤ 16`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store_block<const V: usize>(
+    acc: &[[std::arch::x86_64::__m512; V]; MR],
+    c: *mut f32,
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let (m0, m1) = (first_lanes(cols), first_lanes(cols.saturating_sub(16)));
+    // SAFETY: masked loads and stores within the caller's block.
+    unsafe {
         for (i, row) in acc.iter().enumerate().take(r) {
             let dst = c.add(i * ldc);
             // Columns 16.. may lie past C's end where cols ≤ 16 (their mask is then empty):
@@ -909,7 +1155,7 @@ pub(crate) const TILES_16X64: TileConfig = TileConfig {
 /// permission).
 #[cfg(target_arch = "x86_64")]
 unsafe fn block_amx(
-    a: &PackedA,
+    a: &ARef,
     b: &PackedB,
     c: *mut f32,
     ldc: usize,
@@ -920,10 +1166,10 @@ unsafe fn block_amx(
     /// 64-byte aligned block of 32 × 32 floats (scratch for a block at C's edge).
     #[repr(C, align(64))]
     struct Block([f32; MR_AMX * NR]);
-    let ks = a.pairs();
+    let ks = a.lda;
     debug_assert_eq!(ks, b.pairs());
     debug_assert_eq!(ks % KT, 0);
-    let (m, n) = (a.rows(), b.cols());
+    let (m, n) = (a.m, b.cols());
     let mut edge = Block([0.0; MR_AMX * NR]);
     // SAFETY (whole body): tile loads read 1 KiB tiles of A (rows i0 .. i0 + 32 exist: packed A
     // pads to MR_AMX rows; steps of KT pairs below ks) and 16 rows of 64 bytes of B's panel
@@ -1055,13 +1301,15 @@ mod tests {
         assert_eq!(task_grid(160, 1, 2, MC / MR), (8, 1));
     }
 
-    /// The product equals an f32 product of the bf16-rounded inputs up to summation order, for
-    /// shapes that are not multiples of the blocks, odd k, k over several chunks, row strides
-    /// larger than the rows, and both ways of packing B.
+    /// The product equals an f32 product of the inputs (bf16-rounded for the bf16 kernels) up
+    /// to summation order, for shapes that are not multiples of the blocks, odd k, k over
+    /// several chunks, row strides larger than the rows, and both ways of packing B; on every
+    /// kernel this CPU runs.
     #[test]
     fn matches_f32_product_of_rounded_inputs() {
-        if !available() {
-            eprintln!("skipped: this CPU lacks AVX512-BF16");
+        let kernels = kernels();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU lacks AVX-512");
             return;
         }
         let mut seed = 7;
@@ -1082,41 +1330,46 @@ mod tests {
             let ldb = n + 5;
             let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut seed)).collect();
             let b: Vec<f32> = (0..k * ldb).map(|_| lcg(&mut seed)).collect();
-            let mut want = vec![0f64; m * n];
-            for i in 0..m {
-                for p in 0..k {
-                    let x = f64::from(round(a[i * lda + p]));
-                    for j in 0..n {
-                        want[i * n + j] += x * f64::from(round(b[p * ldb + j]));
+            for &kernel in &kernels {
+                let round = |x: f32| if kernel == Kernel::F32 { x } else { round(x) };
+                let mut want = vec![0f64; m * n];
+                for i in 0..m {
+                    for p in 0..k {
+                        let x = f64::from(round(a[i * lda + p]));
+                        for j in 0..n {
+                            want[i * n + j] += x * f64::from(round(b[p * ldb + j]));
+                        }
                     }
                 }
-            }
-            for kernel in kernels() {
-                let mut pa = PackedA::default();
-                pa.repack_rows_for(kernel, &a, (m, k, lda), true);
-                let mut pa1 = PackedA::default();
-                pa1.repack_rows_for(kernel, &a, (m, k, lda), false);
+                let pa = PackedA::from_rows(kernel, &a, (m, k, lda), true);
+                let pa1 = PackedA::from_rows(kernel, &a, (m, k, lda), false);
                 assert_eq!(pa.data, pa1.data);
                 let mut pb = PackedB::default();
-                pb.repack_rows_for(kernel, &b, (k, n, ldb), true);
+                pb.repack_rows(kernel, &b, (k, n, ldb), true);
                 let mut pb1 = PackedB::default();
-                pb1.repack_rows_for(kernel, &b, (k, n, ldb), false);
+                pb1.repack_rows(kernel, &b, (k, n, ldb), false);
                 assert_eq!(pb.data, pb1.data);
                 // B given transposed, as a linear weight.
                 let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * ldb + i / k]).collect();
-                let pbt = PackedB::from_transposed_for(kernel, &bt, (n, k, k));
+                let pbt = PackedB::from_transposed(kernel, &bt, (n, k, k));
                 assert_eq!(pb.data, pbt.data, "{m}x{n}x{k}: the two packings differ");
                 check_product(&pa, &pb, &want, (m, n, k), kernel);
             }
         }
     }
 
-    /// The kernels this CPU runs: AVX-512 always (where the tests run at all), AMX where
-    /// [`Kernel::current`] picked it.
+    /// The kernels this CPU runs: AVX-512 BF16 and F32 where it has them, AMX where
+    /// [`Kernel::bf16`] picked it.
     fn kernels() -> Vec<Kernel> {
-        let mut k = vec![Kernel::Avx512];
-        if Kernel::current() == Kernel::Amx {
-            k.push(Kernel::Amx);
+        let mut k = Vec::new();
+        if available() {
+            k.push(Kernel::Avx512);
+            if Kernel::bf16() == Kernel::Amx {
+                k.push(Kernel::Amx);
+            }
+        }
+        if f32_available() {
+            k.push(Kernel::F32);
         }
         k
     }

@@ -98,10 +98,7 @@ impl candle_core::CustomOp1 for DirectConv3x3<'_> {
             ),
             Kernel::Avx512 => (
                 MR,
-                self.taps
-                    .iter()
-                    .filter_map(PackedA::avx512_blocks)
-                    .collect(),
+                self.taps.iter().filter_map(PackedA::avx512_rows).collect(),
             ),
             // Never packed for the direct conv (`applies`): the check below fails.
             Kernel::F32 => (MR, Vec::new()),
@@ -369,14 +366,16 @@ unsafe fn run_avx512<const V: usize>(
     );
     let m: [u16; V] =
         std::array::from_fn(|v| packed_gemm::first_lanes(cols.saturating_sub(16 * v)));
-    // SAFETY (whole body): tap t's block io/MR holds kp·MR u32 from (io/MR)·kp·MR; the masked
+    // SAFETY (whole body): tap t holds rows io .. io + r of kp pairs each (r ≥ 1); the masked
     // loads read pixels x0 + kx .. x0 + kx + cols ≤ w + 2 of padded rows oy + ky < h + 2, pairs
     // below kp ≤ ks; the masked stores write r rows × cols pixels of the output.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
         for (t, &(a, kp)) in taps.iter().enumerate() {
             let (ky, kx) = (t / 3, t % 3);
-            let ap = a.as_ptr().add((io / MR) * kp * MR);
+            // Output channel io + i's pairs of this tap (rows past r repeat the last).
+            let rows: [*const u32; MR] =
+                std::array::from_fn(|i| a.as_ptr().add((io + i.min(r - 1)) * kp));
             let bp = xp.as_ptr().add((oy + ky) * ks * w2 + x0 + kx);
             for p in 0..kp {
                 let b = bp.add(p * w2);
@@ -387,9 +386,8 @@ unsafe fn run_avx512<const V: usize>(
                         b.add(16 * v).cast(),
                     ));
                 }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let av: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*ap.add(p * MR + i) as i32));
+                for (row, &ai) in acc.iter_mut().zip(&rows) {
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ai.add(p) as i32));
                     for (acc, &bv) in row.iter_mut().zip(&bv) {
                         *acc = _mm512_dpbf16_ps(*acc, av, bv);
                     }

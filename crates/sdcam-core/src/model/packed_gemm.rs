@@ -13,15 +13,15 @@
 //! whose edge kernels took a fifth of the U-Net's product time) it keeps the weights packed
 //! and reads the activations' rows in place; the sd-turbo U-Net took 0.6–0.8 of the time
 //! (issue 14). The layout is the usual one (GotoBLAS):
-//! - [`PackedA`]: `m × k`, rows in blocks of [`MR`]; for each block and each pair of columns
-//!   `(2p, 2p + 1)`, the [`MR`] rows' pairs side by side (one `u32` = two bf16, low half first).
-//!   In f32, A's rows as they are (the microkernel broadcasts each value from its row, so
-//!   nothing needs interleaving, and [`matmul_rows`] reads an activation without a copy).
+//! - [`PackedA`]: `m × k`, row by row, each row as its pairs of columns `(2p, 2p + 1)` (one
+//!   `u32` = two bf16, low half first), or in f32 as it is: the microkernel broadcasts each
+//!   slot from its row, so nothing needs interleaving (packing an activation is one vectorised
+//!   conversion per row, and [`matmul_rows`] reads an f32 one without a copy).
 //! - [`PackedB`]: `k × n`, columns in panels of [`NR`]; for each panel and pair of rows
 //!   `(2p, 2p + 1)`, the [`NR`] columns' pairs side by side (in f32, for each row of k, the
 //!   [`NR`] columns' values).
 //! - The microkernel keeps an `MR × NR` block of C in 16 zmm registers and, per pair of k (or
-//!   k in f32), loads one pair per row (broadcast) and two vectors of B. K is cut into chunks
+//!   k in f32), loads one pair from each of [`MR`] rows (broadcast) and two vectors of B. K is cut into chunks
 //!   of [`KC`] slots so that one chunk of a B panel (16 KiB) stays in L1 and the task's chunk
 //!   of A in L2.
 //!
@@ -330,67 +330,71 @@ unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
     }
 }
 
-/// The rows of an `m × k` source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`, in
-/// blocks of `width` rows: for each block and each of `ks` slots of columns (a bf16 pair, or
-/// one f32 for [`Kernel::F32`]), the block's rows' slots side by side (rows past `m` and slots
-/// past k zero). With `width` = [`MR`] this is [`PackedA`]'s AVX-512 layout; with [`NR`] and
-/// the transpose of B as the source, [`PackedB`]'s. On rayon's pool when `parallel`.
+/// The rows of an `n × k` source (element `(j, i)` at `src[j·row_stride + i]`: the transpose of
+/// a `k × n` B) into `dst` as [`PackedB`]'s panels: in blocks of [`NR`] rows, for each block and
+/// each of `ks` slots of columns (a bf16 pair, or one f32 for [`Kernel::F32`]), the block's
+/// rows' slots side by side (rows past `n` and slots past k zero).
 ///
 /// # Panics
 /// `src` is too short for the shape, or `ks` below k's slots.
-fn pack_row_blocks(
+fn pack_transposed_panels(
     dst: &mut Vec<u32>,
     src: &[f32],
-    (m, k, row_stride): (usize, usize, usize),
-    (width, ks, kernel): (usize, usize, Kernel),
-    parallel: bool,
+    (n, k, row_stride): (usize, usize, usize),
+    (ks, kernel): (usize, Kernel),
 ) {
-    assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
+    assert!(n == 0 || src.len() >= (n - 1) * row_stride + k);
     let kp = k.div_ceil(kernel.per_slot());
     assert!(ks >= kp);
     dst.clear();
-    dst.resize(m.div_ceil(width) * ks * width, 0);
+    dst.resize(n.div_ceil(NR) * ks * NR, 0);
     if kp == 0 {
         return;
     }
-    let pack_block = |(blk, dst): (usize, &mut [u32]), row: &mut Vec<u32>| {
-        row.resize(kp, 0);
-        for r in 0..width.min(m - blk * width) {
-            slots_of_row(kernel, &src[(blk * width + r) * row_stride..][..k], row);
+    let mut row = vec![0; kp];
+    for (blk, dst) in dst.chunks_mut(ks * NR).enumerate() {
+        for r in 0..NR.min(n - blk * NR) {
+            slots_of_row(kernel, &src[(blk * NR + r) * row_stride..][..k], &mut row);
             for (p, &v) in row.iter().enumerate() {
-                dst[p * width + r] = v;
+                dst[p * NR + r] = v;
             }
         }
-    };
-    if parallel {
-        use rayon::prelude::*;
-        dst.par_chunks_mut(ks * width)
-            .enumerate()
-            .for_each_init(Vec::new, |row, job| pack_block(job, row));
-    } else {
-        let mut row = Vec::new();
-        dst.chunks_mut(ks * width)
-            .enumerate()
-            .for_each(|job| pack_block(job, &mut row));
     }
 }
 
-/// The rows of an `m × k` f32 source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`
-/// as they are, `k` apart: [`PackedA`]'s layout for [`Kernel::F32`], whose microkernel
-/// broadcasts each element straight from its row (so nothing is interleaved).
+/// The rows of an `m × k` source (element `(i, j)` at `src[i·row_stride + j]`) into `dst`,
+/// each as its [`Kernel::slots`] (bf16 pairs, or f32 values), rows `kernel.slots(k)` apart:
+/// [`PackedA`]'s layout for the AVX-512 kernels, whose microkernels broadcast each slot
+/// straight from its row (so nothing is interleaved). On rayon's pool when `parallel`.
 ///
 /// # Panics
 /// `src` is too short for the shape.
-fn copy_rows(dst: &mut Vec<u32>, src: &[f32], (m, k, row_stride): (usize, usize, usize)) {
+fn rows_as_slots(
+    kernel: Kernel,
+    dst: &mut Vec<u32>,
+    src: &[f32],
+    (m, k, row_stride): (usize, usize, usize),
+    parallel: bool,
+) {
     assert!(m == 0 || src.len() >= (m - 1) * row_stride + k);
+    let ks = kernel.slots(k);
     dst.clear();
-    dst.reserve(m * k);
-    for i in 0..m {
-        dst.extend(src[i * row_stride..][..k].iter().map(|x| x.to_bits()));
+    dst.resize(m * ks, 0);
+    if ks == 0 {
+        return;
+    }
+    let row = |(i, out): (usize, &mut [u32])| {
+        slots_of_row(kernel, &src[i * row_stride..][..k], out);
+    };
+    if parallel {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(ks).enumerate().for_each(row);
+    } else {
+        dst.chunks_mut(ks).enumerate().for_each(row);
     }
 }
 
-/// The rows of an `m × k` source (as [`pack_row_blocks`]) into `dst` in AMX tiles: rows in
+/// The rows of an `m × k` source (as [`rows_as_slots`]) into `dst` in AMX tiles: rows in
 /// slices of 16, each slice `ks / KT` tiles of 16 rows × [`KT`] pairs (1 KiB, row-major), so
 /// that element `(i, p)` lies at `((i / 16)·ks + p − p % KT)·16 + (i % 16)·KT + p % KT`; pairs
 /// past k and rows from `m` up to the next multiple of [`MR_AMX`] zero. On rayon's pool when
@@ -491,15 +495,10 @@ impl PackedA {
         self.kernel = kernel;
         let ks = self.pairs();
         match kernel {
-            Kernel::Avx512 => pack_row_blocks(
-                &mut self.data,
-                src,
-                (m, k, row_stride),
-                (MR, ks, kernel),
-                parallel,
-            ),
+            Kernel::Avx512 | Kernel::F32 => {
+                rows_as_slots(kernel, &mut self.data, src, (m, k, row_stride), parallel);
+            }
             Kernel::Amx => pack_rows_amx(&mut self.data, src, (m, k, row_stride), ks, parallel),
-            Kernel::F32 => copy_rows(&mut self.data, src, (m, k, row_stride)),
         }
     }
 
@@ -519,9 +518,9 @@ impl PackedA {
         (self.kernel == Kernel::Amx).then(|| (&self.data[..], self.pairs()))
     }
 
-    /// For operands packed for [`Kernel::Avx512`]: the blocks of [`MR`] rows (for each block
-    /// and pair of k, the block's rows' pairs side by side) and the pairs of k per row.
-    pub(crate) fn avx512_blocks(&self) -> Option<(&[u32], usize)> {
+    /// For operands packed for [`Kernel::Avx512`]: the rows (each its pairs of k) and the
+    /// pairs of k per row.
+    pub(crate) fn avx512_rows(&self) -> Option<(&[u32], usize)> {
         (self.kernel == Kernel::Avx512).then(|| (&self.data[..], self.pairs()))
     }
 }
@@ -594,7 +593,7 @@ impl PackedB {
         // Bᵀ's rows are B's columns: packed in blocks of NR rows, they are B's panels.
         let mut data = Vec::new();
         let ks = kernel.slots(k);
-        pack_row_blocks(&mut data, src, (n, k, row_stride), (NR, ks, kernel), false);
+        pack_transposed_panels(&mut data, src, (n, k, row_stride), (ks, kernel));
         Self { data, k, n, kernel }
     }
 
@@ -972,13 +971,8 @@ unsafe fn block_avx512<const F32: bool>(
             let mut i0 = rows.start;
             while i0 < rows.end {
                 let r = MR.min(m - i0);
-                // F32: A's rows as they are (kp = k apart); bf16: blocks of MR rows.
-                let ap = if F32 {
-                    a.data[i0 * a.lda + p0..].as_ptr()
-                } else {
-                    a.data[((i0 / MR) * kp + p0) * MR..].as_ptr()
-                };
-                // SAFETY: A's block i0/MR and B's panel hold pc slots from p0 on; C's block
+                let ap = a.data[i0 * a.lda + p0..].as_ptr();
+                // SAFETY: A's rows i0 .. i0 + r and B's panel hold pc slots from p0 on; C's block
                 // (r rows × cols) is inside this task's region; the CPU runs the kernel. A
                 // panel of 16 columns or fewer (the last, or all of a narrow C) takes one
                 // vector: the upper half's products would all be discarded.
@@ -986,8 +980,12 @@ unsafe fn block_avx512<const F32: bool>(
                 let acc = p0 > 0;
                 unsafe {
                     match (F32, cols > 16) {
-                        (false, true) => micro_avx512::<2>(pc, ap, bp, ci, ldc, r, cols, acc),
-                        (false, false) => micro_avx512::<1>(pc, ap, bp, ci, ldc, r, cols, acc),
+                        (false, true) => {
+                            micro_avx512::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
+                        }
+                        (false, false) => {
+                            micro_avx512::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
+                        }
                         (true, true) => micro_f32::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
                         (true, false) => micro_f32::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
                     }
@@ -999,15 +997,16 @@ unsafe fn block_avx512<const F32: bool>(
     }
 }
 
-/// `C[0..r, 0..cols] (+)= A_block · B_panel` over `pc` pairs of k: `a` points at the block's
-/// first pair (MR u32 per pair), `b` at the panel's (NR u32 per pair); `V` vectors of 16
-/// columns (2, or 1 where `cols ≤ 16`).
+/// `C[0..r, 0..cols] (+)= A_rows · B_panel` over `pc` pairs of k: `a` points at row 0's first
+/// pair of A's rows (`lda` pairs apart; the `r` rows from there, of which rows past `r` repeat
+/// the last so that nothing past A is read), `b` at the panel's (NR u32 per pair); `V` vectors
+/// of 16 columns (2, or 1 where `cols ≤ 16`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro_avx512<const V: usize>(
     pc: usize,
-    a: *const u32,
+    (a, lda): (*const u32, usize),
     b: *const u32,
     c: *mut f32,
     ldc: usize,
@@ -1017,9 +1016,11 @@ unsafe fn micro_avx512<const V: usize>(
 ) {
     use std::arch::x86_64::*;
     debug_assert!(V == 2 || cols <= 16, "one vector holds 16 columns");
-    // SAFETY (whole body): reads pc·MR u32 from `a` and pc·NR from `b`, the caller's blocks;
-    // writes r rows × cols columns of C (masked), the caller's block.
+    debug_assert!(r >= 1);
+    // SAFETY (whole body): reads pc u32 of r rows of A from `a` and pc·NR from `b`, the
+    // caller's blocks; writes r rows × cols columns of C (masked), the caller's block.
     unsafe {
+        let rows: [*const u32; MR] = std::array::from_fn(|i| a.add(i.min(r - 1) * lda));
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
         for p in 0..pc {
             let mut bv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
@@ -1028,9 +1029,8 @@ unsafe fn micro_avx512<const V: usize>(
                     b.add(p * NR + 16 * v).cast(),
                 ));
             }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+            for (row, &ai) in acc.iter_mut().zip(&rows) {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ai.add(p) as i32));
                 for (acc, &bv) in row.iter_mut().zip(&bv) {
                     *acc = _mm512_dpbf16_ps(*acc, av, bv);
                 }

@@ -76,7 +76,7 @@ pub(crate) struct Conv2d {
 #[derive(Debug, Default)]
 struct PackedFilters {
     kernel: Kernel,
-    /// `[c_out, c_in·k_h·k_w]`.
+    /// `[c_out, c_in·k_h·k_w]` (bf16 only: in f32 the product reads the weight as it is).
     im2col: OnceLock<Arc<PackedA>>,
     /// `U[ξ]` `[c_out, c_in]` for ξ < 16.
     winograd: OnceLock<Arc<Vec<PackedA>>>,
@@ -239,13 +239,18 @@ impl Conv2d {
                 epilogue,
             }));
         }
-        let a = match f.im2col.get() {
-            Some(a) => a.clone(),
-            None => {
-                let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
-                let a = Arc::new(PackedA::from_rows(f.kernel, &w, (c_out, rows, rows), true));
-                f.im2col.get_or_init(|| a).clone()
-            }
+        // In f32 the kernel reads the weight's rows as they are: no packed copy.
+        let a = if f.kernel == Kernel::F32 {
+            None
+        } else {
+            Some(match f.im2col.get() {
+                Some(a) => a.clone(),
+                None => {
+                    let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+                    let a = Arc::new(PackedA::from_rows(f.kernel, &w, (c_out, rows, rows), true));
+                    f.im2col.get_or_init(|| a).clone()
+                }
+            })
         };
         Ok(PackedOp::Im2Col(PackedConv {
             im2col,
@@ -368,7 +373,8 @@ impl Conv2d {
             // Built only where the CPU runs the kernel (`products_for`).
             return match self.packed_op(f, h, w, im2col, epilogue)? {
                 PackedOp::Winograd(op) => xs.apply_op1_no_bwd(&op),
-                PackedOp::Im2Col(op) => xs.apply_op1_no_bwd(&op),
+                PackedOp::Im2Col(op) if op.w.is_some() => xs.apply_op1_no_bwd(&op),
+                PackedOp::Im2Col(op) => xs.apply_op2_no_bwd(&self.weight2d, &op),
                 PackedOp::Direct(op) => xs.apply_op1_no_bwd(&op),
             };
         }
@@ -659,13 +665,32 @@ enum PackedOp<'a> {
 }
 
 /// im2col + packed product, tile by tile like [`TiledConv`]: each tile's im2col (f32, in
-/// cache) is packed (to bf16 pairs, or as f32) and multiplied by the packed weight straight
-/// into the NCHW output.
+/// cache) is packed (to bf16 pairs, or as f32) and multiplied by the weight straight into the
+/// NCHW output. A candle op on the input with the weight packed (`w`, bf16), or on the input
+/// and the weight `[c_out, c_in·k_h·k_w]` as it is ([`Kernel::F32`], whose microkernel reads
+/// A's rows in place).
 struct PackedConv<'a> {
     im2col: Im2Col,
-    /// `[c_out, c_in·k_h·k_w]` packed.
-    w: Arc<PackedA>,
+    /// `[c_out, c_in·k_h·k_w]` packed (`None`: f32, the weight passed with the input).
+    w: Option<Arc<PackedA>>,
     epilogue: Epilogue<'a>,
+}
+
+/// The weight of a [`PackedConv`] as its product reads it.
+#[derive(Clone, Copy)]
+enum ConvWeight<'w> {
+    Packed(&'w PackedA),
+    /// `[c_out, c_in·k_h·k_w]` f32, row-major.
+    F32Rows(&'w [f32], usize),
+}
+
+impl ConvWeight<'_> {
+    fn rows_cols(&self) -> (usize, usize) {
+        match *self {
+            ConvWeight::Packed(a) => (a.rows(), a.cols()),
+            ConvWeight::F32Rows(w, c_out) => (c_out, w.len() / c_out.max(1)),
+        }
+    }
 }
 
 /// Floats of one im2col tile on the packed path (512 KiB, plus half or all of that packed), or
@@ -681,14 +706,48 @@ impl CustomOp1 for PackedConv<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some(w) = &self.w else {
+            candle_core::bail!("packed conv2d: an f32 weight comes with the input");
+        };
+        self.run(storage, layout, ConvWeight::Packed(w))
+    }
+}
+
+impl CustomOp2 for PackedConv<'_> {
+    fn name(&self) -> &'static str {
+        "sdcam-packed-conv2d-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (c_out, _) = l2.shape().dims2()?;
+        let w = cpu_f32(s2, l2, "packed conv2d")?;
+        self.run(s1, l1, ConvWeight::F32Rows(w, c_out))
+    }
+}
+
+impl PackedConv<'_> {
+    /// The convolution of the input (`storage`, `layout`: `[b, c, h, w]` f32 contiguous) with
+    /// `weight`.
+    fn run(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        weight: ConvWeight,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(storage, layout, "packed conv2d")?;
         let (b, c, h, w) = layout.shape().dims4()?;
         let im = &self.im2col;
         let rows = c * im.k_h * im.k_w;
-        if rows != self.w.cols() {
+        let (c_out, cols) = weight.rows_cols();
+        if rows != cols {
             candle_core::bail!("packed conv2d: kernel does not match the input channels");
         }
-        let c_out = self.w.rows();
         let (oh, ow) = im.out_size(h, w);
         let n = oh * ow;
         self.epilogue.check(c_out, b * c_out * n, "packed conv2d")?;
@@ -713,10 +772,22 @@ impl CustomOp1 for PackedConv<'_> {
             !per_tile_parallel,
             self.epilogue,
             PackedB::default,
-            |packed, cols, tn, dst| {
-                packed.repack_rows(self.w.kernel(), cols, (rows, tn, tn), per_tile_parallel);
-                // SAFETY: `dst` takes the c_out × tn product with rows n apart (`tiles`).
-                unsafe { packed_gemm::matmul(&self.w, packed, dst, n, per_tile_parallel) };
+            |packed, cols, tn, dst| match weight {
+                ConvWeight::Packed(a) => {
+                    packed.repack_rows(a.kernel(), cols, (rows, tn, tn), per_tile_parallel);
+                    // SAFETY: `dst` takes the c_out × tn product with rows n apart (`tiles`).
+                    unsafe { packed_gemm::matmul(a, packed, dst, n, per_tile_parallel) };
+                }
+                ConvWeight::F32Rows(a, _) => {
+                    packed.repack_rows(Kernel::F32, cols, (rows, tn, tn), per_tile_parallel);
+                    // SAFETY: as above; the f32 kernel reads `a` in place (no scratch used).
+                    unsafe {
+                        let shape = (c_out, rows, rows);
+                        let c = (dst, n);
+                        let scratch = &mut PackedA::default();
+                        packed_gemm::matmul_rows(scratch, a, shape, packed, c, per_tile_parallel);
+                    }
+                }
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))

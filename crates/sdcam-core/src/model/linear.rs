@@ -1,12 +1,13 @@
 //! Linear layers (`y = x·Wᵀ + b`, diffusers `nn.Linear`) for the U-Net and the VAE: on the
-//! CPU, the product of `model::packed_gemm` against the weight packed once, in bf16 with
-//! `model.dtype = "bf16"` (building one on a CPU without AVX512-BF16 is an error) or in f32 on
-//! CPUs with AVX-512 (`packed_gemm::products_for`); elsewhere candle's `Linear`.
+//! CPU, the product of `model::packed_gemm` against the weight packed when the layer is built
+//! (the f32 weight is not kept), in bf16 with `model.dtype = "bf16"` (building one on a CPU
+//! without AVX512-BF16 is an error) or in f32 on CPUs with AVX-512
+//! (`packed_gemm::products_for`); elsewhere candle's `Linear`.
 //!
 //! Drop-in for `candle_nn::{linear, linear_no_bias, Linear}`: same constructors, same tensor
 //! names (`weight` `[out, in]`, `bias` `[out]`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -17,60 +18,74 @@ use crate::model::packed_gemm::{self, f32_params, products_for, Kernel, PackedA,
 /// A linear layer (see the module docs).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    inner: candle_nn::Linear,
-    /// For the packed products: their kernel and `Wᵀ` packed on first use (`None`: candle's
-    /// product).
-    packed: Option<(Kernel, Arc<OnceLock<Arc<PackedB>>>)>,
+    /// candle's layer, where the products are candle's (`None`: the weight lives only packed).
+    inner: Option<candle_nn::Linear>,
+    /// `[out]`, for the packed products.
+    bias: Option<Tensor>,
+    /// For the packed products: `Wᵀ` packed (at build time; the f32 weight is then dropped,
+    /// so that the layer holds one copy of it).
+    packed: Option<Arc<PackedB>>,
 }
 
 /// `candle_nn::linear`: weight `[out, in]` and bias `[out]` from `vb`.
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let kernel = products_for(&vb)?;
     let inner = candle_nn::linear(in_dim, out_dim, f32_params(vb))?;
-    Ok(Linear::wrap(inner, kernel))
+    Linear::wrap(inner, kernel)
 }
 
 /// `candle_nn::linear_no_bias`: weight `[out, in]` from `vb`.
 pub(crate) fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     let kernel = products_for(&vb)?;
     let inner = candle_nn::linear_no_bias(in_dim, out_dim, f32_params(vb))?;
-    Ok(Linear::wrap(inner, kernel))
+    Linear::wrap(inner, kernel)
 }
 
 impl Linear {
-    fn wrap(inner: candle_nn::Linear, kernel: Option<Kernel>) -> Self {
-        Self {
-            inner,
-            packed: kernel.map(|k| (k, Arc::new(OnceLock::new()))),
-        }
-    }
-
-    /// The weight packed for `kernel` (made on first use; two threads may both make it, with
-    /// the same result).
-    fn packed(&self, kernel: Kernel, cell: &OnceLock<Arc<PackedB>>) -> Result<Arc<PackedB>> {
-        if let Some(p) = cell.get() {
-            return Ok(p.clone());
-        }
-        let w = self.inner.weight();
+    /// candle's layer as it is, or with `kernel` its weight packed now and dropped.
+    fn wrap(inner: candle_nn::Linear, kernel: Option<Kernel>) -> Result<Self> {
+        let Some(kernel) = kernel else {
+            return Ok(Self {
+                inner: Some(inner),
+                bias: None,
+                packed: None,
+            });
+        };
+        let w = inner.weight();
         let (out, inp) = w.dims2()?;
         let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let p = Arc::new(PackedB::from_transposed(kernel, &data, (out, inp, inp)));
-        Ok(cell.get_or_init(|| p).clone())
+        let packed = PackedB::from_transposed(kernel, &data, (out, inp, inp));
+        Ok(Self {
+            inner: None,
+            bias: inner.bias().cloned(),
+            packed: Some(Arc::new(packed)),
+        })
     }
 }
 
 impl Module for Linear {
     /// `x` `[…, in]` → `[…, out]`.
+    ///
+    /// # Errors
+    /// Besides candle's: a layer with packed products given other than an f32 CPU tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let Some((kernel, cell)) = &self.packed else {
-            return self.inner.forward(xs);
+        let Some(w) = &self.packed else {
+            return match &self.inner {
+                Some(inner) => inner.forward(xs),
+                None => candle_core::bail!("linear: the layer has no weight"),
+            };
         };
         if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
-            return self.inner.forward(xs);
+            candle_core::bail!(
+                "linear: the layer's weight is packed for f32 inputs on the CPU, not {:?} on {:?}",
+                xs.dtype(),
+                xs.device()
+            );
         }
-        let w = self.packed(*kernel, cell)?;
-        let ys = xs.contiguous()?.apply_op1_no_bwd(&PackedLinear(w))?;
-        match self.inner.bias() {
+        let ys = xs
+            .contiguous()?
+            .apply_op1_no_bwd(&PackedLinear(w.clone()))?;
+        match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
         }
@@ -124,12 +139,11 @@ mod tests {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
         let layer = linear(300, 70, vb.pp("l")).unwrap();
-        assert_eq!(
-            layer.packed.as_ref().map(|p| p.0),
-            packed_gemm::Kernel::f32()
-        );
+        assert_eq!(layer.packed.is_some(), packed_gemm::Kernel::f32().is_some());
+        assert_eq!(layer.inner.is_some(), layer.packed.is_none());
+        let candle = candle_nn::linear(300, 70, vb.pp("l")).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 33, 300), &dev).unwrap();
-        let want = layer.inner.forward(&x).unwrap();
+        let want = candle.forward(&x).unwrap();
         let got = layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 33, 70]);
         let e = crate::model::rel_err(&got, &want).unwrap();
@@ -148,12 +162,15 @@ mod tests {
         let dev = Device::Cpu;
         let map = VarMap::new();
         let vb32 = VarBuilder::from_varmap(&map, DType::F32, &dev);
-        let f32_layer = linear(512, 70, vb32.pp("l")).unwrap();
+        let f32_layer = candle_nn::linear(512, 70, vb32.pp("l")).unwrap();
         let vb16 = VarBuilder::from_varmap(&map, DType::BF16, &dev);
         let bf16_layer = linear(512, 70, vb16.pp("l")).unwrap();
-        assert_eq!(bf16_layer.inner.weight().dtype(), DType::F32);
+        assert_eq!(
+            bf16_layer.bias.as_ref().map(Tensor::dtype),
+            Some(DType::F32)
+        );
         let x = Tensor::randn(0f32, 1., (2, 33, 512), &dev).unwrap();
-        let want = f32_layer.inner.forward(&x).unwrap();
+        let want = f32_layer.forward(&x).unwrap();
         let got = bf16_layer.forward(&x).unwrap();
         assert_eq!(got.dims(), &[2, 33, 70]);
         let e = crate::model::rel_err(&got, &want).unwrap();

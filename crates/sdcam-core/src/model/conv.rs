@@ -68,7 +68,6 @@ pub(crate) struct Conv2d {
     winograd: Option<OnceLock<Tensor>>,
     /// For the packed products: their kernel, the packed weight and filter transforms, made
     /// on first use (`None`: candle's products).
-    /// f32 products).
     packed: Option<Arc<PackedFilters>>,
 }
 
@@ -276,8 +275,9 @@ impl Conv2d {
 
     /// `conv(x) + residual`, then ReLU where `relu`. On the CPU's Winograd, tiled and packed
     /// paths the kernel applies the bias, the residual and the ReLU to each output row as it
-    /// writes it; elsewhere (other devices and dtypes, and the small-im2col and 1×1 convs that
-    /// are one candle product) they are tensor ops after the convolution. Same values either
+    /// writes it; elsewhere (other devices and dtypes, and, without packed products, the
+    /// small-im2col and 1×1 convs that are one candle product) they are tensor ops after the
+    /// convolution. Same values either
     /// way: the sums are made in the same order.
     ///
     /// # Errors
@@ -873,13 +873,10 @@ mod tests {
             (3, 1, 1, 2, 7, 13, 5, 21),    // direct on AVX-512: a partial block of channels
             (3, 1, 1, 2, 136, 8, 32, 31),  // bf16 Winograd (too wide for the AVX-512 direct)
         ];
-        let mut kernels = vec![None];
-        if let Some(k) = Kernel::f32() {
-            kernels.push(Some(k));
-        }
-        if packed_gemm::available() {
-            kernels.push(Some(Kernel::bf16()));
-        }
+        let kernels: Vec<_> = [None]
+            .into_iter()
+            .chain(packed_gemm::kernels_here().into_iter().map(Some))
+            .collect();
         for (k, stride, padding, b, c_in, c_out, h, w) in cases {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let bias = inner.bias().unwrap().clone();
@@ -971,7 +968,7 @@ mod tests {
     /// bf16 rounding of candle's f32 conv2d: below 1e-2 of the output's scale, and not equal.
     #[test]
     fn bf16_paths_stay_within_rounding_of_candle_conv2d() {
-        if !packed_gemm::available() {
+        if !packed_gemm::bf16_available() {
             eprintln!("skipped: this CPU lacks AVX512-BF16");
             return;
         }
@@ -1065,8 +1062,8 @@ mod tests {
     #[test]
     fn bf16_direct_conv_edges() {
         let off = |var: &str| std::env::var(var).is_ok_and(|v| v.trim() == "0");
-        if !packed_gemm::available()
-            || Kernel::bf16() != Kernel::Avx512
+        if !packed_gemm::bf16_available()
+            || Kernel::bf16() != Kernel::Avx512Bf16
             || off("SDCAM_DIRECT_CONV")
             || off("SDCAM_WINOGRAD")
         {
@@ -1084,7 +1081,7 @@ mod tests {
             (1, 5, 7, 2, 49),
         ] {
             let (x, inner) = random_case((3, 1, 1, true), (b, c_in, c_out, h, w));
-            let conv = Conv2d::with_products(inner.clone(), Some(Kernel::Avx512)).unwrap();
+            let conv = Conv2d::with_products(inner.clone(), Some(Kernel::Avx512Bf16)).unwrap();
             assert_eq!(
                 packed_path(&conv, h, w),
                 "direct",
@@ -1099,7 +1096,7 @@ mod tests {
         // The wider cases of the other bf16 tests.
         for (c_in, h, w) in [(320, 32, 32), (136, 32, 33), (136, 32, 31)] {
             let (_, inner) = random_case((3, 1, 1, true), (1, c_in, 8, h, w));
-            let conv = Conv2d::with_products(inner, Some(Kernel::Avx512)).unwrap();
+            let conv = Conv2d::with_products(inner, Some(Kernel::Avx512Bf16)).unwrap();
             assert_eq!(
                 packed_path(&conv, h, w),
                 "winograd",

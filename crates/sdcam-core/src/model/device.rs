@@ -83,7 +83,7 @@ pub fn select_dtype(name: DtypeName, device: &Device) -> (DType, &'static str) {
 /// Whether `model.dtype = "bf16"` runs on this machine's CPU (it needs AVX512-BF16: f32
 /// activations with bf16 matrix products, see `model::sd::compute_dtypes`).
 pub fn cpu_runs_bf16() -> bool {
-    crate::model::packed_gemm::available()
+    crate::model::packed_gemm::bf16_available()
 }
 
 /// The candle device for an explicit `model.device` (`auto` is [`select_device`]'s).

@@ -1,6 +1,6 @@
 //! 3×3 convolutions (stride 1, padding 1) as an implicit GEMM for `model.dtype = "bf16"` on the
 //! CPU, as oneDNN runs them: on AMX tiles ([`packed_gemm::Kernel::Amx`]) or with `vdpbf16ps` on
-//! zmm registers ([`packed_gemm::Kernel::Avx512`]).
+//! zmm registers ([`packed_gemm::Kernel::Avx512Bf16`]).
 //!
 //! The input image is converted once to bf16 channel pairs, zero-padded by one pixel:
 //! `[h + 2][pairs][w + 2]`, one `u32` (two channels) per pixel, `pairs` = `c_in/2` rounded up
@@ -33,7 +33,7 @@ use crate::model::{cpu_f32, SendPtr};
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const RUN: usize = 32;
 
-/// Most input channels of a conv that [`Kernel::Avx512`] runs directly (more go to Winograd).
+/// Most input channels of a conv that [`Kernel::Avx512Bf16`] runs directly (more go to Winograd).
 pub(crate) const AVX512_MAX_CHANNELS: usize = 128;
 
 /// Whether a 3×3, stride-1, padding-1 conv from `c_in` to `c_out` channels over images `w`
@@ -50,7 +50,7 @@ pub(crate) fn applies(kernel: Kernel, c_in: usize, c_out: usize, w: usize) -> bo
     }
     match kernel {
         Kernel::Amx => c_out.is_multiple_of(MR_AMX) && w.is_multiple_of(16),
-        Kernel::Avx512 => packed_gemm::available() && c_in <= AVX512_MAX_CHANNELS,
+        Kernel::Avx512Bf16 => packed_gemm::bf16_available() && c_in <= AVX512_MAX_CHANNELS,
         Kernel::F32 => false,
     }
 }
@@ -96,7 +96,7 @@ impl candle_core::CustomOp1 for DirectConv3x3<'_> {
                 MR_AMX,
                 self.taps.iter().filter_map(PackedA::amx_tiles).collect(),
             ),
-            Kernel::Avx512 => (
+            Kernel::Avx512Bf16 => (
                 MR,
                 self.taps.iter().filter_map(PackedA::avx512_rows).collect(),
             ),
@@ -140,12 +140,12 @@ impl candle_core::CustomOp1 for DirectConv3x3<'_> {
                 let r = rows_per_block.min(k - io);
                 let dst = dst;
                 // SAFETY: `xp` holds (h + 2)·ks·(w + 2) pairs, the taps k rows of ks pairs
-                // (padded to whole blocks of rows); this task writes every pixel of channels
+                // (AMX: padded to whole blocks of rows); this task writes every pixel of channels
                 // io .. io + r × output row oy of the image, which no other task writes.
                 unsafe {
                     match kernel {
                         Kernel::Amx => row_block(tiles, xp, (ks, w2, h, w), (io, oy), dst.0),
-                        Kernel::Avx512 => {
+                        Kernel::Avx512Bf16 => {
                             row_block_avx512(tiles, xp, (ks, w2, h, w), (io, oy, r), dst.0)
                         }
                         Kernel::F32 => unreachable!("checked by `applies`"),
@@ -315,7 +315,7 @@ unsafe fn row_block(
 ///
 /// # Safety
 /// As the caller states: `xp` and the taps hold what the shapes say (taps packed for
-/// [`Kernel::Avx512`]), `dst` the whole image's output, and the CPU has AVX512-BF16.
+/// [`Kernel::Avx512Bf16`]), `dst` the whole image's output, and the CPU has AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn row_block_avx512(

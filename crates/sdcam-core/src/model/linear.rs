@@ -135,6 +135,10 @@ mod tests {
     /// it is candle's.
     #[test]
     fn f32_products_match_candle() {
+        if packed_gemm::Kernel::f32().is_none() {
+            eprintln!("skipped: no AVX-512 (or SDCAM_F32_KERNEL=0): candle's own layer");
+            return;
+        }
         let dev = Device::Cpu;
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &dev);
@@ -155,7 +159,7 @@ mod tests {
     /// 512 random inputs per output).
     #[test]
     fn bf16_products_stay_close_to_f32() {
-        if !packed_gemm::available() {
+        if !packed_gemm::bf16_available() {
             eprintln!("skipped: this CPU lacks AVX512-BF16");
             return;
         }

@@ -127,13 +127,10 @@ mod tests {
     /// samples and heads.
     #[test]
     fn stays_within_rounding_of_the_f32_kernel() {
-        let mut kernels = Vec::new();
-        if packed_gemm::available() {
-            kernels.push((Kernel::bf16(), 1e-2));
-        }
-        if let Some(k) = Kernel::f32() {
-            kernels.push((k, 1e-5));
-        }
+        let kernels: Vec<_> = packed_gemm::kernels_here()
+            .into_iter()
+            .map(|k| (k, if k == Kernel::F32 { 1e-5 } else { 1e-2 }))
+            .collect();
         if kernels.is_empty() {
             eprintln!("skipped: this CPU lacks AVX-512");
             return;

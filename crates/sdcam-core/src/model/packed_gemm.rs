@@ -2,17 +2,19 @@
 //! CPUs with AVX512-BF16 (`vdpbf16ps`: 32 bf16 multiply-adds per instruction into 16 f32
 //! sums, twice the f32 FMA rate), for `model.dtype = "bf16"` on the CPU (see `model::device`),
 //! and in f32 ([`Kernel::F32`], `vfmadd231ps`) for the f32 models on any CPU with AVX-512 F
-//! ([`products_for`]). The conv and linear weights are packed once; in bf16 each call's
-//! activations are rounded to bf16 (round to nearest even) as they are packed, and the sums,
-//! outputs and everything around the products stay f32.
+//! ([`products_for`]). Weights are packed once (f32 conv weights are read as they are: in f32
+//! A's rows need no packing); the activations' side is packed on each call (B: im2col tiles,
+//! Winograd `V`, Kᵀ and V; A: a linear layer's input, attention's queries and probabilities,
+//! which f32 reads in place); in bf16 each value is rounded to bf16 (round to nearest even) as
+//! it is packed, and the sums, outputs and everything around the products stay f32.
 //!
 //! Hand-written because no maintained Rust crate has a bf16 × bf16 → f32 product on this
 //! instruction (`gemm` 0.19 computes f16 only, in f32 after conversion, and has no bf16; candle's
 //! CPU matmul has no bf16 kernel at all). The f32 kernel shares the layout, tasks and
 //! epilogues: against `gemm` 0.19's f32 product (which packs both operands on every call, and
-//! whose edge kernels took a fifth of the U-Net's product time) it keeps the weights packed
-//! and reads the activations' rows in place; the sd-turbo U-Net took 0.6–0.8 of the time
-//! (issue 14). The layout is the usual one (GotoBLAS):
+//! whose edge kernels took a fifth of the U-Net's product time) it keeps the linear weights and
+//! Winograd transforms packed and reads the rows of A in place; the sd-turbo U-Net took 0.6–0.8
+//! of the time (issue 14). The layout is the usual one (GotoBLAS):
 //! - [`PackedA`]: `m × k`, row by row, each row as its pairs of columns `(2p, 2p + 1)` (one
 //!   `u32` = two bf16, low half first), or in f32 as it is: the microkernel broadcasts each
 //!   slot from its row, so nothing needs interleaving (packing an activation is one vectorised
@@ -52,7 +54,8 @@ use crate::model::SendPtr;
 pub(crate) const MR: usize = 8;
 /// Columns of B (and C) per panel: two vectors of 16 f32.
 pub(crate) const NR: usize = 32;
-/// Pairs of k per chunk: a B panel's chunk is `KC · NR · 4` bytes = 16 KiB.
+/// Slots of k (bf16 pairs, or f32 values) per chunk: a B panel's chunk is `KC · NR · 4` bytes
+/// = 16 KiB.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const KC: usize = 128;
 /// Most rows of C per parallel task (A's chunk for them, `MC · KC · 4` = 96 KiB, stays in L2;
@@ -70,7 +73,7 @@ pub(crate) const MR_AMX: usize = 32;
 pub(crate) enum Kernel {
     /// `vdpbf16ps` on zmm registers (AVX512-BF16).
     #[default]
-    Avx512,
+    Avx512Bf16,
     /// `tdpbf16ps` on tiles (AMX-BF16).
     Amx,
     /// `vfmadd231ps` on zmm registers (AVX-512 F): f32 operands as they are, no rounding (the
@@ -89,7 +92,7 @@ impl Kernel {
                 tracing::debug!("bf16 products on AMX tiles");
                 Kernel::Amx
             } else {
-                Kernel::Avx512
+                Kernel::Avx512Bf16
             }
         })
     }
@@ -100,7 +103,12 @@ impl Kernel {
         static ON: OnceLock<bool> = OnceLock::new();
         let on = *ON.get_or_init(|| {
             let off = std::env::var("SDCAM_F32_KERNEL").is_ok_and(|v| v.trim() == "0");
-            !off && f32_available()
+            let on = !off && f32_available();
+            tracing::debug!(
+                "f32 products on the CPU: {}",
+                if on { "packed AVX-512 kernel" } else { "gemm" }
+            );
+            on
         });
         on.then_some(Kernel::F32)
     }
@@ -108,7 +116,7 @@ impl Kernel {
     /// Whether this CPU runs the kernel.
     fn runs_here(self) -> bool {
         match self {
-            Kernel::Avx512 | Kernel::Amx => available(),
+            Kernel::Avx512Bf16 | Kernel::Amx => bf16_available(),
             Kernel::F32 => f32_available(),
         }
     }
@@ -116,7 +124,7 @@ impl Kernel {
     /// Values of k per slot of the packed operands: a bf16 pair, or one f32.
     fn per_slot(self) -> usize {
         match self {
-            Kernel::Avx512 | Kernel::Amx => 2,
+            Kernel::Avx512Bf16 | Kernel::Amx => 2,
             Kernel::F32 => 1,
         }
     }
@@ -126,7 +134,7 @@ impl Kernel {
     /// zero); k f32 values for [`Kernel::F32`].
     fn slots(self, k: usize) -> usize {
         match self {
-            Kernel::Avx512 => k.div_ceil(2),
+            Kernel::Avx512Bf16 => k.div_ceil(2),
             Kernel::Amx => k.div_ceil(2).div_ceil(KT) * KT,
             Kernel::F32 => k,
         }
@@ -135,7 +143,7 @@ impl Kernel {
     /// Rows of C (and of packed A) per block.
     fn block_rows(self) -> usize {
         match self {
-            Kernel::Avx512 | Kernel::F32 => MR,
+            Kernel::Avx512Bf16 | Kernel::F32 => MR,
             Kernel::Amx => MR_AMX,
         }
     }
@@ -148,7 +156,7 @@ fn amx_available() -> bool {
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         // CPUID leaf 7 exists on every x86-64 CPU that has AVX-512 (checked first).
-        let edx = available().then(|| std::arch::x86_64::__cpuid_count(7, 0).edx);
+        let edx = bf16_available().then(|| std::arch::x86_64::__cpuid_count(7, 0).edx);
         let Some(edx) = edx else { return false };
         if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 {
             return false;
@@ -180,8 +188,8 @@ fn amx_available() -> bool {
 /// Whether the conv and linear layers built from `vb` multiply in bf16 with these kernels:
 /// `model.dtype = "bf16"` on the CPU loads the U-Net and the VAE through a bf16 `VarBuilder`
 /// on the CPU, and this is how their layers know. Their parameters are still read in f32
-/// ([`f32_params`]): weights are packed to bf16 on first use, biases, norms and activations stay
-/// f32.
+/// ([`f32_params`]): weights are packed to bf16 (linear layers' when built, convs' on first
+/// use), biases, norms and activations stay f32.
 pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {
     vb.device().is_cpu() && vb.dtype() == DType::BF16
 }
@@ -194,7 +202,7 @@ pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {
 /// bf16 products asked for on a CPU without AVX512-BF16 (the message says to use f32).
 pub(crate) fn products_for(vb: &VarBuilder) -> candle_core::Result<Option<Kernel>> {
     if bf16_products(vb) {
-        if !available() {
+        if !bf16_available() {
             candle_core::bail!("{UNAVAILABLE}");
         }
         return Ok(Some(Kernel::bf16()));
@@ -221,8 +229,23 @@ pub(crate) fn f32_params(vb: VarBuilder) -> VarBuilder {
     }
 }
 
-/// Whether this CPU runs the kernels (AVX-512 F and BW, and AVX512-BF16; checked once).
-pub(crate) fn available() -> bool {
+/// Every kernel this process runs, for tests: AVX-512 BF16 where the CPU has it, AMX where
+/// [`Kernel::bf16`] picked it, F32 where [`Kernel::f32`] is on.
+#[cfg(test)]
+pub(crate) fn kernels_here() -> Vec<Kernel> {
+    let mut k = Vec::new();
+    if bf16_available() {
+        k.push(Kernel::Avx512Bf16);
+        if Kernel::bf16() == Kernel::Amx {
+            k.push(Kernel::Amx);
+        }
+    }
+    k.extend(Kernel::f32());
+    k
+}
+
+/// Whether this CPU runs the bf16 kernels (AVX-512 F and BW, and AVX512-BF16; checked once).
+pub(crate) fn bf16_available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
@@ -295,7 +318,7 @@ fn slots_of_row(kernel: Kernel, row: &[f32], out: &mut [u32]) {
 /// `row` (k values) as k/2 pairs (rounded up, the last one zero-padded) into `out`.
 fn pairs_of_row(row: &[f32], out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if bf16_available() {
         // SAFETY: the CPU has the features (checked); lengths as documented.
         unsafe { pairs_of_row_avx512(row, out) };
         return;
@@ -453,7 +476,7 @@ pub(crate) struct PackedA {
 impl PackedA {
     /// Slots of k stored per row ([`Kernel::slots`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn pairs(&self) -> usize {
+    fn slots(&self) -> usize {
         self.kernel.slots(self.k)
     }
 
@@ -493,9 +516,9 @@ impl PackedA {
         self.m = m;
         self.k = k;
         self.kernel = kernel;
-        let ks = self.pairs();
+        let ks = self.slots();
         match kernel {
-            Kernel::Avx512 | Kernel::F32 => {
+            Kernel::Avx512Bf16 | Kernel::F32 => {
                 rows_as_slots(kernel, &mut self.data, src, (m, k, row_stride), parallel);
             }
             Kernel::Amx => pack_rows_amx(&mut self.data, src, (m, k, row_stride), ks, parallel),
@@ -515,13 +538,13 @@ impl PackedA {
     /// For operands packed for [`Kernel::Amx`]: the tiles (see [`pack_rows_amx`]) and the pairs
     /// of k per row (a multiple of [`KT`]).
     pub(crate) fn amx_tiles(&self) -> Option<(&[u32], usize)> {
-        (self.kernel == Kernel::Amx).then(|| (&self.data[..], self.pairs()))
+        (self.kernel == Kernel::Amx).then(|| (&self.data[..], self.slots()))
     }
 
-    /// For operands packed for [`Kernel::Avx512`]: the rows (each its pairs of k) and the
+    /// For operands packed for [`Kernel::Avx512Bf16`]: the rows (each its pairs of k) and the
     /// pairs of k per row.
     pub(crate) fn avx512_rows(&self) -> Option<(&[u32], usize)> {
-        (self.kernel == Kernel::Avx512).then(|| (&self.data[..], self.pairs()))
+        (self.kernel == Kernel::Avx512Bf16).then(|| (&self.data[..], self.slots()))
     }
 }
 
@@ -599,7 +622,7 @@ impl PackedB {
 
     /// Slots of k stored per panel ([`Kernel::slots`]).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    fn pairs(&self) -> usize {
+    fn slots(&self) -> usize {
         self.kernel.slots(self.k)
     }
 
@@ -644,7 +667,7 @@ fn pack_b_columns(
     stride: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if bf16_available() {
         // SAFETY: the CPU has the features (checked); the caller sized `dst` for the panels of
         // these columns and `src` for k rows of `stride`.
         unsafe { pack_b_columns_avx512(dst, src, (k, kp, ks), (j0, cols), stride) };
@@ -673,7 +696,7 @@ pub(crate) fn interleave_pairs(r0: &[f32], r1: Option<&[f32]>, out: &mut [u32]) 
     let n = r0.len();
     assert!(out.len() >= n && r1.is_none_or(|r1| r1.len() >= n));
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if bf16_available() {
         // SAFETY: the CPU has the features (checked); lengths asserted.
         unsafe { interleave_pairs_avx512(r0, r1, out) };
         return;
@@ -767,7 +790,8 @@ unsafe fn pack_b_columns_avx512(
 /// `c_row_stride` floats apart, on rayon's pool when `parallel` (else on the calling thread).
 ///
 /// # Panics
-/// `a.cols() != b.rows()`, or the CPU lacks the features ([`available`]).
+/// `a.cols() != b.rows()`, operands packed for different kernels, or a CPU without the
+/// kernel's instructions ([`bf16_available`], [`f32_available`]).
 ///
 /// # Safety
 /// `c` must be valid for writes at `i·c_row_stride + j` for all `i < a.rows()`,
@@ -783,7 +807,7 @@ pub(crate) unsafe fn matmul(
         data: &a.data,
         m: a.m,
         k: a.k,
-        lda: a.pairs(),
+        lda: a.slots(),
         kernel: a.kernel,
     };
     // SAFETY: the caller's contract.
@@ -799,7 +823,7 @@ pub(crate) unsafe fn matmul(
 /// As [`matmul`]; also `a` too short for the shape.
 ///
 /// # Safety
-/// As [`matmul`].
+/// As [`matmul`]; also C must not overlap `a` (read while C is written).
 pub(crate) unsafe fn matmul_rows(
     scratch: &mut PackedA,
     a: &[f32],
@@ -893,12 +917,12 @@ unsafe fn matmul_ref(a: &ARef, b: &PackedB, c: *mut f32, c_row_stride: usize, pa
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match kernel {
-                Kernel::Avx512 => block_avx512::<false>(a, b, c.0, c_row_stride, rows, pans),
+                Kernel::Avx512Bf16 => block_avx512::<false>(a, b, c.0, c_row_stride, rows, pans),
                 Kernel::F32 => block_avx512::<true>(a, b, c.0, c_row_stride, rows, pans),
                 Kernel::Amx => block_amx(a, b, c.0, c_row_stride, rows, pans),
             }
         }
-        // Unreachable elsewhere: `available()` is false there (asserted above).
+        // Unreachable elsewhere: `bf16_available()` is false there (asserted above).
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (rows, pans, c);
     };
@@ -945,7 +969,7 @@ fn even_split(n: usize, parts: usize, i: usize) -> usize {
 
 /// One task's block of C: rows `rows` (a multiple of MR from the start, clipped at m) and
 /// panels `pans`, over all of K in chunks of [`KC`] slots (the first chunk overwrites C, the
-/// others add to it); bf16 pairs ([`micro_avx512`]), or f32 values ([`micro_f32`]) where `F32`.
+/// others add to it); bf16 pairs ([`micro_bf16`]), or f32 values ([`micro_f32`]) where `F32`.
 ///
 /// # Safety
 /// As [`matmul`]; the CPU runs the operands' kernel.
@@ -959,7 +983,7 @@ unsafe fn block_avx512<const F32: bool>(
     rows: std::ops::Range<usize>,
     pans: std::ops::Range<usize>,
 ) {
-    let kp = b.pairs();
+    let kp = b.slots();
     let (m, n) = (a.m, b.cols());
     let mut p0 = 0;
     while p0 < kp {
@@ -981,10 +1005,10 @@ unsafe fn block_avx512<const F32: bool>(
                 unsafe {
                     match (F32, cols > 16) {
                         (false, true) => {
-                            micro_avx512::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
+                            micro_bf16::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
                         }
                         (false, false) => {
-                            micro_avx512::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
+                            micro_bf16::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
                         }
                         (true, true) => micro_f32::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
                         (true, false) => micro_f32::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
@@ -1004,7 +1028,7 @@ unsafe fn block_avx512<const F32: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro_avx512<const V: usize>(
+unsafe fn micro_bf16<const V: usize>(
     pc: usize,
     (a, lda): (*const u32, usize),
     b: *const u32,
@@ -1040,7 +1064,7 @@ unsafe fn micro_avx512<const V: usize>(
     }
 }
 
-/// [`micro_avx512`] in f32 ([`Kernel::F32`]) over `pc` values of k: `a` points at row 0's
+/// [`micro_bf16`] in f32 ([`Kernel::F32`]) over `pc` values of k: `a` points at row 0's
 /// first value of A's rows as they are (`lda` apart; the `r` rows from there, of which rows
 /// past `r` repeat the last so that nothing past A is read), `b` at the panel's (NR f32 per
 /// k); one broadcast per row and one `vfmadd231ps` per row and vector of B for each k.
@@ -1167,7 +1191,7 @@ unsafe fn block_amx(
     #[repr(C, align(64))]
     struct Block([f32; MR_AMX * NR]);
     let ks = a.lda;
-    debug_assert_eq!(ks, b.pairs());
+    debug_assert_eq!(ks, b.slots());
     debug_assert_eq!(ks % KT, 0);
     let (m, n) = (a.m, b.cols());
     let mut edge = Block([0.0; MR_AMX * NR]);
@@ -1307,7 +1331,7 @@ mod tests {
     /// kernel this CPU runs.
     #[test]
     fn matches_f32_product_of_rounded_inputs() {
-        let kernels = kernels();
+        let kernels = kernels_here();
         if kernels.is_empty() {
             eprintln!("skipped: this CPU lacks AVX-512");
             return;
@@ -1358,22 +1382,6 @@ mod tests {
         }
     }
 
-    /// The kernels this CPU runs: AVX-512 BF16 and F32 where it has them, AMX where
-    /// [`Kernel::bf16`] picked it.
-    fn kernels() -> Vec<Kernel> {
-        let mut k = Vec::new();
-        if available() {
-            k.push(Kernel::Avx512);
-            if Kernel::bf16() == Kernel::Amx {
-                k.push(Kernel::Amx);
-            }
-        }
-        if f32_available() {
-            k.push(Kernel::F32);
-        }
-        k
-    }
-
     /// `a · b` (serial and parallel) against `want` (`m × n`, f64), C's padding untouched.
     fn check_product(
         pa: &PackedA,
@@ -1387,13 +1395,62 @@ mod tests {
             let mut c = vec![f32::NAN; m * ldc];
             // SAFETY: c holds m rows of ldc ≥ n floats.
             unsafe { matmul(pa, pb, c.as_mut_ptr(), ldc, parallel) };
-            let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1e-30);
-            for i in 0..m {
-                for j in 0..n {
-                    let d = (f64::from(c[i * ldc + j]) - want[i * n + j]).abs() / scale;
-                    assert!(d < 1e-5, "{kernel:?} {m}x{n}x{k} ({i},{j}): {d}");
+            check_c(&c, want, (m, n, k, ldc), kernel);
+        }
+    }
+
+    /// C (`m` rows `ldc` apart, NaN past column `n`) against `want` (`m × n`, f64): within
+    /// 1e-5 of its scale, the padding untouched.
+    fn check_c(
+        c: &[f32],
+        want: &[f64],
+        (m, n, k, ldc): (usize, usize, usize, usize),
+        kernel: Kernel,
+    ) {
+        let scale = want.iter().fold(0f64, |s, v| s.max(v.abs())).max(1e-30);
+        for i in 0..m {
+            for j in 0..n {
+                let d = (f64::from(c[i * ldc + j]) - want[i * n + j]).abs() / scale;
+                assert!(d < 1e-5, "{kernel:?} {m}x{n}x{k} ({i},{j}): {d}");
+            }
+            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+        }
+    }
+
+    /// [`matmul_rows`] (A as rows `lda` > k apart, read in place in f32 or packed into a
+    /// scratch that held another operand, for bf16) equals the product of the same values,
+    /// on every kernel, serial and parallel.
+    #[test]
+    fn matmul_rows_reads_strided_rows() {
+        let mut seed = 11;
+        for (m, n, k) in [(1, 1, 1), (9, 33, 3), (77, 70, 301), (200, 40, 1030)] {
+            let lda = k + 5;
+            let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut seed)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+            for kernel in kernels_here() {
+                let round = |x: f32| if kernel == Kernel::F32 { x } else { round(x) };
+                let mut want = vec![0f64; m * n];
+                for i in 0..m {
+                    for p in 0..k {
+                        let x = f64::from(round(a[i * lda + p]));
+                        for j in 0..n {
+                            want[i * n + j] += x * f64::from(round(b[p * n + j]));
+                        }
+                    }
                 }
-                assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()));
+                let mut pb = PackedB::default();
+                pb.repack_rows(kernel, &b, (k, n, n), false);
+                let mut scratch = PackedA::from_rows(kernel, &[0.5; 21], (3, 7, 7), false);
+                let ldc = n + 2;
+                for parallel in [false, true] {
+                    let mut c = vec![f32::NAN; m * ldc];
+                    // SAFETY: c holds m rows of ldc ≥ n floats, apart from `a`.
+                    unsafe {
+                        let c = (c.as_mut_ptr(), ldc);
+                        matmul_rows(&mut scratch, &a, (m, k, lda), &pb, c, parallel);
+                    }
+                    check_c(&c, &want, (m, n, k, ldc), kernel);
+                }
             }
         }
     }

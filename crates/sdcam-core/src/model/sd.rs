@@ -164,7 +164,7 @@ pub(crate) fn compute_dtypes(dtype: DType, device: &Device) -> Result<(DType, DT
     if !(device.is_cpu() && dtype == DType::BF16) {
         return Ok((dtype, dtype));
     }
-    if !super::packed_gemm::available() {
+    if !super::packed_gemm::bf16_available() {
         bail!("{}", super::packed_gemm::UNAVAILABLE);
     }
     Ok((DType::F32, DType::BF16))

@@ -9,14 +9,16 @@
 //! * cross-frame self-attention: `SelfAttnMode::CrossFrame` lets each sample's queries attend
 //!   to its own keys/values concatenated (token axis) with those of other samples of the batch.
 //!
-//! Attention kernel: `softmax(QKᵀ·scale)·V` with gemm matmuls and the scaled softmax of
+//! Attention kernel (candle's products: other devices, CPUs without AVX-512; with the packed
+//! ones, `model::packed_attention`): `softmax(QKᵀ·scale)·V` with gemm matmuls and the scaled softmax of
 //! `model::softmax` (vectorised `exp`, the scale folded in), with queries processed in chunks of `Q_CHUNK` rows so the
 //! score matrix of a 64×64 latent (4096×4096 per head) is never materialised whole. See
 //! `bench_attention_kernels` (ignored test) for the measurement against candle-nn's CPU flash
 //! attention.
 //!
-//! `candle_nn::Linear` multiplies by `weight.t()`, a strided view; candle's CPU matmul (gemm)
-//! takes arbitrary strides, so there is no per-call weight copy and no pre-transpose is needed.
+//! The projections are `model::linear` layers: packed weights on the CPU (see there), else
+//! `candle_nn::Linear`, which multiplies by `weight.t()`, a strided view (candle's matmul takes
+//! arbitrary strides, so there is no per-call weight copy).
 
 use std::cell::Cell;
 

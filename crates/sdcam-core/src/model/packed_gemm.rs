@@ -13,8 +13,9 @@
 //! CPU matmul has no bf16 kernel at all). The f32 kernel shares the layout, tasks and
 //! epilogues: against `gemm` 0.19's f32 product (which packs both operands on every call, and
 //! whose edge kernels took a fifth of the U-Net's product time) it keeps the linear weights and
-//! Winograd transforms packed and reads the rows of A in place; the sd-turbo U-Net took 0.6–0.8
-//! of the time (issue 14). The layout is the usual one (GotoBLAS):
+//! Winograd transforms packed and reads the rows of A in place; the sd-turbo U-Net took
+//! 0.75–0.99 of gemm's time, side by side on a Zen 5 machine (issue 14). The layout is the usual
+//! one (GotoBLAS):
 //! - [`PackedA`]: `m × k`, row by row, each row as its pairs of columns `(2p, 2p + 1)` (one
 //!   `u32` = two bf16, low half first), or in f32 as it is: the microkernel broadcasts each
 //!   slot from its row, so nothing needs interleaving (packing an activation is one vectorised

@@ -6,8 +6,12 @@
 //!
 //! Per (sample, head): `Kᵀ` and `V` are packed once; then blocks of [`Q_ROWS`] queries run in
 //! parallel, each on one thread: scores `[Q_ROWS, S_kv]` (1 MiB at 4096 keys: stays in L2),
-//! softmax, the probabilities (packed to bf16, or read in place in f32), and their product with
-//! `V` straight into the output. The full score matrix is never materialised.
+//! their exponentials `exp(scale · (x − max))` unnormalised (in f32 in place, read as they are
+//! by the f32 product; in bf16 written as pairs straight into the product's packed operand, by
+//! `model::softmax::exp_row_to_bf16_pairs`), their product with `V` straight into the output,
+//! and each output row divided by its row's sum (`d` divisions instead of `S_kv`: the softmax's
+//! normalisation moved past the product, as flash attention does). The full score matrix is
+//! never materialised.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape};
 
@@ -80,34 +84,55 @@ impl CustomOp3 for PackedAttention {
                 (kt, vp)
             })
             .collect();
-        let softmax_row = softmax::pick_kernel();
         let blocks = s.div_ceil(Q_ROWS);
         let mut out = vec![0f32; heads * s * d];
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let kernel = self.kernel;
         (0..heads * blocks).into_par_iter().for_each_init(
             || (PackedA::default(), Vec::<f32>::new(), Vec::<f32>::new()),
-            |(pa, scores, probs), t| {
+            |(pa, scores, sums), t| {
                 let (i, blk) = (t / blocks, t % blocks);
                 let r0 = blk * Q_ROWS;
                 let rows = Q_ROWS.min(s - r0);
                 let (kt, vp) = &packed[i];
                 let qi = &q[(i * s + r0) * d..][..rows * d];
                 scores.resize(rows * skv, 0.0);
-                probs.resize(rows * skv, 0.0);
+                sums.clear();
                 // SAFETY: `scores` holds rows × s_kv floats, written by this task alone.
                 unsafe {
                     let c = (scores.as_mut_ptr(), skv);
                     packed_gemm::matmul_rows(pa, qi, (rows, d, d), kt, c, false);
                 }
-                for (src, dst) in scores.chunks_exact(skv).zip(probs.chunks_exact_mut(skv)) {
-                    softmax_row(src, dst, self.scale);
-                }
                 let dst = out_ptr;
-                // SAFETY: rows r0 .. r0 + rows of head i of `out` (d floats each), written by
-                // this task alone; `out` outlives the parallel loop.
-                unsafe {
-                    let c = (dst.0.add((i * s + r0) * d), d);
-                    packed_gemm::matmul_rows(pa, probs, (rows, skv, skv), vp, c, false);
+                // SAFETY (both products): rows r0 .. r0 + rows of head i of `out` (d floats
+                // each), written by this task alone; `out` outlives the parallel loop.
+                let c = unsafe { (dst.0.add((i * s + r0) * d), d) };
+                // Unnormalised probabilities (the softmax's division moves to the output's
+                // rows below): f32 in place, read as they are by the f32 product, or bf16
+                // pairs written straight into the packed left operand.
+                if kernel == Kernel::F32 {
+                    sums.extend(
+                        scores
+                            .chunks_exact_mut(skv)
+                            .map(|row| softmax::exp_row_in_place(row, self.scale)),
+                    );
+                    // SAFETY: see `c`.
+                    unsafe { packed_gemm::matmul_rows(pa, scores, (rows, skv, skv), vp, c, false) };
+                } else {
+                    pa.fill_bf16_rows(kernel, (rows, skv), |r, pairs| {
+                        let row = &scores[r * skv..][..skv];
+                        sums.push(softmax::exp_row_to_bf16_pairs(row, pairs, self.scale));
+                    });
+                    // SAFETY: see `c`.
+                    unsafe { packed_gemm::matmul(pa, vp, c.0, c.1, false) };
+                }
+                for (r, &sum) in sums.iter().enumerate() {
+                    let inv = 1.0 / sum;
+                    // SAFETY: row r of this task's block of `out`, written above.
+                    let o = unsafe { std::slice::from_raw_parts_mut(c.0.add(r * d), d) };
+                    for x in o {
+                        *x *= inv;
+                    }
                 }
             },
         );

@@ -299,7 +299,7 @@ fn bf16_to_f32(bits: u16) -> f32 {
 }
 
 /// Two bf16 as one `u32`, `lo` (the even k) in the low half.
-fn pair(lo: f32, hi: f32) -> u32 {
+pub(crate) fn bf16_pair(lo: f32, hi: f32) -> u32 {
     u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
 }
 
@@ -326,7 +326,7 @@ fn pairs_of_row(row: &[f32], out: &mut [u32]) {
     }
     for (p, o) in out.iter_mut().enumerate() {
         let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
-        *o = pair(row[2 * p], hi);
+        *o = bf16_pair(row[2 * p], hi);
     }
 }
 
@@ -350,7 +350,7 @@ unsafe fn pairs_of_row_avx512(row: &[f32], out: &mut [u32]) {
     }
     for p in j / 2..k.div_ceil(2) {
         let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
-        out[p] = pair(row[2 * p], hi);
+        out[p] = bf16_pair(row[2 * p], hi);
     }
 }
 
@@ -446,9 +446,7 @@ fn pack_rows_amx(
         row.resize(kp, 0);
         for r in 0..16.min(m - sl * 16) {
             pairs_of_row(&src[(sl * 16 + r) * row_stride..][..k], row);
-            for (t, chunk) in row.chunks(KT).enumerate() {
-                dst[t * 16 * KT + r * KT..][..chunk.len()].copy_from_slice(chunk);
-            }
+            store_amx_row(dst, r, row);
         }
     };
     let dst = &mut dst[..slices * 16 * ks];
@@ -462,6 +460,14 @@ fn pack_rows_amx(
         dst.chunks_mut(16 * ks)
             .enumerate()
             .for_each(|job| pack(job, &mut row));
+    }
+}
+
+/// Row `r` (< 16) of a slice of 16 rows in AMX tiles (`slice`: the slice's `ks / KT` tiles,
+/// see [`pack_rows_amx`]) from its pairs `row` (at most `ks`).
+fn store_amx_row(slice: &mut [u32], r: usize, row: &[u32]) {
+    for (t, chunk) in row.chunks(KT).enumerate() {
+        slice[t * 16 * KT + r * KT..][..chunk.len()].copy_from_slice(chunk);
     }
 }
 
@@ -523,6 +529,53 @@ impl PackedA {
                 rows_as_slots(kernel, &mut self.data, src, (m, k, row_stride), parallel);
             }
             Kernel::Amx => pack_rows_amx(&mut self.data, src, (m, k, row_stride), ks, parallel),
+        }
+    }
+
+    /// Packs for a bf16 `kernel` an `m × k` operand whose rows `fill(i, pairs)` writes as
+    /// bf16 pairs (`pairs` holds row i's `k.div_ceil(2)` slots, to be written in full; the
+    /// layout's padding is this function's), on the calling thread, reusing this buffer: for
+    /// a left operand computed row by row (attention's probabilities), without an f32 copy.
+    ///
+    /// # Panics
+    /// `kernel` is [`Kernel::F32`] (whose rows [`matmul_rows`] reads in place).
+    pub(crate) fn fill_bf16_rows(
+        &mut self,
+        kernel: Kernel,
+        (m, k): (usize, usize),
+        mut fill: impl FnMut(usize, &mut [u32]),
+    ) {
+        assert!(
+            kernel != Kernel::F32,
+            "fill_bf16_rows: f32 rows need no packing"
+        );
+        self.m = m;
+        self.k = k;
+        self.kernel = kernel;
+        let (kp, ks) = (k.div_ceil(2), self.slots());
+        match kernel {
+            Kernel::Amx => {
+                let padded = m.div_ceil(MR_AMX) * MR_AMX;
+                self.data.resize(padded * ks, 0);
+                let mut row = vec![0u32; ks];
+                for i in 0..padded {
+                    if i < m {
+                        fill(i, &mut row[..kp]);
+                    } else {
+                        row.fill(0);
+                    }
+                    let slice = &mut self.data[(i / 16) * 16 * ks..][..16 * ks];
+                    store_amx_row(slice, i % 16, &row);
+                }
+            }
+            _ => {
+                self.data.resize(m * ks, 0);
+                if ks > 0 {
+                    for (i, row) in self.data.chunks_mut(ks).enumerate() {
+                        fill(i, row);
+                    }
+                }
+            }
         }
     }
 
@@ -682,7 +735,7 @@ fn pack_b_columns(
             } else {
                 0.0
             };
-            dst[((j / NR) * ks + p) * NR + j % NR] = pair(lo, hi);
+            dst[((j / NR) * ks + p) * NR + j % NR] = bf16_pair(lo, hi);
         }
     }
 }
@@ -703,7 +756,7 @@ pub(crate) fn interleave_pairs(r0: &[f32], r1: Option<&[f32]>, out: &mut [u32]) 
         return;
     }
     for (j, o) in out[..n].iter_mut().enumerate() {
-        *o = pair(r0[j], r1.map_or(0.0, |r1| r1[j]));
+        *o = bf16_pair(r0[j], r1.map_or(0.0, |r1| r1[j]));
     }
 }
 

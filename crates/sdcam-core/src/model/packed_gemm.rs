@@ -1508,4 +1508,35 @@ mod tests {
             }
         }
     }
+
+    /// Not a check: each kernel's rate on a 2048³ product (A packed, or read in place by the
+    /// f32 kernel, on every call; B packed beforehand; rayon's pool), in GFLOP/s, to set next to
+    /// the machine's peak that `scripts/bench/cpu_vs_peers.py` measures with torch:
+    /// `cargo test --release -p sdcam-core --lib bench_kernels -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_kernels() {
+        let n = 2048;
+        let mut seed = 3;
+        let a: Vec<f32> = (0..n * n).map(|_| lcg(&mut seed)).collect();
+        let b: Vec<f32> = (0..n * n).map(|_| lcg(&mut seed)).collect();
+        let mut c = vec![0f32; n * n];
+        for kernel in kernels_here() {
+            let mut pb = PackedB::default();
+            pb.repack_rows(kernel, &b, (n, n, n), true);
+            let mut scratch = PackedA::default();
+            let mut best = f64::MAX;
+            for _ in 0..4 {
+                let t = std::time::Instant::now();
+                // SAFETY: c holds n × n floats, touched by nothing else.
+                unsafe { matmul_rows(&mut scratch, &a, (n, n, n), &pb, (c.as_mut_ptr(), n), true) };
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gflops = 2.0 * (n as f64).powi(3) / best / 1e9;
+            eprintln!(
+                "{kernel:?}: {n}³ in {:.1} ms, {gflops:.0} GFLOP/s",
+                best * 1e3
+            );
+        }
+    }
 }

@@ -13,6 +13,11 @@ SDCAM_TEST_DTYPE=f16 cargo test --locked -p sdcam-core -p sdcam --lib --test str
 # And with bf16 products (model.dtype = "bf16" on the CPU) where the CPU has AVX512-BF16.
 if grep -qw avx512_bf16 /proc/cpuinfo; then
     SDCAM_TEST_DTYPE=bf16 cargo test --locked -p sdcam-core -p sdcam --lib --test stream_golden "$@" -- model:: stream_
+    # Where AMX takes the bf16 products (model::packed_gemm), once more on the AVX-512 BF16
+    # kernel, which CPUs with AVX512-BF16 but without AMX run.
+    if grep -qw amx_bf16 /proc/cpuinfo; then
+        SDCAM_AMX=0 SDCAM_TEST_DTYPE=bf16 cargo test --locked -p sdcam-core -p sdcam --lib --test stream_golden "$@" -- model:: stream_
+    fi
 else
     echo "test.sh: this CPU lacks AVX512-BF16; the bf16-products goldens are skipped"
 fi

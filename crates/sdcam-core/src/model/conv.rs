@@ -846,9 +846,24 @@ mod tests {
         (b, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
     ) -> (Tensor, candle_nn::Conv2d) {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (b, c_in, h, w), &dev).unwrap();
-        let wt = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &dev).unwrap();
-        let bs = bias.then(|| Tensor::randn(0f32, 1., c_out, &dev).unwrap());
+        // Seeded by the case (candle's CPU randn is not): a bound that holds, holds every run.
+        // (Unseeded, the one-pixel case of `bf16_direct_conv_edges` once drew a bias that
+        // nearly cancelled the product, and bf16 rounding became 4 % of the tiny output.)
+        let seed = [k, stride, padding, bias as usize, b, c_in, c_out, h, w]
+            .iter()
+            .fold(17u64, |s, &v| {
+                s.wrapping_mul(1_000_003).wrapping_add(v as u64)
+            });
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+        let mut t = |shape: &[usize]| {
+            let v: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+                .collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let x = t(&[b, c_in, h, w]);
+        let wt = t(&[c_out, c_in, k, k]);
+        let bs = bias.then(|| t(&[c_out]));
         let cfg = Conv2dConfig {
             padding,
             stride,

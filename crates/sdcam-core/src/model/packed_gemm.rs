@@ -317,7 +317,7 @@ fn slots_of_row(kernel: Kernel, row: &[f32], out: &mut [u32]) {
 }
 
 /// `row` (k values) as k/2 pairs (rounded up, the last one zero-padded) into `out`.
-fn pairs_of_row(row: &[f32], out: &mut [u32]) {
+pub(crate) fn pairs_of_row(row: &[f32], out: &mut [u32]) {
     #[cfg(target_arch = "x86_64")]
     if bf16_available() {
         // SAFETY: the CPU has the features (checked); lengths as documented.

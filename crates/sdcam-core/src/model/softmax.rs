@@ -197,49 +197,37 @@ pub(crate) fn exp_row_to_bf16_pairs(row: &[f32], out: &mut [u32], scale: f32) ->
     let pairs = row.len().div_ceil(2);
     assert!(out.len() >= pairs, "exp_row_to_bf16_pairs: out too short");
     let out = &mut out[..pairs];
-    let Some(shift) = row_shift(row, scale) else {
-        let mut p = row.to_vec();
-        let sum = non_finite_row(&mut p, scale);
-        for (i, o) in out.iter_mut().enumerate() {
-            let hi = p.get(2 * i + 1).copied().unwrap_or(0.0);
-            *o = packed_gemm::bf16_pair(p[2 * i], hi);
-        }
-        return sum;
-    };
     #[cfg(target_arch = "x86_64")]
     if packed_gemm::bf16_available() {
-        // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above); `out` holds the
-        // row's pairs.
-        return unsafe { avx512::exp_to_pairs(row, out, scale, shift) };
+        if let Some(shift) = row_shift(row, scale) {
+            // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above); `out` holds the
+            // row's pairs.
+            return unsafe { avx512::exp_to_pairs(row, out, scale, shift) };
+        }
     }
-    let mut sum = 0.0;
-    for (i, o) in out.iter_mut().enumerate() {
-        let lo = exp_nonpos(row[2 * i] * scale - shift);
-        let hi = row
-            .get(2 * i + 1)
-            .map_or(0.0, |&x| exp_nonpos(x * scale - shift));
-        sum += lo + hi;
-        *o = packed_gemm::bf16_pair(lo, hi);
-    }
+    // Non-finite rows, or CPUs without AVX512-BF16 (where the packed attention does not run
+    // in bf16): in f32 first, then packed.
+    let mut e = row.to_vec();
+    let sum = exp_row_in_place(&mut e, scale);
+    packed_gemm::pairs_of_row(&e, out);
     sum
 }
 
 /// `scale · max(row)` where that is finite (`scale > 0`), else `None`.
 fn row_shift(row: &[f32], scale: f32) -> Option<f32> {
-    #[cfg(target_arch = "x86_64")]
-    let max = if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU reports avx512f (checked just above).
-        unsafe { avx512::max(row) }
-    } else {
-        row.iter()
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let max = row
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    let shift = max * scale;
+    let shift = row_max(row) * scale;
     shift.is_finite().then_some(shift)
+}
+
+/// The largest value of `row` (−inf for an empty row).
+fn row_max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU reports avx512f (checked just above).
+        return unsafe { avx512::max(row) };
+    }
+    row.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// A row whose maximum is not finite: candle's softmax of it (what [`softmax_row`] gives), in
@@ -254,6 +242,8 @@ fn non_finite_row(row: &mut [f32], scale: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    use crate::model::packed_gemm::first_lanes;
 
     /// The largest value of `row` (−inf for an empty row), 4 vectors a step.
     #[target_feature(enable = "avx512f")]
@@ -275,7 +265,7 @@ mod avx512 {
                 j += 16;
             }
             if j < n {
-                let k: __mmask16 = (1u32 << (n - j)).wrapping_sub(1) as __mmask16;
+                let k = first_lanes(n - j);
                 let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), k, p.add(j));
                 m[1] = _mm512_max_ps(m[1], v);
             }
@@ -332,11 +322,7 @@ mod avx512 {
                 j += 64;
             }
             while j < n {
-                let k: __mmask16 = if n - j >= 16 {
-                    0xffff
-                } else {
-                    (1u32 << (n - j)).wrapping_sub(1) as __mmask16
-                };
+                let k = first_lanes(n - j);
                 let e = _mm512_maskz_mov_ps(k, exp16(_mm512_maskz_loadu_ps(k, p.add(j)), sc, sh));
                 _mm512_mask_storeu_ps(p.add(j), k, e);
                 acc[0] = _mm512_add_ps(acc[0], e);
@@ -361,15 +347,7 @@ mod avx512 {
         // j/2 inside `out` (the tail masked to its pairs).
         unsafe {
             while j < n {
-                let mask = |from: usize| -> __mmask16 {
-                    let left = n.saturating_sub(from);
-                    if left >= 16 {
-                        0xffff
-                    } else {
-                        (1u32 << left).wrapping_sub(1) as __mmask16
-                    }
-                };
-                let (k0, k1) = (mask(j), mask(j + 16));
+                let (k0, k1) = (first_lanes(n - j), first_lanes(n.saturating_sub(j + 16)));
                 let lo =
                     _mm512_maskz_mov_ps(k0, exp16(_mm512_maskz_loadu_ps(k0, p.add(j)), sc, sh));
                 let hi = _mm512_maskz_mov_ps(
@@ -379,8 +357,7 @@ mod avx512 {
                 acc[0] = _mm512_add_ps(acc[0], lo);
                 acc[1] = _mm512_add_ps(acc[1], hi);
                 let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                let pairs = (n - j).div_ceil(2).min(16);
-                let kp: __mmask16 = (1u32 << pairs).wrapping_sub(1) as __mmask16;
+                let kp = first_lanes((n - j).div_ceil(2));
                 _mm512_mask_storeu_epi32(o.add(j / 2).cast(), kp, v);
                 j += 32;
             }

@@ -117,8 +117,29 @@ unsafe fn softmax_row_avx2(src: &[f32], dst: &mut [f32], scale: f32) {
 #[inline(always)]
 fn softmax_row(src: &[f32], dst: &mut [f32], scale: f32) {
     // max(src): scale > 0, so max(scale · x) = scale · max(x).
+    let max = max_lanes(src);
+    if !max.is_finite() {
+        // All −inf (a fully masked row) or NaN/inf inputs: what candle's softmax gives.
+        let sum: f32 = src.iter().map(|&x| (x - max).exp()).sum();
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = (x - max).exp() / sum;
+        }
+        return;
+    }
+    dst.copy_from_slice(src);
+    let sum = exp_lanes_in_place(dst, scale, max * scale);
+    let inv = 1.0 / sum;
+    for d in dst.iter_mut() {
+        *d *= inv;
+    }
+}
+
+/// The largest value of `row` (−inf for an empty row), [`LANES`] at a time (vectorised by the
+/// compiler in the copies made with wider instructions).
+#[inline(always)]
+fn max_lanes(row: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
-    let mut chunks = src.chunks_exact(LANES);
+    let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for l in 0..LANES {
             m[l] = if c[l] > m[l] { c[l] } else { m[l] };
@@ -130,34 +151,42 @@ fn softmax_row(src: &[f32], dst: &mut [f32], scale: f32) {
     for &x in chunks.remainder() {
         max = if x > max { x } else { max };
     }
-    if !max.is_finite() {
-        // All −inf (a fully masked row) or NaN/inf inputs: what candle's softmax gives.
-        let sum: f32 = src.iter().map(|&x| (x - max).exp()).sum();
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = (x - max).exp() / sum;
-        }
-        return;
-    }
-    let shift = max * scale;
+    max
+}
+
+/// `row[i] = exp(scale · row[i] − shift)` (each `≤ 1`, [`exp_nonpos`]) and their sum,
+/// [`LANES`] at a time (vectorised as [`max_lanes`]).
+#[inline(always)]
+fn exp_lanes_in_place(row: &mut [f32], scale: f32, shift: f32) -> f32 {
     let mut acc = [0f32; LANES];
-    let mut dc = dst.chunks_exact_mut(LANES);
-    let mut sc = src.chunks_exact(LANES);
-    for (d, s) in (&mut dc).zip(&mut sc) {
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
         for l in 0..LANES {
-            let e = exp_nonpos(s[l] * scale - shift);
-            d[l] = e;
+            let e = exp_nonpos(c[l] * scale - shift);
+            c[l] = e;
             acc[l] += e;
         }
     }
     let mut sum: f32 = acc.iter().sum();
-    for (d, &s) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
-        let e = exp_nonpos(s * scale - shift);
-        *d = e;
-        sum += e;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpos(*x * scale - shift);
+        sum += *x;
     }
-    let inv = 1.0 / sum;
-    for d in dst.iter_mut() {
-        *d *= inv;
+    sum
+}
+
+/// [`max_lanes`] and [`exp_lanes_in_place`] compiled for AVX2 and FMA (the unnormalised rows
+/// of the f32 packed attention on CPUs without AVX-512).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn max(row: &[f32]) -> f32 {
+        super::max_lanes(row)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_in_place(row: &mut [f32], scale: f32, shift: f32) -> f32 {
+        super::exp_lanes_in_place(row, scale, shift)
     }
 }
 
@@ -166,23 +195,26 @@ fn softmax_row(src: &[f32], dst: &mut [f32], scale: f32) {
 /// the maximum contributes 1), so that the caller divides the `d` values of the row's output by
 /// it instead of the `s_kv` probabilities (one pass fewer). Where the row's maximum is not
 /// finite (−inf everywhere, or NaN/inf inputs) it writes candle's softmax of the row instead and
-/// returns 1. AVX-512 F (FMA, 4 vectors a step) where the CPU has it, else the scalar
-/// [`exp_nonpos`]; both within 2 ulp of `f32::exp` per value.
+/// returns 1. AVX-512 F (FMA, 4 vectors a step) where the CPU has it, else [`exp_nonpos`]
+/// vectorised by the compiler (AVX2 and FMA where the CPU has them); both within 2 ulp of
+/// `f32::exp` per value.
 pub(crate) fn exp_row_in_place(row: &mut [f32], scale: f32) -> f32 {
     let Some(shift) = row_shift(row, scale) else {
         return non_finite_row(row, scale);
     };
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU reports avx512f (checked just above).
-        return unsafe { avx512::exp_in_place(row, scale, shift) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU reports avx512f (checked just above).
+            return unsafe { avx512::exp_in_place(row, scale, shift) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU reports avx2 and fma (checked just above).
+            return unsafe { avx2::exp_in_place(row, scale, shift) };
+        }
     }
-    let mut sum = 0.0;
-    for x in row.iter_mut() {
-        *x = exp_nonpos(*x * scale - shift);
-        sum += *x;
-    }
-    sum
+    exp_lanes_in_place(row, scale, shift)
 }
 
 /// [`exp_row_in_place`] written as bf16 pairs (`out[p]` = values `2p` and `2p + 1`, the
@@ -222,12 +254,18 @@ fn row_shift(row: &[f32], scale: f32) -> Option<f32> {
 /// The largest value of `row` (−inf for an empty row).
 fn row_max(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU reports avx512f (checked just above).
-        return unsafe { avx512::max(row) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU reports avx512f (checked just above).
+            return unsafe { avx512::max(row) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU reports avx2 and fma (checked just above).
+            return unsafe { avx2::max(row) };
+        }
     }
-    row.iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    max_lanes(row)
 }
 
 /// A row whose maximum is not finite: candle's softmax of it (what [`softmax_row`] gives), in
@@ -519,6 +557,42 @@ mod tests {
         let mut want = vec![0f32; 3];
         softmax_row(&[f32::NEG_INFINITY, 2.0, f32::INFINITY], &mut want, 1.0);
         assert_eq!(format!("{inf:?}"), format!("{want:?}"));
+    }
+
+    /// The AVX2 copies of the row maximum and the in-place exponentials (what CPUs without
+    /// AVX-512 run; AVX-512 CPUs take their own loops) equal the portable loops exactly, for
+    /// lengths around the vector steps.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_rows_equal_the_portable_loops() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        }
+        for n in [0usize, 1, 7, 15, 16, 17, 33, 77, 4101] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 53 + 7) % 97) as f32 * 0.5 - 30.0)
+                .collect();
+            // SAFETY: the CPU reports avx2 and fma (checked above).
+            let got_max = unsafe { avx2::max(&x) };
+            assert_eq!(got_max.to_bits(), max_lanes(&x).to_bits(), "{n}: max");
+            let shift = 0.25 * max_lanes(&x);
+            let (mut got, mut want) = (x.clone(), x.clone());
+            // SAFETY: as above.
+            let s = unsafe { avx2::exp_in_place(&mut got, 0.25, shift) };
+            let s0 = exp_lanes_in_place(&mut want, 0.25, shift);
+            // FMA contraction may differ from the portable build's separate multiply and
+            // subtract by one rounding: within 2 ulp of each other, as of f32::exp.
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 4.0 * f32::EPSILON * w.abs(),
+                    "{n}: {g} vs {w}"
+                );
+            }
+            assert!((s - s0).abs() <= 1e-6 * s0.max(1.0), "{n}: sum {s} vs {s0}");
+        }
     }
 
     /// A fully masked row (all −inf) gives NaN as candle's does; a row with one finite value

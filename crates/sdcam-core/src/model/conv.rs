@@ -7,13 +7,13 @@
 //! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take
 //! Winograd's F(2×2, 3×3) (`model::winograd`, 2.25× fewer multiply-adds; `SDCAM_WINOGRAD=0` in
 //! the environment turns it off, for comparisons). Other devices and dtypes use candle's
-//! `conv2d`. Where `packed_gemm::products_for` picks a kernel (f32 on CPUs with AVX-512, bf16
+//! `conv2d`. Where `packed_gemm::products_for` picks a kernel (f32 on CPUs with AVX-512 or AVX2, bf16
 //! with `model.dtype = "bf16"`) the same paths multiply with `model::packed_gemm`'s packed
 //! products instead of candle's: the weight (or the Winograd filter transform) is packed once,
 //! each tile of im2col (or each Winograd `V`) is packed as it is made; in bf16, 3×3 stride-1
 //! convs with few input channels (all of them on AMX, where the tiles fit) run as a direct
 //! implicit GEMM instead (`model::direct_conv`). The candle-product paths stay for CPUs
-//! without AVX-512 (and `SDCAM_F32_KERNEL=0`).
+//! without AVX2 (and `SDCAM_F32_KERNEL=0`).
 //!
 //! On the Winograd, tiled and packed paths the bias, and where the caller asks
 //! ([`Conv2d::forward_fused`]) a residual and a ReLU, are applied by the kernel to each output
@@ -1013,13 +1013,13 @@ mod tests {
         }
     }
 
-    /// The f32 packed products (AVX-512 F, `Kernel::F32`) on every path they take (Winograd,
+    /// The f32 packed products (`Kernel::F32`, AVX-512 or AVX2) on every path they take (Winograd,
     /// im2col in one product and in tiles, 1×1, strided; never the direct conv) equal
     /// candle's conv2d up to summation order: within 1e-5 of the output's scale.
     #[test]
     fn f32_packed_paths_match_candle_conv2d() {
         let Some(kernel) = Kernel::f32() else {
-            eprintln!("skipped: this CPU lacks AVX-512 (or SDCAM_F32_KERNEL=0)");
+            eprintln!("skipped: this CPU lacks AVX2 (or SDCAM_F32_KERNEL=0)");
             return;
         };
         for (k, stride, padding, b, c_in, c_out, h, w, path) in [

@@ -1,7 +1,7 @@
 //! Linear layers (`y = x·Wᵀ + b`, diffusers `nn.Linear`) for the U-Net and the VAE: on the
 //! CPU, the product of `model::packed_gemm` against the weight packed when the layer is built
 //! (the f32 weight is not kept), in bf16 with `model.dtype = "bf16"` (building one on a CPU
-//! without AVX512-BF16 is an error) or in f32 on CPUs with AVX-512
+//! without AVX512-BF16 is an error) or in f32 on CPUs with AVX-512 or AVX2
 //! (`packed_gemm::products_for`); elsewhere candle's `Linear`.
 //!
 //! Drop-in for `candle_nn::{linear, linear_no_bias, Linear}`: same constructors, same tensor
@@ -130,13 +130,13 @@ mod tests {
     use candle_core::Device;
     use candle_nn::VarMap;
 
-    /// With an f32 `VarBuilder` on a CPU with AVX-512 the layer takes the f32 kernel and
+    /// With an f32 `VarBuilder` on a CPU with AVX-512 or AVX2 the layer takes the f32 kernel and
     /// matches candle's `Linear` up to summation order (1e-5 of the output's scale); elsewhere
     /// it is candle's.
     #[test]
     fn f32_products_match_candle() {
         if packed_gemm::Kernel::f32().is_none() {
-            eprintln!("skipped: no AVX-512 (or SDCAM_F32_KERNEL=0): candle's own layer");
+            eprintln!("skipped: no AVX2 (or SDCAM_F32_KERNEL=0): candle's own layer");
             return;
         }
         let dev = Device::Cpu;

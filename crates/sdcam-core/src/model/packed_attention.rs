@@ -2,7 +2,7 @@
 //! attention on the CPU where its layers take them: in bf16 with `model.dtype = "bf16"` (both
 //! products take bf16 inputs with f32 sums; the scores and the softmax stay f32, the vectorised
 //! kernel of `model::softmax`, as oneDNN's and OpenVINO's bf16 attention do), or in f32 on CPUs
-//! with AVX-512.
+//! with AVX-512 or AVX2.
 //!
 //! Per (sample, head): `Kᵀ` and `V` are packed once; then blocks of [`Q_ROWS`] queries run in
 //! parallel, each on one thread: scores `[Q_ROWS, S_kv]` (1 MiB at 4096 keys: stays in L2),
@@ -157,7 +157,7 @@ mod tests {
             .map(|k| (k, if k == Kernel::F32 { 1e-5 } else { 1e-2 }))
             .collect();
         if kernels.is_empty() {
-            eprintln!("skipped: this CPU lacks AVX-512");
+            eprintln!("skipped: this CPU lacks AVX2");
             return;
         }
         let dev = Device::Cpu;

@@ -1,8 +1,8 @@
-//! Matrix products on packed operands for x86-64 CPUs with AVX-512, with f32 sums: in bf16 on
-//! CPUs with AVX512-BF16 (`vdpbf16ps`: 32 bf16 multiply-adds per instruction into 16 f32
-//! sums, twice the f32 FMA rate), for `model.dtype = "bf16"` on the CPU (see `model::device`),
-//! and in f32 ([`Kernel::F32`], `vfmadd231ps`) for the f32 models on any CPU with AVX-512 F
-//! ([`products_for`]). Weights are packed once (f32 conv weights are read as they are: in f32
+//! Matrix products on packed operands for x86-64 CPUs, with f32 sums: in bf16 on CPUs with
+//! AVX512-BF16 (`vdpbf16ps`: 32 bf16 multiply-adds per instruction into 16 f32 sums, twice
+//! the f32 FMA rate), for `model.dtype = "bf16"` on the CPU (see `model::device`), and in f32
+//! ([`Kernel::F32`], `vfmadd231ps`) for the f32 models on any CPU with AVX-512 F, or with AVX2
+//! and FMA (a copy of the microkernel on ymm registers, [`F32Isa`]) ([`products_for`]). Weights are packed once (f32 conv weights are read as they are: in f32
 //! A's rows need no packing); the activations' side is packed on each call (B: im2col tiles,
 //! Winograd `V`, Kᵀ and V; A: a linear layer's input, attention's queries and probabilities,
 //! which f32 reads in place); in bf16 each value is rounded to bf16 (round to nearest even) as
@@ -68,6 +68,9 @@ const NC_PANELS: usize = 8;
 pub(crate) const KT: usize = 16;
 /// Rows of C per AMX block (two tiles of A, 16 rows each).
 pub(crate) const MR_AMX: usize = 32;
+/// Rows of C per call of the AVX2 f32 microkernel ([`F32Isa::Avx2`]): 6 rows × 2 ymm of
+/// sums, 2 of B and 1 broadcast fill 15 of the 16 registers.
+pub(crate) const MR_AVX2: usize = 6;
 
 /// Which kernel a packed operand is laid out for (both operands of a product must agree).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,20 +101,11 @@ impl Kernel {
         })
     }
 
-    /// The f32 kernel where this CPU has AVX-512 F and `SDCAM_F32_KERNEL` is not `0` (read
-    /// once; with `0`, f32 products take candle's `gemm`, as on CPUs without AVX-512).
+    /// The f32 kernel where this CPU runs it ([`F32Isa::current`]: AVX-512 F, or AVX2 with
+    /// FMA) and `SDCAM_F32_KERNEL` is not `0` (read once; with `0`, f32 products take candle's
+    /// `gemm`, as they did before this kernel had an AVX2 copy).
     pub(crate) fn f32() -> Option<Self> {
-        static ON: OnceLock<bool> = OnceLock::new();
-        let on = *ON.get_or_init(|| {
-            let off = std::env::var("SDCAM_F32_KERNEL").is_ok_and(|v| v.trim() == "0");
-            let on = !off && f32_available();
-            tracing::debug!(
-                "f32 products on the CPU: {}",
-                if on { "packed AVX-512 kernel" } else { "gemm" }
-            );
-            on
-        });
-        on.then_some(Kernel::F32)
+        F32Isa::current().map(|_| Kernel::F32)
     }
 
     /// Whether this CPU runs the kernel.
@@ -186,6 +180,74 @@ fn amx_available() -> bool {
     }
 }
 
+/// The instructions [`Kernel::F32`]'s microkernel runs on (one layout for both: A's rows as
+/// they are, B in panels of [`NR`] columns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum F32Isa {
+    /// [`MR`] rows × 32 columns of C in 16 zmm registers (`vfmadd231ps` on 16 lanes); only
+    /// in a build with the `avx512` feature.
+    #[cfg_attr(not(feature = "avx512"), allow(dead_code))]
+    Avx512,
+    /// [`MR_AVX2`] rows × 16 columns (half a panel) of C in 12 ymm registers
+    /// (`vfmadd231ps` on 8 lanes): AMD Zen 1–3, Intel Haswell to Alder Lake.
+    Avx2,
+}
+
+impl F32Isa {
+    /// This process's f32 microkernel, decided once: `None` where `SDCAM_F32_KERNEL=0`
+    /// (candle's `gemm`) or the CPU has neither; AVX2 where `SDCAM_F32_KERNEL=avx2` and the
+    /// CPU has it (to measure the AVX2 path on an AVX-512 CPU); else the widest this CPU (and
+    /// build: the `avx512` feature) runs.
+    pub(crate) fn current() -> Option<Self> {
+        static ISA: OnceLock<Option<F32Isa>> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let var = std::env::var("SDCAM_F32_KERNEL").unwrap_or_default();
+            let isa = match var.trim() {
+                "0" => None,
+                "avx2" => Self::all_here()
+                    .iter()
+                    .copied()
+                    .find(|&i| i == F32Isa::Avx2),
+                _ => Self::all_here().first().copied(),
+            };
+            tracing::debug!(
+                "f32 products on the CPU: {}",
+                match isa {
+                    Some(F32Isa::Avx512) => "packed kernel, AVX-512",
+                    Some(F32Isa::Avx2) => "packed kernel, AVX2",
+                    None => "gemm",
+                }
+            );
+            isa
+        })
+    }
+
+    /// Every copy this CPU (and build) runs, widest first (checked once).
+    pub(crate) fn all_here() -> &'static [Self] {
+        static ALL: OnceLock<Vec<F32Isa>> = OnceLock::new();
+        ALL.get_or_init(|| {
+            let mut v = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[cfg(feature = "avx512")]
+                if is_x86_feature_detected!("avx512f") {
+                    v.push(F32Isa::Avx512);
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    v.push(F32Isa::Avx2);
+                }
+            }
+            v
+        })
+    }
+
+    /// The copy the products of this process run ([`F32Isa::current`], or the widest here
+    /// where `SDCAM_F32_KERNEL=0` and a test packs f32 operands anyway).
+    fn for_products() -> Option<Self> {
+        Self::current().or_else(|| Self::all_here().first().copied())
+    }
+}
+
 /// Whether the conv and linear layers built from `vb` multiply in bf16 with these kernels:
 /// `model.dtype = "bf16"` on the CPU loads the U-Net and the VAE through a bf16 `VarBuilder`
 /// on the CPU, and this is how their layers know. Their parameters are still read in f32
@@ -197,7 +259,8 @@ pub(crate) fn bf16_products(vb: &VarBuilder) -> bool {
 
 /// The kernel the products of a layer about to be built from `vb` run on: the bf16 kernel
 /// ([`Kernel::bf16`]) where [`bf16_products`] holds, the f32 one ([`Kernel::f32`]) for f32 on
-/// a CPU with AVX-512, else `None` (candle's products: other devices, or CPUs without AVX-512).
+/// a CPU with AVX-512 or AVX2 and FMA, else `None` (candle's products: other devices, older
+/// CPUs, `SDCAM_F32_KERNEL=0`).
 ///
 /// # Errors
 /// bf16 products asked for on a CPU without AVX512-BF16 (the message says to use f32).
@@ -262,20 +325,11 @@ pub(crate) fn bf16_available() -> bool {
     })
 }
 
-/// Whether this CPU runs the f32 kernel (AVX-512 F; checked once). Never in a build without
-/// the `avx512` feature: that build measures the AVX2/FMA path (see `Cargo.toml`).
+/// Whether this CPU runs the f32 kernel in one of its copies ([`F32Isa::all_here`]: AVX-512 F
+/// in a build with the `avx512` feature, AVX2 with FMA in any; checked once).
 pub(crate) fn f32_available() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        #[cfg(all(target_arch = "x86_64", feature = "avx512"))]
-        {
-            is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(all(target_arch = "x86_64", feature = "avx512")))]
-        {
-            false
-        }
-    })
+    *ON.get_or_init(|| !F32Isa::all_here().is_empty())
 }
 
 /// `x` rounded to bf16 (to nearest, ties to even), as its 16 bits; subnormals become zero of
@@ -937,6 +991,27 @@ unsafe fn matmul_ref(a: &ARef, b: &PackedB, c: *mut f32, c_row_stride: usize, pa
         kernel.runs_here(),
         "packed matmul: this CPU lacks the instructions of {kernel:?}"
     );
+    // SAFETY: the caller's contract; the copy is one this CPU runs.
+    unsafe { matmul_on(a, b, (c, c_row_stride), parallel, F32Isa::for_products()) }
+}
+
+/// [`matmul_ref`] with the f32 microkernel's copy given (`isa`, for [`Kernel::F32`] operands:
+/// one of [`F32Isa::all_here`]; ignored for the bf16 kernels).
+///
+/// # Safety
+/// As [`matmul`].
+unsafe fn matmul_on(
+    a: &ARef,
+    b: &PackedB,
+    (c, c_row_stride): (*mut f32, usize),
+    parallel: bool,
+    isa: Option<F32Isa>,
+) {
+    let kernel = a.kernel;
+    assert!(
+        kernel != Kernel::F32 || isa.is_some_and(|i| F32Isa::all_here().contains(&i)),
+        "packed matmul: f32 microkernel {isa:?} does not run here"
+    );
     let (m, n) = (a.m, b.cols());
     if m == 0 || n == 0 {
         return;
@@ -972,6 +1047,9 @@ unsafe fn matmul_ref(a: &ARef, b: &PackedB, c: *mut f32, c_row_stride: usize, pa
         unsafe {
             match kernel {
                 Kernel::Avx512Bf16 => block_avx512::<false>(a, b, c.0, c_row_stride, rows, pans),
+                Kernel::F32 if isa == Some(F32Isa::Avx2) => {
+                    block_avx2(a, b, c.0, c_row_stride, rows, pans)
+                }
                 Kernel::F32 => block_avx512::<true>(a, b, c.0, c_row_stride, rows, pans),
                 Kernel::Amx => block_amx(a, b, c.0, c_row_stride, rows, pans),
             }
@@ -1202,6 +1280,123 @@ unsafe fn store_block<const V: usize>(
     }
 }
 
+/// [`block_avx512`]'s f32 loop for CPUs with AVX2 and FMA but no AVX-512 ([`F32Isa::Avx2`]):
+/// the same operands and chunks of k; each panel in two halves of 16 columns (8 KiB of a
+/// chunk of B, in L1), each half against the task's rows [`MR_AVX2`] at a time
+/// ([`micro_f32_avx2`]).
+///
+/// # Safety
+/// As [`block_avx512`], for [`Kernel::F32`] operands on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(
+    a: &ARef,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    rows: std::ops::Range<usize>,
+    pans: std::ops::Range<usize>,
+) {
+    let kp = b.slots();
+    let n = b.cols();
+    let mut p0 = 0;
+    while p0 < kp {
+        let pc = KC.min(kp - p0);
+        for pan in pans.clone() {
+            let j0 = pan * NR;
+            let cols = NR.min(n - j0);
+            for h in 0..cols.div_ceil(16) {
+                let hc = 16.min(cols - 16 * h);
+                let bp = b.data[(pan * kp + p0) * NR + 16 * h..].as_ptr();
+                let mut i0 = rows.start;
+                while i0 < rows.end {
+                    let r = MR_AVX2.min(rows.end - i0);
+                    let ap = a.data[i0 * a.lda + p0..].as_ptr();
+                    // SAFETY: A's rows i0 .. i0 + r and B's half panel hold pc values from p0
+                    // on; C's block (r rows × hc columns) is inside this task's region; the CPU
+                    // runs AVX2 and FMA. A half of 8 columns or fewer takes one vector.
+                    let ci = c.add(i0 * ldc + j0 + 16 * h);
+                    let acc = p0 > 0;
+                    unsafe {
+                        if hc > 8 {
+                            micro_f32_avx2::<2>(pc, (ap, a.lda), bp, ci, ldc, r, hc, acc);
+                        } else {
+                            micro_f32_avx2::<1>(pc, (ap, a.lda), bp, ci, ldc, r, hc, acc);
+                        }
+                    }
+                    i0 += MR_AVX2;
+                }
+            }
+        }
+        p0 += pc;
+    }
+}
+
+/// [`micro_f32`] on ymm registers: `C[0..r, 0..cols] (+)= A_rows · B_half` over `pc` values of
+/// k, `r ≤ MR_AVX2` rows (rows past `r` repeat the last, so nothing past A is read), `b` at
+/// the half panel's first value (rows of B [`NR`] floats apart), `V` vectors of 8 columns (2,
+/// or 1 where `cols ≤ 8`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_f32_avx2<const V: usize>(
+    pc: usize,
+    (a, lda): (*const u32, usize),
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(V == 2 || cols <= 8, "one vector holds 8 columns");
+    debug_assert!((1..=MR_AVX2).contains(&r) && cols <= 16);
+    let b = b.cast::<f32>();
+    // SAFETY (whole body): reads pc floats of r rows of A from `a` and 8·V of each of pc rows
+    // of B from `b`, the caller's blocks; writes r rows × cols columns of C, the caller's
+    // block (whole vectors only where all 8 columns are C's, else element by element).
+    unsafe {
+        let rows: [*const f32; MR_AVX2] =
+            std::array::from_fn(|i| a.cast::<f32>().add(i.min(r - 1) * lda));
+        let mut acc = [[_mm256_setzero_ps(); V]; MR_AVX2];
+        for p in 0..pc {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm256_loadu_ps(b.add(p * NR + 8 * v));
+            }
+            for (row, &ai) in acc.iter_mut().zip(&rows) {
+                let av = _mm256_broadcast_ss(&*ai.add(p));
+                for (acc, &bv) in row.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(av, bv, *acc);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(r) {
+            let dst = c.add(i * ldc);
+            for (v, &sum) in row.iter().enumerate() {
+                let n = cols.saturating_sub(8 * v).min(8);
+                if n == 8 {
+                    let d = dst.add(8 * v);
+                    let s = if accumulate {
+                        _mm256_add_ps(sum, _mm256_loadu_ps(d))
+                    } else {
+                        sum
+                    };
+                    _mm256_storeu_ps(d, s);
+                } else {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+                    for (j, &x) in lanes.iter().enumerate().take(n) {
+                        let d = dst.add(8 * v + j);
+                        *d = if accumulate { *d + x } else { x };
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The tile configuration `ldtilecfg` reads (palette 1): all eight tiles 16 rows of 64 bytes.
 #[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
@@ -1387,7 +1582,7 @@ mod tests {
     fn matches_f32_product_of_rounded_inputs() {
         let kernels = kernels_here();
         if kernels.is_empty() {
-            eprintln!("skipped: this CPU lacks AVX-512");
+            eprintln!("skipped: this CPU lacks AVX2");
             return;
         }
         let mut seed = 7;
@@ -1451,6 +1646,22 @@ mod tests {
             unsafe { matmul(pa, pb, c.as_mut_ptr(), ldc, parallel) };
             check_c(&c, want, (m, n, k, ldc), kernel);
         }
+        // Each copy of the f32 microkernel this CPU runs (the process uses one).
+        if kernel == Kernel::F32 {
+            for &isa in F32Isa::all_here() {
+                let a = ARef {
+                    data: &pa.data,
+                    m: pa.m,
+                    k: pa.k,
+                    lda: pa.slots(),
+                    kernel,
+                };
+                let mut c = vec![f32::NAN; m * ldc];
+                // SAFETY: c holds m rows of ldc ≥ n floats; the CPU runs `isa`.
+                unsafe { matmul_on(&a, pb, (c.as_mut_ptr(), ldc), true, Some(isa)) };
+                check_c(&c, want, (m, n, k, ldc), kernel);
+            }
+        }
     }
 
     /// C (`m` rows `ldc` apart, NaN past column `n`) against `want` (`m × n`, f64): within
@@ -1509,6 +1720,57 @@ mod tests {
         }
     }
 
+    /// Not a check: each copy of the f32 kernel on the U-Net's product shapes at a 32² latent
+    /// (`m × k · k × n`, A read in place with rows k apart), in GFLOP/s:
+    /// `cargo test --release -p sdcam-core --lib bench_f32_shapes -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_f32_shapes() {
+        if !f32_available() {
+            return;
+        }
+        let mut seed = 5;
+        for (what, m, k, n) in [
+            ("2048³", 2048, 2048, 2048),
+            ("2048³, lda 2064", 2048, 2064, 2048),
+            ("level 0 Winograd ξ", 320, 320, 256),
+            ("level 1 im2col", 640, 5760, 256),
+            ("level 2 im2col", 1280, 11520, 64),
+            ("level 3 im2col", 1280, 11520, 16),
+            ("linear 1024×320→1280", 1024, 320, 1280),
+            ("linear 256×640→640", 256, 640, 640),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+            let mut c = vec![0f32; m * n];
+            let mut pb = PackedB::default();
+            pb.repack_rows(Kernel::F32, &b, (k, n, n), true);
+            // SAFETY: f32 and u32 have the same size and alignment.
+            let data = unsafe { std::slice::from_raw_parts(a.as_ptr().cast::<u32>(), a.len()) };
+            let ar = ARef {
+                data,
+                m,
+                k,
+                lda: k,
+                kernel: Kernel::F32,
+            };
+            for &isa in F32Isa::all_here() {
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    // SAFETY: c holds m × n floats, touched by nothing else; the CPU runs `isa`.
+                    unsafe { matmul_on(&ar, &pb, (c.as_mut_ptr(), n), true, Some(isa)) };
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let gflops = 2.0 * (m * k * n) as f64 / best / 1e9;
+                eprintln!(
+                    "{what} ({m}×{k}·{n}) {isa:?}: {:.2} ms, {gflops:.0} GFLOP/s",
+                    best * 1e3
+                );
+            }
+        }
+    }
+
     /// Not a check: each kernel's rate on a 2048³ product (A packed, or read in place by the
     /// f32 kernel, on every call; B packed beforehand; rayon's pool), in GFLOP/s, to set next to
     /// the machine's peak that `scripts/bench/cpu_vs_peers.py` measures with torch:
@@ -1525,18 +1787,40 @@ mod tests {
             let mut pb = PackedB::default();
             pb.repack_rows(kernel, &b, (n, n, n), true);
             let mut scratch = PackedA::default();
-            let mut best = f64::MAX;
-            for _ in 0..4 {
-                let t = std::time::Instant::now();
-                // SAFETY: c holds n × n floats, touched by nothing else.
-                unsafe { matmul_rows(&mut scratch, &a, (n, n, n), &pb, (c.as_mut_ptr(), n), true) };
-                best = best.min(t.elapsed().as_secs_f64());
+            let isas: Vec<Option<F32Isa>> = if kernel == Kernel::F32 {
+                F32Isa::all_here().iter().copied().map(Some).collect()
+            } else {
+                vec![None]
+            };
+            for isa in isas {
+                let mut best = f64::MAX;
+                for _ in 0..4 {
+                    let t = std::time::Instant::now();
+                    // SAFETY: c holds n × n floats, touched by nothing else; the CPU runs `isa`.
+                    unsafe {
+                        if kernel == Kernel::F32 {
+                            let data = std::slice::from_raw_parts(a.as_ptr().cast::<u32>(), n * n);
+                            let ar = ARef {
+                                data,
+                                m: n,
+                                k: n,
+                                lda: n,
+                                kernel,
+                            };
+                            matmul_on(&ar, &pb, (c.as_mut_ptr(), n), true, isa);
+                        } else {
+                            let c = (c.as_mut_ptr(), n);
+                            matmul_rows(&mut scratch, &a, (n, n, n), &pb, c, true);
+                        }
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let gflops = 2.0 * (n as f64).powi(3) / best / 1e9;
+                eprintln!(
+                    "{kernel:?} {isa:?}: {n}³ in {:.1} ms, {gflops:.0} GFLOP/s",
+                    best * 1e3
+                );
             }
-            let gflops = 2.0 * (n as f64).powi(3) / best / 1e9;
-            eprintln!(
-                "{kernel:?}: {n}³ in {:.1} ms, {gflops:.0} GFLOP/s",
-                best * 1e3
-            );
         }
     }
 }

@@ -91,7 +91,7 @@ impl Winograd<'_> {
 }
 
 /// The same convolution with the packed products of `model::packed_gemm` (bf16, or f32 on CPUs
-/// with AVX-512: the kernel the filter transforms were packed for): input
+/// with AVX-512 or AVX2: the kernel the filter transforms were packed for): input
 /// `[b, c, h, w]` (f32, contiguous) → `[b, k, h, w]` f32 (after the epilogue), the 16 filter
 /// transforms packed (`[k, c]` each); the transforms stay f32.
 pub(crate) struct PackedWinograd<'a> {

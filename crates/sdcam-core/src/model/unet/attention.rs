@@ -9,7 +9,7 @@
 //! * cross-frame self-attention: `SelfAttnMode::CrossFrame` lets each sample's queries attend
 //!   to its own keys/values concatenated (token axis) with those of other samples of the batch.
 //!
-//! Attention kernel (candle's products: other devices, CPUs without AVX-512; with the packed
+//! Attention kernel (candle's products: other devices, CPUs without AVX2; with the packed
 //! ones, `model::packed_attention`): `softmax(QKᵀ·scale)·V` with gemm matmuls and the scaled softmax of
 //! `model::softmax` (vectorised `exp`, the scale folded in), with queries processed in chunks of `Q_CHUNK` rows so the
 //! score matrix of a 64×64 latent (4096×4096 per head) is never materialised whole. See

@@ -1115,39 +1115,48 @@ unsafe fn block_avx512<const F32: bool>(
     rows: std::ops::Range<usize>,
     pans: std::ops::Range<usize>,
 ) {
-    let kp = b.slots();
-    let (m, n) = (a.m, b.cols());
+    let m = a.m;
+    for_chunks_and_panels(b, pans, |p0, pc, pan, (j0, cols)| {
+        let bp = b.data[(pan * b.slots() + p0) * NR..].as_ptr();
+        let mut i0 = rows.start;
+        while i0 < rows.end {
+            let r = MR.min(m - i0);
+            let ap = a.data[i0 * a.lda + p0..].as_ptr();
+            // SAFETY: A's rows i0 .. i0 + r and B's panel hold pc slots from p0 on; C's block
+            // (r rows × cols) is inside this task's region; the CPU runs the kernel. A
+            // panel of 16 columns or fewer (the last, or all of a narrow C) takes one
+            // vector: the upper half's products would all be discarded.
+            let ci = c.add(i0 * ldc + j0);
+            let acc = p0 > 0;
+            unsafe {
+                match (F32, cols > 16) {
+                    (false, true) => micro_bf16::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
+                    (false, false) => micro_bf16::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
+                    (true, true) => micro_f32::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
+                    (true, false) => micro_f32::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
+                }
+            }
+            i0 += MR;
+        }
+    });
+}
+
+/// The chunks of k (at most [`KC`] slots) and the panels `pans` of B, in the order the blocks
+/// walk them: for each chunk from slot `p0` (`pc` slots) and each panel `pan` (its first column
+/// `j0` and its `cols ≤ NR` columns within C), `f(p0, pc, pan, (j0, cols))`.
+#[inline(always)]
+fn for_chunks_and_panels(
+    b: &PackedB,
+    pans: std::ops::Range<usize>,
+    mut f: impl FnMut(usize, usize, usize, (usize, usize)),
+) {
+    let (kp, n) = (b.slots(), b.cols());
     let mut p0 = 0;
     while p0 < kp {
         let pc = KC.min(kp - p0);
         for pan in pans.clone() {
             let j0 = pan * NR;
-            let cols = NR.min(n - j0);
-            let bp = b.data[(pan * kp + p0) * NR..].as_ptr();
-            let mut i0 = rows.start;
-            while i0 < rows.end {
-                let r = MR.min(m - i0);
-                let ap = a.data[i0 * a.lda + p0..].as_ptr();
-                // SAFETY: A's rows i0 .. i0 + r and B's panel hold pc slots from p0 on; C's block
-                // (r rows × cols) is inside this task's region; the CPU runs the kernel. A
-                // panel of 16 columns or fewer (the last, or all of a narrow C) takes one
-                // vector: the upper half's products would all be discarded.
-                let ci = c.add(i0 * ldc + j0);
-                let acc = p0 > 0;
-                unsafe {
-                    match (F32, cols > 16) {
-                        (false, true) => {
-                            micro_bf16::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
-                        }
-                        (false, false) => {
-                            micro_bf16::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc)
-                        }
-                        (true, true) => micro_f32::<2>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
-                        (true, false) => micro_f32::<1>(pc, (ap, a.lda), bp, ci, ldc, r, cols, acc),
-                    }
-                }
-                i0 += MR;
-            }
+            f(p0, pc, pan, (j0, NR.min(n - j0)));
         }
         p0 += pc;
     }
@@ -1297,39 +1306,30 @@ unsafe fn block_avx2(
     rows: std::ops::Range<usize>,
     pans: std::ops::Range<usize>,
 ) {
-    let kp = b.slots();
-    let n = b.cols();
-    let mut p0 = 0;
-    while p0 < kp {
-        let pc = KC.min(kp - p0);
-        for pan in pans.clone() {
-            let j0 = pan * NR;
-            let cols = NR.min(n - j0);
-            for h in 0..cols.div_ceil(16) {
-                let hc = 16.min(cols - 16 * h);
-                let bp = b.data[(pan * kp + p0) * NR + 16 * h..].as_ptr();
-                let mut i0 = rows.start;
-                while i0 < rows.end {
-                    let r = MR_AVX2.min(rows.end - i0);
-                    let ap = a.data[i0 * a.lda + p0..].as_ptr();
-                    // SAFETY: A's rows i0 .. i0 + r and B's half panel hold pc values from p0
-                    // on; C's block (r rows × hc columns) is inside this task's region; the CPU
-                    // runs AVX2 and FMA. A half of 8 columns or fewer takes one vector.
-                    let ci = c.add(i0 * ldc + j0 + 16 * h);
-                    let acc = p0 > 0;
-                    unsafe {
-                        if hc > 8 {
-                            micro_f32_avx2::<2>(pc, (ap, a.lda), bp, ci, ldc, r, hc, acc);
-                        } else {
-                            micro_f32_avx2::<1>(pc, (ap, a.lda), bp, ci, ldc, r, hc, acc);
-                        }
+    for_chunks_and_panels(b, pans, |p0, pc, pan, (j0, cols)| {
+        for h in 0..cols.div_ceil(16) {
+            let hc = 16.min(cols - 16 * h);
+            let bp = b.data[(pan * b.slots() + p0) * NR + 16 * h..].as_ptr();
+            let mut i0 = rows.start;
+            while i0 < rows.end {
+                let r = MR_AVX2.min(rows.end - i0);
+                let ap = a.data[i0 * a.lda + p0..].as_ptr();
+                // SAFETY: A's rows i0 .. i0 + r and B's half panel hold pc values from p0
+                // on; C's block (r rows × hc columns) is inside this task's region; the CPU
+                // runs AVX2 and FMA. A half of 8 columns or fewer takes one vector.
+                let ci = c.add(i0 * ldc + j0 + 16 * h);
+                let acc = p0 > 0;
+                unsafe {
+                    if hc > 8 {
+                        micro_f32_avx2::<2>(pc, (ap, a.lda), bp, ci, ldc, r, hc, acc);
+                    } else {
+                        micro_f32_avx2::<1>(pc, (ap, a.lda), bp, ci, ldc, r, hc, acc);
                     }
-                    i0 += MR_AVX2;
                 }
+                i0 += MR_AVX2;
             }
         }
-        p0 += pc;
-    }
+    });
 }
 
 /// [`micro_f32`] on ymm registers: `C[0..r, 0..cols] (+)= A_rows · B_half` over `pc` values of

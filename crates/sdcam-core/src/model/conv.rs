@@ -5,11 +5,12 @@
 //! which costs as much as the product itself for the 1280-channel convs at small latents).
 //! 1×1 convs are a plain matrix product; 3×3 stride-1 padding-1 convs over at least
 //! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take
-//! Winograd's F(2×2, 3×3) (`model::winograd`, 2.25× fewer multiply-adds; `SDCAM_WINOGRAD=0` in
-//! the environment turns it off, for comparisons). Other devices and dtypes use candle's
-//! `conv2d`. Where `packed_gemm::products_for` picks a kernel (f32 on CPUs with AVX-512 or AVX2, bf16
-//! with `model.dtype = "bf16"`) the same paths multiply with `model::packed_gemm`'s packed
-//! products instead of candle's: the weight (or the Winograd filter transform) is packed once,
+//! Winograd's F(4×4, 3×3) on the f32 packed products and F(2×2, 3×3) elsewhere
+//! (`model::winograd`, 4× and 2.25× fewer multiply-adds; `SDCAM_WINOGRAD=2` in the environment
+//! keeps F(2×2) everywhere and `SDCAM_WINOGRAD=0` turns Winograd off, for comparisons). Other
+//! devices and dtypes use candle's `conv2d`. Where `packed_gemm::products_for` picks a kernel
+//! (f32 on CPUs with AVX-512 or AVX2, bf16 with `model.dtype = "bf16"`) the same paths multiply
+//! with `model::packed_gemm`'s packed products instead of candle's: the weight (or the Winograd filter transform) is packed once,
 //! each tile of im2col (or each Winograd `V`) is packed as it is made; in bf16, 3×3 stride-1
 //! convs with few input channels (all of them on AMX, where the tiles fit) run as a direct
 //! implicit GEMM instead (`model::direct_conv`). The candle-product paths stay for CPUs
@@ -29,7 +30,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Resul
 
 use crate::model::direct_conv::{self, DirectConv3x3};
 use crate::model::packed_gemm::{self, f32_params, products_for, Kernel, PackedA, PackedB};
-use crate::model::winograd::{transform_filter, PackedWinograd, Winograd};
+use crate::model::winograd::{transform_filter, PackedWinograd, Tile, Winograd};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
@@ -37,15 +38,42 @@ use crate::model::{cpu_f32, matmul_into, SendPtr};
 pub(crate) const WINOGRAD_MIN_TILES: usize = 256;
 
 /// Most (output × input) channel pairs of a conv that takes the Winograd path (640 × 1920: the
-/// U-Net's second level). Its cached filter transform is 16/9 of the conv's weight (at most
-/// 79 MB here), kept for the life of the model: about 110 MB for the U-Net at 256² images, 540 MB
-/// at 512²; wider convs keep im2col + GEMM.
+/// U-Net's second level). Its cached filter transform is 16/9 of the conv's weight with
+/// F(2×2, 3×3), 36/9 with F(4×4, 3×3) (at most 79 / 177 MB here), kept for the life of the
+/// model; wider convs keep im2col + GEMM.
 pub(crate) const WINOGRAD_MAX_CHANNEL_PAIRS: usize = 640 * 1920;
 
-/// Whether the Winograd path is on (`SDCAM_WINOGRAD=0` turns it off; read once).
+/// Fewest 4×4 output tiles (32×32 output pixels) for which a 3×3 conv on the f32 packed
+/// products takes F(4×4, 3×3) instead of F(2×2, 3×3); every conv that passes
+/// [`WINOGRAD_MIN_TILES`] has that many. Measured on an AVX-512 machine
+/// (`winograd::bench::bench_winograd_tiles`, best of 7): F(4×4) took 0.59–0.84 of F(2×2)'s time
+/// on TAESD's 64-channel convs at 64²–512² and on the U-Net's 320- and 640-channel convs at
+/// 32²–64², but 1.84× at 16² (16 tiles: products too narrow), which takes neither.
+const WINOGRAD_F4_MIN_TILES: usize = 64;
+
+/// Which Winograd transforms may run: `SDCAM_WINOGRAD=0` none, `=2` F(2×2, 3×3) only (both
+/// for comparisons), otherwise F(4×4, 3×3) too where the f32 packed products run (read once).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WinogradMode {
+    Off,
+    F2Only,
+    Both,
+}
+
+fn winograd_mode() -> WinogradMode {
+    static MODE: OnceLock<WinogradMode> = OnceLock::new();
+    *MODE.get_or_init(
+        || match std::env::var("SDCAM_WINOGRAD").as_deref().map(str::trim) {
+            Ok("0") => WinogradMode::Off,
+            Ok("2") => WinogradMode::F2Only,
+            _ => WinogradMode::Both,
+        },
+    )
+}
+
+/// Whether the Winograd path is on (`SDCAM_WINOGRAD=0` turns it off).
 fn winograd_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SDCAM_WINOGRAD").map_or(true, |v| v.trim() != "0"))
+    winograd_mode() != WinogradMode::Off
 }
 use candle_nn::{Conv2dConfig, VarBuilder};
 
@@ -77,8 +105,8 @@ struct PackedFilters {
     kernel: Kernel,
     /// `[c_out, c_in·k_h·k_w]` (bf16 only: in f32 the product reads the weight as it is).
     im2col: OnceLock<Arc<PackedA>>,
-    /// `U[ξ]` `[c_out, c_in]` for ξ < 16.
-    winograd: OnceLock<Arc<Vec<PackedA>>>,
+    /// `U[ξ]` `[c_out, c_in]` for ξ < 16 (F(2×2, 3×3)) and ξ < 36 (F(4×4, 3×3)).
+    winograd: [OnceLock<Arc<Vec<PackedA>>>; 2],
     /// The nine taps `[c_out, c_in]` for `model::direct_conv`.
     direct_taps: OnceLock<Arc<Vec<PackedA>>>,
 }
@@ -166,11 +194,25 @@ impl Conv2d {
             && winograd_enabled())
     }
 
-    /// `U` `[16, c_out, c_in]` (row-major) of this 3×3 conv's weight.
-    fn filter_transform(&self) -> Result<Vec<f32>> {
+    /// Which Winograd transform the packed products of `kernel` take for an `h × w` input, if
+    /// any: where [`Conv2d::takes_winograd`], F(4×4, 3×3) in f32 (where the image has at least
+    /// [`WINOGRAD_F4_MIN_TILES`] of its tiles), else F(2×2, 3×3). F(4×4)'s filter transform is
+    /// 36/9 of the weight (F(2×2)'s 16/9): at most 177 MB for one conv here.
+    fn packed_winograd_tile(&self, kernel: Kernel, h: usize, w: usize) -> Result<Option<Tile>> {
+        if !self.takes_winograd(h, w)? {
+            return Ok(None);
+        }
+        let f4 = kernel == Kernel::F32
+            && winograd_mode() == WinogradMode::Both
+            && Tile::F4.tiles(h, w) >= WINOGRAD_F4_MIN_TILES;
+        Ok(Some(if f4 { Tile::F4 } else { Tile::F2 }))
+    }
+
+    /// `U` `[n², c_out, c_in]` (row-major) of this 3×3 conv's weight.
+    fn filter_transform(&self, tile: Tile) -> Result<Vec<f32>> {
         let (c_out, rows) = self.weight2d.dims2()?;
         let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
-        Ok(transform_filter(&w, c_out, rows / 9))
+        Ok(transform_filter(&w, c_out, rows / 9, tile))
     }
 
     /// The Winograd filter transform, if this conv takes that path for an `h × w` input.
@@ -186,7 +228,7 @@ impl Conv2d {
         }
         let (c_out, rows) = self.weight2d.dims2()?;
         let u = Tensor::from_vec(
-            self.filter_transform()?,
+            self.filter_transform(Tile::F2)?,
             (16, c_out, rows / 9),
             self.weight2d.device(),
         )?;
@@ -219,21 +261,23 @@ impl Conv2d {
             };
             return Ok(PackedOp::Direct(DirectConv3x3 { taps, epilogue }));
         }
-        if self.takes_winograd(h, w)? {
-            let u = match f.winograd.get() {
+        if let Some(tile) = self.packed_winograd_tile(f.kernel, h, w)? {
+            let cell = &f.winograd[(tile == Tile::F4) as usize];
+            let u = match cell.get() {
                 Some(u) => u.clone(),
                 None => {
-                    let u = self.filter_transform()?;
+                    let u = self.filter_transform(tile)?;
                     let c_in = rows / 9;
                     let packed = u
                         .chunks_exact(c_out * c_in)
                         .map(|ux| PackedA::from_rows(f.kernel, ux, (c_out, c_in, c_in), true))
                         .collect();
-                    f.winograd.get_or_init(|| Arc::new(packed)).clone()
+                    cell.get_or_init(|| Arc::new(packed)).clone()
                 }
             };
             return Ok(PackedOp::Winograd(PackedWinograd {
                 k: c_out,
+                tile,
                 u,
                 epilogue,
             }));

@@ -310,27 +310,34 @@ type OutputTransform = unsafe fn(&[f32], Dims, (usize, usize), *mut f32, Epilogu
 /// or the baseline's SSE2, which the rest of the crate is built for: 4 lanes, where the
 /// transforms took a third of TAESD's time against the products' quarter).
 fn transforms(tile: Tile) -> (InputTransform, OutputTransform) {
+    transforms_here(tile)[0]
+}
+
+/// Every copy of `tile`'s transforms this CPU runs, widest first (the last is the portable one).
+fn transforms_here(tile: Tile) -> Vec<(InputTransform, OutputTransform)> {
+    let mut copies: Vec<(InputTransform, OutputTransform)> = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
         #[cfg(feature = "avx512")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            return match tile {
+            copies.push(match tile {
                 Tile::F2 => (isa_avx512::input_f2, isa_avx512::output_f2),
                 Tile::F4 => (isa_avx512::input_f4, isa_avx512::output_f4),
-            };
+            });
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            return match tile {
+            copies.push(match tile {
                 Tile::F2 => (isa_avx2::input_f2, isa_avx2::output_f2),
                 Tile::F4 => (isa_avx2::input_f4, isa_avx2::output_f4),
-            };
+            });
         }
     }
-    match tile {
+    copies.push(match tile {
         Tile::F2 => (input_transform_f2, output_transform_f2),
         Tile::F4 => (input_transform_f4, output_transform_f4),
-    }
+    });
+    copies
 }
 
 /// A module of the four transforms compiled with `$features` (callers check the CPU has them).
@@ -870,6 +877,57 @@ mod tests {
                     e < tol,
                     "{kernel:?} {tile:?} {b}x{c}x{h}x{w} → {k}: {e} (bound {tol})"
                 );
+            }
+        }
+    }
+
+    /// Every compiled copy of the transforms (AVX-512, AVX2, portable: whichever this CPU runs)
+    /// gives the same bits as the portable one (no FMA contraction, same order of operations),
+    /// so the goldens that run on one copy vouch for the others; odd sizes, two tile rows.
+    #[test]
+    fn transform_copies_agree_bit_for_bit() {
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
+                .collect()
+        };
+        for tile in [Tile::F2, Tile::F4] {
+            for (c, k, h, w) in [(3, 2, 9, 37), (2, 3, 16, 61), (1, 1, 5, 3)] {
+                let d = Dims {
+                    tile,
+                    c,
+                    k,
+                    h,
+                    w,
+                    tw: w.div_ceil(tile.m()),
+                    th: h.div_ceil(tile.m()),
+                };
+                let rows = (0, d.th.min(2));
+                let nt = rows.1 * d.tw;
+                let x = rand(c * h * w);
+                let m = rand(tile.products() * k * nt);
+                let bias = rand(k);
+                let mut results = Vec::new();
+                for (input, output) in transforms_here(tile) {
+                    let mut s = Scratch::new(tile, w);
+                    let mut v = vec![0f32; tile.products() * c * nt];
+                    let mut y = vec![0f32; k * h * w];
+                    // SAFETY: `transforms_here` lists copies this CPU runs; `y` is the image's
+                    // whole `k·h·w` output.
+                    unsafe {
+                        input(&x, d, rows, &mut v, &mut s);
+                        output(&m, d, rows, y.as_mut_ptr(), with_bias(&bias), &mut s);
+                    }
+                    results.push((v, y));
+                }
+                let (portable, copies) = results.split_last().unwrap();
+                for (i, r) in copies.iter().enumerate() {
+                    assert!(
+                        r == portable,
+                        "{tile:?} copy {i} differs, {c}x{h}x{w} → {k}"
+                    );
+                }
             }
         }
     }

@@ -878,14 +878,14 @@ impl CustomOp1 for Im2Col {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::testutil::{max_abs_diff, max_rel_diff};
     use candle_core::Device;
 
     /// A random input `[b, c_in, h, w]` and a random candle conv (`k × k`, stride, padding,
     /// with or without bias) for the comparisons below.
-    fn random_case(
+    pub(crate) fn random_case(
         (k, stride, padding, bias): (usize, usize, usize, bool),
         (b, c_in, c_out, h, w): (usize, usize, usize, usize, usize),
     ) -> (Tensor, candle_nn::Conv2d) {

@@ -321,15 +321,15 @@ fn transforms_here(tile: Tile) -> Vec<(InputTransform, OutputTransform)> {
         #[cfg(feature = "avx512")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             copies.push(match tile {
-                Tile::F2 => (isa_avx512::input_f2, isa_avx512::output_f2),
-                Tile::F4 => (isa_avx512::input_f4, isa_avx512::output_f4),
+                Tile::F2 => (isa_avx512::input::<false>, isa_avx512::output::<false>),
+                Tile::F4 => (isa_avx512::input::<true>, isa_avx512::output::<true>),
             });
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             copies.push(match tile {
-                Tile::F2 => (isa_avx2::input_f2, isa_avx2::output_f2),
-                Tile::F4 => (isa_avx2::input_f4, isa_avx2::output_f4),
+                Tile::F2 => (isa_avx2::input::<false>, isa_avx2::output::<false>),
+                Tile::F4 => (isa_avx2::input::<true>, isa_avx2::output::<true>),
             });
         }
     }
@@ -340,36 +340,30 @@ fn transforms_here(tile: Tile) -> Vec<(InputTransform, OutputTransform)> {
     copies
 }
 
-/// A module of the four transforms compiled with `$features` (callers check the CPU has them).
+/// A module of the transforms compiled with `$features` (callers check the CPU has them);
+/// `F4` picks F(4×4, 3×3) over F(2×2, 3×3).
 macro_rules! transforms_compiled_for {
     ($module:ident, $features:literal) => {
         mod $module {
             use super::*;
 
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn input_f2(
+            pub(super) unsafe fn input<const F4: bool>(
                 x: &[f32],
                 d: Dims,
                 rows: (usize, usize),
                 v: &mut [f32],
                 s: &mut Scratch,
             ) {
-                input_transform_f2(x, d, rows, v, s)
+                if F4 {
+                    input_transform_f4(x, d, rows, v, s)
+                } else {
+                    input_transform_f2(x, d, rows, v, s)
+                }
             }
 
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn input_f4(
-                x: &[f32],
-                d: Dims,
-                rows: (usize, usize),
-                v: &mut [f32],
-                s: &mut Scratch,
-            ) {
-                input_transform_f4(x, d, rows, v, s)
-            }
-
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn output_f2(
+            pub(super) unsafe fn output<const F4: bool>(
                 m: &[f32],
                 d: Dims,
                 rows: (usize, usize),
@@ -377,19 +371,11 @@ macro_rules! transforms_compiled_for {
                 e: Epilogue,
                 s: &mut Scratch,
             ) {
-                output_transform_f2(m, d, rows, out, e, s)
-            }
-
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn output_f4(
-                m: &[f32],
-                d: Dims,
-                rows: (usize, usize),
-                out: *mut f32,
-                e: Epilogue,
-                s: &mut Scratch,
-            ) {
-                output_transform_f4(m, d, rows, out, e, s)
+                if F4 {
+                    output_transform_f4(m, d, rows, out, e, s)
+                } else {
+                    output_transform_f2(m, d, rows, out, e, s)
+                }
             }
         }
     };
@@ -788,28 +774,12 @@ impl CustomOp2 for Winograd<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
-    use candle_nn::{Conv2dConfig, Module};
+    use candle_core::Tensor;
+    use candle_nn::Module;
 
     /// A seeded random `[b, c, h, w]` input and a 3×3, padding-1 candle conv `c → k` with bias.
     fn case(b: usize, c: usize, k: usize, h: usize, w: usize) -> (Tensor, candle_nn::Conv2d) {
-        let seed = [b, c, k, h, w].iter().fold(7u64, |s, &v| {
-            s.wrapping_mul(1_000_003).wrapping_add(v as u64)
-        });
-        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
-        let mut t = |shape: &[usize]| {
-            let v: Vec<f32> = (0..shape.iter().product::<usize>())
-                .map(|_| rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng))
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-        };
-        let x = t(&[b, c, h, w]);
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv = candle_nn::Conv2d::new(t(&[k, c, 3, 3]), Some(t(&[k])), cfg);
-        (x, conv)
+        crate::model::conv::tests::random_case((3, 1, 1, true), (b, c, k, h, w))
     }
 
     fn with_bias(bias: &[f32]) -> Epilogue<'_> {

@@ -10,11 +10,11 @@
 //! keeps F(2×2) everywhere and `SDCAM_WINOGRAD=0` turns Winograd off, for comparisons). Other
 //! devices and dtypes use candle's `conv2d`. Where `packed_gemm::products_for` picks a kernel
 //! (f32 on CPUs with AVX-512 or AVX2, bf16 with `model.dtype = "bf16"`) the same paths multiply
-//! with `model::packed_gemm`'s packed products instead of candle's: the weight (or the Winograd filter transform) is packed once,
-//! each tile of im2col (or each Winograd `V`) is packed as it is made; in bf16, 3×3 stride-1
-//! convs with few input channels (all of them on AMX, where the tiles fit) run as a direct
-//! implicit GEMM instead (`model::direct_conv`). The candle-product paths stay for CPUs
-//! without AVX2 (and `SDCAM_F32_KERNEL=0`).
+//! with `model::packed_gemm`'s packed products instead of candle's: the weight (or the Winograd
+//! filter transform) is packed once, each tile of im2col (or each Winograd `V`) is packed as it
+//! is made; in bf16, 3×3 stride-1 convs with few input channels (all of them on AMX, where the
+//! tiles fit) run as a direct implicit GEMM instead (`model::direct_conv`). The candle-product
+//! paths stay for CPUs without AVX2 (and `SDCAM_F32_KERNEL=0`).
 //!
 //! On the Winograd, tiled and packed paths the bias, and where the caller asks
 //! ([`Conv2d::forward_fused`]) a residual and a ReLU, are applied by the kernel to each output
@@ -43,14 +43,6 @@ pub(crate) const WINOGRAD_MIN_TILES: usize = 256;
 /// model; wider convs keep im2col + GEMM.
 pub(crate) const WINOGRAD_MAX_CHANNEL_PAIRS: usize = 640 * 1920;
 
-/// Fewest 4×4 output tiles (32×32 output pixels) for which a 3×3 conv on the f32 packed
-/// products takes F(4×4, 3×3) instead of F(2×2, 3×3); every conv that passes
-/// [`WINOGRAD_MIN_TILES`] has that many. Measured on an AVX-512 machine
-/// (`winograd::bench::bench_winograd_tiles`, best of 7): F(4×4) took 0.59–0.84 of F(2×2)'s time
-/// on TAESD's 64-channel convs at 64²–512² and on the U-Net's 320- and 640-channel convs at
-/// 32²–64², but 1.84× at 16² (16 tiles: products too narrow), which takes neither.
-const WINOGRAD_F4_MIN_TILES: usize = 64;
-
 /// Which Winograd transforms may run: `SDCAM_WINOGRAD=0` none, `=2` F(2×2, 3×3) only (both
 /// for comparisons), otherwise F(4×4, 3×3) too where the f32 packed products run (read once).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -74,6 +66,22 @@ fn winograd_mode() -> WinogradMode {
 /// Whether the Winograd path is on (`SDCAM_WINOGRAD=0` turns it off).
 fn winograd_enabled() -> bool {
     winograd_mode() != WinogradMode::Off
+}
+
+/// The Winograd transform the packed products of `kernel` take wherever a conv
+/// [`Conv2d::takes_winograd`]: F(4×4, 3×3) in f32, F(2×2, 3×3) in bf16 (and with
+/// `SDCAM_WINOGRAD=2`). Every such conv has at least 64 tiles of 4×4 (32×32 output pixels):
+/// there, on an AVX-512 machine (`winograd::bench::bench_winograd_tiles`, best of 7), F(4×4)
+/// took 0.59–0.84 of F(2×2)'s time on TAESD's 64-channel convs at 64²–512² and on the U-Net's
+/// 320- and 640-channel convs at 32²–64² (at 16², which takes neither, 1.84×: products too
+/// narrow). F(4×4)'s filter transform is 36/9 of the weight (F(2×2)'s 16/9): at most 177 MB
+/// for one conv here.
+fn packed_winograd_tile(kernel: Kernel) -> Tile {
+    if kernel == Kernel::F32 && winograd_mode() == WinogradMode::Both {
+        Tile::F4
+    } else {
+        Tile::F2
+    }
 }
 use candle_nn::{Conv2dConfig, VarBuilder};
 
@@ -105,8 +113,9 @@ struct PackedFilters {
     kernel: Kernel,
     /// `[c_out, c_in·k_h·k_w]` (bf16 only: in f32 the product reads the weight as it is).
     im2col: OnceLock<Arc<PackedA>>,
-    /// `U[ξ]` `[c_out, c_in]` for ξ < 16 (F(2×2, 3×3)) and ξ < 36 (F(4×4, 3×3)).
-    winograd: [OnceLock<Arc<Vec<PackedA>>>; 2],
+    /// `U[ξ]` `[c_out, c_in]` for ξ < 16 (F(2×2, 3×3)) or ξ < 36 (F(4×4, 3×3): the tile is
+    /// fixed by `kernel`, [`packed_winograd_tile`]).
+    winograd: OnceLock<Arc<Vec<PackedA>>>,
     /// The nine taps `[c_out, c_in]` for `model::direct_conv`.
     direct_taps: OnceLock<Arc<Vec<PackedA>>>,
 }
@@ -189,23 +198,9 @@ impl Conv2d {
     fn takes_winograd(&self, h: usize, w: usize) -> Result<bool> {
         let (c_out, rows) = self.weight2d.dims2()?;
         Ok(self.winograd.is_some()
-            && h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES
+            && Tile::F2.tiles(h, w) >= WINOGRAD_MIN_TILES
             && c_out * (rows / 9) <= WINOGRAD_MAX_CHANNEL_PAIRS
             && winograd_enabled())
-    }
-
-    /// Which Winograd transform the packed products of `kernel` take for an `h × w` input, if
-    /// any: where [`Conv2d::takes_winograd`], F(4×4, 3×3) in f32 (where the image has at least
-    /// [`WINOGRAD_F4_MIN_TILES`] of its tiles), else F(2×2, 3×3). F(4×4)'s filter transform is
-    /// 36/9 of the weight (F(2×2)'s 16/9): at most 177 MB for one conv here.
-    fn packed_winograd_tile(&self, kernel: Kernel, h: usize, w: usize) -> Result<Option<Tile>> {
-        if !self.takes_winograd(h, w)? {
-            return Ok(None);
-        }
-        let f4 = kernel == Kernel::F32
-            && winograd_mode() == WinogradMode::Both
-            && Tile::F4.tiles(h, w) >= WINOGRAD_F4_MIN_TILES;
-        Ok(Some(if f4 { Tile::F4 } else { Tile::F2 }))
     }
 
     /// `U` `[n², c_out, c_in]` (row-major) of this 3×3 conv's weight.
@@ -261,9 +256,9 @@ impl Conv2d {
             };
             return Ok(PackedOp::Direct(DirectConv3x3 { taps, epilogue }));
         }
-        if let Some(tile) = self.packed_winograd_tile(f.kernel, h, w)? {
-            let cell = &f.winograd[(tile == Tile::F4) as usize];
-            let u = match cell.get() {
+        if self.takes_winograd(h, w)? {
+            let tile = packed_winograd_tile(f.kernel);
+            let u = match f.winograd.get() {
                 Some(u) => u.clone(),
                 None => {
                     let u = self.filter_transform(tile)?;
@@ -272,7 +267,7 @@ impl Conv2d {
                         .chunks_exact(c_out * c_in)
                         .map(|ux| PackedA::from_rows(f.kernel, ux, (c_out, c_in, c_in), true))
                         .collect();
-                    cell.get_or_init(|| Arc::new(packed)).clone()
+                    f.winograd.get_or_init(|| Arc::new(packed)).clone()
                 }
             };
             return Ok(PackedOp::Winograd(PackedWinograd {
@@ -1011,7 +1006,7 @@ pub(crate) mod tests {
             (1, 64, 64, 96, 80),
             (1, 130, 7, 36, 64),
         ] {
-            assert!(h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES);
+            assert!(Tile::F2.tiles(h, w) >= WINOGRAD_MIN_TILES);
             let (x, inner) = random_case((3, 1, 1, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::new(inner.clone()).unwrap();
             assert!(conv.winograd_filter(h, w).unwrap().is_some() || !winograd_enabled());

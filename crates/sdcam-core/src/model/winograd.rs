@@ -150,6 +150,21 @@ struct Dims {
     th: usize,
 }
 
+impl Dims {
+    /// One call's shapes: `c → k` channels, an `h × w` image, tiles of `tile`.
+    fn new(tile: Tile, (c, k, h, w): (usize, usize, usize, usize)) -> Self {
+        Self {
+            tile,
+            c,
+            k,
+            h,
+            w,
+            tw: w.div_ceil(tile.m()),
+            th: h.div_ceil(tile.m()),
+        }
+    }
+}
+
 impl Winograd<'_> {
     fn run(&self, x: &[f32], dims: (usize, usize, usize, usize), u: &[f32]) -> Vec<f32> {
         let (c, k) = (dims.1, self.k);
@@ -235,15 +250,7 @@ fn run_blocks<S>(
     product: impl Fn(&mut S, usize, &[f32], &mut [f32], usize) + Sync,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    let d = Dims {
-        tile,
-        c,
-        k,
-        h,
-        w,
-        tw: w.div_ceil(tile.m()),
-        th: h.div_ceil(tile.m()),
-    };
+    let d = Dims::new(tile, (c, k, h, w));
     let np = tile.products();
     let (input, output) = transforms(tile);
     // Blocks small enough for the cache and at least four per thread so that every core
@@ -397,8 +404,8 @@ fn grown(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// Per-thread rows of the transforms (F(2×2) uses the first 4 of `d` and `r`, the first 2 of
 /// `phase`).
 struct Scratch {
-    /// n zero-padded input rows (x = −1 … at index x + 1), then the same rows after the row
-    /// transform; `m·(tw + 1)` (≥ w + 2) each.
+    /// n input rows, column x at index x + 1 and zero outside the image (x = −1, x ≥ w), then
+    /// the same rows after the row transform; `m·(tw + 1)` (≥ w + 2) each.
     d: [Vec<f32>; 6],
     r: [Vec<f32>; 6],
     /// Columns x ≡ j (mod m) of one transformed row (`phase[j][tx]` = column m·tx + j),
@@ -864,15 +871,7 @@ mod tests {
         };
         for tile in [Tile::F2, Tile::F4] {
             for (c, k, h, w) in [(3, 2, 9, 37), (2, 3, 16, 61), (1, 1, 5, 3)] {
-                let d = Dims {
-                    tile,
-                    c,
-                    k,
-                    h,
-                    w,
-                    tw: w.div_ceil(tile.m()),
-                    th: h.div_ceil(tile.m()),
-                };
+                let d = Dims::new(tile, (c, k, h, w));
                 let rows = (0, d.th.min(2));
                 let nt = rows.1 * d.tw;
                 let x = rand(c * h * w);

@@ -101,15 +101,36 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 /// max |a − b| / max |b|: the relative error used to compare with reference outputs (computed
-/// in f32 on the CPU, whatever device and dtype `a` is in). The shapes must be equal.
+/// in f32 on the CPU, whatever device and dtype `a` is in). The shapes must be equal. NaN
+/// where any difference is NaN (candle's `max` skips NaNs, which let a NaN output pass).
 ///
 /// # Errors
 /// The shapes differ or a tensor cannot be copied to the CPU.
 pub fn rel_err(a: &Tensor, reference: &Tensor) -> candle_core::Result<f32> {
-    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let b = reference.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    if a.dims() != reference.dims() {
+        candle_core::bail!(
+            "rel_err: shapes {:?} and {:?} differ",
+            a.dims(),
+            reference.dims()
+        );
+    }
+    let values = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
+    let (a, b) = (values(a)?, values(reference)?);
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (x, y) in a.iter().zip(&b) {
+        let d = (x - y).abs();
+        diff = if d.is_nan() || diff.is_nan() {
+            f32::NAN
+        } else {
+            diff.max(d)
+        };
+        scale = scale.max(y.abs());
+    }
     Ok(if scale > 0.0 { diff / scale } else { diff })
 }
 
@@ -272,5 +293,25 @@ pub(crate) mod testutil {
         let path = fixture(&format!("golden/{name}.safetensors"));
         candle_core::safetensors::load(&path, &Device::Cpu)
             .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A NaN anywhere in the output makes the error NaN (so `e < tol` fails), wherever it is;
+    /// otherwise max |a − b| / max |b|.
+    #[test]
+    fn rel_err_sees_nans() {
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let reference = t(&[1.0, -4.0, 2.0]);
+        assert_eq!(rel_err(&t(&[1.0, -3.0, 2.0]), &reference).unwrap(), 0.25);
+        for at in 0..3 {
+            let mut v = [1.0, -4.0, 2.0];
+            v[at] = f32::NAN;
+            assert!(rel_err(&t(&v), &reference).unwrap().is_nan(), "NaN at {at}");
+        }
+        assert!(rel_err(&t(&[1.0, 2.0]), &reference).is_err());
     }
 }

@@ -22,6 +22,8 @@
 //! convolution), output transform `Y = Aᵀ·M·A` plus the epilogue straight into the NCHW
 //! output. `conv.rs` tests both sizes against candle's conv2d.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape};
 
 use crate::model::conv::Epilogue;
@@ -265,7 +267,11 @@ fn run_blocks<S>(
         .min((b * d.th).div_ceil(threads))
         .clamp(1, d.th);
     let blocks_per_image = d.th.div_ceil(rows_per_block);
-    let mut out = vec![0f32; b * k * h * w];
+    // Not zeroed: the blocks write every float of it ([`write_rows`]). A zeroed allocation
+    // was a pass of its own over the whole output on the calling thread while the others
+    // waited (TAESD's 64 MB outputs at 512²: 4 % of its samples in `memset`).
+    let len = b * k * h * w;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     let out_ptr = SendPtr(out.as_mut_ptr());
     (0..b * blocks_per_image).into_par_iter().for_each_init(
         || {
@@ -305,6 +311,10 @@ fn run_blocks<S>(
             unsafe { output(m, d, (ty0, ty1), image_out, epilogue, scratch) };
         },
     );
+    // SAFETY: the blocks cover the tile rows 0..th of every image, and the output transform
+    // of a block writes all `w` floats of each of its output rows (m·ty0 .. min(m·ty1, h))
+    // of every channel (`write_rows`), so all `len` floats (capacity `len`) are written.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -626,17 +636,17 @@ fn input_transform_f4(
 }
 
 /// One output row of a tile row: `phases[j·tw + tx]` is column M·tx + j; the row is cropped
-/// to its length.
+/// to its length, and every element of it is written.
 #[inline(always)]
-fn interleave<const M: usize>(row: &mut [f32], phases: &[f32], tw: usize) {
+fn interleave<const M: usize>(row: &mut [MaybeUninit<f32>], phases: &[f32], tw: usize) {
     let full = row.len() / M;
     for (t, group) in row.chunks_exact_mut(M).enumerate() {
         for (j, o) in group.iter_mut().enumerate() {
-            *o = phases[j * tw + t];
+            o.write(phases[j * tw + t]);
         }
     }
     for (j, o) in row[full * M..].iter_mut().enumerate() {
-        *o = phases[j * tw + full];
+        o.write(phases[j * tw + full]);
     }
 }
 
@@ -742,13 +752,17 @@ fn write_rows(y: &[f32], (ki, ty): (usize, usize), d: Dims, out: *mut f32, epilo
             break;
         }
         // SAFETY: row `oy` of channel `ki` lies inside the image's `k·h·w` floats (`oy < h`),
-        // and the caller gives this block these rows alone.
-        let row = unsafe { std::slice::from_raw_parts_mut(out.add((ki * h + oy) * w), w) };
+        // and the caller gives this block these rows alone; they may be uninitialised
+        // (`run_blocks`), hence `MaybeUninit` until `interleave` has written all `w`.
+        let dst = unsafe { out.add((ki * h + oy) * w) };
+        let uninit = unsafe { std::slice::from_raw_parts_mut(dst.cast::<MaybeUninit<f32>>(), w) };
         let phases = &y[r * m * tw..][..m * tw];
         match tile {
-            Tile::F2 => interleave::<2>(row, phases, tw),
-            Tile::F4 => interleave::<4>(row, phases, tw),
+            Tile::F2 => interleave::<2>(uninit, phases, tw),
+            Tile::F4 => interleave::<4>(uninit, phases, tw),
         }
+        // SAFETY: the same `w` floats, every one written just now.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst, w) };
         epilogue.apply(ki, (ki * h + oy) * w, row);
     }
 }

@@ -517,20 +517,29 @@ impl Im2Col {
         )
     }
 
-    /// The im2col rows of one image `x` (`[c, h, w]` contiguous) for output rows `oy0..oy1`:
-    /// `dst` is `[c·k_h·k_w, (oy1 − oy0)·ow]` and must be zeroed (padding stays zero).
+    /// The im2col rows of one image `x` (`[c, h, w]` contiguous) for output rows `oy0..oy1`
+    /// into `dst` (`[c·k_h·k_w, (oy1 − oy0)·ow]`, every float written: zero where a tap falls
+    /// in the padding), its rows split over rayon's pool where `parallel`.
     fn gather(
         &self,
         x: &[f32],
         (c, h, w): (usize, usize, usize),
         oys: (usize, usize),
         dst: &mut [f32],
+        parallel: bool,
     ) {
+        use rayon::prelude::*;
         let (k_h, k_w, s, p) = (self.k_h, self.k_w, self.stride, self.padding);
         let (_, ow) = self.out_size(h, w);
         let (oy0, oy1) = oys;
         let tn = (oy1 - oy0) * ow;
-        for (row, d) in dst.chunks_mut(tn).take(c * k_h * k_w).enumerate() {
+        let rows = c * k_h * k_w;
+        if tn == 0 {
+            return;
+        }
+        let one = |(row, d): (usize, &mut [f32])| {
+            // Zeroed here, in cache just before it is filled, not in a pass of its own.
+            d.fill(0.0);
             let ci = row / (k_h * k_w);
             let (i, j) = ((row / k_w) % k_h, row % k_w);
             let plane = &x[ci * h * w..][..h * w];
@@ -538,7 +547,7 @@ impl Im2Col {
             let ox_lo = p.saturating_sub(j).div_ceil(s);
             let ox_hi = ((w + p).saturating_sub(j)).div_ceil(s).min(ow);
             if ox_lo >= ox_hi {
-                continue;
+                return;
             }
             for oy in oy0..oy1 {
                 let iy = (oy * s + i) as isize - p as isize;
@@ -556,13 +565,20 @@ impl Im2Col {
                     }
                 }
             }
+        };
+        let dst = &mut dst[..rows * tn];
+        if parallel {
+            dst.par_chunks_mut(tn).enumerate().for_each(one);
+        } else {
+            dst.chunks_mut(tn).enumerate().for_each(one);
         }
     }
 
     /// im2col + product tile by tile, into a new NCHW output `[b, c_out, oh, ow]`: each tile of
     /// `tile_rows` whole output rows of one image is gathered (`[c·k_h·k_w, tn]`, in cache) and
     /// handed to `product(scratch, cols, tn, dst)`, which must write the `c_out × tn` product at
-    /// `dst` with rows `oh·ow` floats apart; then each of its rows gets `epilogue`. Tiles run in
+    /// `dst` with rows `oh·ow` floats apart (every float, without reading it: the output is not
+    /// initialised); then each of its rows gets `epilogue`. Tiles run in
     /// parallel when `parallel`, each thread with its own `scratch` from `init` (else the
     /// epilogue runs in parallel over the channels: the product is then parallel itself).
     #[allow(clippy::too_many_arguments)]
@@ -582,20 +598,33 @@ impl Im2Col {
         let rows = c * self.k_h * self.k_w;
         let n = oh * ow;
         let tiles_per_image = oh.div_ceil(tile_rows);
-        let mut out = vec![0f32; b * c_out * n];
+        // Not zeroed where the products write all of it (they overwrite C, `packed_gemm::
+        // matmul`, `matmul_into`; with no rows at all they write nothing): a zeroed allocation
+        // was a pass of its own over the output on the calling thread (as in `winograd`).
+        let len = b * c_out * n;
+        let mut out: Vec<f32> = if rows == 0 {
+            vec![0.0; len]
+        } else {
+            Vec::with_capacity(len)
+        };
         let out_ptr = SendPtr(out.as_mut_ptr());
         let tile = |(cols, scratch): &mut (Vec<f32>, S), t: usize| {
             let (bi, ti) = (t / tiles_per_image, t % tiles_per_image);
             let oy0 = ti * tile_rows;
             let oy1 = (oy0 + tile_rows).min(oh);
             let tn = (oy1 - oy0) * ow;
-            cols.clear();
-            cols.resize(rows * tn, 0.0);
+            // Grown, never cleared: the gather writes every float of the tile.
+            if cols.len() < rows * tn {
+                cols.resize(rows * tn, 0.0);
+            }
+            let cols = &mut cols[..rows * tn];
+            // Serial tiles (their products on every thread) gather on every thread too.
             self.gather(
                 &x[bi * c * h * w..][..c * h * w],
                 (c, h, w),
                 (oy0, oy1),
                 cols,
+                !parallel,
             );
             let dst = out_ptr;
             // SAFETY: in bounds (image `bi`, output pixel oy0·ow); every tile writes a disjoint
@@ -632,6 +661,10 @@ impl Im2Col {
             let mut scratch = (Vec::new(), init());
             (0..tiles).for_each(|t| tile(&mut scratch, t));
         }
+        // SAFETY: the tiles cover output rows 0..oh of every image, and each tile's product
+        // wrote its c_out × tn block (all columns of those rows) before its epilogue read
+        // them: all `len` floats (capacity `len`) are written (or zeroed above).
+        unsafe { out.set_len(len) };
         out
     }
 
@@ -646,6 +679,7 @@ impl Im2Col {
                 (c, h, w),
                 (0, oh),
                 dst_b,
+                false,
             );
         }
         (dst, Shape::from((b, rows, n)))
@@ -1077,8 +1111,18 @@ pub(crate) mod tests {
                 assert_eq!(packed_path(&conv, h, w), path, "{c_in} channels, {h}x{w}");
             }
             let want = inner.forward(&x).unwrap();
+            // Packs the weights; then the output's size in NaNs is freed just before the
+            // call, so that the allocator likely hands that memory back for its output (not
+            // zeroed: the kernels must write every float; a NaN left fails the check below).
+            conv.forward(&x).unwrap();
+            drop(std::hint::black_box(vec![f32::NAN; want.elem_count()]));
             let got = conv.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
+            let values = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "k{k} s{stride} {b}x{c_in}x{h}x{w}: an output float was not written"
+            );
             let e = crate::model::rel_err(&got, &want).unwrap();
             assert!(
                 e < 1e-5,

@@ -528,6 +528,22 @@ impl Im2Col {
         dst: &mut [f32],
         parallel: bool,
     ) {
+        let (_, ow) = self.out_size(h, w);
+        let tn = (oys.1 - oys.0) * ow;
+        self.gather_at(x, (c, h, w), oys, dst, (tn, 0), parallel);
+    }
+
+    /// [`Im2Col::gather`] into columns `at .. at + (oy1 − oy0)·ow` of rows `row_stride` floats
+    /// apart (several images side by side, [`PackedConv::run_batched`]).
+    fn gather_at(
+        &self,
+        x: &[f32],
+        (c, h, w): (usize, usize, usize),
+        oys: (usize, usize),
+        dst: &mut [f32],
+        (row_stride, at): (usize, usize),
+        parallel: bool,
+    ) {
         use rayon::prelude::*;
         let (k_h, k_w, s, p) = (self.k_h, self.k_w, self.stride, self.padding);
         let (_, ow) = self.out_size(h, w);
@@ -538,6 +554,7 @@ impl Im2Col {
             return;
         }
         let one = |(row, d): (usize, &mut [f32])| {
+            let d = &mut d[at..][..tn];
             // Zeroed here, in cache just before it is filled, not in a pass of its own.
             d.fill(0.0);
             let ci = row / (k_h * k_w);
@@ -566,11 +583,11 @@ impl Im2Col {
                 }
             }
         };
-        let dst = &mut dst[..rows * tn];
+        let dst = &mut dst[..rows * row_stride];
         if parallel {
-            dst.par_chunks_mut(tn).enumerate().for_each(one);
+            dst.par_chunks_mut(row_stride).enumerate().for_each(one);
         } else {
-            dst.chunks_mut(tn).enumerate().for_each(one);
+            dst.chunks_mut(row_stride).enumerate().for_each(one);
         }
     }
 
@@ -769,6 +786,13 @@ impl ConvWeight<'_> {
 /// Floats of one im2col tile on the packed path (512 KiB, plus half or all of that packed), or
 /// of one output row where a row is more (then [`PACKED_MIN_TILE_PIXELS`] wins).
 const PACKED_TILE_FLOATS: usize = 128 << 10;
+/// Most bytes of the im2col of the images that [`PackedConv::run_batched`] multiplies
+/// together. Measured (`tests::bench_batched_im2col`, Ice Lake, 2 threads, best of 7), against
+/// one product per image: 0.51–0.55 of the time for the U-Net's 4² convs at batch 4 (2.9 MB
+/// together), 0.80–0.86 for its 8² convs at batch 2 and at batch 4 in two groups of two
+/// (5.9 MB each); all four 8² images in one product (12 MB) took 1.01, the 16² ones (24 MB,
+/// out of cache) 1.32.
+const BATCHED_COLS_BYTES: usize = 8 << 20;
 /// Fewest output pixels of a tile on the packed path: the packed weight is read once per tile,
 /// and the product's panels are 32 pixels wide.
 const PACKED_MIN_TILE_PIXELS: usize = 256;
@@ -834,6 +858,13 @@ impl PackedConv<'_> {
                 .max(PACKED_MIN_TILE_PIXELS.div_ceil(ow.max(1)))
         }
         .clamp(1, oh.max(1));
+        // Whole small images of a batch: one product for as many as fit in
+        // BATCHED_COLS_BYTES (the weight read once for them, not once per image).
+        let per_group = BATCHED_COLS_BYTES / (rows * n * 4).max(1);
+        if tile_rows == oh && b > 1 && per_group > 1 {
+            let out = self.run_batched(x, (b, c, h, w), weight, per_group.min(b));
+            return Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))));
+        }
         // Few tiles (small images, wide layers): one tile at a time, each product on all
         // threads; else tiles in parallel, each product on one.
         let per_tile_parallel = b * oh.div_ceil(tile_rows) < 4 * rayon::current_num_threads();
@@ -864,6 +895,74 @@ impl PackedConv<'_> {
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((b, c_out, oh, ow))))
+    }
+}
+
+impl PackedConv<'_> {
+    /// The convolution of a batch of small images (`x` `[b, c, h, w]`), `group` images per
+    /// product: their im2col side by side (`[c·k_h·k_w, group·oh·ow]`), one product into
+    /// `[c_out, group·oh·ow]` on every thread, then each output row copied into the NCHW output
+    /// with the epilogue. At small latents the U-Net's wide convs are bound by reading their
+    /// weight (59 MB for a 1280-channel 3×3 conv), which one product per image read `b` times.
+    /// Each output float is the same sum as on the per-image path (same order over k).
+    fn run_batched(
+        &self,
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        weight: ConvWeight,
+        group: usize,
+    ) -> Vec<f32> {
+        use rayon::prelude::*;
+        let im = &self.im2col;
+        let rows = c * im.k_h * im.k_w;
+        let (c_out, _) = weight.rows_cols();
+        let (oh, ow) = im.out_size(h, w);
+        let n = oh * ow;
+        let mut out = vec![0f32; b * c_out * n];
+        let mut cols = Vec::new();
+        let mut prod = Vec::new();
+        let mut packed = PackedB::default();
+        for (g, out_g) in out.chunks_mut(group * c_out * n).enumerate() {
+            let images = out_g.len() / (c_out * n);
+            let gn = images * n;
+            // Every float of both is written (the gather, the product).
+            cols.resize(rows * gn, 0.0);
+            prod.resize(c_out * gn, 0.0);
+            for i in 0..images {
+                let bi = g * group + i;
+                let image = &x[bi * c * h * w..][..c * h * w];
+                im.gather_at(image, (c, h, w), (0, oh), &mut cols, (gn, i * n), true);
+            }
+            let kernel = match weight {
+                ConvWeight::Packed(a) => a.kernel(),
+                ConvWeight::F32Rows(..) => Kernel::F32,
+            };
+            packed.repack_rows(kernel, &cols, (rows, gn, gn), true);
+            // SAFETY: `prod` holds c_out × gn floats, rows gn apart, touched by nothing else;
+            // the weight is c_out × rows and `packed` rows × gn.
+            unsafe {
+                match weight {
+                    ConvWeight::Packed(a) => {
+                        packed_gemm::matmul(a, &packed, prod.as_mut_ptr(), gn, true)
+                    }
+                    ConvWeight::F32Rows(a, _) => packed_gemm::matmul_rows(
+                        &mut PackedA::default(),
+                        a,
+                        (c_out, rows, rows),
+                        &packed,
+                        (prod.as_mut_ptr(), gn),
+                        true,
+                    ),
+                }
+            }
+            let epilogue = self.epilogue.image(g * group * c_out * n);
+            out_g.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+                let (i, ch) = (r / c_out, r % c_out);
+                row.copy_from_slice(&prod[ch * gn + i * n..][..n]);
+                epilogue.apply(ch, r * n, row);
+            });
+        }
+        out
     }
 }
 
@@ -953,7 +1052,8 @@ pub(crate) mod tests {
     #[test]
     fn fused_epilogue_equals_separate_ops() {
         let cases = [
-            (3, 1, 1, 2, 8, 5, 9, 7),      // im2col
+            (3, 1, 1, 2, 8, 5, 9, 7),      // im2col (both images in one product)
+            (3, 1, 1, 5, 300, 8, 16, 16),  // im2col, images in groups of 3 and 2
             (1, 1, 0, 1, 16, 6, 10, 10),   // 1×1
             (3, 1, 1, 2, 8, 12, 40, 37),   // Winograd
             (3, 2, 1, 2, 64, 8, 300, 290), // tiled
@@ -1104,6 +1204,7 @@ pub(crate) mod tests {
             (3, 2, 0, 1, 3, 33, 11, 12, "im2col"),
             (3, 1, 1, 2, 136, 12, 32, 33, "winograd"),
             (3, 1, 1, 2, 8, 32, 6, 48, "im2col"),
+            (3, 1, 1, 5, 300, 8, 16, 16, "im2col"),
         ] {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::with_products(inner.clone(), Some(kernel)).unwrap();
@@ -1233,6 +1334,131 @@ pub(crate) mod tests {
                 let d = max_abs_diff(&conv.forward(&xt).unwrap(), &want);
                 assert!(d < 1e-4, "non-contiguous: {d}");
             }
+        }
+    }
+
+    /// Not a check: the f32 packed products' three paths for a 3×3 conv (im2col, Winograd
+    /// F(2×2) and F(4×4)) on the U-Net's and TAESD's shapes around the thresholds that choose
+    /// between them (best of 7 calls, ms):
+    /// `cargo test --release -p sdcam-core --lib bench_conv_paths -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_conv_paths() {
+        use crate::model::winograd::transform_filter;
+        let Some(kernel) = Kernel::f32() else {
+            eprintln!("skipped: no f32 packed products on this CPU");
+            return;
+        };
+        for (name, b, c, k, hw) in [
+            ("taesd 32²", 1, 64, 64, 32),
+            ("taesd 64²", 1, 64, 64, 64),
+            ("unet L1 16² (32² latent)", 1, 640, 640, 16),
+            ("unet L1 16² b2", 2, 640, 640, 16),
+            ("unet L1 16² down 320→640", 1, 320, 640, 16),
+            ("unet L1 16² up 1920→640", 1, 1920, 640, 16),
+            ("unet L1 16² up 960→640", 1, 960, 640, 16),
+            ("unet L2 16² (64² latent)", 1, 1280, 1280, 16),
+            ("unet L0 32² (32² latent)", 1, 320, 320, 32),
+            ("unet L1 32² (64² latent)", 1, 640, 640, 32),
+            ("unet L2 8² (32² latent)", 1, 1280, 1280, 8),
+        ] {
+            let (x, inner) = random_case((3, 1, 1, false), (b, c, k, hw, hw));
+            let weight2d = inner.weight().reshape((k, c * 9)).unwrap();
+            let wt = weight2d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let im2col = PackedConv {
+                im2col: Im2Col {
+                    k_h: 3,
+                    k_w: 3,
+                    stride: 1,
+                    padding: 1,
+                },
+                w: None,
+                epilogue: Epilogue::default(),
+            };
+            let winograd = |tile| PackedWinograd {
+                k,
+                tile,
+                u: Arc::new(
+                    transform_filter(&wt, k, c, tile)
+                        .chunks_exact(k * c)
+                        .map(|ux| PackedA::from_rows(kernel, ux, (k, c, c), false))
+                        .collect(),
+                ),
+                epilogue: Epilogue::default(),
+            };
+            let (f2, f4) = (winograd(Tile::F2), winograd(Tile::F4));
+            let mut best = [f64::INFINITY; 3];
+            for _ in 0..7 {
+                for (i, best) in best.iter_mut().enumerate() {
+                    let t = std::time::Instant::now();
+                    let y = match i {
+                        0 => x.apply_op2_no_bwd(&weight2d, &im2col),
+                        1 => x.apply_op1_no_bwd(&f2),
+                        _ => x.apply_op1_no_bwd(&f4),
+                    }
+                    .unwrap();
+                    *best = best.min(t.elapsed().as_secs_f64());
+                    drop(y);
+                }
+            }
+            let [i, f2, f4] = best.map(|t| t * 1e3);
+            eprintln!(
+                "{name:26} im2col {i:7.2} ms  F2 {f2:7.2} ({:.2})  F4 {f4:7.2} ({:.2})",
+                f2 / i,
+                f4 / i
+            );
+        }
+    }
+
+    /// Not a check: a batch of small images in one product ([`PackedConv::run_batched`])
+    /// against one call per image, on the U-Net's deep levels (best of 7, ms):
+    /// `cargo test --release -p sdcam-core --lib bench_batched_im2col -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_batched_im2col() {
+        if Kernel::f32().is_none() {
+            eprintln!("skipped: no f32 packed products on this CPU");
+            return;
+        }
+        for (name, b, c, k, hw) in [
+            ("L3 4² 1280", 4, 1280, 1280, 4),
+            ("L3 4² 2560→1280", 4, 2560, 1280, 4),
+            ("L2 8² 1280", 4, 1280, 1280, 8),
+            ("L2 8² 1280 b2", 2, 1280, 1280, 8),
+            ("L1 16² 640", 4, 640, 640, 16),
+        ] {
+            let (x, inner) = random_case((3, 1, 1, false), (b, c, k, hw, hw));
+            let weight2d = inner.weight().reshape((k, c * 9)).unwrap();
+            let op = PackedConv {
+                im2col: Im2Col {
+                    k_h: 3,
+                    k_w: 3,
+                    stride: 1,
+                    padding: 1,
+                },
+                w: None,
+                epilogue: Epilogue::default(),
+            };
+            let images: Vec<Tensor> = (0..b)
+                .map(|i| x.narrow(0, i, 1).unwrap().contiguous().unwrap())
+                .collect();
+            let mut best = [f64::INFINITY; 2];
+            for _ in 0..7 {
+                let t = std::time::Instant::now();
+                drop(x.apply_op2_no_bwd(&weight2d, &op).unwrap());
+                best[0] = best[0].min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for xi in &images {
+                    drop(xi.apply_op2_no_bwd(&weight2d, &op).unwrap());
+                }
+                best[1] = best[1].min(t.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "{name:18} b{b}: batched {:7.2} ms  per image {:7.2} ms  ({:.2})",
+                best[0] * 1e3,
+                best[1] * 1e3,
+                best[0] / best[1]
+            );
         }
     }
 }

@@ -1337,6 +1337,29 @@ pub(crate) mod tests {
         }
     }
 
+    /// For the benchmarks below: a random input `[b, c, hw, hw]`, the weight `[k, c·9]` of a
+    /// random 3×3 conv (stride 1, padding 1) and that conv as an f32 im2col product.
+    fn bench_case(
+        b: usize,
+        c: usize,
+        k: usize,
+        hw: usize,
+    ) -> (Tensor, Tensor, PackedConv<'static>) {
+        let (x, inner) = random_case((3, 1, 1, false), (b, c, k, hw, hw));
+        let weight2d = inner.weight().reshape((k, c * 9)).unwrap();
+        let im2col = PackedConv {
+            im2col: Im2Col {
+                k_h: 3,
+                k_w: 3,
+                stride: 1,
+                padding: 1,
+            },
+            w: None,
+            epilogue: Epilogue::default(),
+        };
+        (x, weight2d, im2col)
+    }
+
     /// Not a check: the f32 packed products' three paths for a 3×3 conv (im2col, Winograd
     /// F(2×2) and F(4×4)) on the U-Net's and TAESD's shapes around the thresholds that choose
     /// between them (best of 7 calls, ms):
@@ -1362,19 +1385,8 @@ pub(crate) mod tests {
             ("unet L1 32² (64² latent)", 1, 640, 640, 32),
             ("unet L2 8² (32² latent)", 1, 1280, 1280, 8),
         ] {
-            let (x, inner) = random_case((3, 1, 1, false), (b, c, k, hw, hw));
-            let weight2d = inner.weight().reshape((k, c * 9)).unwrap();
+            let (x, weight2d, im2col) = bench_case(b, c, k, hw);
             let wt = weight2d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let im2col = PackedConv {
-                im2col: Im2Col {
-                    k_h: 3,
-                    k_w: 3,
-                    stride: 1,
-                    padding: 1,
-                },
-                w: None,
-                epilogue: Epilogue::default(),
-            };
             let winograd = |tile| PackedWinograd {
                 k,
                 tile,
@@ -1427,18 +1439,7 @@ pub(crate) mod tests {
             ("L2 8² 1280 b2", 2, 1280, 1280, 8),
             ("L1 16² 640", 4, 640, 640, 16),
         ] {
-            let (x, inner) = random_case((3, 1, 1, false), (b, c, k, hw, hw));
-            let weight2d = inner.weight().reshape((k, c * 9)).unwrap();
-            let op = PackedConv {
-                im2col: Im2Col {
-                    k_h: 3,
-                    k_w: 3,
-                    stride: 1,
-                    padding: 1,
-                },
-                w: None,
-                epilogue: Epilogue::default(),
-            };
+            let (x, weight2d, op) = bench_case(b, c, k, hw);
             let images: Vec<Tensor> = (0..b)
                 .map(|i| x.narrow(0, i, 1).unwrap().contiguous().unwrap())
                 .collect();

@@ -55,9 +55,25 @@ def _load_pipeline_runner():
 
 
 def sh_json(cmd):
+    """The JSON lines `cmd` prints, each as soon as it is printed (so that every row can be saved
+    before the next is measured); raises CalledProcessError when `cmd` fails."""
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
+        for line in p.stdout:
+            if line.startswith("{"):
+                yield json.loads(line)
+    if p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, cmd)
+
+
+def save(a, payload):
+    """Write what has been measured so far (after every measurement: a run stopped halfway, or
+    killed, keeps its rows; `--render` prints the tables from such a file)."""
+    if a.out:
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, a.out)
 
 
 def loadavg():
@@ -99,8 +115,17 @@ def taesd_flops(size, component):
 def components(a):
     unet_shapes = [(lat, 1) for lat in a.latents] + [(a.batch_latent, b) for b in a.batches if b > 1]
     rows = []
-    peak = sh_json([PEER_PY, COMPONENTS_PEER, "--peak-gemm", "--iters", "5", "--json",
-                    "--threads", str(a.threads)])[0]
+    peak = list(sh_json([PEER_PY, COMPONENTS_PEER, "--peak-gemm", "--iters", "5", "--json",
+                         "--threads", str(a.threads)]))[0]
+    try:
+        _components_rounds(a, unet_shapes, rows, peak)
+    except KeyboardInterrupt:
+        print("cpu_vs_peers: interrupted; the tables below hold what was measured",
+              file=sys.stderr)
+    render_components(rows, peak, [n for n, _, _ in a.sdcam])
+
+
+def _components_rounds(a, unet_shapes, rows, peak):
     for rnd in range(a.rounds):
         load = loadavg()
         for name, binary, dtype in a.sdcam:
@@ -116,10 +141,12 @@ def components(a):
                 for r in sh_json(cmd + common):
                     # builds older than bench-taesd print no component
                     rows.append(dict(r, impl=name, round=rnd, load=load, component="unet"))
+                    save(a, dict(peak=peak, rows=rows))
             cmd = [binary, "bench-taesd"] + sum((["--size", str(s)] for s in a.sizes), [])
             try:
                 for r in sh_json(cmd + common):
                     rows.append(dict(r, impl=name, round=rnd, load=load))
+                    save(a, dict(peak=peak, rows=rows))
             except subprocess.CalledProcessError:  # a build older than `bench-taesd`
                 print(f"cpu_vs_peers: {name} has no bench-taesd; no TAESD rows for it",
                       file=sys.stderr)
@@ -136,13 +163,11 @@ def components(a):
                 cmd += ["--latent", str(lat)]
             for r in sh_json(cmd):
                 rows.append(dict(r, round=rnd, load=load))
+                save(a, dict(peak=peak, rows=rows))
         cmd = peer + ["--component", "taesd"] + sum((["--size", str(s)] for s in a.sizes), [])
         for r in sh_json(cmd):
             rows.append(dict(r, round=rnd, load=load))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(peak=peak, rows=rows), f, indent=1)
-    render_components(rows, peak, [n for n, _, _ in a.sdcam])
+            save(a, dict(peak=peak, rows=rows))
 
 
 def _key(r):
@@ -199,8 +224,17 @@ E2E_ROWS = [  # (model, size, t_index_list, cfg) — the issue's table
 
 
 def e2e(a):
-    pvp = _load_pipeline_runner()
     results = []
+    try:
+        _e2e_rounds(a, results)
+    except KeyboardInterrupt:
+        print("cpu_vs_peers: interrupted; the table below holds what was measured",
+              file=sys.stderr)
+    render_e2e(results, [(n, d) for n, _, d in a.sdcam], a.frames, a.warmup, a.threads)
+
+
+def _e2e_rounds(a, results):
+    pvp = _load_pipeline_runner()
     for rnd in range(a.rounds):
         for model, size, t, cfg in E2E_ROWS:
             if a.only and f"{model}:{size}:{cfg}" not in a.only:
@@ -211,21 +245,25 @@ def e2e(a):
                 s = pvp.sdcam_row(binary, folder, size, t, cfg, True, a.frames, a.warmup, dtype)
                 results.append(dict(impl=name, model=model, size=size, cfg=cfg, round=rnd,
                                     load=load, total=s["ms"]["total"], unet=s["ms"]["unet"],
-                                    encdec=s["ms"]["encode"] + s["ms"]["decode"]))
+                                    encdec=s["ms"]["encode"] + s["ms"]["decode"],
+                                    dtype=dtype, frames=a.frames, warmup=a.warmup,
+                                    threads=a.threads))
+                save(a, results)
             p = pvp.peer_row(a.models_root, model, size, t, cfg, True, a.frames, a.warmup, True)
             results.append(dict(impl="torch", model=model, size=size, cfg=cfg, round=rnd,
                                 load=load, total=p["ms_median"], unet=p["predict_ms"],
                                 encdec=p["encode_ms"] + p["decode_ms"]))
+            save(a, results)
             print(f"round {rnd} {model} {size} {cfg}: " + ", ".join(
                 f"{r['impl']} {r['total']:.0f}" for r in results[-len(a.sdcam) - 1:]),
                 file=sys.stderr, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=1)
-    names = [n for n, _, _ in a.sdcam]
-    dtypes = ", ".join(f"{n} {d}" for n, _, d in a.sdcam)
-    print(f"\nEnd to end: ms per frame (median of {a.frames} frames after {a.warmup} warm-up, "
-          f"per round: round 1 / round 2), TAESD, {a.threads} threads, {dtypes}, torch f32; "
+
+
+def render_e2e(results, sdcam, frames, warmup, threads):
+    names = [n for n, _ in sdcam]
+    dtypes = ", ".join(f"{n} {d}" for n, d in sdcam)
+    print(f"\nEnd to end: ms per frame (median of {frames} frames after {warmup} warm-up, "
+          f"per round: round 1 / round 2), TAESD, {threads} threads, {dtypes}, torch f32; "
           f"ratio = sdcam / torch")
     head = ("| row | load (1/5/15 min) | " + " | ".join(f"{n} total" for n in names)
             + " | torch total | " + " | ".join(f"{n} / torch" for n in names)
@@ -255,9 +293,26 @@ def e2e(a):
         print(f"| {label} | {loads} | " + " | ".join(cells) + " |")
 
 
+def render_saved(a):
+    """`--render FILE`: the tables of a saved run; the sdcam names are those in the file."""
+    data = json.load(open(a.render))
+    if a.part == "components":
+        peers = {"torch", "openvino-f32", "openvino-bf16"}
+        names = list(dict.fromkeys(r["impl"] for r in data["rows"] if r["impl"] not in peers))
+        render_components(data["rows"], data["peak"], names)
+    else:
+        sdcam = list(dict.fromkeys((r["impl"], r.get("dtype", "?")) for r in data
+                                   if r["impl"] != "torch"))
+        r0 = next((r for r in data if "frames" in r), {})
+        render_e2e(data, sdcam, r0.get("frames", a.frames), r0.get("warmup", a.warmup),
+                   r0.get("threads", a.threads))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("part", choices=["components", "e2e"])
+    ap.add_argument("--render", metavar="JSON", help="print the tables of an --out file "
+                    "(complete or partial) instead of measuring")
     ap.add_argument("--sdcam", action="append", metavar="NAME=PATH",
                     help="an sdcam binary to measure (repeatable; default now=target/release/sdcam)")
     ap.add_argument("--models-root", default="/tmp/peer/models")
@@ -288,7 +343,9 @@ def main():
     a.model = a.model or os.path.join(a.models_root, "sd-turbo-arch")
     # sdcam's candle and rayon pools read this; the peers get --threads (bench_peer.py uses 2)
     os.environ["RAYON_NUM_THREADS"] = str(a.threads)
-    if a.part == "components":
+    if a.render:
+        render_saved(a)
+    elif a.part == "components":
         components(a)
     else:
         e2e(a)

@@ -6,8 +6,10 @@
 //! 1×1 convs are a plain matrix product; 3×3 stride-1 padding-1 convs over at least
 //! [`WINOGRAD_MIN_TILES`] output tiles and with at most [`WINOGRAD_MAX_CHANNEL_PAIRS`] take
 //! Winograd's F(4×4, 3×3) on the f32 packed products and F(2×2, 3×3) elsewhere
-//! (`model::winograd`, 4× and 2.25× fewer multiply-adds; `SDCAM_WINOGRAD=2` in the environment
-//! keeps F(2×2) everywhere and `SDCAM_WINOGRAD=0` turns Winograd off, for comparisons). Other
+//! (`model::winograd`, 4× and 2.25× fewer multiply-adds), and on the f32 packed products
+//! F(2×2, 3×3) from [`WINOGRAD_F2_MIN_TILES_F32`] tiles (16×16) up too; `SDCAM_WINOGRAD=2` in
+//! the environment keeps F(2×2) everywhere and `SDCAM_WINOGRAD=0` turns Winograd off, for
+//! comparisons. Other
 //! devices and dtypes use candle's `conv2d`. Where `packed_gemm::products_for` picks a kernel
 //! (f32 on CPUs with AVX-512 or AVX2, bf16 with `model.dtype = "bf16"`) the same paths multiply
 //! with `model::packed_gemm`'s packed products instead of candle's: the weight (or the Winograd
@@ -30,7 +32,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Resul
 
 use crate::model::direct_conv::{self, DirectConv3x3};
 use crate::model::packed_gemm::{self, f32_params, products_for, Kernel, PackedA, PackedB};
-use crate::model::winograd::{transform_filter, PackedWinograd, Tile, Winograd};
+use crate::model::winograd::{
+    pack_filter_transforms, transform_filter, PackedWinograd, Tile, Winograd,
+};
 use crate::model::{cpu_f32, matmul_into, SendPtr};
 
 /// Fewest 2×2 output tiles (32×32 output pixels) for which a 3×3 conv takes the Winograd path:
@@ -68,21 +72,13 @@ fn winograd_enabled() -> bool {
     winograd_mode() != WinogradMode::Off
 }
 
-/// The Winograd transform the packed products of `kernel` take wherever a conv
-/// [`Conv2d::takes_winograd`]: F(4×4, 3×3) in f32, F(2×2, 3×3) in bf16 (and with
-/// `SDCAM_WINOGRAD=2`). Every such conv has at least 64 tiles of 4×4 (32×32 output pixels):
-/// there, on an AVX-512 machine (`winograd::bench::bench_winograd_tiles`, best of 7), F(4×4)
-/// took 0.59–0.84 of F(2×2)'s time on TAESD's 64-channel convs at 64²–512² and on the U-Net's
-/// 320- and 640-channel convs at 32²–64² (at 16², which takes neither, 1.84×: products too
-/// narrow). F(4×4)'s filter transform is 36/9 of the weight (F(2×2)'s 16/9): at most 177 MB
-/// for one conv here.
-fn packed_winograd_tile(kernel: Kernel) -> Tile {
-    if kernel == Kernel::F32 && winograd_mode() == WinogradMode::Both {
-        Tile::F4
-    } else {
-        Tile::F2
-    }
-}
+/// Fewest 2×2 output tiles (16×16 output pixels) for which a 3×3 conv takes F(2×2, 3×3) on the
+/// f32 packed products, where it has too few tiles for F(4×4) ([`WINOGRAD_MIN_TILES`]): the
+/// U-Net's second level at a 32² latent (640 channels at 16², 0.28–0.51 of im2col's time on a
+/// 2-core Zen 4, `tests::bench_conv_paths`, best of 7) and its third at a 64² latent. At 8²
+/// (16 tiles) im2col is faster (F(2×2) 1.21×, F(4×4) 2.9× its time).
+pub(crate) const WINOGRAD_F2_MIN_TILES_F32: usize = 64;
+
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 /// A 2-D convolution (see the module docs).
@@ -113,9 +109,12 @@ struct PackedFilters {
     kernel: Kernel,
     /// `[c_out, c_in·k_h·k_w]` (bf16 only: in f32 the product reads the weight as it is).
     im2col: OnceLock<Arc<PackedA>>,
-    /// `U[ξ]` `[c_out, c_in]` for ξ < 16 (F(2×2, 3×3)) or ξ < 36 (F(4×4, 3×3): the tile is
-    /// fixed by `kernel`, [`packed_winograd_tile`]).
-    winograd: OnceLock<Arc<Vec<PackedA>>>,
+    /// `U[ξ]` `[c_out, c_in]` for ξ < 16 (F(2×2, 3×3)), made where the conv first takes
+    /// F(2×2) ([`Conv2d::packed_winograd_tile`]).
+    winograd_f2: OnceLock<Arc<Vec<PackedA>>>,
+    /// `U[ξ]` `[c_out, c_in]` for ξ < 36 (F(4×4, 3×3), f32 only), likewise. A conv that runs
+    /// at both kinds of sizes (a U-Net used at two latent sizes) keeps both.
+    winograd_f4: OnceLock<Arc<Vec<PackedA>>>,
     /// The nine taps `[c_out, c_in]` for `model::direct_conv`.
     direct_taps: OnceLock<Arc<Vec<PackedA>>>,
 }
@@ -194,7 +193,35 @@ impl Conv2d {
         })
     }
 
-    /// Whether this conv takes the Winograd path for an `h × w` input.
+    /// The Winograd transform this conv takes on the packed products of `kernel` for an
+    /// `h × w` input, if any: in f32, F(4×4, 3×3) from [`WINOGRAD_MIN_TILES`] 2×2 tiles up
+    /// (32×32 pixels; F(4×4) took 0.59–0.84 of F(2×2)'s time there on TAESD's and the
+    /// U-Net's convs, `tests::bench_conv_paths` on AVX-512, best of 7; F(2×2) with
+    /// `SDCAM_WINOGRAD=2`) and F(2×2, 3×3) from [`WINOGRAD_F2_MIN_TILES_F32`] (16×16, where
+    /// F(4×4)'s products are too narrow: 1.3–1.6× F(2×2)'s time); in bf16 F(2×2) from
+    /// [`WINOGRAD_MIN_TILES`]. None above [`WINOGRAD_MAX_CHANNEL_PAIRS`], with
+    /// `SDCAM_WINOGRAD=0`, or when the conv is not 3×3 with stride 1 and padding 1.
+    fn packed_winograd_tile(&self, kernel: Kernel, h: usize, w: usize) -> Result<Option<Tile>> {
+        let (c_out, rows) = self.weight2d.dims2()?;
+        let mode = winograd_mode();
+        if self.winograd.is_none()
+            || c_out * (rows / 9) > WINOGRAD_MAX_CHANNEL_PAIRS
+            || mode == WinogradMode::Off
+        {
+            return Ok(None);
+        }
+        let tiles = Tile::F2.tiles(h, w);
+        Ok(match kernel {
+            Kernel::F32 if tiles >= WINOGRAD_MIN_TILES && mode == WinogradMode::Both => {
+                Some(Tile::F4)
+            }
+            Kernel::F32 if tiles >= WINOGRAD_F2_MIN_TILES_F32 => Some(Tile::F2),
+            _ if tiles >= WINOGRAD_MIN_TILES => Some(Tile::F2),
+            _ => None,
+        })
+    }
+
+    /// Whether this conv takes the Winograd path for an `h × w` input on candle's products.
     fn takes_winograd(&self, h: usize, w: usize) -> Result<bool> {
         let (c_out, rows) = self.weight2d.dims2()?;
         Ok(self.winograd.is_some()
@@ -256,18 +283,17 @@ impl Conv2d {
             };
             return Ok(PackedOp::Direct(DirectConv3x3 { taps, epilogue }));
         }
-        if self.takes_winograd(h, w)? {
-            let tile = packed_winograd_tile(f.kernel);
-            let u = match f.winograd.get() {
+        if let Some(tile) = self.packed_winograd_tile(f.kernel, h, w)? {
+            let cell = match tile {
+                Tile::F2 => &f.winograd_f2,
+                Tile::F4 => &f.winograd_f4,
+            };
+            let u = match cell.get() {
                 Some(u) => u.clone(),
                 None => {
-                    let u = self.filter_transform(tile)?;
-                    let c_in = rows / 9;
-                    let packed = u
-                        .chunks_exact(c_out * c_in)
-                        .map(|ux| PackedA::from_rows(f.kernel, ux, (c_out, c_in, c_in), true))
-                        .collect();
-                    f.winograd.get_or_init(|| Arc::new(packed)).clone()
+                    let wt = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
+                    let packed = pack_filter_transforms(f.kernel, &wt, c_out, rows / 9, tile, true);
+                    cell.get_or_init(|| packed).clone()
                 }
             };
             return Ok(PackedOp::Winograd(PackedWinograd {
@@ -1053,7 +1079,7 @@ pub(crate) mod tests {
     fn fused_epilogue_equals_separate_ops() {
         let cases = [
             (3, 1, 1, 2, 8, 5, 9, 7),      // im2col (both images in one product)
-            (3, 1, 1, 5, 300, 8, 16, 16),  // im2col, images in groups of 3 and 2
+            (3, 1, 1, 5, 300, 8, 14, 14),  // im2col, images in groups of 3 and 2
             (1, 1, 0, 1, 16, 6, 10, 10),   // 1×1
             (3, 1, 1, 2, 8, 12, 40, 37),   // Winograd
             (3, 2, 1, 2, 64, 8, 300, 290), // tiled
@@ -1196,21 +1222,26 @@ pub(crate) mod tests {
             return;
         };
         for (k, stride, padding, b, c_in, c_out, h, w, path) in [
-            (3, 1, 1, 1, 64, 16, 40, 41, "winograd"),
-            (3, 1, 1, 2, 32, 9, 20, 20, "im2col"),
+            (3, 1, 1, 1, 64, 16, 40, 41, "winograd F4"),
+            (3, 1, 1, 2, 32, 9, 20, 20, "winograd F2"),
+            (3, 1, 1, 1, 64, 8, 15, 15, "winograd F2"), // 64 tiles, odd: the F(2×2) threshold
+            (3, 1, 1, 1, 16, 8, 14, 15, "im2col"),      // 56 tiles: below it
             (3, 1, 1, 3, 5, 7, 9, 8, "im2col"),
             (3, 2, 1, 1, 128, 8, 257, 259, "im2col"),
             (1, 1, 0, 1, 600, 4, 120, 120, "im2col"),
             (3, 2, 0, 1, 3, 33, 11, 12, "im2col"),
-            (3, 1, 1, 2, 136, 12, 32, 33, "winograd"),
-            (3, 1, 1, 2, 8, 32, 6, 48, "im2col"),
-            (3, 1, 1, 5, 300, 8, 16, 16, "im2col"),
+            (3, 1, 1, 2, 136, 12, 32, 33, "winograd F4"),
+            (3, 1, 1, 2, 8, 32, 6, 48, "winograd F2"),
+            (3, 1, 1, 5, 300, 8, 14, 14, "im2col"), // batched: groups of 3 and 2
         ] {
             let (x, inner) = random_case((k, stride, padding, true), (b, c_in, c_out, h, w));
             let conv = Conv2d::with_products(inner.clone(), Some(kernel)).unwrap();
-            if winograd_enabled() {
-                assert_eq!(packed_path(&conv, h, w), path, "{c_in} channels, {h}x{w}");
-            }
+            let path = match winograd_mode() {
+                WinogradMode::Both => path.to_string(),
+                WinogradMode::F2Only => path.replace("F4", "F2"),
+                WinogradMode::Off => "im2col".to_string(),
+            };
+            assert_eq!(packed_path(&conv, h, w), path, "{c_in} channels, {h}x{w}");
             let want = inner.forward(&x).unwrap();
             // Packs the weights; then the output's size in NaNs is freed just before the
             // call, so that the allocator likely hands that memory back for its output (not
@@ -1248,7 +1279,10 @@ pub(crate) mod tests {
         };
         let f = conv.packed.as_ref().expect("packed products");
         match conv.packed_op(f, h, w, im2col, epilogue).unwrap() {
-            PackedOp::Winograd(_) => "winograd",
+            PackedOp::Winograd(op) => match op.tile {
+                Tile::F2 => "winograd F2",
+                Tile::F4 => "winograd F4",
+            },
             PackedOp::Im2Col(_) => "im2col",
             PackedOp::Direct(_) => "direct",
         }
@@ -1298,7 +1332,7 @@ pub(crate) mod tests {
             let conv = Conv2d::with_products(inner, Some(Kernel::Avx512Bf16)).unwrap();
             assert_eq!(
                 packed_path(&conv, h, w),
-                "winograd",
+                "winograd F2",
                 "{c_in} channels, {h}x{w}"
             );
         }
@@ -1361,13 +1395,14 @@ pub(crate) mod tests {
     }
 
     /// Not a check: the f32 packed products' three paths for a 3×3 conv (im2col, Winograd
-    /// F(2×2) and F(4×4)) on the U-Net's and TAESD's shapes around the thresholds that choose
-    /// between them (best of 7 calls, ms):
+    /// F(2×2) and F(4×4)) on TAESD's and the U-Net's shapes, around the thresholds that choose
+    /// between them: best of 7 calls each, alternating (the minimum: a shared machine's
+    /// neighbours only ever add time), in ms and in GFLOP/s of the direct conv's multiply-adds
+    /// (Winograd's are "effective": it does fewer):
     /// `cargo test --release -p sdcam-core --lib bench_conv_paths -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn bench_conv_paths() {
-        use crate::model::winograd::transform_filter;
         let Some(kernel) = Kernel::f32() else {
             eprintln!("skipped: no f32 packed products on this CPU");
             return;
@@ -1375,6 +1410,9 @@ pub(crate) mod tests {
         for (name, b, c, k, hw) in [
             ("taesd 32²", 1, 64, 64, 32),
             ("taesd 64²", 1, 64, 64, 64),
+            ("taesd 128²", 1, 64, 64, 128),
+            ("taesd 256²", 1, 64, 64, 256),
+            ("taesd 512²", 1, 64, 64, 512),
             ("unet L1 16² (32² latent)", 1, 640, 640, 16),
             ("unet L1 16² b2", 2, 640, 640, 16),
             ("unet L1 16² down 320→640", 1, 320, 640, 16),
@@ -1382,7 +1420,11 @@ pub(crate) mod tests {
             ("unet L1 16² up 960→640", 1, 960, 640, 16),
             ("unet L2 16² (64² latent)", 1, 1280, 1280, 16),
             ("unet L0 32² (32² latent)", 1, 320, 320, 32),
+            ("unet L0 32² b2", 2, 320, 320, 32),
+            ("unet L0 up 32² 960→320", 1, 960, 320, 32),
+            ("unet L0 64² (64² latent)", 1, 320, 320, 64),
             ("unet L1 32² (64² latent)", 1, 640, 640, 32),
+            ("unet L1 32² b2", 2, 640, 640, 32),
             ("unet L2 8² (32² latent)", 1, 1280, 1280, 8),
         ] {
             let (x, weight2d, im2col) = bench_case(b, c, k, hw);
@@ -1390,12 +1432,7 @@ pub(crate) mod tests {
             let winograd = |tile| PackedWinograd {
                 k,
                 tile,
-                u: Arc::new(
-                    transform_filter(&wt, k, c, tile)
-                        .chunks_exact(k * c)
-                        .map(|ux| PackedA::from_rows(kernel, ux, (k, c, c), false))
-                        .collect(),
-                ),
+                u: pack_filter_transforms(kernel, &wt, k, c, tile, false),
                 epilogue: Epilogue::default(),
             };
             let (f2, f4) = (winograd(Tile::F2), winograd(Tile::F4));
@@ -1413,10 +1450,18 @@ pub(crate) mod tests {
                     drop(y);
                 }
             }
-            let [i, f2, f4] = best.map(|t| t * 1e3);
+            let gflops = |t: f64| 2.0 * (b * k * c * 9 * hw * hw) as f64 / t / 1e9;
+            let [i, f2, f4] = best;
             eprintln!(
-                "{name:26} im2col {i:7.2} ms  F2 {f2:7.2} ({:.2})  F4 {f4:7.2} ({:.2})",
+                "{name:26} im2col {:8.2} ms ({:4.0} GFLOP/s)  F2 {:8.2} ({:4.0}; {:.2})  \
+                 F4 {:8.2} ({:4.0}; {:.2})",
+                i * 1e3,
+                gflops(i),
+                f2 * 1e3,
+                gflops(f2),
                 f2 / i,
+                f4 * 1e3,
+                gflops(f4),
                 f4 / i
             );
         }

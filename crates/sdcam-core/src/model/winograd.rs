@@ -187,6 +187,28 @@ impl Winograd<'_> {
     }
 }
 
+/// The filter transforms of a 3×3 conv's weight `w` (`[k, c, 3, 3]` row-major, f32) packed for
+/// `kernel`: `tile.products()` operands `[k, c]`, the `u` of a [`PackedWinograd`] (packing on
+/// rayon's pool when `parallel`).
+///
+/// # Panics
+/// `w` is shorter than `k·c·9`.
+pub(crate) fn pack_filter_transforms(
+    kernel: packed_gemm::Kernel,
+    w: &[f32],
+    k: usize,
+    c: usize,
+    tile: Tile,
+    parallel: bool,
+) -> std::sync::Arc<Vec<PackedA>> {
+    std::sync::Arc::new(
+        transform_filter(w, k, c, tile)
+            .chunks_exact(k * c)
+            .map(|ux| PackedA::from_rows(kernel, ux, (k, c, c), parallel))
+            .collect(),
+    )
+}
+
 /// The same convolution with the packed products of `model::packed_gemm` (bf16, or f32 on CPUs
 /// with AVX-512 or AVX2: the kernel the filter transforms were packed for): input
 /// `[b, c, h, w]` (f32, contiguous) → `[b, k, h, w]` f32 (after the epilogue), the
@@ -851,14 +873,10 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             for &(kernel, tile, tol) in &kernels {
-                let u = transform_filter(&wt, k, c, tile)
-                    .chunks_exact(k * c)
-                    .map(|ux| PackedA::from_rows(kernel, ux, (k, c, c), false))
-                    .collect();
                 let op = PackedWinograd {
                     k,
                     tile,
-                    u: std::sync::Arc::new(u),
+                    u: pack_filter_transforms(kernel, &wt, k, c, tile, false),
                     epilogue: with_bias(&bias),
                 };
                 let got = x.apply_op1_no_bwd(&op).unwrap();
@@ -939,78 +957,6 @@ mod tests {
                     assert!((u[6 * a + b] - want).abs() < 1e-7, "tap {tap} u[{a}][{b}]");
                 }
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod bench {
-    use super::*;
-    use candle_core::{Device, Tensor};
-
-    /// F(2×2) against F(4×4) on the 3×3 convs of TAESD (64 channels) and of the U-Net's first
-    /// levels, f32 packed products, alternating, best of 7 calls each (the minimum: these
-    /// shared machines' neighbours only ever add time). Prints ms and GFLOP/s of the direct
-    /// conv's multiply-adds. `cargo test --release -p sdcam-core --lib bench_winograd_tiles --
-    /// --ignored --nocapture`.
-    #[test]
-    #[ignore = "benchmark: run by hand"]
-    fn bench_winograd_tiles() {
-        let Some(kernel) = packed_gemm::Kernel::f32() else {
-            eprintln!("skipped: no f32 packed products on this CPU");
-            return;
-        };
-        let shapes = [
-            ("taesd 64² ", 1, 64, 64, 64),
-            ("taesd 128²", 1, 64, 64, 128),
-            ("taesd 256²", 1, 64, 64, 256),
-            ("taesd 512²", 1, 64, 64, 512),
-            ("unet L0 32²", 1, 320, 320, 32),
-            ("unet L0 32² b2", 2, 320, 320, 32),
-            ("unet L0 64²", 1, 320, 320, 64),
-            ("unet L0 up 32²", 1, 960, 320, 32),
-            ("unet L1 32²", 1, 640, 640, 32),
-            ("unet L1 32² b2", 2, 640, 640, 32),
-            ("unet L1 16²", 1, 640, 640, 16),
-        ];
-        for (name, b, c, k, hw) in shapes {
-            let x = Tensor::randn(0f32, 1.0, (b, c, hw, hw), &Device::Cpu).unwrap();
-            let wt: Vec<f32> = Tensor::randn(0f32, 0.1, (k * c * 9,), &Device::Cpu)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let ops: Vec<PackedWinograd> = [Tile::F2, Tile::F4]
-                .into_iter()
-                .map(|tile| PackedWinograd {
-                    k,
-                    tile,
-                    u: std::sync::Arc::new(
-                        transform_filter(&wt, k, c, tile)
-                            .chunks_exact(k * c)
-                            .map(|ux| PackedA::from_rows(kernel, ux, (k, c, c), false))
-                            .collect(),
-                    ),
-                    epilogue: Epilogue::default(),
-                })
-                .collect();
-            let mut best = [f64::INFINITY; 2];
-            for _ in 0..7 {
-                for (op, best) in ops.iter().zip(&mut best) {
-                    let t = std::time::Instant::now();
-                    let y = x.apply_op1_no_bwd(op).unwrap();
-                    *best = best.min(t.elapsed().as_secs_f64());
-                    drop(y);
-                }
-            }
-            let flops = 2.0 * (b * k * c * 9 * hw * hw) as f64;
-            eprintln!(
-                "{name:15} F2 {:7.2} ms ({:5.0} GFLOP/s)  F4 {:7.2} ms ({:5.0})  F4/F2 {:.2}",
-                best[0] * 1e3,
-                flops / best[0] / 1e9,
-                best[1] * 1e3,
-                flops / best[1] / 1e9,
-                best[1] / best[0]
-            );
         }
     }
 }

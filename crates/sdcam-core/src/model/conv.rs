@@ -74,9 +74,12 @@ fn winograd_enabled() -> bool {
 
 /// Fewest 2×2 output tiles (16×16 output pixels) for which a 3×3 conv takes F(2×2, 3×3) on the
 /// f32 packed products, where it has too few tiles for F(4×4) ([`WINOGRAD_MIN_TILES`]): the
-/// U-Net's second level at a 32² latent (640 channels at 16², 0.28–0.51 of im2col's time on a
-/// 2-core Zen 4, `tests::bench_conv_paths`, best of 7) and its third at a 64² latent. At 8²
-/// (16 tiles) im2col is faster (F(2×2) 1.21×, F(4×4) 2.9× its time).
+/// U-Net's second level at a 32² latent (640 channels at 16²) and its third at a 64² latent.
+/// On a 2-core Zen 4 `tests::bench_conv_paths` (best of 7) put F(2×2) at 0.28–0.51 of the
+/// im2col path's time there (that test's im2col pays page faults on the system allocator that
+/// the binary's mimalloc does not: 640→640 at 16² took 19.4 ms there, its bare product 10.6),
+/// and the whole U-Net at a 32² latent took 0.93–0.94 of its time (fastest calls, alternating).
+/// At 8² (16 tiles) im2col is faster (F(2×2) 1.21×, F(4×4) 2.9× its time).
 pub(crate) const WINOGRAD_F2_MIN_TILES_F32: usize = 64;
 
 use candle_nn::{Conv2dConfig, VarBuilder};

@@ -126,6 +126,10 @@ def components(a):
 
 
 def _components_rounds(a, unet_shapes, rows, peak):
+    def add(row):
+        rows.append(row)
+        save(a, dict(peak=peak, rows=rows))
+
     for rnd in range(a.rounds):
         load = loadavg()
         for name, binary, dtype in a.sdcam:
@@ -140,13 +144,11 @@ def _components_rounds(a, unet_shapes, rows, peak):
                     cmd += ["--latent", str(lat)]
                 for r in sh_json(cmd + common):
                     # builds older than bench-taesd print no component
-                    rows.append(dict(r, impl=name, round=rnd, load=load, component="unet"))
-                    save(a, dict(peak=peak, rows=rows))
+                    add(dict(r, impl=name, round=rnd, load=load, component="unet"))
             cmd = [binary, "bench-taesd"] + sum((["--size", str(s)] for s in a.sizes), [])
             try:
                 for r in sh_json(cmd + common):
-                    rows.append(dict(r, impl=name, round=rnd, load=load))
-                    save(a, dict(peak=peak, rows=rows))
+                    add(dict(r, impl=name, round=rnd, load=load))
             except subprocess.CalledProcessError:  # a build older than `bench-taesd`
                 print(f"cpu_vs_peers: {name} has no bench-taesd; no TAESD rows for it",
                       file=sys.stderr)
@@ -162,12 +164,10 @@ def _components_rounds(a, unet_shapes, rows, peak):
             for lat in [lat for lat, bb in unet_shapes if bb == b]:
                 cmd += ["--latent", str(lat)]
             for r in sh_json(cmd):
-                rows.append(dict(r, round=rnd, load=load))
-                save(a, dict(peak=peak, rows=rows))
+                add(dict(r, round=rnd, load=load))
         cmd = peer + ["--component", "taesd"] + sum((["--size", str(s)] for s in a.sizes), [])
         for r in sh_json(cmd):
-            rows.append(dict(r, round=rnd, load=load))
-            save(a, dict(peak=peak, rows=rows))
+            add(dict(r, round=rnd, load=load))
 
 
 def _key(r):

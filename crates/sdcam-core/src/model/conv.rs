@@ -205,17 +205,12 @@ impl Conv2d {
     /// [`WINOGRAD_MIN_TILES`]. None above [`WINOGRAD_MAX_CHANNEL_PAIRS`], with
     /// `SDCAM_WINOGRAD=0`, or when the conv is not 3×3 with stride 1 and padding 1.
     fn packed_winograd_tile(&self, kernel: Kernel, h: usize, w: usize) -> Result<Option<Tile>> {
-        let (c_out, rows) = self.weight2d.dims2()?;
-        let mode = winograd_mode();
-        if self.winograd.is_none()
-            || c_out * (rows / 9) > WINOGRAD_MAX_CHANNEL_PAIRS
-            || mode == WinogradMode::Off
-        {
+        if !self.winograd_allowed()? {
             return Ok(None);
         }
         let tiles = Tile::F2.tiles(h, w);
         Ok(match kernel {
-            Kernel::F32 if tiles >= WINOGRAD_MIN_TILES && mode == WinogradMode::Both => {
+            Kernel::F32 if tiles >= WINOGRAD_MIN_TILES && winograd_mode() == WinogradMode::Both => {
                 Some(Tile::F4)
             }
             Kernel::F32 if tiles >= WINOGRAD_F2_MIN_TILES_F32 => Some(Tile::F2),
@@ -224,20 +219,18 @@ impl Conv2d {
         })
     }
 
-    /// Whether this conv takes the Winograd path for an `h × w` input on candle's products.
-    fn takes_winograd(&self, h: usize, w: usize) -> Result<bool> {
+    /// Whether Winograd may run for this conv at any size: 3×3 with stride 1 and padding 1, at
+    /// most [`WINOGRAD_MAX_CHANNEL_PAIRS`], and not `SDCAM_WINOGRAD=0`.
+    fn winograd_allowed(&self) -> Result<bool> {
         let (c_out, rows) = self.weight2d.dims2()?;
         Ok(self.winograd.is_some()
-            && Tile::F2.tiles(h, w) >= WINOGRAD_MIN_TILES
             && c_out * (rows / 9) <= WINOGRAD_MAX_CHANNEL_PAIRS
             && winograd_enabled())
     }
 
-    /// `U` `[n², c_out, c_in]` (row-major) of this 3×3 conv's weight.
-    fn filter_transform(&self, tile: Tile) -> Result<Vec<f32>> {
-        let (c_out, rows) = self.weight2d.dims2()?;
-        let w = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
-        Ok(transform_filter(&w, c_out, rows / 9, tile))
+    /// Whether this conv takes the Winograd path for an `h × w` input on candle's products.
+    fn takes_winograd(&self, h: usize, w: usize) -> Result<bool> {
+        Ok(self.winograd_allowed()? && Tile::F2.tiles(h, w) >= WINOGRAD_MIN_TILES)
     }
 
     /// The Winograd filter transform, if this conv takes that path for an `h × w` input.
@@ -252,8 +245,9 @@ impl Conv2d {
             return Ok(Some(u.clone()));
         }
         let (c_out, rows) = self.weight2d.dims2()?;
+        let wt = self.weight2d.flatten_all()?.to_vec1::<f32>()?;
         let u = Tensor::from_vec(
-            self.filter_transform(Tile::F2)?,
+            transform_filter(&wt, c_out, rows / 9, Tile::F2),
             (16, c_out, rows / 9),
             self.weight2d.device(),
         )?;

@@ -4,12 +4,17 @@
 //! without AVX512-BF16 is an error) or in f32 on CPUs with AVX-512 or AVX2
 //! (`packed_gemm::products_for`); elsewhere candle's `Linear`.
 //!
+//! With the packed products the bias, and a residual connection ([`Linear::forward_add`], the
+//! transformer blocks' `to_out` and `ff.net.2`), are added in one pass on rayon's pool inside
+//! the layer's op, not by candle's broadcast add (a pass, an allocation and a wake-up of
+//! candle's own thread pool each).
+//!
 //! Drop-in for `candle_nn::{linear, linear_no_bias, Linear}`: same constructors, same tensor
 //! names (`weight` `[out, in]`, `bias` `[out]`).
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::cpu_f32;
@@ -20,8 +25,8 @@ use crate::model::packed_gemm::{self, f32_params, products_for, Kernel, PackedA,
 pub(crate) struct Linear {
     /// candle's layer, where the products are candle's (`None`: the weight lives only packed).
     inner: Option<candle_nn::Linear>,
-    /// `[out]`, for the packed products.
-    bias: Option<Tensor>,
+    /// `[out]`, for the packed products (added by their op, [`PackedLinear`]).
+    bias: Option<Arc<[f32]>>,
     /// For the packed products: `Wᵀ` packed (at build time; the f32 weight is then dropped,
     /// so that the layer holds one copy of it).
     packed: Option<Arc<PackedB>>,
@@ -57,7 +62,10 @@ impl Linear {
         let packed = PackedB::from_transposed(kernel, &data, (out, inp, inp));
         Ok(Self {
             inner: None,
-            bias: inner.bias().cloned(),
+            bias: match inner.bias() {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?.into()),
+                None => None,
+            },
             packed: Some(Arc::new(packed)),
         })
     }
@@ -69,11 +77,36 @@ impl Module for Linear {
     /// # Errors
     /// Besides candle's: a layer with packed products given other than an f32 CPU tensor.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let Some(w) = &self.packed else {
-            return match &self.inner {
+        match self.packed_op(xs)? {
+            Some(op) => xs.contiguous()?.apply_op1_no_bwd(&op),
+            None => match &self.inner {
                 Some(inner) => inner.forward(xs),
                 None => candle_core::bail!("linear: the layer has no weight"),
-            };
+            },
+        }
+    }
+}
+
+impl Linear {
+    /// `x·Wᵀ + b + residual` (`residual` shaped as the output): a block's residual connection
+    /// added by the packed product's op in the same pass as the bias, else after
+    /// [`Module::forward`].
+    ///
+    /// # Errors
+    /// As [`Module::forward`]; also a residual of another shape.
+    pub(crate) fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self.packed_op(xs)? {
+            Some(op) => xs
+                .contiguous()?
+                .apply_op2_no_bwd(&residual.contiguous()?, &op),
+            None => self.forward(xs)? + residual,
+        }
+    }
+
+    /// The packed product's op for `xs`, or `None` for candle's layer.
+    fn packed_op(&self, xs: &Tensor) -> Result<Option<PackedLinear>> {
+        let Some(w) = &self.packed else {
+            return Ok(None);
         };
         if !xs.device().is_cpu() || xs.dtype() != DType::F32 {
             candle_core::bail!(
@@ -82,18 +115,76 @@ impl Module for Linear {
                 xs.device()
             );
         }
-        let ys = xs
-            .contiguous()?
-            .apply_op1_no_bwd(&PackedLinear(w.clone()))?;
-        match &self.bias {
-            Some(b) => ys.broadcast_add(b),
-            None => Ok(ys),
-        }
+        Ok(Some(PackedLinear {
+            weight: w.clone(),
+            bias: self.bias.clone(),
+        }))
     }
 }
 
-/// `x · Wᵀ` with the packed products (no bias): `[…, in]` f32 contiguous → `[…, out]` f32.
-struct PackedLinear(Arc<PackedB>);
+/// `x · Wᵀ + b` with the packed products: `[…, in]` f32 contiguous → `[…, out]` f32; as a
+/// two-input op, plus a residual `[…, out]` (added with the bias, row by row on rayon's pool
+/// after the product).
+struct PackedLinear {
+    weight: Arc<PackedB>,
+    bias: Option<Arc<[f32]>>,
+}
+
+/// Output rows per parallel task of the bias / residual pass.
+const ADD_ROWS: usize = 32;
+
+impl PackedLinear {
+    /// The op on `x` (shaped `dims`) and, for the two-input op, the residual and its shape.
+    fn run(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        residual: Option<(&[f32], &[usize])>,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (k, n) = (self.weight.rows(), self.weight.cols());
+        if dims.last() != Some(&k) {
+            candle_core::bail!("packed linear: input {dims:?} does not end in {k}");
+        }
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        let residual = match residual {
+            Some((r, rdims)) if rdims == shape.as_slice() => Some(r),
+            Some((_, rdims)) => {
+                candle_core::bail!("packed linear: residual {rdims:?}, output {shape:?}")
+            }
+            None => None,
+        };
+        let mut out = Vec::with_capacity(m * n);
+        // SAFETY: `out` holds m × n floats, written by this call alone (all of them: the
+        // product overwrites C), so they are initialised before `set_len`.
+        unsafe {
+            let c = (out.as_mut_ptr(), n);
+            packed_gemm::matmul_rows(&mut PackedA::default(), x, (m, k, k), &self.weight, c, true);
+            out.set_len(m * n);
+        }
+        if (self.bias.is_some() || residual.is_some()) && n > 0 {
+            let bias = self.bias.as_deref();
+            out.par_chunks_mut(n * ADD_ROWS)
+                .enumerate()
+                .for_each(|(t, rows)| {
+                    for (i, row) in rows.chunks_exact_mut(n).enumerate() {
+                        if let Some(b) = bias {
+                            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                        }
+                        if let Some(r) = residual {
+                            let r = &r[(t * ADD_ROWS + i) * n..][..n];
+                            row.iter_mut().zip(r).for_each(|(y, r)| *y += r);
+                        }
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
 
 impl CustomOp1 for PackedLinear {
     fn name(&self) -> &'static str {
@@ -102,25 +193,25 @@ impl CustomOp1 for PackedLinear {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = cpu_f32(storage, layout, "packed linear")?;
-        let dims = layout.shape().dims();
-        let (k, n) = (self.0.rows(), self.0.cols());
-        if dims.last() != Some(&k) {
-            candle_core::bail!("packed linear: input {dims:?} does not end in {k}");
-        }
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        let mut out = Vec::with_capacity(m * n);
-        // SAFETY: `out` holds m × n floats, written by this call alone (all of them: the
-        // product overwrites C), so they are initialised before `set_len`.
-        unsafe {
-            let c = (out.as_mut_ptr(), n);
-            packed_gemm::matmul_rows(&mut PackedA::default(), x, (m, k, k), &self.0, c, true);
-            out.set_len(m * n);
-        }
-        let mut shape = dims.to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        self.run(x, layout.shape().dims(), None)
+    }
+}
+
+impl CustomOp2 for PackedLinear {
+    fn name(&self) -> &'static str {
+        "sdcam-packed-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sr: &CpuStorage,
+        lr: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(sx, lx, "packed linear")?;
+        let r = cpu_f32(sr, lr, "packed linear residual")?;
+        self.run(x, lx.shape().dims(), Some((r, lr.shape().dims())))
     }
 }
 
@@ -152,6 +243,17 @@ mod tests {
         assert_eq!(got.dims(), &[2, 33, 70]);
         let e = crate::model::rel_err(&got, &want).unwrap();
         assert!(e < 1e-5, "{e}");
+        // With a residual added by the op: the output plus it, to the bit.
+        let r = Tensor::randn(0f32, 1., (2, 33, 70), &dev).unwrap();
+        let sum = layer.forward_add(&x, &r).unwrap();
+        assert_eq!(
+            crate::model::rel_err(&sum, &(&got + &r).unwrap()).unwrap(),
+            0.0
+        );
+        // A residual of another shape is an error, not a broadcast.
+        let wrong = Tensor::zeros((2, 70, 33), DType::F32, &dev).unwrap();
+        let err = layer.forward_add(&x, &wrong).unwrap_err().to_string();
+        assert!(err.contains("residual"), "{err}");
     }
 
     /// With a bf16 `VarBuilder` on the CPU the layer reads f32 parameters, multiplies in bf16
@@ -169,10 +271,7 @@ mod tests {
         let f32_layer = candle_nn::linear(512, 70, vb32.pp("l")).unwrap();
         let vb16 = VarBuilder::from_varmap(&map, DType::BF16, &dev);
         let bf16_layer = linear(512, 70, vb16.pp("l")).unwrap();
-        assert_eq!(
-            bf16_layer.bias.as_ref().map(Tensor::dtype),
-            Some(DType::F32)
-        );
+        assert_eq!(bf16_layer.bias.as_ref().map(|b| b.len()), Some(70));
         let x = Tensor::randn(0f32, 1., (2, 33, 512), &dev).unwrap();
         let want = f32_layer.forward(&x).unwrap();
         let got = bf16_layer.forward(&x).unwrap();

@@ -225,8 +225,12 @@ impl Attention {
         })
     }
 
-    /// `softmax(q·kᵀ·scale)·v` ([`attention_kernel`]'s shapes): with the packed products (bf16
-    /// or f32) on f32 CPU tensors for a model built for them, else [`attention_kernel`].
+    /// `softmax(q·kᵀ·scale)·v` per head, on token-major `q: [B, S, H·D]` (a linear layer's
+    /// output) → `[B, S, H·D]`; `k`, `v` token-major `[B', S_kv, H·D]` or split into heads
+    /// (`[B', H, S_kv, D]`, the precomputed prompt K/V), with `B'` = `B` or 1 (shared by every
+    /// sample). With the packed products (bf16 or f32) on f32 CPU tensors for a model built
+    /// for them, [`PackedAttention`] reads the heads in place; else the heads are split for
+    /// [`attention_kernel`] and merged again.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         if let Some(kernel) = self
             .packed
@@ -235,12 +239,37 @@ impl Attention {
             let op = PackedAttention {
                 scale: self.scale as f32,
                 kernel,
+                heads: self.heads,
             };
             return q
                 .contiguous()?
                 .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
         }
-        attention_kernel(q, k, v, self.scale, self.upcast)
+        let (b, s, _) = q.dims3()?;
+        let heads = |t: &Tensor| -> Result<Tensor> {
+            let t = if t.rank() == 3 {
+                self.split_heads(t)?
+            } else {
+                t.clone()
+            };
+            match t.dim(0)? {
+                tb if tb == b => Ok(t),
+                1 => {
+                    let (_, h, skv, d) = t.dims4()?;
+                    t.broadcast_as((b, h, skv, d))?.contiguous()
+                }
+                tb => candle_core::bail!("keys/values batch {tb} does not match sample batch {b}"),
+            }
+        };
+        let out = attention_kernel(
+            &self.split_heads(q)?,
+            &heads(k)?,
+            &heads(v)?,
+            self.scale,
+            self.upcast,
+        )?;
+        out.transpose(1, 2)?
+            .reshape((b, s, self.heads * self.head_dim))
     }
 
     /// `[B, S, H·D]` → `[B, H, S, D]` contiguous.
@@ -251,13 +280,6 @@ impl Attention {
             .contiguous()
     }
 
-    /// `[B, H, S, D]` → `[B, S, H·D]` then `to_out`.
-    fn merge_heads_out(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, h, s, d) = xs.dims4()?;
-        let xs = xs.transpose(1, 2)?.reshape((b, s, h * d))?;
-        self.to_out.forward(&xs)
-    }
-
     /// K/V of `context: [B, S_kv, context_dim]`, split into heads.
     pub(crate) fn project_kv(&self, context: &Tensor) -> Result<KvPair> {
         Ok(KvPair {
@@ -266,33 +288,33 @@ impl Attention {
         })
     }
 
-    /// Attention of `xs: [B, S, query_dim]` to precomputed keys/values (batch `B` or 1).
-    pub(crate) fn forward_kv(&self, xs: &Tensor, kv: &KvPair) -> Result<Tensor> {
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let b = q.dim(0)?;
-        let (k, v) = match kv.k.dim(0)? {
-            kb if kb == b => (kv.k.clone(), kv.v.clone()),
-            1 => {
-                let shape = (b, kv.k.dim(1)?, kv.k.dim(2)?, kv.k.dim(3)?);
-                (
-                    kv.k.broadcast_as(shape)?.contiguous()?,
-                    kv.v.broadcast_as(shape)?.contiguous()?,
-                )
-            }
-            kb => candle_core::bail!("prompt K/V batch {kb} does not match sample batch {b}"),
-        };
-        self.merge_heads_out(&self.attend(&q, &k, &v)?)
+    /// Attention of `xs: [B, S, query_dim]` to precomputed keys/values (batch `B` or 1), plus
+    /// `residual` (`[B, S, query_dim]`, added with `to_out`'s bias).
+    pub(crate) fn forward_kv(&self, xs: &Tensor, kv: &KvPair, residual: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(xs)?;
+        let (b, kb) = (q.dim(0)?, kv.k.dim(0)?);
+        if kb != b && kb != 1 {
+            candle_core::bail!("prompt K/V batch {kb} does not match sample batch {b}");
+        }
+        self.to_out
+            .forward_add(&self.attend(&q, &kv.k, &kv.v)?, residual)
     }
 
-    /// Self-attention of `xs: [B, S, query_dim]` in the given mode.
-    pub(crate) fn forward_self(&self, xs: &Tensor, mode: SelfAttnMode) -> Result<Tensor> {
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(xs)?)?;
-        let v = self.split_heads(&self.to_v.forward(xs)?)?;
+    /// Self-attention of `xs: [B, S, query_dim]` in the given mode, plus `residual` (as in
+    /// [`Self::forward_kv`]).
+    pub(crate) fn forward_self(
+        &self,
+        xs: &Tensor,
+        mode: SelfAttnMode,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(xs)?;
+        let v = self.to_v.forward(xs)?;
         let b = q.dim(0)?;
         let refs = match mode {
             SelfAttnMode::CrossFrame(r) if b > 1 => r,
-            _ => return self.merge_heads_out(&self.attend(&q, &k, &v)?),
+            _ => return self.to_out.forward_add(&self.attend(&q, &k, &v)?, residual),
         };
         let mut outs = Vec::with_capacity(b);
         for i in 0..b {
@@ -305,12 +327,12 @@ impl Attention {
             let (ki, vi) = if ks.len() == 1 {
                 (ks.remove(0), vs.remove(0))
             } else {
-                (Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?)
+                (Tensor::cat(&ks, 1)?, Tensor::cat(&vs, 1)?)
             };
             let qi = q.narrow(0, i, 1)?;
             outs.push(self.attend(&qi, &ki, &vi)?);
         }
-        self.merge_heads_out(&Tensor::cat(&outs, 0)?)
+        self.to_out.forward_add(&Tensor::cat(&outs, 0)?, residual)
     }
 }
 
@@ -331,10 +353,11 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+impl FeedForward {
+    /// `net.2(GEGLU(net.0.proj(xs))) + residual`.
+    fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let h = geglu(&self.proj.forward(xs)?)?;
-        self.out.forward(&h)
+        self.out.forward_add(&h, residual)
     }
 }
 
@@ -400,25 +423,24 @@ impl BasicTransformerBlock {
         Ok(())
     }
 
-    fn cross(attn: &Attention, xs: &Tensor, cond: Cond) -> Result<Tensor> {
+    /// Cross-attention of `xs` plus `residual`.
+    fn cross(attn: &Attention, xs: &Tensor, cond: Cond, residual: &Tensor) -> Result<Tensor> {
         match cond {
-            Cond::Embeds(ehs) => attn.forward_kv(xs, &attn.project_kv(ehs)?),
-            Cond::Kv(cursor) => attn.forward_kv(xs, cursor.next()?),
+            Cond::Embeds(ehs) => attn.forward_kv(xs, &attn.project_kv(ehs)?, residual),
+            Cond::Kv(cursor) => attn.forward_kv(xs, cursor.next()?, residual),
         }
     }
 
+    /// Each residual connection is added by the layer before it (`to_out`, `ff.net.2`).
     pub(crate) fn forward(&self, xs: &Tensor, cond: Cond, mode: SelfAttnMode) -> Result<Tensor> {
         let n = self.norm1.forward(xs)?;
-        let h = if self.only_cross_attention {
-            Self::cross(&self.attn1, &n, cond)?
+        let xs = if self.only_cross_attention {
+            Self::cross(&self.attn1, &n, cond, xs)?
         } else {
-            self.attn1.forward_self(&n, mode)?
+            self.attn1.forward_self(&n, mode, xs)?
         };
-        let xs = (h + xs)?;
-        let h = Self::cross(&self.attn2, &self.norm2.forward(&xs)?, cond)?;
-        let xs = (h + xs)?;
-        let h = self.ff.forward(&self.norm3.forward(&xs)?)?;
-        h + xs
+        let xs = Self::cross(&self.attn2, &self.norm2.forward(&xs)?, cond, &xs)?;
+        self.ff.forward_add(&self.norm3.forward(&xs)?, &xs)
     }
 }
 

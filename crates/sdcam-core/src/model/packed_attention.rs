@@ -267,6 +267,7 @@ mod tests {
     /// copied per sample gives, to the bit: the same products in the same order.
     #[test]
     fn token_major_and_shared_kv_match_split_heads() {
+        use crate::model::testutil::max_abs_diff;
         let kernels = packed_gemm::kernels_here();
         if kernels.is_empty() {
             eprintln!("skipped: this CPU lacks AVX2");
@@ -316,18 +317,7 @@ mod tests {
             // q token-major, prompt K/V split and shared.
             let got = tokens(&q).apply_op3_no_bwd(&k1, &v1, &op).unwrap();
             assert_eq!(got.dims(), &[b, s, h * d]);
-            let diff = |x: &Tensor| {
-                (x - tokens(&want))
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
+            let diff = |x: &Tensor| max_abs_diff(x, &tokens(&want));
             assert_eq!(diff(&got), 0.0, "{kernel:?}: split K/V");
             // Everything token-major.
             let got = tokens(&q)

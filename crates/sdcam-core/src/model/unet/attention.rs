@@ -252,14 +252,12 @@ impl Attention {
             } else {
                 t.clone()
             };
-            match t.dim(0)? {
-                tb if tb == b => Ok(t),
-                1 => {
-                    let (_, h, skv, d) = t.dims4()?;
-                    t.broadcast_as((b, h, skv, d))?.contiguous()
-                }
-                tb => candle_core::bail!("keys/values batch {tb} does not match sample batch {b}"),
+            // Batch b, or 1 shared by every sample (the callers check which).
+            if t.dim(0)? == b {
+                return Ok(t);
             }
+            let (_, h, skv, d) = t.dims4()?;
+            t.broadcast_as((b, h, skv, d))?.contiguous()
         };
         let out = attention_kernel(
             &self.split_heads(q)?,
